@@ -1,0 +1,56 @@
+# hpcrl: `make run` trains the default job, `make test` runs the whole suite.
+# Both create ./.venv and install what they need on first use.
+
+PYTHON ?= python3
+VENV   ?= .venv
+# The pinned torch is the CPU build; an unpinned torch pulls GBs of CUDA packages.
+# Override for a GPU node, e.g. `make venv TORCH='torch==2.13.0 --index-url ...'`.
+TORCH  ?= torch==2.13.0
+NP     ?= 4
+PY     := $(VENV)/bin/python
+MPIRUN := $(VENV)/bin/mpiexec
+STAMP  := $(VENV)/.installed
+TEST_TIMEOUT ?= 1500
+
+.PHONY: venv run test test-unit test-mpi test-e2e lint format bench clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[mpich,dev]'
+	touch $(STAMP)
+
+## The default job: tabular Q-learning (parameter server) on FrozenLake8x8, 4 ranks.
+run: venv
+	$(MPIRUN) -n $(NP) $(PY) -m hpcrl
+
+## Unit tests (no launcher), MPI tests under mpiexec -n 4, end-to-end tests of the real CLI.
+test: venv test-unit test-mpi test-e2e
+
+test-unit: venv
+	timeout -k 10 $(TEST_TIMEOUT) $(PY) -m pytest -q -m "not mpi and not e2e" --timeout=300
+
+test-mpi: venv
+	timeout -k 10 $(TEST_TIMEOUT) $(MPIRUN) -n 4 $(PY) -m pytest -q --with-mpi -m mpi \
+		--timeout=240 --timeout-method=thread
+
+test-e2e: venv
+	timeout -k 10 $(TEST_TIMEOUT) $(PY) -m pytest -q -m e2e --timeout=300
+
+lint: venv
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: venv
+	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+
+bench: venv
+	$(MPIRUN) -n 1 $(PY) benchmarks/throughput.py --help >/dev/null
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

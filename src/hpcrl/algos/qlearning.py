@@ -1,0 +1,196 @@
+"""Tabular Q-learning (Watkins 1989; Watkins & Dayan 1992) with ε-greedy or Boltzmann exploration.
+
+The update for one transition (s, a, r, s') is
+
+    Q(s, a) <- Q(s, a) + α [ r + γ (1 - terminated) max_a' Q(s', a') - Q(s, a) ]
+
+with no bootstrap past a `terminated` transition and a bootstrap past a `truncated` one (a
+time limit is not part of the MDP). Actors step a vector of B environments, so updates come
+in batches of B transitions that are applied as one synchronous step: copies of the same
+(s, a) in a batch share one step of size α along their mean TD error, which keeps the
+step size of every entry at α however many environments visit it at once.
+
+This module knows nothing about ranks: the topology loops in `hpcrl.topologies` decide
+whether the table lives on a parameter server or is replicated and averaged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hpcrl.errors import ConfigError
+from hpcrl.schedules import linear_schedule
+
+LAYOUTS = ("ps", "allreduce")
+EXPLORATIONS = ("epsilon_greedy", "boltzmann")
+
+
+@dataclass
+class Config:
+    """Tabular Q-learning hyperparameters. Schedules run over the fraction of the budget."""
+
+    layout: str = "ps"  # ps: rank 0 parameter server | allreduce: replicated table
+    exploration: str = "epsilon_greedy"  # or boltzmann (softmax over Q / τ)
+    alpha: float = 0.1  # step size α at the start
+    alpha_end: float = 0.02  # α decays linearly to this over alpha_decay_fraction
+    alpha_decay_fraction: float = 1.0
+    gamma: float = 0.99  # discount γ
+    epsilon_start: float = 1.0
+    epsilon_end: float = 0.05
+    epsilon_decay_fraction: float = 0.6
+    tau_start: float = 1.0  # Boltzmann temperature τ
+    tau_end: float = 0.01
+    tau_decay_fraction: float = 0.6
+    q_init: float = 0.0  # initial value of every Q(s, a)
+    sync_interval: int = 16  # vector steps between exchanges with the learner / peers
+
+    def validate(self) -> None:
+        def check(ok: bool, key: str, expected: str) -> None:
+            if not ok:
+                value = getattr(self, key)
+                raise ConfigError(f"config key '{key}': got {value!r}, expected {expected}")
+
+        check(self.layout in LAYOUTS, "layout", f"one of {list(LAYOUTS)}")
+        check(self.exploration in EXPLORATIONS, "exploration", f"one of {list(EXPLORATIONS)}")
+        check(0.0 < self.alpha <= 1.0, "alpha", "a step size α in (0, 1]")
+        check(0.0 < self.alpha_end <= 1.0, "alpha_end", "a step size in (0, 1]")
+        check(0.0 <= self.gamma <= 1.0, "gamma", "a discount γ in [0, 1]")
+        check(0.0 <= self.epsilon_start <= 1.0, "epsilon_start", "a probability in [0, 1]")
+        check(0.0 <= self.epsilon_end <= 1.0, "epsilon_end", "a probability in [0, 1]")
+        check(self.tau_start > 0.0, "tau_start", "a temperature τ > 0")
+        check(self.tau_end > 0.0, "tau_end", "a temperature τ > 0")
+        for key in ("alpha_decay_fraction", "epsilon_decay_fraction", "tau_decay_fraction"):
+            check(0.0 <= getattr(self, key) <= 1.0, key, "a fraction in [0, 1]")
+        check(self.sync_interval >= 1, "sync_interval", "an integer >= 1")
+
+
+def q_learning_update(
+    q_table: np.ndarray,
+    obs: np.ndarray,
+    actions: np.ndarray,
+    rewards: np.ndarray,
+    next_obs: np.ndarray,
+    terminated: np.ndarray,
+    alpha: float,
+    gamma: float,
+) -> None:
+    """Apply one batch of Watkins Q-learning updates to `q_table` in place.
+
+    All TD errors are computed against the table as it was before the batch; copies of one
+    (s, a) pair are averaged, so each touched entry moves by α times its mean TD error.
+
+    Args:
+        q_table: (n_states, n_actions) float64, updated in place.
+        obs: (B,) int64 states s.
+        actions: (B,) int64 actions a.
+        rewards: (B,) float64 rewards r.
+        next_obs: (B,) int64 next states s' (the final state when the episode ended).
+        terminated: (B,) bool; True stops the bootstrap (truncation does not).
+        alpha: step size α in (0, 1].
+        gamma: discount γ in [0, 1].
+    """
+    bootstrap = np.where(terminated, 0.0, q_table[next_obs].max(axis=1))
+    td_error = rewards + gamma * bootstrap - q_table[obs, actions]
+    flat_index = obs * q_table.shape[1] + actions
+    entries, inverse = np.unique(flat_index, return_inverse=True)
+    mean_td = np.bincount(inverse, weights=td_error) / np.bincount(inverse)
+    q_table.reshape(-1)[entries] += alpha * mean_td
+
+
+def greedy_actions(q_rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """argmax_a Q(s, a) per row, ties broken uniformly at random.
+
+    Args:
+        q_rows: (B, n_actions) float64, the rows Q(s, ·) of B states.
+        rng: numpy generator for the tie-breaking.
+
+    Returns:
+        (B,) int64 actions.
+    """
+    is_max = q_rows == q_rows.max(axis=1, keepdims=True)
+    return np.argmax(np.where(is_max, rng.random(q_rows.shape), -1.0), axis=1)
+
+
+def epsilon_greedy(q_rows: np.ndarray, epsilon: float, rng: np.random.Generator) -> np.ndarray:
+    """With probability ε a uniform random action, otherwise the greedy one.
+
+    Args:
+        q_rows: (B, n_actions) float64.
+        epsilon: exploration probability ε in [0, 1].
+        rng: numpy generator.
+
+    Returns:
+        (B,) int64 actions.
+    """
+    batch, n_actions = q_rows.shape
+    explore = rng.random(batch) < epsilon
+    return np.where(explore, rng.integers(0, n_actions, batch), greedy_actions(q_rows, rng))
+
+
+def boltzmann(q_rows: np.ndarray, tau: float, rng: np.random.Generator) -> np.ndarray:
+    """Sample from the softmax policy π(a|s) ∝ exp(Q(s, a) / τ).
+
+    Args:
+        q_rows: (B, n_actions) float64.
+        tau: temperature τ > 0 (large: uniform, small: greedy).
+        rng: numpy generator.
+
+    Returns:
+        (B,) int64 actions.
+    """
+    logits = (q_rows - q_rows.max(axis=1, keepdims=True)) / tau
+    cumulative = np.cumsum(np.exp(logits), axis=1)
+    threshold = rng.random((q_rows.shape[0], 1)) * cumulative[:, -1:]
+    return np.minimum((cumulative < threshold).sum(axis=1), q_rows.shape[1] - 1)
+
+
+class QLearningPolicy:
+    """The behaviour policy of an actor: exploration over a (possibly stale) Q-table."""
+
+    def __init__(self, cfg: Config, rng: np.random.Generator):
+        self.cfg = cfg
+        self.rng = rng
+
+    def exploration_value(self, progress: float) -> float:
+        """ε (epsilon_greedy) or τ (boltzmann) at this fraction of the budget."""
+        c = self.cfg
+        if c.exploration == "boltzmann":
+            return linear_schedule(c.tau_start, c.tau_end, c.tau_decay_fraction, progress)
+        return linear_schedule(c.epsilon_start, c.epsilon_end, c.epsilon_decay_fraction, progress)
+
+    def select_actions(self, q_table: np.ndarray, obs: np.ndarray, progress: float) -> np.ndarray:
+        """Actions for a batch of states.
+
+        Args:
+            q_table: (n_states, n_actions) float64.
+            obs: (B,) int64 states.
+            progress: fraction of the budget done, in [0, 1].
+
+        Returns:
+            (B,) int64 actions.
+        """
+        value = self.exploration_value(progress)
+        if self.cfg.exploration == "boltzmann":
+            return boltzmann(q_table[obs], value, self.rng)
+        return epsilon_greedy(q_table[obs], value, self.rng)
+
+
+class QLearningLearner:
+    """Owns a Q-table and applies batches of transitions to it."""
+
+    def __init__(self, cfg: Config, n_states: int, n_actions: int):
+        self.cfg = cfg
+        self.q_table = np.full((n_states, n_actions), cfg.q_init, dtype=np.float64)
+        self.learner_updates = 0
+
+    def alpha(self, progress: float) -> float:
+        c = self.cfg
+        return linear_schedule(c.alpha, c.alpha_end, c.alpha_decay_fraction, progress)
+
+    def update(self, obs, actions, rewards, next_obs, terminated, progress: float) -> None:
+        """One batched update; arrays as in `q_learning_update`."""
+        q_learning_update(self.q_table, obs, actions, rewards, next_obs, terminated,
+                          self.alpha(progress), self.cfg.gamma)
+        self.learner_updates += 1

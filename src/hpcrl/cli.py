@@ -1,0 +1,132 @@
+"""Command line: argv -> config -> subcommand (train, evaluate, info).
+
+`python -m hpcrl` with no arguments runs the default job (`train` with the defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from hpcrl import __version__
+from hpcrl.errors import ConfigError
+
+
+class UsageError(Exception):
+    """argparse found bad arguments (printed once, by rank 0, exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # noqa: D401 - argparse hook
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hpcrl", description="MPI-native distributed reinforcement "
+                     "learning. Launch with mpirun/srun, or run as one process.")
+    parser.add_argument("--version", action="version", version=f"hpcrl {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train an agent and write a run directory")
+    train.add_argument("config", nargs="?", help="YAML config file (flat keys, see configs/)")
+    train.add_argument("--algo", help="algorithm: qlearning")
+    train.add_argument("--env", dest="env_id", help="gymnasium env id, e.g. FrozenLake8x8-v1")
+    train.add_argument("--env-kwargs", help="JSON keyword arguments for gymnasium.make, "
+                       "e.g. '{\"is_slippery\": false}'")
+    train.add_argument("--total-env-steps", type=int,
+                       help="env-step budget summed over every acting rank")
+    train.add_argument("--seed", type=int, help="base seed; each rank derives its own")
+    train.add_argument("--run-dir", help="output directory (default runs/<algo>-<env>-<time>)")
+    train.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="KEY=VALUE", help="override any config key, e.g. --set "
+                       "layout=allreduce --set alpha=0.05 (repeatable)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace a run that already exists in --run-dir")
+
+    evaluate = sub.add_parser("evaluate", help="run the greedy policy of the latest checkpoint")
+    evaluate.add_argument("run_dir", help="a run directory written by `train`")
+    evaluate.add_argument("--episodes", type=int, default=100, help="episodes (default 100)")
+    evaluate.add_argument("--seed", type=int, default=0,
+                          help="episode i resets with seed S+i (default 0)")
+
+    info = sub.add_parser("info", help="print a summary of a run directory")
+    info.add_argument("run_dir", help="a run directory written by `train`")
+    return parser
+
+
+def config_values(args: argparse.Namespace) -> dict:
+    """Merge defaults < YAML file < CLI options < --set into flat config values.
+
+    Raises:
+        ConfigError: unreadable config file, bad --env-kwargs JSON, bad --set syntax.
+    """
+    from hpcrl.config import load_yaml, parse_override
+
+    values: dict = {}
+    if getattr(args, "config", None):
+        values.update(load_yaml(args.config))
+    for key in ("algo", "env_id", "total_env_steps", "seed"):
+        if getattr(args, key, None) is not None:
+            values[key] = getattr(args, key)
+    if getattr(args, "env_kwargs", None) is not None:
+        try:
+            values["env_kwargs"] = json.loads(args.env_kwargs)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--env-kwargs {args.env_kwargs!r} is not valid JSON: "
+                              f"{exc.msg}") from None
+    for text in getattr(args, "overrides", []) or []:
+        key, value = parse_override(text)
+        values[key] = value
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m hpcrl` and the `hpcrl` script; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    usage_error = None
+    try:
+        args = parser.parse_args(argv or ["train"])
+    except UsageError as exc:
+        usage_error, args = str(exc), None
+    if args is not None and args.command is None:
+        args = parser.parse_args(["train", *argv])
+
+    from mpi4py import MPI
+
+    from hpcrl import runner
+
+    comm = MPI.COMM_WORLD
+    if usage_error is not None:
+        if comm.Get_rank() == 0:
+            print(f"{usage_error}\nTry 'hpcrl --help'.", file=sys.stderr, flush=True)
+        return 2
+    return runner.guarded(lambda: _dispatch(comm, args), comm)
+
+
+def _dispatch(comm, args: argparse.Namespace) -> int:
+    from hpcrl import runner
+    from hpcrl.comm.agreement import agree
+    from hpcrl.config import build_config
+
+    if args.command == "train":
+        cfg = agree(comm, lambda: build_config(config_values(args)))
+        result = runner.train(comm, cfg, args.run_dir, args.overwrite)
+        if result is not None:
+            runner.print_json(result)
+        return 0
+    if args.command == "evaluate":
+        result = runner.evaluate(comm, args.run_dir, args.episodes, args.seed)
+        if result is not None:
+            runner.print_json(result)
+        return 0
+    if args.command == "info":
+        summary = agree(comm, lambda: runner.info(args.run_dir), root_only=True)
+        if comm.Get_rank() == 0:
+            width = max(len(k) for k in summary)
+            for key, value in summary.items():
+                shown = f"{value:,.4g}" if isinstance(value, float) else value
+                print(f"{key:<{width}}  {shown}")
+        return 0
+    raise AssertionError(args.command)

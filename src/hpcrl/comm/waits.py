@@ -1,0 +1,76 @@
+"""Non-blocking waits and collectives with a watchdog, so no rank can hang silently.
+
+MPICH busy-polls inside blocking calls, which steals the core from other ranks when the
+job oversubscribes; these helpers poll with `Test` and back off with short sleeps, and
+raise `WatchdogTimeout` (which aborts the job) after `watchdog_s` seconds.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+_MAX_SLEEP_S = 1e-3
+
+
+class WatchdogTimeout(RuntimeError):
+    """A wait lasted longer than the configured watchdog (`watchdog_s`)."""
+
+
+def wait_all(requests: list[MPI.Request], comm: MPI.Comm, what: str, watchdog_s: float) -> None:
+    """Wait for every request, polling.
+
+    Raises:
+        WatchdogTimeout: not complete after `watchdog_s` seconds; the message names the rank
+            and `what` it waited for.
+    """
+    if not requests:
+        return
+    start = time.monotonic()
+    pause = 0.0
+    while not MPI.Request.Testall(requests):
+        if time.monotonic() - start > watchdog_s:
+            raise WatchdogTimeout(
+                f"rank {comm.Get_rank()} waited more than {watchdog_s:g} s for {what} "
+                "(watchdog_s); aborting the job"
+            )
+        time.sleep(pause)
+        pause = min(2 * pause + 1e-5, _MAX_SLEEP_S)
+
+
+def allreduce_sum(comm: MPI.Comm, buffer: np.ndarray, watchdog_s: float) -> None:
+    """In-place sum of `buffer` over every rank of `comm` (one `Iallreduce`)."""
+    if comm.Get_size() == 1:
+        return
+    request = comm.Iallreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
+    wait_all([request], comm, "Allreduce", watchdog_s)
+
+
+def bcast(comm: MPI.Comm, buffer: np.ndarray, root: int, watchdog_s: float) -> None:
+    """Broadcast `buffer` from `root` in place (one `Ibcast`)."""
+    if comm.Get_size() == 1:
+        return
+    wait_all([comm.Ibcast(buffer, root=root)], comm, "Bcast", watchdog_s)
+
+
+def gather_rows(comm: MPI.Comm, rows: np.ndarray, root: int, watchdog_s: float) -> np.ndarray | None:
+    """Concatenate every rank's 1-D `rows` (any count, same dtype) on `root`, in rank order.
+
+    Returns:
+        The concatenation on `root`, None elsewhere.
+    """
+    rows = np.ascontiguousarray(rows)
+    if comm.Get_size() == 1:
+        return rows.copy()
+    counts = np.zeros(comm.Get_size(), dtype=np.int64)
+    counts[comm.Get_rank()] = rows.size
+    allreduce_sum(comm, counts, watchdog_s)
+    out = None
+    recvbuf = None
+    if comm.Get_rank() == root:
+        out = np.empty(int(counts.sum()), dtype=rows.dtype)
+        recvbuf = [out, counts]
+    wait_all([comm.Igatherv(rows, recvbuf, root=root)], comm, "Gatherv", watchdog_s)
+    return out

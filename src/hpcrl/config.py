@@ -1,0 +1,249 @@
+"""Run configuration: dataclasses, YAML files, dotted overrides and validation with clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hpcrl.errors import ConfigError
+
+# Algorithm name -> module holding its `Config` dataclass. Imported lazily so a tabular
+# run never imports torch.
+ALGOS: dict[str, str] = {"qlearning": "hpcrl.algos.qlearning"}
+
+
+@dataclass
+class DebugConfig:
+    """Test-only fault injection."""
+
+    fail_rank: int = -1  # raise an exception on this rank (-1: never)
+    fail_after_env_steps: int = 0  # ... once that rank has taken this many env steps
+
+    def validate(self) -> None:
+        _check(self.fail_after_env_steps >= 0, "debug.fail_after_env_steps",
+               self.fail_after_env_steps, "an integer >= 0")
+
+
+@dataclass
+class RunConfig:
+    """Keys every algorithm shares. Per-rank quantities say so."""
+
+    algo: str = "qlearning"
+    env_id: str = "FrozenLake8x8-v1"
+    env_kwargs: dict = field(default_factory=dict)
+    total_env_steps: int = 3_000_000  # summed over every acting rank
+    seed: int = 0
+    num_envs: int = 32  # gymnasium vector env copies per acting rank
+    run_dir: str = ""  # "" -> runs/<algo>-<env_id>-<UTC time>
+    log_interval_s: float = 5.0
+    checkpoint_interval_env_steps: int = 0  # 0: one checkpoint at the end
+    keep_checkpoints: int = 3
+    record_trajectories: bool = True
+    eval_episodes: int = 1000  # greedy evaluation printed at the end of `train` (0: none)
+    watchdog_s: float = 300.0  # a blocking wait longer than this aborts the job
+    torch_threads: int = 1
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def validate(self) -> None:
+        _check(self.algo in ALGOS, "algo", self.algo, f"one of {sorted(ALGOS)}")
+        _check(isinstance(self.env_id, str) and self.env_id != "", "env_id", self.env_id,
+               "a gymnasium id")
+        _check(self.total_env_steps > 0, "total_env_steps", self.total_env_steps,
+               "an integer > 0")
+        _check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        _check(self.num_envs >= 1, "num_envs", self.num_envs, "an integer >= 1")
+        _check(self.log_interval_s > 0, "log_interval_s", self.log_interval_s, "a number > 0")
+        _check(self.checkpoint_interval_env_steps >= 0, "checkpoint_interval_env_steps",
+               self.checkpoint_interval_env_steps, "an integer >= 0")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints,
+               "an integer >= 1")
+        _check(self.eval_episodes >= 0, "eval_episodes", self.eval_episodes, "an integer >= 0")
+        _check(self.watchdog_s > 0, "watchdog_s", self.watchdog_s, "a number > 0")
+        _check(self.torch_threads >= 1, "torch_threads", self.torch_threads, "an integer >= 1")
+        self.debug.validate()
+
+
+@dataclass
+class Config:
+    """A whole run's configuration: the shared keys plus the algorithm's own dataclass.
+
+    The file and `--set` forms are flat (`alpha: 0.1`, `layout: ps`, `debug.fail_rank: 2`);
+    a key is looked up among the shared keys first, then among the algorithm's.
+    """
+
+    run: RunConfig
+    algo: Any
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self.run)
+        out.update(dataclasses.asdict(self.algo))
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': got {value!r}, expected {expected}")
+
+
+def algo_config_class(algo: str) -> type:
+    """The `Config` dataclass of an algorithm.
+
+    Raises:
+        ConfigError: `algo` is not a known algorithm.
+    """
+    if algo not in ALGOS:
+        hint = difflib.get_close_matches(str(algo), ALGOS, n=1)
+        near = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise ConfigError(f"unknown algo {algo!r}{near}: expected one of {sorted(ALGOS)}")
+    return importlib.import_module(ALGOS[algo]).Config
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML config file into a flat dict (nested mappings become dotted keys).
+
+    Raises:
+        ConfigError: the file is missing, unreadable, or not a mapping.
+    """
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping of keys to values")
+    return _flatten(data)
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and name != "env_kwargs":
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one `--set dotted.key=value`; the value is read as YAML (`0.1`, `true`, `[1, 2]`).
+
+    Raises:
+        ConfigError: no `=` in `text`.
+    """
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set alpha=0.1")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check `value` against a dataclass field type; ints are accepted for floats."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(typ)
+        if value is None and type(None) in args:
+            return None
+        typ = next(a for a in args if a is not type(None))
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': got {value!r}, expected true or false")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            return int(value)  # allow 1e6 in YAML
+        raise ConfigError(f"config key '{key}': got {value!r}, expected an integer")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"config key '{key}': got {value!r}, expected a finite number")
+            return float(value)
+        raise ConfigError(f"config key '{key}': got {value!r}, expected a number")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}': got {value!r}, expected a string")
+    if typ is dict or origin is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"config key '{key}': got {value!r}, expected a mapping")
+    return value
+
+
+def build_config(values: dict[str, Any]) -> Config:
+    """Build and validate a `Config` from flat `{dotted_key: value}` pairs.
+
+    Later sources should already have been merged over earlier ones by the caller
+    (defaults < YAML file < CLI options < `--set`).
+
+    Raises:
+        ConfigError: unknown algo or key (the closest valid key is suggested), a value of
+            the wrong type, or a value out of range.
+    """
+    run_cls_types = _field_types(RunConfig)
+    algo_name = values.get("algo", RunConfig.algo)
+    algo_cls = algo_config_class(algo_name)
+    algo_types = _field_types(algo_cls)
+    debug_types = _field_types(DebugConfig)
+    valid = [k for k in run_cls_types if k != "debug"] + list(algo_types)
+    valid += [f"debug.{k}" for k in debug_types]
+
+    run_kw: dict[str, Any] = {}
+    algo_kw: dict[str, Any] = {}
+    debug_kw: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in run_cls_types and key != "debug":
+            run_kw[key] = _coerce(key, value, run_cls_types[key])
+        elif key in algo_types:
+            algo_kw[key] = _coerce(key, value, algo_types[key])
+        elif key.startswith("debug.") and key[6:] in debug_types:
+            debug_kw[key[6:]] = _coerce(key, value, debug_types[key[6:]])
+        else:
+            hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            near = f"; did you mean '{hint[0]}'?" if hint else ""
+            raise ConfigError(f"unknown config key '{key}' for algo '{algo_name}'{near}")
+    run = RunConfig(**run_kw, debug=DebugConfig(**debug_kw))
+    algo = algo_cls(**algo_kw)
+    run.validate()
+    algo.validate()
+    return Config(run=run, algo=algo)
+
+
+def config_from_json(text: str) -> Config:
+    """Rebuild a `Config` from the JSON stored in `run.h5` (`to_json` output)."""
+    data = json.loads(text)
+    return build_config(_flatten(data))

@@ -1,0 +1,20 @@
+"""Exceptions that mean "the user's input is wrong": printed as one line, exit status 2."""
+
+
+class UserError(Exception):
+    """Bad input (config value, env id, run directory, checkpoint).
+
+    The message is one line that names the bad value and what was expected. The runner
+    prints it without a traceback; when every rank raises it together the job exits with
+    status 2, when one rank raises it alone the whole job is aborted with status 2.
+    """
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """A config key, type or value that is not valid."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, incomplete or fails its checksum."""

@@ -1,0 +1,37 @@
+"""Greedy-policy evaluation of a Q-table (no MPI: callers split the episode ids over ranks)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hpcrl.envs import make_env
+
+
+def greedy_episode_returns(env_id: str, env_kwargs: dict, q_table: np.ndarray,
+                           episode_ids: np.ndarray, seed: int) -> np.ndarray:
+    """Undiscounted returns of the greedy policy argmax_a Q(s, a).
+
+    Episode `i` starts from `env.reset(seed=seed + i)`, so the result does not depend on
+    how the ids are split across ranks. Ties go to the lowest action index.
+
+    Args:
+        env_id, env_kwargs: the environment (Discrete spaces).
+        q_table: (n_states, n_actions) float64.
+        episode_ids: (n,) int64 episode indices to run.
+        seed: base seed.
+
+    Returns:
+        (n,) float64 returns, in the order of `episode_ids`.
+    """
+    env = make_env(env_id, env_kwargs)
+    greedy = np.argmax(q_table, axis=1)
+    returns = np.zeros(len(episode_ids), dtype=np.float64)
+    for j, episode in enumerate(episode_ids):
+        obs, _ = env.reset(seed=int(seed + episode))
+        done = False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(greedy[obs])
+            returns[j] += reward
+            done = terminated or truncated
+    env.close()
+    return returns

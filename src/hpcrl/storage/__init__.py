@@ -1,0 +1,1 @@
+"""Run directories: `run.h5` (rank 0), per-rank trajectory files, checkpoints. No MPI here."""

@@ -1,0 +1,147 @@
+"""Atomic, checksummed checkpoints: `checkpoints/step-<N>.h5` and `checkpoints/latest.h5`.
+
+A checkpoint holds numeric datasets and one JSON attribute (`meta`), never pickles. It is
+written to `<name>.tmp.<pid>`, gets its `checksum` (SHA-256 of every dataset and of
+`meta`) and a `complete` flag last, is fsynced and moved into place with `os.replace`;
+`latest.h5` is a symlink swapped the same way. A crash therefore never leaves a
+half-written checkpoint under a final name, and a damaged file fails its checksum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from hpcrl.errors import CheckpointError
+
+LATEST = "latest.h5"
+_STEP_FILE = re.compile(r"^step-(\d+)\.h5$")
+
+
+def _checksum(arrays: dict[str, np.ndarray], meta_json: str) -> str:
+    digest = hashlib.sha256(meta_json.encode())
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(ckpt_dir: str | Path, env_steps: int, arrays: dict[str, np.ndarray],
+                     meta: dict, keep: int) -> Path:
+    """Write `step-<env_steps>.h5` atomically, point `latest.h5` at it, keep the newest `keep`.
+
+    Args:
+        ckpt_dir: the run's `checkpoints/` directory.
+        env_steps: global env steps at the checkpoint (names the file).
+        arrays: {name: numeric array}, e.g. {"q_table": (n_states, n_actions) float64}.
+        meta: JSON-serialisable counters and identity (algo, env_id, config, ...).
+        keep: how many step files to keep (>= 1).
+
+    Returns:
+        The path of the new checkpoint.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    final = ckpt_dir / f"step-{env_steps}.h5"
+    tmp = ckpt_dir / f"{final.name}.tmp.{os.getpid()}"
+    meta_json = json.dumps(meta, sort_keys=True)
+    with h5py.File(tmp, "w") as f:
+        for name, array in arrays.items():
+            f.create_dataset(name, data=np.asarray(array))
+        f.attrs["meta"] = meta_json
+        f.attrs["checksum"] = _checksum(arrays, meta_json)
+        f.attrs["complete"] = True
+    _fsync_path(tmp)
+    os.replace(tmp, final)
+    link_tmp = ckpt_dir / f"{LATEST}.tmp.{os.getpid()}"
+    if link_tmp.is_symlink() or link_tmp.exists():
+        link_tmp.unlink()
+    os.symlink(final.name, link_tmp)
+    os.replace(link_tmp, ckpt_dir / LATEST)
+    _fsync_path(ckpt_dir)
+    for old in list_checkpoints(ckpt_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
+    """Step files in `ckpt_dir`, oldest first (by env steps)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for path in ckpt_dir.iterdir():
+        match = _STEP_FILE.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def remove_stale_temporaries(ckpt_dir: str | Path) -> list[Path]:
+    """Delete `*.tmp.*` files left by a writer that died; returns what was removed."""
+    removed = []
+    for path in Path(ckpt_dir).glob("*.tmp.*"):
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+    """Read and verify one checkpoint.
+
+    Returns:
+        ({name: array}, meta dict).
+
+    Raises:
+        CheckpointError: missing, not HDF5, not `complete`, or checksum mismatch.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with h5py.File(path, "r") as f:
+            if not f.attrs.get("complete", False):
+                raise CheckpointError(f"checkpoint {str(path)!r} is incomplete")
+            meta_json = str(f.attrs["meta"])
+            stored = str(f.attrs["checksum"])
+            arrays = {name: f[name][()] for name in f}
+    except CheckpointError:
+        raise
+    except (OSError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {exc}") from None
+    if _checksum(arrays, meta_json) != stored:
+        raise CheckpointError(f"checkpoint {str(path)!r} fails its checksum (corrupted)")
+    return arrays, json.loads(meta_json)
+
+
+def load_latest(ckpt_dir: str | Path) -> tuple[dict[str, np.ndarray], dict, Path]:
+    """Load `latest.h5` (or the newest step file when the link is missing).
+
+    Raises:
+        CheckpointError: no checkpoint in `ckpt_dir`, or the newest one is damaged.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    latest = ckpt_dir / LATEST
+    if latest.exists():
+        path = latest.resolve()
+    else:
+        steps = list_checkpoints(ckpt_dir)
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {str(ckpt_dir)!r}")
+        path = steps[-1]
+    arrays, meta = load_checkpoint(path)
+    return arrays, meta, path

@@ -1,0 +1,80 @@
+"""Per-rank trajectory files `traj/rank-<k>.h5`: every transition an actor rank took.
+
+Datasets `obs, action, reward, next_obs, terminated, truncated`, one row per env step,
+time-major (vector step, then env copy), chunked and flushed at every log interval.
+`run.h5` joins the rank files with virtual datasets, so no parallel HDF5 is needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+CHUNK_ROWS = 4096
+
+
+class TrajectoryWriter:
+    """Buffers transitions in memory and appends them to one rank's HDF5 file."""
+
+    def __init__(self, path: str | Path, fields: dict[str, tuple[tuple[int, ...], type]]):
+        """
+        Args:
+            path: the file to create (`traj/rank-<k>.h5`).
+            fields: {name: (row_shape, dtype)}, e.g. {"obs": ((), np.int64), ...}.
+        """
+        self.fields = fields
+        self.file = h5py.File(path, "w")
+        self.buffers = {}
+        for name, (shape, dtype) in fields.items():
+            self.file.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape),
+                                     dtype=dtype, chunks=(CHUNK_ROWS, *shape))
+            self.buffers[name] = np.empty((CHUNK_ROWS, *shape), dtype=dtype)
+        self.buffered = 0
+        self.rows = 0  # rows written or buffered
+
+    def append(self, **columns: np.ndarray) -> None:
+        """Append n rows: one array per field, each of shape (n, *row_shape)."""
+        n = len(columns["obs"])
+        done = 0
+        while done < n:
+            take = min(n - done, CHUNK_ROWS - self.buffered)
+            for name, values in columns.items():
+                self.buffers[name][self.buffered : self.buffered + take] = values[done : done + take]
+            self.buffered += take
+            done += take
+            if self.buffered == CHUNK_ROWS:
+                self._write()
+        self.rows += n
+
+    def _write(self) -> None:
+        if self.buffered == 0:
+            return
+        for name, buffer in self.buffers.items():
+            dataset = self.file[name]
+            start = dataset.shape[0]
+            dataset.resize(start + self.buffered, axis=0)
+            dataset[start:] = buffer[: self.buffered]
+        self.buffered = 0
+
+    def flush(self) -> None:
+        self._write()
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.flush()
+            self.file.close()
+
+
+def tabular_fields() -> dict[str, tuple[tuple[int, ...], type]]:
+    """Trajectory fields of a run over Discrete spaces."""
+    return {
+        "obs": ((), np.int64),
+        "action": ((), np.int64),
+        "reward": ((), np.float64),
+        "next_obs": ((), np.int64),
+        "terminated": ((), np.bool_),
+        "truncated": ((), np.bool_),
+    }

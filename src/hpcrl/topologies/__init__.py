@@ -1,0 +1,1 @@
+"""The distributed loops, written once: parameter server (actor-learner) and data-parallel."""

@@ -1,0 +1,297 @@
+"""Parameter-server (actor-learner) loop for tabular Q-learning.
+
+Rank 0 owns the Q-table; ranks 1..N-1 are actors. An actor steps its vector env on its
+latest snapshot of the table and sends every `sync_interval` vector steps a batch of
+transitions with `Isend` from one of two preallocated buffers (double buffering: it fills
+one while the other is in flight). Rank 0 keeps a receive posted for every actor, serves
+whichever completes first (`Testsome`), applies the batch one vector step at a time, and
+answers that actor with a fresh, versioned snapshot as soon as its previous snapshot has
+been delivered. Actors pick snapshots up when their non-blocking receive has completed and
+never wait on rank 0 per step. Policy lag = learner updates now - version the batch was
+collected with.
+
+Shutdown: an actor's last batch carries `final=1`; rank 0 answers it with a final
+snapshot, so every send has a matching receive and nothing is cancelled.
+
+With one process the same actor and learner alternate in place.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from hpcrl.algos.qlearning import QLearningLearner, QLearningPolicy
+from hpcrl.comm import protocol as P
+from hpcrl.comm.protocol import Message, Tag
+from hpcrl.comm.waits import WatchdogTimeout, wait_all
+from hpcrl.topologies.context import (
+    EpisodeRows,
+    Reporter,
+    RunContext,
+    TrajectoryRecorder,
+    link_trajectories,
+    save_q_table,
+    split_budget,
+)
+
+
+class TabularActor:
+    """Steps a vector env with the behaviour policy and fills experience messages."""
+
+    def __init__(self, ctx: RunContext, budget: int):
+        self.ctx = ctx
+        rng, _ = ctx.rank_seeds()
+        self.policy = QLearningPolicy(ctx.cfg.algo, rng)
+        self.stepper = ctx.make_stepper()
+        self.recorder = TrajectoryRecorder(ctx)
+        self.budget = budget
+        self.env_steps = 0
+        self.num_envs = ctx.cfg.run.num_envs
+
+    @property
+    def finished(self) -> bool:
+        return self.env_steps >= self.budget
+
+    def fill(self, msg: Message, q_table: np.ndarray, policy_version: int, poll=None) -> None:
+        """Take up to `sync_interval` vector steps on `q_table` and write them into `msg`.
+
+        The last vector step of the budget counts only as many env copies as the budget
+        has left, so the run ends exactly at its env-step budget. `poll()` is called
+        before every vector step (to pick up a new snapshot).
+        """
+        rows = episodes = 0
+        for _ in range(self.ctx.cfg.algo.sync_interval):
+            if self.finished:
+                break
+            if poll is not None:
+                poll()
+            self.ctx.maybe_fail(self.env_steps)
+            actions = self.policy.select_actions(q_table, self.stepper.obs,
+                                                 self.env_steps / self.budget)
+            batch = self.stepper.step(actions)
+            n = min(self.num_envs, self.budget - self.env_steps)
+            end = rows + n
+            msg["obs"][rows:end] = batch.obs[:n]
+            msg["action"][rows:end] = batch.actions[:n]
+            msg["reward"][rows:end] = batch.rewards[:n]
+            msg["next_obs"][rows:end] = batch.next_obs[:n]
+            msg["terminated"][rows:end] = batch.terminated[:n]
+            self.recorder.record(batch, n)
+            rows = end
+            self.env_steps += n
+            counted = batch.done_envs < n
+            k = int(counted.sum())
+            if k:
+                e = slice(episodes, episodes + k)
+                msg["episode_return"][e] = batch.episode_returns[counted]
+                msg["episode_length"][e] = batch.episode_lengths[counted]
+                msg["episode_actor_env_steps"][e] = self.env_steps
+                msg["episode_wall_time"][e] = self.ctx.elapsed_s()
+                episodes += k
+        header = msg["header"]
+        header[P.EXP_ROWS] = rows
+        header[P.EXP_POLICY_VERSION] = policy_version
+        header[P.EXP_FINAL] = int(self.finished)
+        header[P.EXP_EPISODES] = episodes
+        header[P.EXP_ACTOR_ENV_STEPS] = self.env_steps
+
+    def close(self) -> int:
+        self.stepper.close()
+        return self.recorder.close()
+
+
+class TabularParameterServer:
+    """Rank 0's side: the Q-table, batch application, episodes, lag, metrics, checkpoints."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.learner = QLearningLearner(ctx.cfg.algo, ctx.n_states, ctx.n_actions)
+        self.reporter = Reporter(ctx)
+        self.episodes = EpisodeRows()
+        self.env_steps = 0
+        self.lags: list[int] = []
+        interval = ctx.cfg.run.checkpoint_interval_env_steps
+        self.next_checkpoint = interval if interval > 0 else None
+
+    @property
+    def policy_version(self) -> int:
+        return self.learner.learner_updates
+
+    def consume(self, msg: Message, rank: int) -> None:
+        """Apply one actor batch, one vector step (`num_envs` rows) at a time."""
+        header = msg["header"]
+        rows = int(header[P.EXP_ROWS])
+        self.lags.append(self.policy_version - int(header[P.EXP_POLICY_VERSION]))
+        before = self.env_steps
+        total = self.ctx.cfg.run.total_env_steps
+        step = self.ctx.cfg.run.num_envs
+        for start in range(0, rows, step):
+            s = slice(start, min(start + step, rows))
+            self.learner.update(msg["obs"][s], msg["action"][s], msg["reward"][s],
+                                msg["next_obs"][s], msg["terminated"][s],
+                                self.env_steps / total)
+            self.env_steps += s.stop - s.start
+        k = int(header[P.EXP_EPISODES])
+        if k:
+            actor_start = int(header[P.EXP_ACTOR_ENV_STEPS]) - rows
+            self.episodes.add(msg["episode_return"][:k], msg["episode_length"][:k],
+                              before + msg["episode_actor_env_steps"][:k] - actor_start,
+                              msg["episode_wall_time"][:k], rank)
+
+    def tick(self, force: bool = False) -> None:
+        """Log and checkpoint when due."""
+        if force or self.reporter.due():
+            self.reporter.add_episodes(self.episodes.take())
+            lags = self.lags or [0]
+            self.reporter.log(self.env_steps, {
+                "learner_updates": int(self.learner.learner_updates),
+                "policy_lag_mean": float(np.mean(lags)),
+                "policy_lag_max": int(np.max(lags)),
+            })
+            self.lags = []
+        while self.next_checkpoint is not None and self.env_steps >= self.next_checkpoint:
+            self.checkpoint()
+            self.next_checkpoint += self.ctx.cfg.run.checkpoint_interval_env_steps
+
+    def checkpoint(self) -> None:
+        save_q_table(self.ctx, self.learner.q_table, self.env_steps,
+                     self.learner.learner_updates, self.policy_version)
+
+    def finish(self) -> np.ndarray:
+        self.tick(force=True)
+        self.checkpoint()
+        self.reporter.close()
+        return self.learner.q_table
+
+
+def run_parameter_server(ctx: RunContext) -> np.ndarray | None:
+    """Run the whole `ps` layout; returns the final Q-table on rank 0, None elsewhere."""
+    if ctx.world_size == 1:
+        return _run_embedded(ctx)
+    if ctx.rank == 0:
+        return _run_learner(ctx)
+    _run_actor(ctx)
+    return None
+
+
+def _experience_schema(ctx: RunContext) -> P.Schema:
+    return P.tabular_experience_schema(ctx.cfg.algo.sync_interval * ctx.cfg.run.num_envs)
+
+
+def _run_embedded(ctx: RunContext) -> np.ndarray:
+    server = TabularParameterServer(ctx)
+    actor = TabularActor(ctx, ctx.cfg.run.total_env_steps)
+    msg = _experience_schema(ctx).allocate()
+    snapshot = server.learner.q_table.copy()
+    version = server.policy_version
+    while True:
+        actor.fill(msg, snapshot, version)
+        server.consume(msg, 0)
+        snapshot[:] = server.learner.q_table
+        version = server.policy_version
+        server.tick()
+        if actor.finished:
+            break
+    link_trajectories(ctx, actor.close())
+    return server.finish()
+
+
+def _run_actor(ctx: RunContext) -> None:
+    comm, watchdog = ctx.comm, ctx.watchdog_s
+    budget = split_budget(ctx.cfg.run.total_env_steps, ctx.world_size - 1)[ctx.rank - 1]
+    actor = TabularActor(ctx, budget)
+    snapshot_msg = P.q_table_schema(ctx.n_states, ctx.n_actions).allocate()
+    q_table = np.empty((ctx.n_states, ctx.n_actions))
+    state = {"version": 0}
+    recv = comm.Irecv(snapshot_msg.buffer, source=0, tag=Tag.PARAMS)
+    wait_all([recv], comm, "the first Q-table snapshot from rank 0", watchdog)
+    q_table[:] = snapshot_msg["q_table"]
+    state["version"] = int(snapshot_msg["header"][P.PARAMS_VERSION])
+    recv = comm.Irecv(snapshot_msg.buffer, source=0, tag=Tag.PARAMS)
+
+    def poll() -> None:
+        nonlocal recv
+        if recv.Test():
+            q_table[:] = snapshot_msg["q_table"]
+            state["version"] = int(snapshot_msg["header"][P.PARAMS_VERSION])
+            recv = comm.Irecv(snapshot_msg.buffer, source=0, tag=Tag.PARAMS)
+
+    schema = _experience_schema(ctx)
+    buffers = [schema.allocate(), schema.allocate()]
+    sends: list[MPI.Request | None] = [None, None]
+    slot = 0
+    while True:
+        if sends[slot] is not None:
+            wait_all([sends[slot]], comm, "rank 0 to take an experience batch", watchdog)
+        actor.fill(buffers[slot], q_table, state["version"], poll)
+        sends[slot] = comm.Isend(buffers[slot].buffer, dest=0, tag=Tag.EXPERIENCE)
+        slot ^= 1
+        if actor.finished:
+            break
+    wait_all([r for r in sends if r is not None], comm, "rank 0 to take the last batches",
+             watchdog)
+    # Rank 0 answers the final batch with a final snapshot; drain until it arrives.
+    while True:
+        wait_all([recv], comm, "the final snapshot from rank 0", watchdog)
+        if snapshot_msg["header"][P.PARAMS_FINAL]:
+            break
+        recv = comm.Irecv(snapshot_msg.buffer, source=0, tag=Tag.PARAMS)
+    link_trajectories(ctx, actor.close())
+
+
+def _run_learner(ctx: RunContext) -> np.ndarray:
+    comm, watchdog = ctx.comm, ctx.watchdog_s
+    server = TabularParameterServer(ctx)
+    actors = list(range(1, ctx.world_size))
+    schema = _experience_schema(ctx)
+    inbox = [schema.allocate() for _ in actors]
+    receives = [comm.Irecv(inbox[i].buffer, source=k, tag=Tag.EXPERIENCE)
+                for i, k in enumerate(actors)]
+    snap_schema = P.q_table_schema(ctx.n_states, ctx.n_actions)
+    outbox = [snap_schema.allocate() for _ in actors]
+    sends: list[MPI.Request | None] = [None] * len(actors)
+
+    def publish(i: int, final: bool = False) -> None:
+        outbox[i]["q_table"][:] = server.learner.q_table
+        outbox[i]["header"][P.PARAMS_VERSION] = server.policy_version
+        outbox[i]["header"][P.PARAMS_FINAL] = int(final)
+        sends[i] = comm.Isend(outbox[i].buffer, dest=actors[i], tag=Tag.PARAMS)
+
+    for i in range(len(actors)):
+        publish(i)
+    finished = 0
+    last_message = time.monotonic()
+    pause = 0.0
+    while finished < len(actors):
+        ready = MPI.Request.Testsome(receives)
+        if not ready:
+            if time.monotonic() - last_message > watchdog:
+                raise WatchdogTimeout(f"rank 0 received no experience for {watchdog:g} s "
+                                      f"(watchdog_s); {len(actors) - finished} actors "
+                                      "have not finished; aborting the job")
+            server.tick()
+            time.sleep(pause)
+            pause = min(2 * pause + 1e-5, 1e-3)
+            continue
+        last_message, pause = time.monotonic(), 0.0
+        ctx.maybe_fail(server.env_steps)
+        for i in ready:
+            server.consume(inbox[i], actors[i])
+            final = bool(inbox[i]["header"][P.EXP_FINAL])
+            if final:
+                finished += 1
+                wait_all([sends[i]], comm, f"actor {actors[i]} to take a snapshot", watchdog)
+                publish(i, final=True)
+            else:
+                receives[i] = comm.Irecv(inbox[i].buffer, source=actors[i],
+                                         tag=Tag.EXPERIENCE)
+                if sends[i].Test():
+                    publish(i)
+        server.tick()
+    wait_all([r for r in sends if r is not None], comm, "actors to take the final snapshot",
+             watchdog)
+    link_trajectories(ctx, 0)
+    return server.finish()
