@@ -49,7 +49,6 @@ format: venv
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 
 bench: venv
-	$(MPIRUN) -n 1 $(PY) benchmarks/throughput.py --help >/dev/null
 	$(PY) benchmarks/throughput.py
 
 clean:

@@ -23,8 +23,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="hpcrl", description="MPI-native distributed reinforcement "
-                     "learning. Launch with mpirun/srun, or run as one process.")
+    parser = _Parser(
+        prog="hpcrl",
+        description="MPI-native distributed reinforcement "
+        "learning. Launch with mpirun/srun, or run as one process.",
+    )
     parser.add_argument("--version", action="version", version=f"hpcrl {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
@@ -32,23 +35,33 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="YAML config file (flat keys, see configs/)")
     train.add_argument("--algo", help="algorithm: qlearning")
     train.add_argument("--env", dest="env_id", help="gymnasium env id, e.g. FrozenLake8x8-v1")
-    train.add_argument("--env-kwargs", help="JSON keyword arguments for gymnasium.make, "
-                       "e.g. '{\"is_slippery\": false}'")
-    train.add_argument("--total-env-steps", type=int,
-                       help="env-step budget summed over every acting rank")
+    train.add_argument(
+        "--env-kwargs",
+        help="JSON keyword arguments for gymnasium.make, e.g. '{\"is_slippery\": false}'",
+    )
+    train.add_argument(
+        "--total-env-steps", type=int, help="env-step budget summed over every acting rank"
+    )
     train.add_argument("--seed", type=int, help="base seed; each rank derives its own")
     train.add_argument("--run-dir", help="output directory (default runs/<algo>-<env>-<time>)")
-    train.add_argument("--set", dest="overrides", action="append", default=[],
-                       metavar="KEY=VALUE", help="override any config key, e.g. --set "
-                       "layout=allreduce --set alpha=0.05 (repeatable)")
-    train.add_argument("--overwrite", action="store_true",
-                       help="replace a run that already exists in --run-dir")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set layout=allreduce --set alpha=0.05 (repeatable)",
+    )
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace a run that already exists in --run-dir"
+    )
 
     evaluate = sub.add_parser("evaluate", help="run the greedy policy of the latest checkpoint")
     evaluate.add_argument("run_dir", help="a run directory written by `train`")
     evaluate.add_argument("--episodes", type=int, default=100, help="episodes (default 100)")
-    evaluate.add_argument("--seed", type=int, default=0,
-                          help="episode i resets with seed S+i (default 0)")
+    evaluate.add_argument(
+        "--seed", type=int, default=0, help="episode i resets with seed S+i (default 0)"
+    )
 
     info = sub.add_parser("info", help="print a summary of a run directory")
     info.add_argument("run_dir", help="a run directory written by `train`")
@@ -73,8 +86,9 @@ def config_values(args: argparse.Namespace) -> dict:
         try:
             values["env_kwargs"] = json.loads(args.env_kwargs)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"--env-kwargs {args.env_kwargs!r} is not valid JSON: "
-                              f"{exc.msg}") from None
+            raise ConfigError(
+                f"--env-kwargs {args.env_kwargs!r} is not valid JSON: {exc.msg}"
+            ) from None
     for text in getattr(args, "overrides", []) or []:
         key, value = parse_override(text)
         values[key] = value

@@ -30,8 +30,12 @@ class DebugConfig:
     fail_after_env_steps: int = 0  # ... once that rank has taken this many env steps
 
     def validate(self) -> None:
-        _check(self.fail_after_env_steps >= 0, "debug.fail_after_env_steps",
-               self.fail_after_env_steps, "an integer >= 0")
+        _check(
+            self.fail_after_env_steps >= 0,
+            "debug.fail_after_env_steps",
+            self.fail_after_env_steps,
+            "an integer >= 0",
+        )
 
 
 @dataclass
@@ -56,17 +60,25 @@ class RunConfig:
 
     def validate(self) -> None:
         _check(self.algo in ALGOS, "algo", self.algo, f"one of {sorted(ALGOS)}")
-        _check(isinstance(self.env_id, str) and self.env_id != "", "env_id", self.env_id,
-               "a gymnasium id")
-        _check(self.total_env_steps > 0, "total_env_steps", self.total_env_steps,
-               "an integer > 0")
+        _check(
+            isinstance(self.env_id, str) and self.env_id != "",
+            "env_id",
+            self.env_id,
+            "a gymnasium id",
+        )
+        _check(self.total_env_steps > 0, "total_env_steps", self.total_env_steps, "an integer > 0")
         _check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
         _check(self.num_envs >= 1, "num_envs", self.num_envs, "an integer >= 1")
         _check(self.log_interval_s > 0, "log_interval_s", self.log_interval_s, "a number > 0")
-        _check(self.checkpoint_interval_env_steps >= 0, "checkpoint_interval_env_steps",
-               self.checkpoint_interval_env_steps, "an integer >= 0")
-        _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints,
-               "an integer >= 1")
+        _check(
+            self.checkpoint_interval_env_steps >= 0,
+            "checkpoint_interval_env_steps",
+            self.checkpoint_interval_env_steps,
+            "an integer >= 0",
+        )
+        _check(
+            self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "an integer >= 1"
+        )
         _check(self.eval_episodes >= 0, "eval_episodes", self.eval_episodes, "an integer >= 0")
         _check(self.watchdog_s > 0, "watchdog_s", self.watchdog_s, "a number > 0")
         _check(self.torch_threads >= 1, "torch_threads", self.torch_threads, "an integer >= 1")

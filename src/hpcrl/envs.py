@@ -55,8 +55,10 @@ def make_vector_env(env_id: str, env_kwargs: dict | None, num_envs: int) -> Sync
     per copy and the final observation is in `info["final_obs"]`."""
     make_env(env_id, env_kwargs).close()  # one clear error instead of num_envs tracebacks
     kwargs = dict(env_kwargs or {})
-    return SyncVectorEnv([lambda: gym.make(env_id, **kwargs) for _ in range(num_envs)],
-                         autoreset_mode=AutoresetMode.SAME_STEP)
+    return SyncVectorEnv(
+        [lambda: gym.make(env_id, **kwargs) for _ in range(num_envs)],
+        autoreset_mode=AutoresetMode.SAME_STEP,
+    )
 
 
 @dataclass
@@ -104,8 +106,17 @@ class EnvStepper:
             self.returns[done_envs] = 0.0
             self.lengths[done_envs] = 0
         self.obs = np.asarray(next_obs)
-        return StepBatch(obs, np.asarray(actions), rewards, final_next, np.asarray(terminated),
-                         np.asarray(truncated), done_envs, ep_returns, ep_lengths)
+        return StepBatch(
+            obs,
+            np.asarray(actions),
+            rewards,
+            final_next,
+            np.asarray(terminated),
+            np.asarray(truncated),
+            done_envs,
+            ep_returns,
+            ep_lengths,
+        )
 
     def close(self) -> None:
         self.envs.close()

@@ -7,8 +7,9 @@ import numpy as np
 from hpcrl.envs import make_env
 
 
-def greedy_episode_returns(env_id: str, env_kwargs: dict, q_table: np.ndarray,
-                           episode_ids: np.ndarray, seed: int) -> np.ndarray:
+def greedy_episode_returns(
+    env_id: str, env_kwargs: dict, q_table: np.ndarray, episode_ids: np.ndarray, seed: int
+) -> np.ndarray:
     """Undiscounted returns of the greedy policy argmax_a Q(s, a).
 
     Episode `i` starts from `env.reset(seed=seed + i)`, so the result does not depend on

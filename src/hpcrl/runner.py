@@ -39,8 +39,9 @@ class Layout:
 
 
 LAYOUTS = {
-    "ps": Layout("ps", 1, "rank 0 parameter server, ranks 1..N-1 actors "
-                          "(one process: both roles in turn)"),
+    "ps": Layout(
+        "ps", 1, "rank 0 parameter server, ranks 1..N-1 actors (one process: both roles in turn)"
+    ),
     "allreduce": Layout("allreduce", 1, "every rank acts and learns; Allreduce of ΔQ"),
 }
 
@@ -56,8 +57,10 @@ def validate_layout(name: str, world_size: int) -> Layout:
         raise ConfigError(f"unknown layout {name!r}: expected one of {sorted(LAYOUTS)}")
     layout = LAYOUTS[name]
     if world_size < layout.min_world_size:
-        raise LayoutError(f"layout {name!r} needs at least {layout.min_world_size} ranks, "
-                          f"got a world of {world_size}")
+        raise LayoutError(
+            f"layout {name!r} needs at least {layout.min_world_size} ranks, "
+            f"got a world of {world_size}"
+        )
     return layout
 
 
@@ -117,8 +120,11 @@ def train(comm: MPI.Comm, cfg: Config, run_dir: str | None, overwrite: bool) -> 
     n_states, n_actions = agree(comm, check_env)
 
     def choose_run_dir() -> str:
-        path = run_dir or run.run_dir or default_run_dir(
-            run.algo, run.env_id, time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+        path = (
+            run_dir
+            or run.run_dir
+            or default_run_dir(run.algo, run.env_id, time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+        )
         prepare_run_dir(path, overwrite)
         ckpt.remove_stale_temporaries(Path(path) / "checkpoints")
         return str(path)
@@ -126,13 +132,22 @@ def train(comm: MPI.Comm, cfg: Config, run_dir: str | None, overwrite: bool) -> 
     path = Path(agree(comm, choose_run_dir, root_only=True))
     run_file = None
     if rank == 0:
-        run_file = RunFile(path / "run.h5", {
-            "algo": run.algo, "env_id": run.env_id, "world_size": world_size,
-            "layout": cfg.algo.layout, "config": cfg.to_json(),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
-        })
-        print(f"[hpcrl] {run.algo} ({cfg.algo.layout}) on {run.env_id}, world size "
-              f"{world_size}, {run.total_env_steps:,} env steps -> {path}", flush=True)
+        run_file = RunFile(
+            path / "run.h5",
+            {
+                "algo": run.algo,
+                "env_id": run.env_id,
+                "world_size": world_size,
+                "layout": cfg.algo.layout,
+                "config": cfg.to_json(),
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+            },
+        )
+        print(
+            f"[hpcrl] {run.algo} ({cfg.algo.layout}) on {run.env_id}, world size "
+            f"{world_size}, {run.total_env_steps:,} env steps -> {path}",
+            flush=True,
+        )
     comm.Barrier()  # run.h5 and traj/ exist before any rank writes; one shared start time
     ctx = RunContext(comm, cfg, path, n_states, n_actions, run_file)
     try:
@@ -146,16 +161,24 @@ def train(comm: MPI.Comm, cfg: Config, run_dir: str | None, overwrite: bool) -> 
             q_table = np.zeros((n_states, n_actions))
         result = None
         if run.eval_episodes > 0:
-            result = evaluate_greedy(comm, run.env_id, run.env_kwargs, q_table,
-                                     run.eval_episodes, run.seed + 1_000_003, ctx.watchdog_s)
+            result = evaluate_greedy(
+                comm,
+                run.env_id,
+                run.env_kwargs,
+                q_table,
+                run.eval_episodes,
+                run.seed + 1_000_003,
+                ctx.watchdog_s,
+            )
         if rank == 0:
             if result is not None:
                 run_file.set_attrs(**{f"eval_{k}": v for k, v in result.items()})
             run_file.set_attrs(wall_time_s=ctx.elapsed_s())
             run_file.set_status("completed")
             run_file.close()
-            print(f"[hpcrl] completed in {ctx.elapsed_s():.1f} s; run directory: {path}",
-                  flush=True)
+            print(
+                f"[hpcrl] completed in {ctx.elapsed_s():.1f} s; run directory: {path}", flush=True
+            )
         return result
     except BaseException:
         if run_file is not None:
@@ -167,8 +190,9 @@ def train(comm: MPI.Comm, cfg: Config, run_dir: str | None, overwrite: bool) -> 
         raise
 
 
-def evaluate(comm: MPI.Comm, run_dir: str, episodes: int, seed: int,
-             watchdog_s: float = 300.0) -> dict | None:
+def evaluate(
+    comm: MPI.Comm, run_dir: str, episodes: int, seed: int, watchdog_s: float = 300.0
+) -> dict | None:
     """Collective: greedy evaluation of the latest checkpoint in `run_dir` (rank 0 reads it).
 
     Raises:
@@ -187,8 +211,9 @@ def evaluate(comm: MPI.Comm, run_dir: str, episodes: int, seed: int,
             raise UserError(f"run directory {run_dir!r} does not exist")
         arrays, meta, _ = ckpt.load_latest(Path(run_dir) / "checkpoints")
         if "q_table" not in arrays:
-            raise UserError(f"the checkpoint in {run_dir!r} holds no q_table "
-                            f"(algo {meta.get('algo')!r})")
+            raise UserError(
+                f"the checkpoint in {run_dir!r} holds no q_table (algo {meta.get('algo')!r})"
+            )
         loaded["q_table"] = arrays["q_table"]
         return meta["env_id"], meta.get("env_kwargs", {}), arrays["q_table"].shape
 
@@ -211,13 +236,22 @@ def info(run_dir: str) -> dict:
         out["layout"] = str(f.attrs.get("layout", ""))
         metrics = f["metrics"]
         episodes = f["episodes"]
-        out["env_steps"] = int(metrics["env_steps"][-1]) if "env_steps" in metrics and len(
-            metrics["env_steps"]) else 0
+        out["env_steps"] = (
+            int(metrics["env_steps"][-1])
+            if "env_steps" in metrics and len(metrics["env_steps"])
+            else 0
+        )
         out["episodes"] = int(len(episodes["return"]))
         returns = episodes["return"][-100:]
         out["mean_return_last_100"] = float(np.mean(returns)) if len(returns) else None
-        wall = float(f.attrs.get("wall_time_s", metrics["wall_time"][-1]
-                                 if "wall_time" in metrics and len(metrics["wall_time"]) else 0))
+        wall = float(
+            f.attrs.get(
+                "wall_time_s",
+                metrics["wall_time"][-1]
+                if "wall_time" in metrics and len(metrics["wall_time"])
+                else 0,
+            )
+        )
         out["wall_time_s"] = wall
         out["env_steps_per_s"] = out["env_steps"] / wall if wall > 0 else None
         if "eval_mean_return" in f.attrs:

@@ -191,6 +191,14 @@ class QLearningLearner:
 
     def update(self, obs, actions, rewards, next_obs, terminated, progress: float) -> None:
         """One batched update; arrays as in `q_learning_update`."""
-        q_learning_update(self.q_table, obs, actions, rewards, next_obs, terminated,
-                          self.alpha(progress), self.cfg.gamma)
+        q_learning_update(
+            self.q_table,
+            obs,
+            actions,
+            rewards,
+            next_obs,
+            terminated,
+            self.alpha(progress),
+            self.cfg.gamma,
+        )
         self.learner_updates += 1

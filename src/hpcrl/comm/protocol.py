@@ -67,18 +67,20 @@ PARAMS_VERSION, PARAMS_FINAL = range(2)
 def tabular_experience_schema(rows: int) -> Schema:
     """Actor -> learner batch of up to `rows` transitions (time-major: vector step, then env)
     and of up to `rows` episodes that finished in it."""
-    return Schema([
-        ("header", (8,), np.int64),
-        ("obs", (rows,), np.int64),
-        ("action", (rows,), np.int64),
-        ("reward", (rows,), np.float64),
-        ("next_obs", (rows,), np.int64),
-        ("terminated", (rows,), np.bool_),
-        ("episode_return", (rows,), np.float64),
-        ("episode_length", (rows,), np.int64),
-        ("episode_actor_env_steps", (rows,), np.int64),  # actor's own count at episode end
-        ("episode_wall_time", (rows,), np.float64),  # seconds since the run started
-    ])
+    return Schema(
+        [
+            ("header", (8,), np.int64),
+            ("obs", (rows,), np.int64),
+            ("action", (rows,), np.int64),
+            ("reward", (rows,), np.float64),
+            ("next_obs", (rows,), np.int64),
+            ("terminated", (rows,), np.bool_),
+            ("episode_return", (rows,), np.float64),
+            ("episode_length", (rows,), np.int64),
+            ("episode_actor_env_steps", (rows,), np.int64),  # actor's own count at episode end
+            ("episode_wall_time", (rows,), np.float64),  # seconds since the run started
+        ]
+    )
 
 
 def q_table_schema(n_states: int, n_actions: int) -> Schema:

@@ -55,7 +55,9 @@ def bcast(comm: MPI.Comm, buffer: np.ndarray, root: int, watchdog_s: float) -> N
     wait_all([comm.Ibcast(buffer, root=root)], comm, "Bcast", watchdog_s)
 
 
-def gather_rows(comm: MPI.Comm, rows: np.ndarray, root: int, watchdog_s: float) -> np.ndarray | None:
+def gather_rows(
+    comm: MPI.Comm, rows: np.ndarray, root: int, watchdog_s: float
+) -> np.ndarray | None:
     """Concatenate every rank's 1-D `rows` (any count, same dtype) on `root`, in rank order.
 
     Returns:

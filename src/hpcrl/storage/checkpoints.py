@@ -41,8 +41,9 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_checkpoint(ckpt_dir: str | Path, env_steps: int, arrays: dict[str, np.ndarray],
-                     meta: dict, keep: int) -> Path:
+def write_checkpoint(
+    ckpt_dir: str | Path, env_steps: int, arrays: dict[str, np.ndarray], meta: dict, keep: int
+) -> Path:
     """Write `step-<env_steps>.h5` atomically, point `latest.h5` at it, keep the newest `keep`.
 
     Args:

@@ -81,8 +81,9 @@ class RunFile:
         self.file.attrs["status"] = "running"
         episodes = self.file.create_group("episodes")
         for name, dtype in EPISODE_FIELDS.items():
-            episodes.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
-                                    chunks=(CHUNK_ROWS,))
+            episodes.create_dataset(
+                name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(CHUNK_ROWS,)
+            )
         self.file.create_group("metrics")
         self.file.flush()
 
@@ -102,8 +103,9 @@ class RunFile:
         for name, value in row.items():
             if name not in group:
                 dtype = np.int64 if isinstance(value, (int, np.integer)) else np.float64
-                group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
-                                     chunks=(1024,))
+                group.create_dataset(
+                    name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,)
+                )
             _append(group[name], np.asarray([value]))
 
     def set_attrs(self, **attrs) -> None:

@@ -28,8 +28,13 @@ class TrajectoryWriter:
         self.file = h5py.File(path, "w")
         self.buffers = {}
         for name, (shape, dtype) in fields.items():
-            self.file.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape),
-                                     dtype=dtype, chunks=(CHUNK_ROWS, *shape))
+            self.file.create_dataset(
+                name,
+                shape=(0, *shape),
+                maxshape=(None, *shape),
+                dtype=dtype,
+                chunks=(CHUNK_ROWS, *shape),
+            )
             self.buffers[name] = np.empty((CHUNK_ROWS, *shape), dtype=dtype)
         self.buffered = 0
         self.rows = 0  # rows written or buffered
@@ -41,7 +46,9 @@ class TrajectoryWriter:
         while done < n:
             take = min(n - done, CHUNK_ROWS - self.buffered)
             for name, values in columns.items():
-                self.buffers[name][self.buffered : self.buffered + take] = values[done : done + take]
+                self.buffers[name][self.buffered : self.buffered + take] = values[
+                    done : done + take
+                ]
             self.buffered += take
             done += take
             if self.buffered == CHUNK_ROWS:

@@ -69,8 +69,9 @@ class TabularActor:
             if poll is not None:
                 poll()
             self.ctx.maybe_fail(self.env_steps)
-            actions = self.policy.select_actions(q_table, self.stepper.obs,
-                                                 self.env_steps / self.budget)
+            actions = self.policy.select_actions(
+                q_table, self.stepper.obs, self.env_steps / self.budget
+            )
             batch = self.stepper.step(actions)
             n = min(self.num_envs, self.budget - self.env_steps)
             end = rows + n
@@ -130,35 +131,52 @@ class TabularParameterServer:
         step = self.ctx.cfg.run.num_envs
         for start in range(0, rows, step):
             s = slice(start, min(start + step, rows))
-            self.learner.update(msg["obs"][s], msg["action"][s], msg["reward"][s],
-                                msg["next_obs"][s], msg["terminated"][s],
-                                self.env_steps / total)
+            self.learner.update(
+                msg["obs"][s],
+                msg["action"][s],
+                msg["reward"][s],
+                msg["next_obs"][s],
+                msg["terminated"][s],
+                self.env_steps / total,
+            )
             self.env_steps += s.stop - s.start
         k = int(header[P.EXP_EPISODES])
         if k:
             actor_start = int(header[P.EXP_ACTOR_ENV_STEPS]) - rows
-            self.episodes.add(msg["episode_return"][:k], msg["episode_length"][:k],
-                              before + msg["episode_actor_env_steps"][:k] - actor_start,
-                              msg["episode_wall_time"][:k], rank)
+            self.episodes.add(
+                msg["episode_return"][:k],
+                msg["episode_length"][:k],
+                before + msg["episode_actor_env_steps"][:k] - actor_start,
+                msg["episode_wall_time"][:k],
+                rank,
+            )
 
     def tick(self, force: bool = False) -> None:
         """Log and checkpoint when due."""
         if force or self.reporter.due():
             self.reporter.add_episodes(self.episodes.take())
             lags = self.lags or [0]
-            self.reporter.log(self.env_steps, {
-                "learner_updates": int(self.learner.learner_updates),
-                "policy_lag_mean": float(np.mean(lags)),
-                "policy_lag_max": int(np.max(lags)),
-            })
+            self.reporter.log(
+                self.env_steps,
+                {
+                    "learner_updates": int(self.learner.learner_updates),
+                    "policy_lag_mean": float(np.mean(lags)),
+                    "policy_lag_max": int(np.max(lags)),
+                },
+            )
             self.lags = []
         while self.next_checkpoint is not None and self.env_steps >= self.next_checkpoint:
             self.checkpoint()
             self.next_checkpoint += self.ctx.cfg.run.checkpoint_interval_env_steps
 
     def checkpoint(self) -> None:
-        save_q_table(self.ctx, self.learner.q_table, self.env_steps,
-                     self.learner.learner_updates, self.policy_version)
+        save_q_table(
+            self.ctx,
+            self.learner.q_table,
+            self.env_steps,
+            self.learner.learner_updates,
+            self.policy_version,
+        )
 
     def finish(self) -> np.ndarray:
         self.tick(force=True)
@@ -231,8 +249,7 @@ def _run_actor(ctx: RunContext) -> None:
         slot ^= 1
         if actor.finished:
             break
-    wait_all([r for r in sends if r is not None], comm, "rank 0 to take the last batches",
-             watchdog)
+    wait_all([r for r in sends if r is not None], comm, "rank 0 to take the last batches", watchdog)
     # Rank 0 answers the final batch with a final snapshot; drain until it arrives.
     while True:
         wait_all([recv], comm, "the final snapshot from rank 0", watchdog)
@@ -248,8 +265,9 @@ def _run_learner(ctx: RunContext) -> np.ndarray:
     actors = list(range(1, ctx.world_size))
     schema = _experience_schema(ctx)
     inbox = [schema.allocate() for _ in actors]
-    receives = [comm.Irecv(inbox[i].buffer, source=k, tag=Tag.EXPERIENCE)
-                for i, k in enumerate(actors)]
+    receives = [
+        comm.Irecv(inbox[i].buffer, source=k, tag=Tag.EXPERIENCE) for i, k in enumerate(actors)
+    ]
     snap_schema = P.q_table_schema(ctx.n_states, ctx.n_actions)
     outbox = [snap_schema.allocate() for _ in actors]
     sends: list[MPI.Request | None] = [None] * len(actors)
@@ -269,9 +287,11 @@ def _run_learner(ctx: RunContext) -> np.ndarray:
         ready = MPI.Request.Testsome(receives)
         if not ready:
             if time.monotonic() - last_message > watchdog:
-                raise WatchdogTimeout(f"rank 0 received no experience for {watchdog:g} s "
-                                      f"(watchdog_s); {len(actors) - finished} actors "
-                                      "have not finished; aborting the job")
+                raise WatchdogTimeout(
+                    f"rank 0 received no experience for {watchdog:g} s "
+                    f"(watchdog_s); {len(actors) - finished} actors "
+                    "have not finished; aborting the job"
+                )
             server.tick()
             time.sleep(pause)
             pause = min(2 * pause + 1e-5, 1e-3)
@@ -286,12 +306,12 @@ def _run_learner(ctx: RunContext) -> np.ndarray:
                 wait_all([sends[i]], comm, f"actor {actors[i]} to take a snapshot", watchdog)
                 publish(i, final=True)
             else:
-                receives[i] = comm.Irecv(inbox[i].buffer, source=actors[i],
-                                         tag=Tag.EXPERIENCE)
+                receives[i] = comm.Irecv(inbox[i].buffer, source=actors[i], tag=Tag.EXPERIENCE)
                 if sends[i].Test():
                     publish(i)
         server.tick()
-    wait_all([r for r in sends if r is not None], comm, "actors to take the final snapshot",
-             watchdog)
+    wait_all(
+        [r for r in sends if r is not None], comm, "actors to take the final snapshot", watchdog
+    )
     link_trajectories(ctx, 0)
     return server.finish()

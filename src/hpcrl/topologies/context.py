@@ -68,8 +68,9 @@ class RunContext:
         """Test-only fault injection (`debug.fail_rank`, `debug.fail_after_env_steps`)."""
         debug = self.cfg.run.debug
         if self.rank == debug.fail_rank and env_steps >= debug.fail_after_env_steps:
-            raise RuntimeError(f"debug.fail_rank={debug.fail_rank}: injected failure "
-                               f"after {env_steps} env steps")
+            raise RuntimeError(
+                f"debug.fail_rank={debug.fail_rank}: injected failure after {env_steps} env steps"
+            )
 
 
 def split_budget(total: int, parts: int) -> list[int]:
@@ -98,8 +99,11 @@ class EpisodeRows:
 
     def take(self) -> np.ndarray:
         """All pending rows, (n, 5) float64, and forget them."""
-        rows = (np.concatenate(self.chunks) if self.chunks
-                else np.zeros((0, len(EPISODE_COLUMNS)), dtype=np.float64))
+        rows = (
+            np.concatenate(self.chunks)
+            if self.chunks
+            else np.zeros((0, len(EPISODE_COLUMNS)), dtype=np.float64)
+        )
         self.chunks = []
         return rows
 
@@ -140,14 +144,17 @@ class Reporter:
         now = time.perf_counter()
         rate = (env_steps - self.last_env_steps) / max(now - self.last_time, 1e-9)
         mean_return = float(np.mean(self.recent_returns)) if self.recent_returns else float("nan")
-        row = {"env_steps": int(env_steps), "wall_time": self.ctx.elapsed_s(),
-               "env_steps_per_s": rate, "episodes": int(self.episodes),
-               "mean_return_100": mean_return}
+        row = {
+            "env_steps": int(env_steps),
+            "wall_time": self.ctx.elapsed_s(),
+            "env_steps_per_s": rate,
+            "episodes": int(self.episodes),
+            "mean_return_100": mean_return,
+        }
         row.update(extra or {})
         self.run_file.append_metrics(row)
         self.run_file.flush()
-        shown = ", ".join(f"{k} {v:.3g}" for k, v in (extra or {}).items()
-                          if isinstance(v, float))
+        shown = ", ".join(f"{k} {v:.3g}" for k, v in (extra or {}).items() if isinstance(v, float))
         self.progress.update(env_steps, rate, self.episodes, mean_return, shown)
         self.last_time, self.last_env_steps = now, env_steps
 
@@ -171,10 +178,15 @@ class TrajectoryRecorder:
         """Record the first `n` env copies' transitions of one vector step."""
         if self.writer is None:
             return
-        self.writer.append(obs=batch.obs[:n], action=batch.actions[:n],
-                           reward=batch.rewards[:n], next_obs=batch.next_obs[:n],
-                           terminated=batch.terminated[:n], truncated=batch.truncated[:n],
-                           env=self.env_index[:n])
+        self.writer.append(
+            obs=batch.obs[:n],
+            action=batch.actions[:n],
+            reward=batch.rewards[:n],
+            next_obs=batch.next_obs[:n],
+            terminated=batch.terminated[:n],
+            truncated=batch.truncated[:n],
+            env=self.env_index[:n],
+        )
         if time.perf_counter() - self.last_flush >= self.ctx.cfg.run.log_interval_s:
             self.writer.flush()
             self.last_flush = time.perf_counter()
@@ -195,22 +207,40 @@ def link_trajectories(ctx: RunContext, rows_written: int) -> None:
         ctx.run_file.link_trajectories(per_rank, tabular_fields() | {"env": ((), np.int32)})
 
 
-def save_q_table(ctx: RunContext, q_table: np.ndarray, env_steps: int,
-                 learner_updates: int, policy_version: int) -> Path:
+def save_q_table(
+    ctx: RunContext, q_table: np.ndarray, env_steps: int, learner_updates: int, policy_version: int
+) -> Path:
     """Rank 0: write a tabular checkpoint (`q_table` plus counters and identity)."""
     cfg = ctx.cfg
     meta = {
-        "algo": cfg.run.algo, "env_id": cfg.run.env_id, "env_kwargs": cfg.run.env_kwargs,
-        "layout": cfg.algo.layout, "world_size": ctx.world_size, "env_steps": int(env_steps),
-        "learner_updates": int(learner_updates), "policy_version": int(policy_version),
+        "algo": cfg.run.algo,
+        "env_id": cfg.run.env_id,
+        "env_kwargs": cfg.run.env_kwargs,
+        "layout": cfg.algo.layout,
+        "world_size": ctx.world_size,
+        "env_steps": int(env_steps),
+        "learner_updates": int(learner_updates),
+        "policy_version": int(policy_version),
         "config": cfg.to_dict(),
     }
-    return write_checkpoint(ctx.run_dir / "checkpoints", int(env_steps),
-                            {"q_table": q_table}, meta, cfg.run.keep_checkpoints)
+    return write_checkpoint(
+        ctx.run_dir / "checkpoints",
+        int(env_steps),
+        {"q_table": q_table},
+        meta,
+        cfg.run.keep_checkpoints,
+    )
 
 
-def evaluate_greedy(comm: MPI.Comm, env_id: str, env_kwargs: dict, q_table: np.ndarray,
-                    episodes: int, seed: int, watchdog_s: float) -> dict | None:
+def evaluate_greedy(
+    comm: MPI.Comm,
+    env_id: str,
+    env_kwargs: dict,
+    q_table: np.ndarray,
+    episodes: int,
+    seed: int,
+    watchdog_s: float,
+) -> dict | None:
     """Collective: every rank runs a share of `episodes` greedy episodes of rank 0's table.
 
     Args:
@@ -226,6 +256,8 @@ def evaluate_greedy(comm: MPI.Comm, env_id: str, env_kwargs: dict, q_table: np.n
     all_returns = gather_rows(comm, returns, 0, watchdog_s)
     if comm.Get_rank() != 0:
         return None
-    return {"mean_return": float(np.mean(all_returns)) if episodes else float("nan"),
-            "std_return": float(np.std(all_returns)) if episodes else float("nan"),
-            "episodes": int(episodes)}
+    return {
+        "mean_return": float(np.mean(all_returns)) if episodes else float("nan"),
+        "std_return": float(np.std(all_returns)) if episodes else float("nan"),
+        "episodes": int(episodes),
+    }

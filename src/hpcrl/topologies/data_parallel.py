@@ -66,15 +66,26 @@ def run_allreduce(ctx: RunContext) -> np.ndarray:
             progress = env_steps / budget
             actions = policy.select_actions(q_table, stepper.obs, progress)
             batch = stepper.step(actions)
-            learner.update(batch.obs[:n], batch.actions[:n], batch.rewards[:n],
-                           batch.next_obs[:n], batch.terminated[:n], progress)
+            learner.update(
+                batch.obs[:n],
+                batch.actions[:n],
+                batch.rewards[:n],
+                batch.next_obs[:n],
+                batch.terminated[:n],
+                progress,
+            )
             recorder.record(batch, n)
             env_steps += n
             counted = batch.done_envs < n
             if counted.any():
                 global_steps = int(np.minimum(budgets, (t + 1) * num_envs).sum())
-                episodes.add(batch.episode_returns[counted], batch.episode_lengths[counted],
-                             global_steps, ctx.elapsed_s(), ctx.rank)
+                episodes.add(
+                    batch.episode_returns[counted],
+                    batch.episode_lengths[counted],
+                    global_steps,
+                    ctx.elapsed_s(),
+                    ctx.rank,
+                )
         last = t == vector_steps - 1
         if (t + 1) % sync_interval and not last:
             continue
@@ -94,9 +105,13 @@ def run_allreduce(ctx: RunContext) -> np.ndarray:
                 rows = rows.reshape(-1, len(EPISODE_COLUMNS))
                 # Stable sort by env steps: rank order, then env copy, within one step.
                 reporter.add_episodes(rows[np.argsort(rows[:, 2], kind="stable")])
-                reporter.log(global_steps, {"syncs": syncs,
-                                            "exploration": policy.exploration_value(
-                                                env_steps / max(budget, 1))})
+                reporter.log(
+                    global_steps,
+                    {
+                        "syncs": syncs,
+                        "exploration": policy.exploration_value(env_steps / max(budget, 1)),
+                    },
+                )
         while next_checkpoint is not None and global_steps >= next_checkpoint and not last:
             if ctx.rank == 0:
                 save_q_table(ctx, q_table, global_steps, syncs, syncs)

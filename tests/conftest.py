@@ -1,0 +1,87 @@
+"""Shared test set-up.
+
+Under `--with-mpi` (run by `mpiexec -n 4 python -m pytest --with-mpi`), a test failing on
+one rank would leave the others blocked in a collective: the report hook prints the failure
+tagged with the rank and aborts the whole job instead. Each rank also gets its own temp
+root. mpi4py is imported only under `--with-mpi`, so plain `pytest` needs no MPI.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _with_mpi(config) -> bool:
+    return bool(config.getoption("--with-mpi", default=False))
+
+
+def pytest_configure(config):
+    if _with_mpi(config):
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+        root = tempfile.mkdtemp(prefix="hpcrl-mpi-") if comm.rank == 0 else None
+        root = comm.bcast(root, root=0)
+        config.option.basetemp = str(Path(root) / f"rank{comm.rank}")
+        config._hpcrl_mpi_root = root
+
+
+def pytest_unconfigure(config):
+    root = getattr(config, "_hpcrl_mpi_root", None)
+    if root:
+        from mpi4py import MPI
+
+        MPI.COMM_WORLD.Barrier()
+        if MPI.COMM_WORLD.rank == 0:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and _with_mpi(item.config):
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+        if comm.size > 1:
+            text = "".join(
+                f"[rank {comm.rank}] {line}\n" for line in str(report.longrepr).splitlines()
+            )
+            sys.stderr.write(f"[rank {comm.rank}] FAILED {item.nodeid}\n{text}")
+            sys.stderr.flush()
+            comm.Abort(1)
+
+
+@pytest.fixture
+def mpi_tmp_path(tmp_path):
+    """A directory shared by every rank of COMM_WORLD (rank 0's tmp_path, broadcast)."""
+    from mpi4py import MPI
+
+    return Path(MPI.COMM_WORLD.bcast(str(tmp_path), root=0))
+
+
+def hpcrl_command(n: int | None, *args: str) -> list[str]:
+    """`mpiexec -n N python -m hpcrl ARGS` with the venv's launcher (n=None: no launcher)."""
+    base = [sys.executable, "-m", "hpcrl", *args]
+    if n is None:
+        return base
+    return [str(BIN / "mpiexec"), "-n", str(n), *base]
+
+
+@pytest.fixture
+def cli_env():
+    """Environment for subprocesses: quiet, unbuffered, venv first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
