@@ -19,7 +19,7 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # noqa: D401 - argparse hook
-        raise UsageError(f"{self.prog}: {message}")
+        raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     comm = MPI.COMM_WORLD
     if usage_error is not None:
         if comm.Get_rank() == 0:
-            print(f"{usage_error}\nTry 'hpcrl --help'.", file=sys.stderr, flush=True)
+            print(f"hpcrl: error: {usage_error}", file=sys.stderr, flush=True)
         return 2
     return runner.guarded(lambda: _dispatch(comm, args), comm)
 

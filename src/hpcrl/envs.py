@@ -25,10 +25,10 @@ def make_env(env_id: str, env_kwargs: dict | None = None) -> gym.Env:
         raise UserError(f"unknown env id {env_id!r}: not in the gymnasium registry{near}")
     try:
         return gym.make(env_id, **kwargs)
-    except gym.error.Error as exc:
-        raise UserError(f"env {env_id!r} could not be made: {exc}") from None
-    except TypeError as exc:
-        raise UserError(f"env {env_id!r} rejects env_kwargs {kwargs!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any constructor failure is the user's input
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        raise UserError(f"env {env_id!r} could not be made with env_kwargs {kwargs!r}: "
+                        f"{type(exc).__name__}: {detail}") from None
 
 
 def discrete_sizes(env: gym.Env) -> tuple[int, int]:

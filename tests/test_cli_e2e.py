@@ -1,0 +1,755 @@
+"""End-to-end tests: the real `python -m hpcrl` CLI launched under `mpiexec` as subprocesses.
+
+(A) failure injection ends the whole job quickly with the failing rank's traceback;
+(B) bad input gives one error line, exit status 2, no hang and no damage to an existing run;
+(C) a finished run's HDF5 files are complete and consistent, `info` and `evaluate` work;
+(D) `kill -9` of the whole job leaves readable files and a loadable checkpoint.
+
+Run with `python -m pytest -q -m e2e tests/test_cli_e2e.py --timeout=300`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import BIN, hpcrl_command
+
+pytestmark = pytest.mark.e2e
+
+TIMEOUT_S = 120  # no single CLI call here needs more than a few seconds
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _env() -> dict[str, str]:
+    """The same environment as conftest's `cli_env` fixture (usable in module fixtures)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """{pid: (ppid, state)} of every process, from /proc."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rfind(")") + 2 :].split()
+        table[int(entry)] = (int(fields[1]), fields[0])
+    return table
+
+
+def _descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (deepest last), found through parent pids."""
+    children: dict[int, list[int]] = {}
+    for child, (parent, _) in _proc_table().items():
+        children.setdefault(parent, []).append(child)
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop(0)
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return text[text.rfind(")") + 2 :].split()[0] != "Z"
+
+
+def _kill_pids(pids: list[int]) -> None:
+    """SIGKILL each of these (our own) processes, leaves first."""
+    for pid in reversed(pids):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _live_processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes (other than this one) that mention `text`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid() or not _alive(int(entry)):
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{entry}: {cmdline}")
+    return found
+
+
+def _assert_no_orphans(marker: str, wait_s: float = 10.0) -> None:
+    deadline = time.monotonic() + wait_s
+    while (left := _live_processes_mentioning(marker)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, f"processes still running after the job ended: {left}"
+
+
+def run_cli(cmd: list[str], env: dict[str, str], timeout: float = TIMEOUT_S):
+    """Run `cmd` in its own session; on timeout kill every process of it and fail.
+
+    Returns:
+        (CompletedProcess, wall seconds).
+    """
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_pids(_descendants(proc.pid))
+        out, err = proc.communicate()
+        pytest.fail(f"hang: {cmd} did not end within {timeout} s\nstdout:\n{out}\nstderr:\n{err}")
+    wall = time.monotonic() - start
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), wall
+
+
+def _show(result: subprocess.CompletedProcess) -> str:
+    return f"exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+
+
+def _digest_tree(root: Path) -> dict[str, str]:
+    """{relative path: sha256 of the bytes (or 'link -> target')} of everything under root."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            out[rel] = f"link -> {os.readlink(path)}"
+        elif path.is_file():
+            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            out[rel] = "dir"
+    return out
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _status(run_dir: Path) -> str:
+    # A rank killed a moment ago may still hold the HDF5 file lock for a few ms while the
+    # kernel tears it down (its /proc entry already looks gone): retry briefly.
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            with h5py.File(run_dir / "run.h5", "r") as f:
+                return str(f.attrs["status"])
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def _assert_one_error_line(
+    result: subprocess.CompletedProcess, patterns: list[str], code: int = 2
+) -> str:
+    """Exit status `code`, exactly one non-empty stderr line, `hpcrl: error:` once,
+    every regex of `patterns` found in it, nothing on stdout. Returns the line."""
+    assert result.returncode == code, _show(result)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one error line\n{_show(result)}"
+    assert result.stderr.count("hpcrl: error:") == 1, _show(result)
+    assert lines[0].startswith("hpcrl: error:"), _show(result)
+    for pattern in patterns:
+        assert re.search(pattern, lines[0]), f"{pattern!r} not in the error\n{_show(result)}"
+    assert result.stdout.strip() == "", _show(result)
+    return lines[0]
+
+
+def _last_json(stdout: str) -> dict:
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    assert lines, "no output"
+    return json.loads(lines[-1])
+
+
+def _train(n: int | None, run_dir: Path, *args: str, steps: int = 2000) -> tuple:
+    cmd = hpcrl_command(
+        n,
+        "train",
+        "--run-dir",
+        str(run_dir),
+        "--total-env-steps",
+        str(steps),
+        "--set",
+        "eval_episodes=0",
+        *args,
+    )
+    return run_cli(cmd, _env())
+
+
+@pytest.fixture(scope="module")
+def completed_run(tmp_path_factory) -> Path:
+    """A tiny completed run (FrozenLake8x8, -n 2, ps, 2000 env steps); copy before use."""
+    run_dir = tmp_path_factory.mktemp("completed") / "run"
+    result, _ = _train(2, run_dir)
+    assert result.returncode == 0, _show(result)
+    assert _status(run_dir) == "completed"
+    return run_dir
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+# ------------------------------------------------------------- (A) failure injection
+
+
+@pytest.mark.parametrize(
+    ("layout", "fail_rank", "fail_after"),
+    [
+        ("ps", 2, 0),
+        ("allreduce", 2, 0),
+        ("ps", 0, 0),
+        ("ps", 2, 5000),
+        ("allreduce", 2, 5000),
+        ("ps", 0, 5000),
+    ],
+    ids=[
+        "ps-rank2",
+        "allreduce-rank2",
+        "ps-rank0",
+        "ps-rank2-midrun",
+        "allreduce-rank2-midrun",
+        "ps-rank0-midrun",
+    ],
+)
+def test_injected_failure_ends_the_job_with_the_traceback(
+    tmp_path, cli_env, layout, fail_rank, fail_after
+):
+    run_dir = tmp_path / "run"
+    # A budget this size takes well over 30 s on this machine: only the failure ends it early.
+    cmd = hpcrl_command(
+        4,
+        "train",
+        "--run-dir",
+        str(run_dir),
+        "--total-env-steps",
+        "5000000",
+        "--set",
+        "eval_episodes=0",
+        "--set",
+        f"layout={layout}",
+        "--set",
+        f"debug.fail_rank={fail_rank}",
+        "--set",
+        f"debug.fail_after_env_steps={fail_after}",
+    )
+    result, wall = run_cli(cmd, cli_env, timeout=90)
+    assert result.returncode != 0, _show(result)
+    assert wall < 30, f"the job took {wall:.1f} s to end after the failure\n{_show(result)}"
+
+    tag = f"[rank {fail_rank}]"
+    stderr_lines = result.stderr.splitlines()
+    assert f"{tag} Traceback (most recent call last):" in stderr_lines, _show(result)
+    failure = [line for line in stderr_lines if "injected failure" in line]
+    assert failure, _show(result)
+    assert all(line.startswith(tag) for line in failure), _show(result)
+    others = [
+        line
+        for line in stderr_lines
+        if line.endswith("Traceback (most recent call last):") and not line.startswith(tag)
+    ]
+    assert not others, f"tracebacks of ranks that did not fail\n{_show(result)}"
+
+    match = re.search(r"injected failure after (\d+) env steps", result.stderr)
+    assert match, _show(result)
+    steps = int(match.group(1))
+    if fail_after == 0:
+        assert steps == 0
+    else:
+        assert fail_after <= steps < fail_after + 1000, _show(result)
+
+    # Every rank is gone within moments (the ranks may outlive mpiexec by a few ms).
+    _assert_no_orphans(str(run_dir))
+    # run.h5 was created and is readable; a failing rank 0 marks it failed itself (another
+    # rank's failure aborts rank 0 before it can, so "running" is accepted there).
+    status = _status(run_dir)
+    assert status in (("failed",) if fail_rank == 0 else ("running", "failed")), status
+
+
+# ------------------------------------------------------------------- (B) bad input
+
+BAD_TRAIN_CASES = [
+    # (id, n, extra args, regexes that the one error line must contain)
+    ("unknown-env", 2, ["--env", "NoSuchEnv-v0"], [r"'NoSuchEnv-v0'"]),
+    ("non-discrete-env", 2, ["--env", "CartPole-v1"], [r"CartPole-v1", r"\bBox\b"]),
+    ("unknown-algo", None, ["--algo", "nosuch"], [r"'nosuch'", r"qlearning"]),
+    ("unknown-layout", 2, ["--set", "layout=ring"], [r"layout", r"'ring'"]),
+    ("unknown-key", 2, ["--set", "alpah=0.1"], [r"'alpah'", r"did you mean 'alpha'"]),
+    ("wrong-type", None, ["--set", "alpha=abc"], [r"'alpha'", r"'abc'"]),
+    ("negative-budget", 2, ["--total-env-steps", "-5"], [r"total_env_steps", r"-5\b"]),
+    ("alpha-zero", 2, ["--set", "alpha=0"], [r"'alpha'", r"got 0(\.0)?\b"]),
+    ("alpha-too-big", 2, ["--set", "alpha=1.5"], [r"'alpha'", r"got 1\.5\b"]),
+    ("gamma-too-big", 2, ["--set", "gamma=1.2"], [r"'gamma'", r"got 1\.2\b"]),
+    (
+        "tau-zero",
+        2,
+        ["--set", "exploration=boltzmann", "--set", "tau_start=0"],
+        [r"'tau_start'", r"got 0(\.0)?\b"],
+    ),
+    ("unknown-env-kwarg", 2, ["--env-kwargs", '{"no_such_kwarg": 1}'], [r"no_such_kwarg"]),
+    ("env-kwargs-not-json", None, ["--env-kwargs", "{bad"], [r"--env-kwargs", r"\{bad"]),
+    ("num-envs-zero", 2, ["--set", "num_envs=0"], [r"'num_envs'", r"got 0\b"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("n", "args", "patterns"), [c[1:] for c in BAD_TRAIN_CASES], ids=[c[0] for c in BAD_TRAIN_CASES]
+)
+def test_bad_train_input_leaves_an_existing_run_alone(tmp_path, completed_run, n, args, patterns):
+    """Even with --overwrite, bad input fails before the existing run is touched."""
+    run_dir = _copy_run(completed_run, tmp_path / "run")
+    before = _digest_tree(run_dir)
+    result, _ = _train(n, run_dir, "--overwrite", *args)
+    _assert_one_error_line(result, patterns)
+    assert _digest_tree(run_dir) == before
+    assert _status(run_dir) == "completed"
+
+
+@pytest.mark.parametrize(
+    ("n", "args", "patterns"),
+    [
+        (2, ["--env", "NoSuchEnv-v0"], [r"NoSuchEnv-v0"]),
+        (None, ["--set", "gamma=1.2"], [r"'gamma'", r"1\.2"]),
+        (2, ["--set", "layout=ring"], [r"'ring'"]),
+    ],
+    ids=["unknown-env", "gamma", "layout"],
+)
+def test_bad_train_input_creates_no_run_directory(tmp_path, n, args, patterns):
+    run_dir = tmp_path / "fresh"
+    result, _ = _train(n, run_dir, *args)
+    _assert_one_error_line(result, patterns)
+    assert not run_dir.exists()
+
+
+def test_bad_env_kwargs_value_is_a_user_error(tmp_path):
+    run_dir = tmp_path / "fresh"
+    result, _ = _train(
+        2, run_dir, "--env", "FrozenLake-v1", "--env-kwargs", '{"map_name": "nosuch"}'
+    )
+    _assert_one_error_line(result, [r"nosuch"])
+    assert not run_dir.exists()
+
+
+def test_bad_option_syntax_exits_2_printed_once(tmp_path):
+    run_dir = tmp_path / "fresh"
+    cmd = hpcrl_command(2, "train", "--run-dir", str(run_dir), "--total-env-steps", "abc")
+    result, _ = run_cli(cmd, _env())
+    assert result.returncode == 2, _show(result)
+    assert result.stderr.count("invalid int value: 'abc'") == 1, _show(result)
+    _assert_one_error_line(result, [r"--total-env-steps", r"'abc'"])
+    assert "Traceback" not in result.stderr
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("n", [2, None], ids=["n2", "no-launcher"])
+def test_run_dir_with_a_completed_run_is_refused_without_overwrite(tmp_path, completed_run, n):
+    run_dir = _copy_run(completed_run, tmp_path / "run")
+    run_h5_hash = _sha256(run_dir / "run.h5")
+    before = _digest_tree(run_dir)
+
+    result, _ = _train(n, run_dir, "--total-env-steps", "3000")
+    _assert_one_error_line(result, [re.escape(str(run_dir)), r"--overwrite", r"completed"])
+    assert _sha256(run_dir / "run.h5") == run_h5_hash
+    assert _digest_tree(run_dir) == before
+    assert _status(run_dir) == "completed"
+
+    result, _ = _train(n, run_dir, "--overwrite", "--total-env-steps", "3000")
+    assert result.returncode == 0, _show(result)
+    assert _status(run_dir) == "completed"
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        assert int(f["metrics/env_steps"][-1]) == 3000
+        assert json.loads(f.attrs["config"])["total_env_steps"] == 3000
+        assert int(f.attrs["world_size"]) == (1 if n is None else n)
+
+
+def _corrupt_data(path: Path) -> None:
+    """Overwrite bytes inside the q_table data (the checksum must catch it)."""
+    with h5py.File(path, "r") as f:
+        offset = f["q_table"].id.get_offset()
+    assert offset is not None
+    with open(path, "r+b") as g:
+        g.seek(offset + 100)
+        g.write(b"\x13" * 64)
+
+
+def _corrupt_middle(path: Path) -> None:
+    size = path.stat().st_size
+    with open(path, "r+b") as g:
+        g.seek(size // 2)
+        g.write(b"\xff" * 256)
+
+
+def _truncate(path: Path) -> None:
+    os.truncate(path, path.stat().st_size // 2)
+
+
+@pytest.mark.parametrize(
+    ("n", "damage"),
+    [
+        (2, _corrupt_data),
+        (2, _corrupt_middle),
+        (None, _truncate),
+        (2, _truncate),
+    ],
+    ids=["data-bytes", "middle-bytes", "truncated-no-launcher", "truncated"],
+)
+def test_evaluate_refuses_a_corrupt_checkpoint(tmp_path, completed_run, n, damage):
+    run_dir = _copy_run(completed_run, tmp_path / "run")
+    target = (run_dir / "checkpoints" / "latest.h5").resolve()
+    assert re.fullmatch(r"step-\d+\.h5", target.name), target
+    damage(target)
+    before = _digest_tree(run_dir)
+    result, _ = run_cli(hpcrl_command(n, "evaluate", str(run_dir), "--episodes", "10"), _env())
+    _assert_one_error_line(result, [r"checkpoint", re.escape(target.name)])
+    assert _digest_tree(run_dir) == before
+
+
+def test_evaluate_refuses_a_missing_run_dir(tmp_path):
+    missing = tmp_path / "no-such-run"
+    result, _ = run_cli(hpcrl_command(2, "evaluate", str(missing)), _env())
+    _assert_one_error_line(result, [re.escape(str(missing))])
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize("n", [2, None], ids=["n2", "no-launcher"])
+def test_evaluate_refuses_a_run_dir_without_checkpoint(tmp_path, completed_run, n):
+    run_dir = _copy_run(completed_run, tmp_path / "run")
+    for path in (run_dir / "checkpoints").iterdir():
+        path.unlink()
+    result, _ = run_cli(hpcrl_command(n, "evaluate", str(run_dir)), _env())
+    _assert_one_error_line(result, [r"no checkpoint", re.escape(str(run_dir))])
+
+
+def test_evaluate_refuses_zero_episodes(tmp_path, completed_run):
+    result, _ = run_cli(hpcrl_command(2, "evaluate", str(completed_run), "--episodes", "0"), _env())
+    _assert_one_error_line(result, [r"--episodes 0\b"])
+
+
+def test_info_refuses_a_missing_run_dir(tmp_path):
+    missing = tmp_path / "no-such-run"
+    result, _ = run_cli(hpcrl_command(None, "info", str(missing)), _env())
+    _assert_one_error_line(result, [re.escape(str(missing))])
+
+
+# --------------------------------------------------------- (C) a successful run's files
+
+BUDGET = 20_001  # not a multiple of the ranks or of num_envs: the split must still be exact
+EVAL_EPISODES = 20
+
+
+@pytest.fixture(
+    scope="module",
+    params=[(2, "ps"), (2, "allreduce"), (4, "ps"), (4, "allreduce"), (None, "ps")],
+    ids=["n2-ps", "n2-allreduce", "n4-ps", "n4-allreduce", "n1-ps"],
+)
+def trained(request, tmp_path_factory) -> dict:
+    n, layout = request.param
+    run_dir = tmp_path_factory.mktemp(f"trained-{n}-{layout}") / "run"
+    cmd = hpcrl_command(
+        n,
+        "train",
+        "--env",
+        "FrozenLake-v1",
+        "--run-dir",
+        str(run_dir),
+        "--total-env-steps",
+        str(BUDGET),
+        "--set",
+        f"layout={layout}",
+        "--set",
+        f"eval_episodes={EVAL_EPISODES}",
+        "--set",
+        "log_interval_s=0.05",
+    )
+    result, _ = run_cli(cmd, _env())
+    assert result.returncode == 0, _show(result)
+    return {
+        "n": n,
+        "world": 1 if n is None else n,
+        "layout": layout,
+        "dir": run_dir,
+        "result": result,
+    }
+
+
+def test_train_prints_final_json(trained):
+    final = _last_json(trained["result"].stdout)
+    assert set(final) >= {"mean_return", "std_return", "episodes"}
+    assert final["episodes"] == EVAL_EPISODES
+    assert 0.0 <= final["mean_return"] <= 1.0  # FrozenLake returns are 0 or 1
+    assert final["std_return"] >= 0.0
+    with h5py.File(trained["dir"] / "run.h5", "r") as f:
+        assert float(f.attrs["eval_mean_return"]) == final["mean_return"]
+
+
+def test_run_h5_attributes_and_tables(trained):
+    from hpcrl import __version__
+
+    with h5py.File(trained["dir"] / "run.h5", "r") as f:
+        attrs = f.attrs
+        assert str(attrs["hpcrl_version"]) == __version__
+        assert str(attrs["algo"]) == "qlearning"
+        assert str(attrs["env_id"]) == "FrozenLake-v1"
+        assert int(attrs["world_size"]) == trained["world"]
+        assert str(attrs["status"]) == "completed"
+        config = json.loads(attrs["config"])
+        assert config["layout"] == trained["layout"]
+        assert config["total_env_steps"] == BUDGET
+        assert config["env_id"] == "FrozenLake-v1"
+
+        episodes = f["episodes"]
+        assert set(episodes) == {"return", "length", "env_steps", "wall_time", "rank"}
+        lengths = {name: len(episodes[name]) for name in episodes}
+        assert len(set(lengths.values())) == 1, lengths
+        assert lengths["return"] > 0
+        acting = (
+            set(range(1, trained["world"]))
+            if trained["layout"] == "ps" and trained["world"] > 1
+            else set(range(trained["world"]))
+        )
+        assert set(episodes["rank"][:].tolist()) <= acting
+        assert np.all(episodes["length"][:] >= 1)
+        env_steps = episodes["env_steps"][:]
+        assert np.all((env_steps >= 1) & (env_steps <= BUDGET))
+
+        metrics = f["metrics"]
+        assert int(metrics["env_steps"][-1]) == BUDGET
+        assert np.all(np.diff(metrics["env_steps"][:]) >= 0)
+        assert int(metrics["episodes"][-1]) == lengths["return"]
+
+
+def _rank_files(run_dir: Path) -> dict[int, Path]:
+    files = {}
+    for path in (run_dir / "traj").iterdir():
+        match = re.fullmatch(r"rank-(\d+)\.h5", path.name)
+        assert match, f"unexpected file {path}"
+        files[int(match.group(1))] = path
+    return files
+
+
+def test_trajectories_match_the_budget_and_the_episodes(trained):
+    run_dir, world = trained["dir"], trained["world"]
+    files = _rank_files(run_dir)
+    if trained["layout"] == "ps" and world > 1:
+        assert sorted(files) == list(range(1, world))  # the learner writes no trajectories
+    else:
+        assert sorted(files) == list(range(world))
+
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        episode_ranks = f["episodes/rank"][:]
+        episode_lengths = f["episodes/length"][:]
+        episode_returns = f["episodes/return"][:]
+        vds_obs = f["trajectories/obs"][:]
+        vds_ranks = f["trajectories/ranks"][:].tolist()
+
+    total_rows = segments = segment_steps = 0
+    concatenated = []
+    for rank in sorted(files):
+        with h5py.File(files[rank], "r") as t:
+            columns = {name: t[name][:] for name in t}
+        assert set(columns) >= {
+            "obs",
+            "action",
+            "reward",
+            "next_obs",
+            "terminated",
+            "truncated",
+            "env",
+        }
+        rows = len(columns["obs"])
+        assert all(len(c) == rows for c in columns.values()), files[rank]
+        total_rows += rows
+        if rows:
+            concatenated.append(columns["obs"])
+        done = columns["terminated"] | columns["truncated"]
+        rank_lengths, rank_returns = [], []
+        for env in np.unique(columns["env"]):
+            idx = np.flatnonzero(columns["env"] == env)
+            ends = np.flatnonzero(done[idx])
+            starts = np.concatenate([[0], ends[:-1] + 1])
+            rank_lengths += (ends - starts + 1).tolist()
+            rewards = columns["reward"][idx]
+            pairs = zip(starts, ends, strict=True)
+            rank_returns += [float(rewards[s : e + 1].sum()) for s, e in pairs]
+        segments += len(rank_lengths)
+        segment_steps += sum(rank_lengths)
+        # Per rank: the finished episodes in its file are exactly its /episodes rows.
+        mine = episode_ranks == rank
+        assert sorted(rank_lengths) == sorted(episode_lengths[mine].tolist()), rank
+        assert sorted(rank_returns) == sorted(episode_returns[mine].tolist()), rank
+
+    assert total_rows == BUDGET
+    assert len(vds_obs) == BUDGET
+    assert vds_ranks == [r for r in sorted(files) if r in vds_ranks]
+    np.testing.assert_array_equal(vds_obs, np.concatenate(concatenated))
+    assert segments == len(episode_lengths)
+    assert segment_steps == int(episode_lengths.sum())
+
+
+def test_info_prints_a_summary(trained):
+    result, _ = run_cli(hpcrl_command(None, "info", str(trained["dir"])), _env())
+    assert result.returncode == 0, _show(result)
+    fields = dict(line.split(None, 1) for line in result.stdout.splitlines() if line.strip())
+    assert fields["algo"].strip() == "qlearning"
+    assert fields["env_id"].strip() == "FrozenLake-v1"
+    assert fields["status"].strip() == "completed"
+    assert fields["layout"].strip() == trained["layout"]
+    assert int(fields["world_size"]) == trained["world"]
+    assert int(fields["env_steps"]) == BUDGET
+
+
+def test_evaluate_is_deterministic_across_calls_and_world_sizes(trained):
+    from hpcrl.evaluation import greedy_episode_returns
+    from hpcrl.storage.checkpoints import load_latest
+
+    args = ("evaluate", str(trained["dir"]), "--episodes", "50", "--seed", "3")
+    outputs = []
+    for n in (None, None, 2):
+        result, _ = run_cli(hpcrl_command(n, *args), _env())
+        assert result.returncode == 0, _show(result)
+        lines = [line for line in result.stdout.splitlines() if line.strip()]
+        assert len(lines) == 1, _show(result)
+        outputs.append(lines[0])
+    assert outputs[0] == outputs[1], "evaluate is not deterministic"
+    assert outputs[2] == outputs[0], "evaluate under -n 2 differs from one process"
+    out = json.loads(outputs[0])
+    assert out["episodes"] == 50
+
+    # The same numbers computed here from the checkpoint.
+    arrays, meta, _ = load_latest(trained["dir"] / "checkpoints")
+    assert meta["env_steps"] == BUDGET
+    returns = greedy_episode_returns(
+        "FrozenLake-v1", {}, arrays["q_table"], np.arange(50, dtype=np.int64), 3
+    )
+    assert out["mean_return"] == pytest.approx(float(np.mean(returns)), abs=1e-12)
+    assert out["std_return"] == pytest.approx(float(np.std(returns)), abs=1e-12)
+
+
+# --------------------------------------------------------------- (D) kill -9 mid-run
+
+
+def _metrics_rows(run_h5: Path) -> int:
+    """Rows of /metrics/env_steps in a file another process is writing (0 when unreadable)."""
+    try:
+        with h5py.File(run_h5, "r", locking=False) as f:
+            return len(f["metrics/env_steps"]) if "env_steps" in f["metrics"] else 0
+    except Exception:  # noqa: BLE001 - a file mid-write may not read cleanly yet
+        return 0
+
+
+def test_kill_9_leaves_readable_files_and_a_loadable_checkpoint(tmp_path):
+    from hpcrl.storage.checkpoints import load_checkpoint
+
+    run_dir = tmp_path / "run"
+    cmd = hpcrl_command(
+        4,
+        "train",
+        "--run-dir",
+        str(run_dir),
+        "--total-env-steps",
+        "5000000",
+        "--set",
+        "log_interval_s=0.5",
+        "--set",
+        "checkpoint_interval_env_steps=100000",
+        "--set",
+        "eval_episodes=0",
+    )
+    with open(tmp_path / "stdout", "w") as log_out, open(tmp_path / "stderr", "w") as log_err:
+        proc = subprocess.Popen(
+            cmd, env=_env(), stdout=log_out, stderr=log_err, start_new_session=True
+        )
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        latest = run_dir / "checkpoints" / "latest.h5"
+        while not (latest.exists() and _metrics_rows(run_dir / "run.h5") >= 2):
+            assert proc.poll() is None, (
+                f"the job ended by itself (exit {proc.returncode}) before the kill\n"
+                f"{(tmp_path / 'stderr').read_text()}"
+            )
+            assert time.monotonic() < deadline, "no checkpoint and 2 metric rows after 90 s"
+            time.sleep(0.05)
+        # kill -9 every process of the job at once: launcher, proxy and all ranks (the
+        # ranks run in sessions of their own, so the process group alone is not enough).
+        pids = _descendants(proc.pid)
+        assert len(pids) >= 6, f"expected mpiexec, a proxy and 4 ranks, found {pids}"
+        _kill_pids(pids)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        end = time.monotonic() + 10
+        while any(_alive(p) for p in pids) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert not [p for p in pids if _alive(p)], "processes survived SIGKILL"
+    finally:
+        _kill_pids(pids or _descendants(proc.pid))
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait(timeout=30)
+    _assert_no_orphans(str(run_dir))
+    assert proc.returncode == -signal.SIGKILL
+
+    with h5py.File(run_dir / "run.h5", "r") as f:  # plain h5py, default locking
+        assert str(f.attrs["status"]) == "running"
+        steps = f["metrics/env_steps"][:]
+        assert len(steps) >= 2
+        assert 0 < steps[-1] < 5_000_000
+        for group in ("episodes", "metrics"):
+            for name in f[group]:
+                f[group][name][:]
+    for rank in (1, 2, 3):
+        with h5py.File(run_dir / "traj" / f"rank-{rank}.h5", "r") as t:
+            assert set(t) >= {"obs", "action", "reward", "next_obs", "terminated", "truncated"}
+            for name in t:
+                t[name][:]
+    assert not (run_dir / "traj" / "rank-0.h5").exists()
+
+    target = (run_dir / "checkpoints" / "latest.h5").resolve()
+    arrays, meta = load_checkpoint(target)  # verifies `complete` and the checksum
+    assert target.name == f"step-{meta['env_steps']}.h5"
+    assert 100_000 <= meta["env_steps"] < 5_000_000
+    assert arrays["q_table"].shape == (64, 4)
+    assert np.all(np.isfinite(arrays["q_table"]))
+
+    result, _ = run_cli(hpcrl_command(2, "evaluate", str(run_dir), "--episodes", "20"), _env())
+    assert result.returncode == 0, _show(result)
+    assert _last_json(result.stdout)["episodes"] == 20
+
+    result, _ = run_cli(hpcrl_command(None, "info", str(run_dir)), _env())
+    assert result.returncode == 0, _show(result)
+    assert re.search(r"^status\s+running$", result.stdout, re.MULTILINE), _show(result)
