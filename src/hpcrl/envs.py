@@ -27,8 +27,10 @@ def make_env(env_id: str, env_kwargs: dict | None = None) -> gym.Env:
         return gym.make(env_id, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any constructor failure is the user's input
         detail = str(exc).splitlines()[0] if str(exc) else ""
-        raise UserError(f"env {env_id!r} could not be made with env_kwargs {kwargs!r}: "
-                        f"{type(exc).__name__}: {detail}") from None
+        raise UserError(
+            f"env {env_id!r} could not be made with env_kwargs {kwargs!r}: "
+            f"{type(exc).__name__}: {detail}"
+        ) from None
 
 
 def discrete_sizes(env: gym.Env) -> tuple[int, int]:
