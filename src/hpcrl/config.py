@@ -188,11 +188,17 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"config key '{key}': got {value!r}, expected true or false")
+    if typ in (int, float) and isinstance(value, str):
+        # PyYAML (YAML 1.1) reads `1e6` and `1e-3` as strings; accept them as numbers.
+        try:
+            value = float(value.strip())
+        except ValueError:
+            pass
     if typ is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-            return int(value)  # allow 1e6 in YAML
+            return int(value)  # 1e6 and 1.0e+6
         raise ConfigError(f"config key '{key}': got {value!r}, expected an integer")
     if typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -96,7 +96,8 @@ def q_learning_update(
     flat_index = obs * q_table.shape[1] + actions
     entries, inverse = np.unique(flat_index, return_inverse=True)
     mean_td = np.bincount(inverse, weights=td_error) / np.bincount(inverse)
-    q_table.reshape(-1)[entries] += alpha * mean_td
+    # `entries` are unique, so fancy-index += is exact and works for any memory layout.
+    q_table[entries // q_table.shape[1], entries % q_table.shape[1]] += alpha * mean_td
 
 
 def greedy_actions(q_rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
