@@ -7,6 +7,7 @@ import difflib
 import importlib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from typing import Any
 import yaml
 
 from hpcrl.errors import ConfigError
+
+_EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 # Algorithm name -> module holding its `Config` dataclass. Imported lazily so a tabular
 # run never imports torch.
@@ -188,12 +191,9 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"config key '{key}': got {value!r}, expected true or false")
-    if typ in (int, float) and isinstance(value, str):
+    if typ in (int, float) and isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
         # PyYAML (YAML 1.1) reads `1e6` and `1e-3` as strings; accept them as numbers.
-        try:
-            value = float(value.strip())
-        except ValueError:
-            pass
+        value = float(value)
     if typ is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
