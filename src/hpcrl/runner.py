@@ -14,6 +14,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from mpi4py import MPI
 
 from hpcrl.comm.agreement import CollectiveUserError, agree
@@ -156,9 +157,9 @@ def train(comm: MPI.Comm, cfg: Config, run_dir: str | None, overwrite: bool) -> 
         else:
             q_table = run_allreduce(ctx)
         if rank != 0:
-            import numpy as np
-
             q_table = np.zeros((n_states, n_actions))
+        else:
+            run_file.set_attrs(wall_time_s=ctx.elapsed_s())  # training only, no evaluation
         result = None
         if run.eval_episodes > 0:
             result = evaluate_greedy(
@@ -173,7 +174,6 @@ def train(comm: MPI.Comm, cfg: Config, run_dir: str | None, overwrite: bool) -> 
         if rank == 0:
             if result is not None:
                 run_file.set_attrs(**{f"eval_{k}": v for k, v in result.items()})
-            run_file.set_attrs(wall_time_s=ctx.elapsed_s())
             run_file.set_status("completed")
             run_file.close()
             print(
@@ -198,8 +198,6 @@ def evaluate(
     Raises:
         CollectiveUserError: bad `episodes`, no run there, no checkpoint, or a damaged one.
     """
-    import numpy as np
-
     from hpcrl.topologies.context import evaluate_greedy
 
     loaded: dict = {}
@@ -228,8 +226,6 @@ def info(run_dir: str) -> dict:
     Raises:
         UserError: not a run directory or unreadable run file.
     """
-    import numpy as np
-
     with open_run(run_dir) as f:
         out = {k: f.attrs[k] for k in ("algo", "env_id", "world_size", "status") if k in f.attrs}
         out = {k: (v.item() if hasattr(v, "item") else v) for k, v in out.items()}
