@@ -34,7 +34,7 @@ class Config:
     layout: str = "ps"  # ps: rank 0 parameter server | allreduce: replicated table
     exploration: str = "epsilon_greedy"  # or boltzmann (softmax over Q / τ)
     alpha: float = 0.1  # step size α at the start
-    alpha_end: float = 0.02  # α decays linearly to this over alpha_decay_fraction
+    alpha_end: float = 0.005  # α decays linearly to this over alpha_decay_fraction
     alpha_decay_fraction: float = 1.0
     gamma: float = 0.99  # discount γ
     epsilon_start: float = 1.0
