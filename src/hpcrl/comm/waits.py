@@ -1,8 +1,10 @@
 """Non-blocking waits and collectives with a watchdog, so no rank can hang silently.
 
 MPICH busy-polls inside blocking calls, which steals the core from other ranks when the
-job oversubscribes; these helpers poll with `Test` and back off with short sleeps, and
-raise `WatchdogTimeout` (which aborts the job) after `watchdog_s` seconds.
+job oversubscribes; these helpers poll with `Test`, yielding the core between polls
+(`sleep(0)`) for the first `_SPIN_S` seconds, so a partner that is just late costs no
+sleep granularity, then back off with sleeps up to 1 ms. They raise `WatchdogTimeout`
+(which aborts the job) after `watchdog_s` seconds.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numpy as np
 from mpi4py import MPI
 
 _MAX_SLEEP_S = 1e-3
+_SPIN_S = 2e-3
 
 
 class WatchdogTimeout(RuntimeError):
@@ -31,13 +34,17 @@ def wait_all(requests: list[MPI.Request], comm: MPI.Comm, what: str, watchdog_s:
     start = time.monotonic()
     pause = 0.0
     while not MPI.Request.Testall(requests):
-        if time.monotonic() - start > watchdog_s:
+        waited = time.monotonic() - start
+        if waited > watchdog_s:
             raise WatchdogTimeout(
                 f"rank {comm.Get_rank()} waited more than {watchdog_s:g} s for {what} "
                 "(watchdog_s); aborting the job"
             )
+        if waited < _SPIN_S:
+            time.sleep(0)
+            continue
         time.sleep(pause)
-        pause = min(2 * pause + 1e-5, _MAX_SLEEP_S)
+        pause = min(2 * pause + 5e-5, _MAX_SLEEP_S)
 
 
 def allreduce_sum(comm: MPI.Comm, buffer: np.ndarray, watchdog_s: float) -> None:
