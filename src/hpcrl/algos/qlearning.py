@@ -44,7 +44,7 @@ class Config:
     tau_end: float = 0.01
     tau_decay_fraction: float = 0.6
     q_init: float = 0.0  # initial value of every Q(s, a)
-    sync_interval: int = 16  # vector steps between exchanges with the learner / peers
+    sync_interval: int = 64  # vector steps between exchanges with the learner / peers
 
     def validate(self) -> None:
         def check(ok: bool, key: str, expected: str) -> None:

@@ -13,7 +13,7 @@ collected with.
 Shutdown: an actor's last batch carries `final=1`; rank 0 answers it with a final
 snapshot, so every send has a matching receive and nothing is cancelled.
 
-With one process the same actor and learner alternate in place.
+With one process the same actor and learner alternate in place, one vector step at a time.
 """
 
 from __future__ import annotations
@@ -55,15 +55,23 @@ class TabularActor:
     def finished(self) -> bool:
         return self.env_steps >= self.budget
 
-    def fill(self, msg: Message, q_table: np.ndarray, policy_version: int, poll=None) -> None:
-        """Take up to `sync_interval` vector steps on `q_table` and write them into `msg`.
+    def fill(
+        self,
+        msg: Message,
+        q_table: np.ndarray,
+        policy_version: int,
+        poll=None,
+        vector_steps: int | None = None,
+    ) -> None:
+        """Take up to `vector_steps` (default `sync_interval`) vector steps on `q_table` and
+        write them into `msg`.
 
         The last vector step of the budget counts only as many env copies as the budget
         has left, so the run ends exactly at its env-step budget. `poll()` is called
         before every vector step (to pick up a new snapshot).
         """
         rows = episodes = 0
-        for _ in range(self.ctx.cfg.algo.sync_interval):
+        for _ in range(vector_steps or self.ctx.cfg.algo.sync_interval):
             if self.finished:
                 break
             if poll is not None:
@@ -200,16 +208,14 @@ def _experience_schema(ctx: RunContext) -> P.Schema:
 
 
 def _run_embedded(ctx: RunContext) -> np.ndarray:
+    # One process: nothing to transfer, so the actor acts on the live table and hands the
+    # learner every vector step at once (no policy lag), as Watkins' online algorithm does.
     server = TabularParameterServer(ctx)
     actor = TabularActor(ctx, ctx.cfg.run.total_env_steps)
-    msg = _experience_schema(ctx).allocate()
-    snapshot = server.learner.q_table.copy()
-    version = server.policy_version
+    msg = P.tabular_experience_schema(ctx.cfg.run.num_envs).allocate()
     while True:
-        actor.fill(msg, snapshot, version)
+        actor.fill(msg, server.learner.q_table, server.policy_version, vector_steps=1)
         server.consume(msg, 0)
-        snapshot[:] = server.learner.q_table
-        version = server.policy_version
         server.tick()
         if actor.finished:
             break
