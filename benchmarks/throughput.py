@@ -7,7 +7,8 @@ Each layout and world size runs the real CLI (`mpiexec -n K python -m hpcrl trai
 the default config (trajectories recorded), and the rate is env steps / the run's own wall
 time (`wall_time_s` in run.h5, from the shared start barrier to the end of training, so
 interpreter start-up and the final evaluation are not counted). The raw loop is
-`env.step(random action)` with `reset` on episode end, one process, no learning.
+`env.step(random action)` with `reset` on episode end, one process, no learning; the
+vector-env loop is the same over the gymnasium `SyncVectorEnv` the actors step.
 Prints a Markdown table for benchmarks/RESULTS.md.
 """
 
@@ -39,6 +40,21 @@ def raw_rate(env_id: str, steps: int, seed: int = 0) -> float:
         if terminated or truncated:
             env.reset()
     return steps / (time.perf_counter() - start)
+
+
+def vector_env_rate(env_id: str, steps: int, num_envs: int = 32, seed: int = 0) -> float:
+    """Steps/s of the gymnasium `SyncVectorEnv` hpcrl's actors use, random actions, no
+    learning: the ceiling one acting rank can reach."""
+    from hpcrl.envs import make_vector_env
+
+    envs = make_vector_env(env_id, {}, num_envs)
+    envs.reset(seed=seed)
+    n_actions = envs.single_action_space.n
+    actions = np.random.default_rng(seed).integers(0, n_actions, (steps // num_envs, num_envs))
+    start = time.perf_counter()
+    for a in actions:
+        envs.step(a)
+    return actions.size / (time.perf_counter() - start)
 
 
 def hpcrl_rate(env_id: str, steps: int, layout: str, ranks: int, workdir: Path) -> float:
@@ -82,14 +98,19 @@ def main() -> None:
         f"machine: {platform.processor() or platform.machine()}, "
         f"{__import__('os').cpu_count()} cores; env {args.env}; {args.steps:,} steps per run"
     )
-    print(f"raw single-process loop: {raw:,.0f} steps/s\n")
-    print("| layout | ranks | env steps/s | ratio to raw |")
-    print("|---|---|---|---|")
+    vec = vector_env_rate(args.env, min(args.steps, 300_000))
+    print(f"raw single-process loop: {raw:,.0f} steps/s")
+    print(f"gymnasium SyncVectorEnv of 32, one process, no learning: {vec:,.0f} steps/s\n")
+    print("| layout | ranks | env steps/s | ratio to raw | ratio to vector env |")
+    print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for layout in ("ps", "allreduce"):
             for ranks in args.ranks:
                 rate = hpcrl_rate(args.env, args.steps, layout, ranks, Path(tmp))
-                print(f"| {layout} | {ranks} | {rate:,.0f} | {rate / raw:.2f} |", flush=True)
+                print(
+                    f"| {layout} | {ranks} | {rate:,.0f} | {rate / raw:.2f} | {rate / vec:.2f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
