@@ -721,6 +721,7 @@ def write_rank_trajectories(path: Path, first_obs: int, chunks: list[int]) -> di
         "next_obs": np.arange(first_obs + 1, first_obs + n + 1, dtype=np.int64),
         "terminated": rng.random(n) < 0.1,
         "truncated": rng.random(n) < 0.05,
+        "env": rng.integers(0, 8, n).astype(np.int32),
     }
     writer = TrajectoryWriter(path, tabular_fields())
     done = 0
@@ -953,3 +954,57 @@ def test_greedy_returns_do_not_depend_on_the_split():
     np.testing.assert_array_equal(reversed_ids[::-1], together)
     # A slippery lake under a good policy: some episodes reach the goal, some do not.
     assert set(together.tolist()) == {0.0, 1.0}
+
+
+# --------------------------------------------------------- fixes found in review
+
+
+def test_greedy_evaluation_of_a_looping_policy_ends():
+    """CliffWalking has no time limit; an all-zero table keeps choosing UP at the start and
+    never terminates, so evaluation must cut each episode at `max_episode_steps`."""
+    q_table = np.zeros((48, 4))
+    returns = greedy_episode_returns(
+        "CliffWalking-v1", {}, q_table, np.arange(2), 0, max_episode_steps=50
+    )
+    assert returns.tolist() == [-50.0, -50.0]
+
+
+def test_prepare_run_dir_refuses_leftover_checkpoints(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step-100.h5").write_bytes(b"someone else's")
+    with pytest.raises(UserError, match="--overwrite"):
+        prepare_run_dir(tmp_path, overwrite=False)
+    assert (tmp_path / "checkpoints" / "step-100.h5").exists()
+    prepare_run_dir(tmp_path, overwrite=True)
+    assert not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_prepare_run_dir_unusable_path_is_a_user_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="cannot be used"):
+        prepare_run_dir(tmp_path / "file" / "run", overwrite=False)
+
+
+def test_run_file_is_never_created_over_an_existing_one(tmp_path):
+    RunFile(tmp_path / RUN_FILE, {"algo": "qlearning"}).close()
+    with pytest.raises(FileExistsError):
+        RunFile(tmp_path / RUN_FILE, {"algo": "qlearning"})
+
+
+@pytest.mark.parametrize(
+    "values,key",
+    [
+        ({"algo": [1]}, "algo"),
+        ({"total_env_steps": 10**20}, "total_env_steps"),
+    ],
+)
+def test_config_rejects_non_string_algo_and_huge_budgets(values, key):
+    with pytest.raises(ConfigError, match=key):
+        build_config(values)
+
+
+def test_trajectory_writer_rejects_missing_columns(tmp_path):
+    writer = TrajectoryWriter(tmp_path / "t.h5", tabular_fields())
+    with pytest.raises(ValueError, match="env"):
+        writer.append(obs=np.zeros(2, dtype=np.int64))
+    writer.close()

@@ -104,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv or ["train"])
     except UsageError as exc:
         usage_error, args = str(exc), None
-    if args is not None and args.command is None:
-        args = parser.parse_args(["train", *argv])
 
     from mpi4py import MPI
 

@@ -20,6 +20,8 @@ from hpcrl.errors import ConfigError
 
 _EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
+MAX_ENV_STEPS = 10**15  # far beyond any run; keeps every counter exact in int64 and float64
+
 # Algorithm name -> module holding its `Config` dataclass. Imported lazily so a tabular
 # run never imports torch.
 ALGOS: dict[str, str] = {"qlearning": "hpcrl.algos.qlearning"}
@@ -69,7 +71,12 @@ class RunConfig:
             self.env_id,
             "a gymnasium id",
         )
-        _check(self.total_env_steps > 0, "total_env_steps", self.total_env_steps, "an integer > 0")
+        _check(
+            0 < self.total_env_steps <= MAX_ENV_STEPS,
+            "total_env_steps",
+            self.total_env_steps,
+            f"an integer in [1, {MAX_ENV_STEPS:.0e}]",
+        )
         _check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
         _check(self.num_envs >= 1, "num_envs", self.num_envs, "an integer >= 1")
         _check(self.log_interval_s > 0, "log_interval_s", self.log_interval_s, "a number > 0")
@@ -233,7 +240,7 @@ def build_config(values: dict[str, Any]) -> Config:
             the wrong type, or a value out of range.
     """
     run_cls_types = _field_types(RunConfig)
-    algo_name = values.get("algo", RunConfig.algo)
+    algo_name = _coerce("algo", values.get("algo", RunConfig.algo), str)
     algo_cls = algo_config_class(algo_name)
     algo_types = _field_types(algo_cls)
     debug_types = _field_types(DebugConfig)

@@ -8,31 +8,40 @@ from hpcrl.envs import make_env
 
 
 def greedy_episode_returns(
-    env_id: str, env_kwargs: dict, q_table: np.ndarray, episode_ids: np.ndarray, seed: int
+    env_id: str,
+    env_kwargs: dict,
+    q_table: np.ndarray,
+    episode_ids: np.ndarray,
+    seed: int,
+    max_episode_steps: int = 10_000,
 ) -> np.ndarray:
     """Undiscounted returns of the greedy policy argmax_a Q(s, a).
 
     Episode `i` starts from `env.reset(seed=seed + i)`, so the result does not depend on
-    how the ids are split across ranks. Ties go to the lowest action index.
+    how the ids are split across ranks. Ties go to the lowest action index. An episode is
+    cut at the env's own time limit, or after `max_episode_steps` when the env has none
+    (CliffWalking: a greedy policy that loops would otherwise never end).
 
     Args:
         env_id, env_kwargs: the environment (Discrete spaces).
         q_table: (n_states, n_actions) float64.
         episode_ids: (n,) int64 episode indices to run.
-        seed: base seed.
+        seed: base seed (>= 0).
+        max_episode_steps: cap on steps per episode for envs without a time limit.
 
     Returns:
         (n,) float64 returns, in the order of `episode_ids`.
     """
     env = make_env(env_id, env_kwargs)
+    limit = (env.spec.max_episode_steps if env.spec else None) or max_episode_steps
     greedy = np.argmax(q_table, axis=1)
     returns = np.zeros(len(episode_ids), dtype=np.float64)
     for j, episode in enumerate(episode_ids):
         obs, _ = env.reset(seed=int(seed + episode))
-        done = False
-        while not done:
+        for _ in range(limit):
             obs, reward, terminated, truncated, _ = env.step(greedy[obs])
             returns[j] += reward
-            done = terminated or truncated
+            if terminated or truncated:
+                break
     env.close()
     return returns

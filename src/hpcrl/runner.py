@@ -18,6 +18,7 @@ import numpy as np
 from mpi4py import MPI
 
 from hpcrl.comm.agreement import CollectiveUserError, agree
+from hpcrl.comm.waits import wait_all
 from hpcrl.config import Config
 from hpcrl.envs import discrete_sizes, make_env
 from hpcrl.errors import ConfigError, UserError
@@ -31,19 +32,19 @@ class Layout:
 
     name: str
     min_world_size: int
-    description: str
 
-    def roles(self, world_size: int) -> dict[str, list[int]]:
-        if self.name == "ps" and world_size > 1:
-            return {"learner": [0], "actors": list(range(1, world_size))}
-        return {"learner": list(range(world_size)), "actors": list(range(world_size))}
+    def roles(self, world_size: int) -> str:
+        """Who does what, in words, for the start-up line."""
+        if world_size == 1:
+            return "one process: every role in turn"
+        if self.name == "ps":
+            return f"rank 0 parameter server, ranks 1-{world_size - 1} actors"
+        return f"ranks 0-{world_size - 1} each act and learn"
 
 
 LAYOUTS = {
-    "ps": Layout(
-        "ps", 1, "rank 0 parameter server, ranks 1..N-1 actors (one process: both roles in turn)"
-    ),
-    "allreduce": Layout("allreduce", 1, "every rank acts and learns; Allreduce of ΔQ"),
+    "ps": Layout("ps", 1),
+    "allreduce": Layout("allreduce", 1),
 }
 
 
@@ -109,7 +110,8 @@ def train(comm: MPI.Comm, cfg: Config, run_dir: str | None, overwrite: bool) -> 
 
     rank, world_size = comm.Get_rank(), comm.Get_size()
     run = cfg.run
-    agree(comm, lambda: validate_layout(cfg.algo.layout, world_size))
+    layout = agree(comm, lambda: validate_layout(cfg.algo.layout, world_size))
+    _limit_threads(run.torch_threads)
 
     def check_env() -> tuple[int, int]:
         env = make_env(run.env_id, run.env_kwargs)
@@ -145,11 +147,12 @@ def train(comm: MPI.Comm, cfg: Config, run_dir: str | None, overwrite: bool) -> 
             },
         )
         print(
-            f"[hpcrl] {run.algo} ({cfg.algo.layout}) on {run.env_id}, world size "
-            f"{world_size}, {run.total_env_steps:,} env steps -> {path}",
+            f"[hpcrl] {run.algo} on {run.env_id}, layout {layout.name} "
+            f"({layout.roles(world_size)}), {run.total_env_steps:,} env steps -> {path}",
             flush=True,
         )
-    comm.Barrier()  # run.h5 and traj/ exist before any rank writes; one shared start time
+    # run.h5 and traj/ exist before any rank writes; one shared start time.
+    wait_all([comm.Ibarrier()], comm, "the start barrier", run.watchdog_s)
     ctx = RunContext(comm, cfg, path, n_states, n_actions, run_file)
     try:
         if cfg.algo.layout == "ps":
@@ -205,6 +208,8 @@ def evaluate(
     def load() -> tuple[str, dict, tuple[int, int]]:
         if episodes < 1:
             raise UserError(f"--episodes {episodes}: expected an integer >= 1")
+        if seed < 0:
+            raise UserError(f"--seed {seed}: expected an integer >= 0")
         if not Path(run_dir).is_dir():
             raise UserError(f"run directory {run_dir!r} does not exist")
         arrays, meta, _ = ckpt.load_latest(Path(run_dir) / "checkpoints")
@@ -212,6 +217,7 @@ def evaluate(
             raise UserError(
                 f"the checkpoint in {run_dir!r} holds no q_table (algo {meta.get('algo')!r})"
             )
+        make_env(meta["env_id"], meta.get("env_kwargs", {})).close()  # one clear error
         loaded["q_table"] = arrays["q_table"]
         return meta["env_id"], meta.get("env_kwargs", {}), arrays["q_table"].shape
 
@@ -227,6 +233,8 @@ def info(run_dir: str) -> dict:
         UserError: not a run directory or unreadable run file.
     """
     with open_run(run_dir) as f:
+        if "metrics" not in f or "episodes" not in f:
+            raise UserError(f"{run_dir!r}: run.h5 has no /metrics or /episodes: not an hpcrl run")
         out = {k: f.attrs[k] for k in ("algo", "env_id", "world_size", "status") if k in f.attrs}
         out = {k: (v.item() if hasattr(v, "item") else v) for k, v in out.items()}
         out["layout"] = str(f.attrs.get("layout", ""))
@@ -253,6 +261,15 @@ def info(run_dir: str) -> dict:
         if "eval_mean_return" in f.attrs:
             out["eval_mean_return"] = float(f.attrs["eval_mean_return"])
     return out
+
+
+def _limit_threads(threads: int) -> None:
+    """Threads per rank for OpenMP/BLAS libraries loaded later and for torch, so N ranks on
+    N cores do not each start a thread per core (default 1)."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, str(threads))
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
 
 
 def print_json(obj: dict) -> None:

@@ -46,27 +46,38 @@ def read_status(run_dir: str | Path) -> str | None:
 def prepare_run_dir(run_dir: str | Path, overwrite: bool) -> None:
     """Make `run_dir` ready for a new run, refusing to touch an existing one.
 
-    With `overwrite`, the previous run's own files (run.h5, traj/, checkpoints/) are
-    removed; other files in the directory are left alone.
+    A directory that holds a run (`run.h5`) or files in `traj/` or `checkpoints/` is
+    refused unless `overwrite`; then only those (run.h5, traj/, checkpoints/) are removed
+    and other files in the directory are left alone.
 
     Raises:
-        UserError: `run_dir` holds a run and `overwrite` is False, or is not a directory.
+        UserError: `run_dir` holds a run and `overwrite` is False, is not a directory, or
+            cannot be created.
     """
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--run-dir {str(run_dir)!r} exists and is not a directory")
-    status = read_status(run_dir)
-    if status is not None:
-        if not overwrite:
-            raise UserError(
-                f"--run-dir {str(run_dir)!r} already holds a run (status {status}); "
-                "choose a new --run-dir or pass --overwrite to replace it"
-            )
-        (run_dir / RUN_FILE).unlink()
-        for sub in ("traj", "checkpoints"):
-            shutil.rmtree(run_dir / sub, ignore_errors=True)
-    (run_dir / "traj").mkdir(parents=True, exist_ok=True)
-    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UserError(f"--run-dir {str(run_dir)!r} exists and is not a directory")
+        status = read_status(run_dir)
+        leftovers = [
+            sub
+            for sub in ("traj", "checkpoints")
+            if (run_dir / sub).is_dir() and any((run_dir / sub).iterdir())
+        ]
+        if status is not None or leftovers:
+            if not overwrite:
+                what = f"a run (status {status})" if status else f"files in {leftovers[0]}/"
+                raise UserError(
+                    f"--run-dir {str(run_dir)!r} already holds {what}; "
+                    "choose a new --run-dir or pass --overwrite to replace it"
+                )
+            (run_dir / RUN_FILE).unlink(missing_ok=True)
+            for sub in ("traj", "checkpoints"):
+                shutil.rmtree(run_dir / sub, ignore_errors=True)
+        (run_dir / "traj").mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--run-dir {str(run_dir)!r} cannot be used: {exc.strerror}") from None
 
 
 class RunFile:
@@ -74,7 +85,7 @@ class RunFile:
 
     def __init__(self, path: str | Path, attrs: dict):
         self.path = Path(path)
-        self.file = h5py.File(self.path, "w")
+        self.file = h5py.File(self.path, "x")  # never over another run
         self.file.attrs["hpcrl_version"] = __version__
         for key, value in attrs.items():
             self.file.attrs[key] = value

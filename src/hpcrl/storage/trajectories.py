@@ -40,7 +40,13 @@ class TrajectoryWriter:
         self.rows = 0  # rows written or buffered
 
     def append(self, **columns: np.ndarray) -> None:
-        """Append n rows: one array per field, each of shape (n, *row_shape)."""
+        """Append n rows: one array per field, each of shape (n, *row_shape).
+
+        Raises:
+            ValueError: the columns are not exactly the writer's fields.
+        """
+        if columns.keys() != self.fields.keys():
+            raise ValueError(f"trajectory columns {sorted(columns)} != {sorted(self.fields)}")
         n = len(columns["obs"])
         done = 0
         while done < n:
@@ -84,4 +90,5 @@ def tabular_fields() -> dict[str, tuple[tuple[int, ...], type]]:
         "next_obs": ((), np.int64),
         "terminated": ((), np.bool_),
         "truncated": ((), np.bool_),
+        "env": ((), np.int32),  # index of the env copy within the acting rank
     }

@@ -19,6 +19,7 @@ With one process the same actor and learner alternate in place, one vector step 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 from mpi4py import MPI
@@ -59,23 +60,26 @@ class TabularActor:
         self,
         msg: Message,
         q_table: np.ndarray,
-        policy_version: int,
-        poll=None,
+        poll: Callable[[], int],
         vector_steps: int | None = None,
     ) -> None:
         """Take up to `vector_steps` (default `sync_interval`) vector steps on `q_table` and
         write them into `msg`.
 
-        The last vector step of the budget counts only as many env copies as the budget
-        has left, so the run ends exactly at its env-step budget. `poll()` is called
-        before every vector step (to pick up a new snapshot).
+        `poll()` runs before every vector step: it may refresh `q_table` in place and
+        returns the policy version now in `q_table`. The batch is stamped with the version
+        its first step used, the oldest policy in it. The last vector step of the budget
+        counts only as many env copies as the budget has left, so the run ends exactly
+        at its env-step budget.
         """
         rows = episodes = 0
+        policy_version = -1
         for _ in range(vector_steps or self.ctx.cfg.algo.sync_interval):
             if self.finished:
                 break
-            if poll is not None:
-                poll()
+            version = poll()
+            if policy_version < 0:
+                policy_version = version
             self.ctx.maybe_fail(self.env_steps)
             actions = self.policy.select_actions(
                 q_table, self.stepper.obs, self.env_steps / self.budget
@@ -102,7 +106,7 @@ class TabularActor:
                 episodes += k
         header = msg["header"]
         header[P.EXP_ROWS] = rows
-        header[P.EXP_POLICY_VERSION] = policy_version
+        header[P.EXP_POLICY_VERSION] = max(policy_version, 0)
         header[P.EXP_FINAL] = int(self.finished)
         header[P.EXP_EPISODES] = episodes
         header[P.EXP_ACTOR_ENV_STEPS] = self.env_steps
@@ -124,6 +128,7 @@ class TabularParameterServer:
         self.lags: list[int] = []
         interval = ctx.cfg.run.checkpoint_interval_env_steps
         self.next_checkpoint = interval if interval > 0 else None
+        self.checkpointed_env_steps = -1
 
     @property
     def policy_version(self) -> int:
@@ -136,9 +141,9 @@ class TabularParameterServer:
         self.lags.append(self.policy_version - int(header[P.EXP_POLICY_VERSION]))
         before = self.env_steps
         total = self.ctx.cfg.run.total_env_steps
-        step = self.ctx.cfg.run.num_envs
-        for start in range(0, rows, step):
-            s = slice(start, min(start + step, rows))
+        rows_per_update = self.ctx.cfg.run.num_envs  # one vector step
+        for start in range(0, rows, rows_per_update):
+            s = slice(start, min(start + rows_per_update, rows))
             self.learner.update(
                 msg["obs"][s],
                 msg["action"][s],
@@ -173,11 +178,15 @@ class TabularParameterServer:
                 },
             )
             self.lags = []
-        while self.next_checkpoint is not None and self.env_steps >= self.next_checkpoint:
+        if self.next_checkpoint is not None and self.env_steps >= self.next_checkpoint:
             self.checkpoint()
-            self.next_checkpoint += self.ctx.cfg.run.checkpoint_interval_env_steps
+            interval = self.ctx.cfg.run.checkpoint_interval_env_steps
+            self.next_checkpoint = (self.env_steps // interval + 1) * interval
 
     def checkpoint(self) -> None:
+        if self.env_steps == self.checkpointed_env_steps:
+            return
+        self.checkpointed_env_steps = self.env_steps
         save_q_table(
             self.ctx,
             self.learner.q_table,
@@ -214,7 +223,7 @@ def _run_embedded(ctx: RunContext) -> np.ndarray:
     actor = TabularActor(ctx, ctx.cfg.run.total_env_steps)
     msg = P.tabular_experience_schema(ctx.cfg.run.num_envs).allocate()
     while True:
-        actor.fill(msg, server.learner.q_table, server.policy_version, vector_steps=1)
+        actor.fill(msg, server.learner.q_table, lambda: server.policy_version, vector_steps=1)
         server.consume(msg, 0)
         server.tick()
         if actor.finished:
@@ -236,12 +245,13 @@ def _run_actor(ctx: RunContext) -> None:
     state["version"] = int(snapshot_msg["header"][P.PARAMS_VERSION])
     recv = comm.Irecv(snapshot_msg.buffer, source=0, tag=Tag.PARAMS)
 
-    def poll() -> None:
+    def poll() -> int:
         nonlocal recv
         if recv.Test():
             q_table[:] = snapshot_msg["q_table"]
             state["version"] = int(snapshot_msg["header"][P.PARAMS_VERSION])
             recv = comm.Irecv(snapshot_msg.buffer, source=0, tag=Tag.PARAMS)
+        return state["version"]
 
     schema = _experience_schema(ctx)
     buffers = [schema.allocate(), schema.allocate()]
@@ -250,7 +260,7 @@ def _run_actor(ctx: RunContext) -> None:
     while True:
         if sends[slot] is not None:
             wait_all([sends[slot]], comm, "rank 0 to take an experience batch", watchdog)
-        actor.fill(buffers[slot], q_table, state["version"], poll)
+        actor.fill(buffers[slot], q_table, poll)
         sends[slot] = comm.Isend(buffers[slot].buffer, dest=0, tag=Tag.EXPERIENCE)
         slot ^= 1
         if actor.finished:

@@ -170,7 +170,7 @@ class TrajectoryRecorder:
         self.writer = None
         if ctx.cfg.run.record_trajectories:
             path = ctx.run_dir / "traj" / f"rank-{ctx.rank}.h5"
-            self.writer = TrajectoryWriter(path, tabular_fields() | {"env": ((), np.int32)})
+            self.writer = TrajectoryWriter(path, tabular_fields())
         self.env_index = np.arange(ctx.cfg.run.num_envs, dtype=np.int32)
         self.last_flush = time.perf_counter()
 
@@ -204,7 +204,7 @@ def link_trajectories(ctx: RunContext, rows_written: int) -> None:
     rows = gather_rows(ctx.comm, np.array([rows_written], dtype=np.int64), 0, ctx.watchdog_s)
     if ctx.rank == 0 and ctx.cfg.run.record_trajectories:
         per_rank = {k: int(n) for k, n in enumerate(rows)}
-        ctx.run_file.link_trajectories(per_rank, tabular_fields() | {"env": ((), np.int32)})
+        ctx.run_file.link_trajectories(per_rank, tabular_fields())
 
 
 def save_q_table(
@@ -251,7 +251,9 @@ def evaluate_greedy(
     """
     q_table = np.ascontiguousarray(q_table, dtype=np.float64)
     bcast(comm, q_table, 0, watchdog_s)
-    ids = np.arange(comm.Get_rank(), episodes, comm.Get_size(), dtype=np.int64)
+    # Contiguous blocks, so the gathered returns are in episode-id order and the statistics
+    # are bitwise the same for every world size.
+    ids = np.array_split(np.arange(episodes, dtype=np.int64), comm.Get_size())[comm.Get_rank()]
     returns = greedy_episode_returns(env_id, env_kwargs, q_table, ids, seed)
     all_returns = gather_rows(comm, returns, 0, watchdog_s)
     if comm.Get_rank() != 0:

@@ -3,12 +3,13 @@ the table; every `sync_interval` vector steps the ranks `Allreduce` what they ch
 
 One sync is one `Allreduce` (sum) of a flat float64 buffer:
 
-    [ ΔQ (n_states * n_actions) | touched (n_states * n_actions) | log flag ]
+    [ ΔQ (n_states * n_actions) | visited (n_states * n_actions) | log flag ]
 
-with ΔQ = Q_local - Q_sync and touched = 1 where this rank changed the entry. Each entry
-then moves by the mean change of the ranks that touched it,
+with ΔQ = Q_local - Q_sync and visited = 1 where this rank updated (s, a) since the last
+sync (whether or not the value changed). Each entry then moves by the mean change of the
+ranks that visited it,
 
-    Q_sync <- Q_sync + ΣΔQ / max(1, Σ touched),
+    Q_sync <- Q_sync + ΣΔQ / max(1, Σ visited),
 
 so an entry only one rank visited gets that rank's whole update and an entry every rank
 visited is averaged rather than stepped N times. Every rank applies the same arithmetic to
@@ -50,6 +51,7 @@ def run_allreduce(ctx: RunContext) -> np.ndarray:
     q_sync = q_table.copy()
     size = q_table.size
     sync_buffer = np.zeros(2 * size + 1, dtype=np.float64)
+    visited = sync_buffer[size : 2 * size].reshape(q_table.shape)
     stepper = ctx.make_stepper()
     recorder = TrajectoryRecorder(ctx)
     episodes = EpisodeRows()
@@ -74,6 +76,7 @@ def run_allreduce(ctx: RunContext) -> np.ndarray:
                 batch.terminated[:n],
                 progress,
             )
+            visited[batch.obs[:n], batch.actions[:n]] = 1.0
             recorder.record(batch, n)
             env_steps += n
             counted = batch.done_envs < n
@@ -89,14 +92,13 @@ def run_allreduce(ctx: RunContext) -> np.ndarray:
         last = t == vector_steps - 1
         if (t + 1) % sync_interval and not last:
             continue
-        # --- sync: one Allreduce of [ΔQ | touched | log flag] ---
-        delta = sync_buffer[:size].reshape(q_table.shape)
-        np.subtract(q_table, q_sync, out=delta)
-        sync_buffer[size : 2 * size] = (delta != 0.0).reshape(-1)
+        # --- sync: one Allreduce of [ΔQ | visited | log flag] ---
+        np.subtract(q_table, q_sync, out=sync_buffer[:size].reshape(q_table.shape))
         sync_buffer[-1] = 1.0 if (reporter is not None and reporter.due()) else 0.0
         allreduce_sum(comm, sync_buffer, watchdog)
         q_sync.reshape(-1)[:] += sync_buffer[:size] / np.maximum(sync_buffer[size : 2 * size], 1)
         q_table[:] = q_sync
+        visited[:] = 0.0
         syncs += 1
         global_steps = int(np.minimum(budgets, (t + 1) * num_envs).sum())
         if sync_buffer[-1] > 0 or last:
@@ -112,14 +114,14 @@ def run_allreduce(ctx: RunContext) -> np.ndarray:
                         "exploration": policy.exploration_value(env_steps / max(budget, 1)),
                     },
                 )
-        while next_checkpoint is not None and global_steps >= next_checkpoint and not last:
+        if next_checkpoint is not None and global_steps >= next_checkpoint and not last:
             if ctx.rank == 0:
-                save_q_table(ctx, q_table, global_steps, syncs, syncs)
-            next_checkpoint += interval
+                save_q_table(ctx, q_table, global_steps, learner.learner_updates, syncs)
+            next_checkpoint = (global_steps // interval + 1) * interval
 
     stepper.close()
     link_trajectories(ctx, recorder.close())
     if ctx.rank == 0:
-        save_q_table(ctx, q_table, int(budgets.sum()), syncs, syncs)
+        save_q_table(ctx, q_table, int(budgets.sum()), learner.learner_updates, syncs)
         reporter.close()
     return q_table
