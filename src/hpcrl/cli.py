@@ -138,7 +138,9 @@ def _dispatch(comm, args: argparse.Namespace) -> int:
         if comm.Get_rank() == 0:
             width = max(len(k) for k in summary)
             for key, value in summary.items():
-                shown = f"{value:,.4g}" if isinstance(value, float) else value
+                shown = value
+                if isinstance(value, float):
+                    shown = f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
                 print(f"{key:<{width}}  {shown}")
         return 0
     raise AssertionError(args.command)

@@ -51,6 +51,7 @@ def run_allreduce(ctx: RunContext) -> np.ndarray:
     q_sync = q_table.copy()
     size = q_table.size
     sync_buffer = np.zeros(2 * size + 1, dtype=np.float64)
+    delta = sync_buffer[:size].reshape(q_table.shape)  # views into the one buffer
     visited = sync_buffer[size : 2 * size].reshape(q_table.shape)
     stepper = ctx.make_stepper()
     recorder = TrajectoryRecorder(ctx)
@@ -93,10 +94,10 @@ def run_allreduce(ctx: RunContext) -> np.ndarray:
         if (t + 1) % sync_interval and not last:
             continue
         # --- sync: one Allreduce of [ΔQ | visited | log flag] ---
-        np.subtract(q_table, q_sync, out=sync_buffer[:size].reshape(q_table.shape))
+        np.subtract(q_table, q_sync, out=delta)
         sync_buffer[-1] = 1.0 if (reporter is not None and reporter.due()) else 0.0
         allreduce_sum(comm, sync_buffer, watchdog)
-        q_sync.reshape(-1)[:] += sync_buffer[:size] / np.maximum(sync_buffer[size : 2 * size], 1)
+        q_sync += delta / np.maximum(visited, 1.0)
         q_table[:] = q_sync
         visited[:] = 0.0
         syncs += 1
