@@ -129,7 +129,6 @@ def train(comm: MPI.Comm, cfg: Config, run_dir: str | None, overwrite: bool) -> 
             or default_run_dir(run.algo, run.env_id, time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
         )
         prepare_run_dir(path, overwrite)
-        ckpt.remove_stale_temporaries(Path(path) / "checkpoints")
         return str(path)
 
     path = Path(agree(comm, choose_run_dir, root_only=True))
