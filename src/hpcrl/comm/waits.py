@@ -22,6 +22,30 @@ class WatchdogTimeout(RuntimeError):
     """A wait lasted longer than the configured watchdog (`watchdog_s`)."""
 
 
+class Backoff:
+    """The pause between two polls: yield the core for the first `_SPIN_S` seconds of a
+    wait, then sleep, doubling up to `_MAX_SLEEP_S`. `waited_s` feeds the watchdog."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        """A new wait starts (something arrived)."""
+        self.start = time.monotonic()
+        self.sleep_s = 0.0
+
+    @property
+    def waited_s(self) -> float:
+        return time.monotonic() - self.start
+
+    def pause(self) -> None:
+        if self.waited_s < _SPIN_S:
+            time.sleep(0)
+            return
+        time.sleep(self.sleep_s)
+        self.sleep_s = min(2 * self.sleep_s + 5e-5, _MAX_SLEEP_S)
+
+
 def wait_all(requests: list[MPI.Request], comm: MPI.Comm, what: str, watchdog_s: float) -> None:
     """Wait for every request, polling.
 
@@ -31,20 +55,14 @@ def wait_all(requests: list[MPI.Request], comm: MPI.Comm, what: str, watchdog_s:
     """
     if not requests:
         return
-    start = time.monotonic()
-    pause = 0.0
+    backoff = Backoff()
     while not MPI.Request.Testall(requests):
-        waited = time.monotonic() - start
-        if waited > watchdog_s:
+        if backoff.waited_s > watchdog_s:
             raise WatchdogTimeout(
                 f"rank {comm.Get_rank()} waited more than {watchdog_s:g} s for {what} "
                 "(watchdog_s); aborting the job"
             )
-        if waited < _SPIN_S:
-            time.sleep(0)
-            continue
-        time.sleep(pause)
-        pause = min(2 * pause + 5e-5, _MAX_SLEEP_S)
+        backoff.pause()
 
 
 def allreduce_sum(comm: MPI.Comm, buffer: np.ndarray, watchdog_s: float) -> None:

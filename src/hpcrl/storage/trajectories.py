@@ -12,7 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-CHUNK_ROWS = 4096
+from hpcrl.storage.runfile import CHUNK_ROWS
 
 
 class TrajectoryWriter:

@@ -18,7 +18,6 @@ With one process the same actor and learner alternate in place, one vector step 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -27,7 +26,7 @@ from mpi4py import MPI
 from hpcrl.algos.qlearning import QLearningLearner, QLearningPolicy
 from hpcrl.comm import protocol as P
 from hpcrl.comm.protocol import Message, Tag
-from hpcrl.comm.waits import WatchdogTimeout, wait_all
+from hpcrl.comm.waits import Backoff, WatchdogTimeout, wait_all
 from hpcrl.topologies.context import (
     EpisodeRows,
     Reporter,
@@ -297,22 +296,20 @@ def _run_learner(ctx: RunContext) -> np.ndarray:
     for i in range(len(actors)):
         publish(i)
     finished = 0
-    last_message = time.monotonic()
-    pause = 0.0
+    backoff = Backoff()
     while finished < len(actors):
         ready = MPI.Request.Testsome(receives)
         if not ready:
-            if time.monotonic() - last_message > watchdog:
+            if backoff.waited_s > watchdog:
                 raise WatchdogTimeout(
                     f"rank 0 received no experience for {watchdog:g} s "
                     f"(watchdog_s); {len(actors) - finished} actors "
                     "have not finished; aborting the job"
                 )
             server.tick()
-            time.sleep(pause)
-            pause = min(2 * pause + 1e-5, 1e-3)
+            backoff.pause()
             continue
-        last_message, pause = time.monotonic(), 0.0
+        backoff.reset()
         ctx.maybe_fail(server.env_steps)
         for i in ready:
             server.consume(inbox[i], actors[i])

@@ -17,11 +17,12 @@ from hpcrl.envs import EnvStepper, StepBatch, make_vector_env
 from hpcrl.evaluation import greedy_episode_returns
 from hpcrl.progress import Progress
 from hpcrl.storage.checkpoints import write_checkpoint
-from hpcrl.storage.runfile import RunFile
+from hpcrl.storage.runfile import EPISODE_FIELDS, RunFile
 from hpcrl.storage.trajectories import TrajectoryWriter, tabular_fields
 
-# /episodes columns packed as float64 for one Gatherv (ints stay exact below 2**53).
-EPISODE_COLUMNS = ("return", "length", "env_steps", "wall_time", "rank")
+# /episodes columns, in order, packed as float64 rows for one Gatherv (ints stay exact
+# below 2**53).
+EPISODE_COLUMNS = tuple(EPISODE_FIELDS)
 
 
 @dataclass
@@ -110,13 +111,8 @@ class EpisodeRows:
 
 def episode_columns(rows: np.ndarray) -> dict[str, np.ndarray]:
     """(n, 5) float64 rows -> the `/episodes` columns with their dtypes."""
-    return {
-        "return": rows[:, 0].copy(),
-        "length": rows[:, 1].astype(np.int64),
-        "env_steps": rows[:, 2].astype(np.int64),
-        "wall_time": rows[:, 3].copy(),
-        "rank": rows[:, 4].astype(np.int32),
-    }
+    fields = EPISODE_FIELDS.items()
+    return {name: rows[:, i].astype(dtype) for i, (name, dtype) in enumerate(fields)}
 
 
 class Reporter:

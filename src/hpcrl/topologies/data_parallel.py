@@ -44,6 +44,10 @@ def run_allreduce(ctx: RunContext) -> np.ndarray:
     budget = int(budgets[ctx.rank])
     vector_steps = max(1, -(-int(budgets.max()) // num_envs))  # the same on every rank
 
+    def global_steps_after(t: int) -> int:
+        """Env steps of all ranks after vector step t (ranks step in lockstep)."""
+        return int(np.minimum(budgets, (t + 1) * num_envs).sum())
+
     rng, _ = ctx.rank_seeds()
     policy = QLearningPolicy(cfg.algo, rng)
     learner = QLearningLearner(cfg.algo, ctx.n_states, ctx.n_actions)
@@ -82,11 +86,10 @@ def run_allreduce(ctx: RunContext) -> np.ndarray:
             env_steps += n
             counted = batch.done_envs < n
             if counted.any():
-                global_steps = int(np.minimum(budgets, (t + 1) * num_envs).sum())
                 episodes.add(
                     batch.episode_returns[counted],
                     batch.episode_lengths[counted],
-                    global_steps,
+                    global_steps_after(t),
                     ctx.elapsed_s(),
                     ctx.rank,
                 )
@@ -101,7 +104,7 @@ def run_allreduce(ctx: RunContext) -> np.ndarray:
         q_table[:] = q_sync
         visited[:] = 0.0
         syncs += 1
-        global_steps = int(np.minimum(budgets, (t + 1) * num_envs).sum())
+        global_steps = global_steps_after(t)
         if sync_buffer[-1] > 0 or last:
             rows = gather_rows(comm, episodes.take().reshape(-1), 0, watchdog)
             if reporter is not None:
