@@ -12,7 +12,7 @@ MPIRUN := $(VENV)/bin/mpiexec
 STAMP  := $(VENV)/.installed
 TEST_TIMEOUT ?= 1500
 
-.PHONY: venv run test test-unit test-mpi test-e2e lint format bench clean
+.PHONY: venv run test test-unit test-mpi test-e2e test-slurm lint format bench clean
 
 venv: $(STAMP)
 
@@ -27,18 +27,23 @@ $(STAMP): setup.cfg pyproject.toml
 run: venv
 	$(MPIRUN) -n $(NP) $(PY) -m hpcrl
 
-## Unit tests (no launcher), MPI tests under mpiexec -n 4, end-to-end tests of the real CLI.
-test: venv test-unit test-mpi test-e2e
+## Unit tests (no launcher), MPI tests under mpiexec -n 4, end-to-end tests of the real CLI,
+## then the job scripts against a local single-node SLURM (skipped, with the reason, where
+## the machine cannot run one: not root, or no apt).
+test: venv test-unit test-mpi test-e2e test-slurm
 
 test-unit: venv
-	timeout -k 10 $(TEST_TIMEOUT) $(PY) -m pytest -q -m "not mpi and not e2e" --timeout=300
+	timeout -k 10 $(TEST_TIMEOUT) $(PY) -m pytest -q -m "not mpi and not e2e and not slurm" --timeout=300
 
 test-mpi: venv
 	timeout -k 10 $(TEST_TIMEOUT) $(MPIRUN) -n 4 $(PY) -m pytest -q --with-mpi -m mpi \
 		--timeout=240 --timeout-method=thread
 
 test-e2e: venv
-	timeout -k 10 $(TEST_TIMEOUT) $(PY) -m pytest -q -m e2e --timeout=300
+	timeout -k 10 $(TEST_TIMEOUT) $(PY) -m pytest -q -m "e2e and not slurm" --timeout=300
+
+test-slurm: venv
+	timeout -k 10 $(TEST_TIMEOUT) $(PY) -m pytest -q -rs -m slurm --timeout=900
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -608,7 +608,7 @@ def test_checkpoint_round_trip(tmp_path):
     for name, array in arrays.items():
         np.testing.assert_array_equal(loaded[name], array)
         assert loaded[name].dtype == array.dtype
-    assert loaded_meta == meta
+    assert loaded_meta == {"format_version": 1, **meta}
 
 
 def test_latest_points_to_newest_and_keep_prunes(tmp_path):

@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--overwrite", action="store_true", help="replace a run that already exists in --run-dir"
     )
+    train.add_argument(
+        "--resume",
+        metavar="RUN_DIR|auto",
+        help="continue the run in RUN_DIR from its newest intact checkpoint; 'auto': resume "
+        "--run-dir if it holds a checkpoint, else start it (what job scripts use). Exit "
+        "status 3 means a signal (SIGUSR1/SIGTERM) stopped the run after a checkpoint",
+    )
 
     evaluate = sub.add_parser("evaluate", help="run the greedy policy of the latest checkpoint")
     evaluate.add_argument("run_dir", help="a run directory written by `train`")
@@ -65,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="print a summary of a run directory")
     info.add_argument("run_dir", help="a run directory written by `train`")
+
+    from hpcrl import slurm
+
+    slurm.add_parser(sub)
     return parser
 
 
@@ -98,12 +109,29 @@ def config_values(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m hpcrl` and the `hpcrl` script; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] == "train":
+        # Before MPI starts: a SIGUSR1/SIGTERM from here on requests a checkpoint and a stop
+        # instead of killing the rank.
+        from hpcrl import preemption
+
+        preemption.install()
     parser = build_parser()
     usage_error = None
     try:
         args = parser.parse_args(argv or ["train"])
     except UsageError as exc:
         usage_error, args = str(exc), None
+
+    if args is not None and args.command == "slurm":
+        # Renders (and may submit) a job script: no MPI, one process.
+        from hpcrl import slurm
+        from hpcrl.errors import UserError
+
+        try:
+            return slurm.run(args)
+        except UserError as exc:
+            print(f"hpcrl: error: {exc}", file=sys.stderr, flush=True)
+            return exc.exit_code
 
     from mpi4py import MPI
 
@@ -120,14 +148,13 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(comm, args: argparse.Namespace) -> int:
     from hpcrl import runner
     from hpcrl.comm.agreement import agree
-    from hpcrl.config import build_config
 
     if args.command == "train":
-        cfg = agree(comm, lambda: build_config(config_values(args)))
-        result = runner.train(comm, cfg, args.run_dir, args.overwrite)
-        if result is not None:
-            runner.print_json(result)
-        return 0
+        values = agree(comm, lambda: config_values(args))
+        outcome = runner.train(comm, values, args.run_dir, args.overwrite, args.resume)
+        if outcome.result is not None:
+            runner.print_json(outcome.result)
+        return outcome.exit_code
     if args.command == "evaluate":
         result = runner.evaluate(comm, args.run_dir, args.episodes, args.seed)
         if result is not None:

@@ -55,7 +55,8 @@ class RunConfig:
     num_envs: int = 32  # gymnasium vector env copies per acting rank
     run_dir: str = ""  # "" -> runs/<algo>-<env_id>-<UTC time>
     log_interval_s: float = 5.0
-    checkpoint_interval_env_steps: int = 0  # 0: one checkpoint at the end
+    checkpoint_interval_env_steps: int = 0  # 0: none by env steps (one at the end)
+    checkpoint_interval_s: float = 600.0  # also one every this many seconds (0: none)
     keep_checkpoints: int = 3
     record_trajectories: bool = True
     eval_episodes: int = 1000  # greedy evaluation printed at the end of `train` (0: none)
@@ -87,12 +88,36 @@ class RunConfig:
             "an integer >= 0",
         )
         _check(
+            self.checkpoint_interval_s >= 0,
+            "checkpoint_interval_s",
+            self.checkpoint_interval_s,
+            "a number of seconds >= 0",
+        )
+        _check(
             self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "an integer >= 1"
         )
         _check(self.eval_episodes >= 0, "eval_episodes", self.eval_episodes, "an integer >= 0")
         _check(self.watchdog_s > 0, "watchdog_s", self.watchdog_s, "a number > 0")
         _check(self.torch_threads >= 1, "torch_threads", self.torch_threads, "an integer >= 1")
         self.debug.validate()
+
+
+# Keys a resumed run may change: how it is logged, checkpointed, evaluated and watched,
+# never what it computes. Any other key that differs from the checkpoint's is refused.
+RESUMABLE_KEYS = frozenset(
+    {
+        "run_dir",
+        "log_interval_s",
+        "checkpoint_interval_env_steps",
+        "checkpoint_interval_s",
+        "keep_checkpoints",
+        "eval_episodes",
+        "watchdog_s",
+        "torch_threads",
+        "debug.fail_rank",
+        "debug.fail_after_env_steps",
+    }
+)
 
 
 @dataclass
@@ -113,6 +138,28 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+    def flat(self) -> dict:
+        """`to_dict()` with nested mappings as dotted keys (`debug.fail_rank`), the form of
+        config files and `--set`."""
+        return _flatten(self.to_dict())
+
+
+def resume_conflicts(checkpoint: dict, requested: Config) -> list[str]:
+    """The keys whose requested value differs from the checkpoint's config and that a
+    resume may not change (not in `RESUMABLE_KEYS`), as `key 'new' (checkpoint: 'old')`.
+
+    Args:
+        checkpoint: the checkpoint's config (`Config.to_dict()` output).
+        requested: the config built from the checkpoint's values overlaid with the user's.
+    """
+    old = _flatten(checkpoint)
+    out = []
+    for key, value in requested.flat().items():
+        if key in RESUMABLE_KEYS or key not in old or old[key] == value:
+            continue
+        out.append(f"{key} {value!r} (checkpoint: {old[key]!r})")
+    return out
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:

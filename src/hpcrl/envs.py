@@ -1,4 +1,13 @@
-"""Gymnasium environments: creation with clear errors, vector envs, episode bookkeeping."""
+"""Gymnasium environments: creation with clear errors, vector envs, episode bookkeeping, and
+capture/restore of each env copy's state for exact resume.
+
+Env-state capture (what a checkpoint holds per env copy): the unwrapped env's `np_random`
+(PCG64) state, the dynamic attributes of the gymnasium toy-text and classic-control envs
+listed in `_ENV_STATE_SPECS`, and `TimeLimit`'s step count. Envs or wrappers outside those
+lists cannot be captured: their copies restart their in-progress episodes on resume (the
+documented fallback); the env-step budget stays exact, only those unfinished episodes are
+not recorded.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +19,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
 from hpcrl.errors import UserError
+from hpcrl.state import generator_state, set_generator_state
 
 
 def make_env(env_id: str, env_kwargs: dict | None = None) -> gym.Env:
@@ -120,8 +130,183 @@ class EnvStepper:
             ep_lengths,
         )
 
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Everything needed to continue stepping exactly: the current observations, the
+        running episode returns and lengths, and every copy's env state (see module doc).
+
+        Returns:
+            {"obs": (B, ...), "episode_return": (B,) float64, "episode_length": (B,) int64,
+             "env_captured": (1,) int8, "env_rng": (B, 6) uint64, "env_state": (B, D) float64}
+        """
+        captured = [capture_env_state(env) for env in self.envs.envs]
+        ok = all(c is not None for c in captured)
+        return {
+            "obs": np.asarray(self.obs).copy(),
+            "episode_return": self.returns.copy(),
+            "episode_length": self.lengths.copy(),
+            "env_captured": np.array([int(ok)], dtype=np.int8),
+            "env_rng": np.stack([c[0] for c in captured])
+            if ok
+            else np.zeros((self.num_envs, 6), np.uint64),
+            "env_state": np.stack([c[1] for c in captured]) if ok else np.zeros((self.num_envs, 0)),
+        }
+
+    def load_state_dict(self, state: dict[str, np.ndarray], fallback_seed: int) -> bool:
+        """Continue from `state_dict()` output. When the env state was not captured, the
+        copies are reset with `fallback_seed` instead and their in-progress episodes start
+        over. Returns whether the exact state was restored.
+
+        Raises:
+            ValueError: `state` is for a different number of env copies.
+        """
+        if len(state["episode_return"]) != self.num_envs:
+            raise ValueError(
+                f"env state for {len(state['episode_return'])} copies, this rank has "
+                f"{self.num_envs}"
+            )
+        if not int(state["env_captured"][0]):
+            obs, _ = self.envs.reset(seed=fallback_seed)
+            self.obs = np.asarray(obs)
+            self.returns[:] = 0.0
+            self.lengths[:] = 0
+            return False
+        for i, env in enumerate(self.envs.envs):
+            restore_env_state(env, state["env_rng"][i], state["env_state"][i])
+        self.obs = np.asarray(state["obs"]).copy()
+        self.returns[:] = state["episode_return"]
+        self.lengths[:] = state["episode_length"]
+        return True
+
     def close(self) -> None:
         self.envs.close()
 
 
 _EMPTY = np.zeros(0)
+
+# The dynamic state of known envs: (attribute, kind, size) per unwrapped class.
+#   int / opt_int / bool / opt_float: one scalar (opt_: None allowed, stored as NaN);
+#   array: an ndarray or tuple of `size` floats, stored with a type code (its dtype).
+_ENV_STATE_SPECS: dict[str, tuple[tuple[str, str, int], ...]] = {
+    "gymnasium.envs.toy_text.frozen_lake.FrozenLakeEnv": (
+        ("s", "int", 1),
+        ("lastaction", "opt_int", 1),
+    ),
+    "gymnasium.envs.toy_text.cliffwalking.CliffWalkingEnv": (
+        ("s", "int", 1),
+        ("lastaction", "opt_int", 1),
+    ),
+    "gymnasium.envs.toy_text.taxi.TaxiEnv": (
+        ("s", "int", 1),
+        ("lastaction", "opt_int", 1),
+        ("taxi_orientation", "int", 1),
+        ("fickle_step", "bool", 1),
+    ),
+    "gymnasium.envs.classic_control.cartpole.CartPoleEnv": (
+        ("state", "array", 4),
+        ("steps_beyond_terminated", "opt_int", 1),
+    ),
+    "gymnasium.envs.classic_control.mountain_car.MountainCarEnv": (("state", "array", 2),),
+    "gymnasium.envs.classic_control.continuous_mountain_car.Continuous_MountainCarEnv": (
+        ("state", "array", 2),
+    ),
+    "gymnasium.envs.classic_control.acrobot.AcrobotEnv": (("state", "array", 4),),
+    "gymnasium.envs.classic_control.pendulum.PendulumEnv": (
+        ("state", "array", 2),
+        ("last_u", "opt_float", 1),
+    ),
+}
+# Wrappers that hold no state the dynamics depend on, and the one that does.
+_STATELESS_WRAPPERS = {"OrderEnforcing", "PassiveEnvChecker"}
+_ARRAY_TYPES = {1: np.float64, 2: np.float32}  # type code -> dtype; 3: tuple; 0: None
+
+
+def _wrappers(env: gym.Env) -> list[gym.Env]:
+    chain = []
+    while isinstance(env, gym.Wrapper):
+        chain.append(env)
+        env = env.env
+    return chain
+
+
+def _spec_of(env: gym.Env) -> tuple[tuple[str, str, int], ...] | None:
+    cls = type(env.unwrapped)
+    return _ENV_STATE_SPECS.get(f"{cls.__module__}.{cls.__name__}")
+
+
+def capture_env_state(env: gym.Env) -> tuple[np.ndarray, np.ndarray] | None:
+    """One env copy's state, or None when it cannot be captured (unknown env class or
+    wrapper, or a generator other than PCG64).
+
+    Returns:
+        (rng (6,) uint64 as `hpcrl.state.generator_state`, values (D,) float64: the spec's
+        attributes in order, then TimeLimit's elapsed steps, None as NaN).
+    """
+    spec = _spec_of(env)
+    if spec is None:
+        return None
+    values: list[float] = []
+    for wrapper in _wrappers(env):
+        name = type(wrapper).__name__
+        if isinstance(wrapper, gym.wrappers.TimeLimit):
+            elapsed = wrapper._elapsed_steps
+            values.append(np.nan if elapsed is None else float(elapsed))
+        elif name not in _STATELESS_WRAPPERS:
+            return None
+    unwrapped = env.unwrapped
+    for attr, kind, size in spec:
+        value = getattr(unwrapped, attr)
+        if kind == "array":
+            if value is None:
+                values.extend([0.0] + [np.nan] * size)
+            elif isinstance(value, tuple):
+                values.extend([3.0] + [float(v) for v in value])
+            else:
+                code = {np.dtype(t): c for c, t in _ARRAY_TYPES.items()}.get(value.dtype)
+                if code is None or value.size != size:
+                    return None
+                values.extend([float(code)] + value.astype(np.float64).ravel().tolist())
+        else:
+            values.append(np.nan if value is None else float(value))
+    try:
+        rng = generator_state(unwrapped.np_random)
+    except TypeError:
+        return None
+    return rng, np.array(values, dtype=np.float64)
+
+
+def restore_env_state(env: gym.Env, rng: np.ndarray, values: np.ndarray) -> None:
+    """Put `capture_env_state`'s output back into an env copy of the same class (after a
+    reset, so wrappers that enforce a reset before `step` are satisfied)."""
+    spec = _spec_of(env)
+    values = list(np.asarray(values, dtype=np.float64))
+    pos = 0
+    for wrapper in _wrappers(env):
+        if isinstance(wrapper, gym.wrappers.TimeLimit):
+            elapsed = values[pos]
+            wrapper._elapsed_steps = None if np.isnan(elapsed) else int(elapsed)
+            pos += 1
+    unwrapped = env.unwrapped
+    for attr, kind, size in spec:
+        if kind == "array":
+            code = int(values[pos])
+            items = values[pos + 1 : pos + 1 + size]
+            pos += 1 + size
+            if code == 0:
+                value = None
+            elif code == 3:
+                value = tuple(float(v) for v in items)
+            else:
+                value = np.array(items, dtype=_ARRAY_TYPES[code])
+        else:
+            raw = values[pos]
+            pos += 1
+            if np.isnan(raw):
+                value = None
+            elif kind == "bool":
+                value = bool(raw)
+            elif kind in ("int", "opt_int"):
+                value = int(raw)
+            else:
+                value = float(raw)
+        setattr(unwrapped, attr, value)
+    set_generator_state(unwrapped.np_random, rng)

@@ -17,13 +17,21 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
+from hpcrl import preemption
 from hpcrl.comm.agreement import CollectiveUserError, agree
 from hpcrl.comm.waits import wait_all
-from hpcrl.config import Config
+from hpcrl.config import build_config, config_from_json, resume_conflicts
 from hpcrl.envs import discrete_sizes, make_env
 from hpcrl.errors import ConfigError, UserError
 from hpcrl.storage import checkpoints as ckpt
-from hpcrl.storage.runfile import RunFile, default_run_dir, open_run, prepare_run_dir
+from hpcrl.storage.runfile import (
+    RunFile,
+    default_run_dir,
+    open_run,
+    prepare_run_dir,
+    probe_writable,
+    read_status,
+)
 
 
 @dataclass(frozen=True)
@@ -98,17 +106,154 @@ def guarded(fn, comm: MPI.Comm) -> int:
         return 1
 
 
-def train(comm: MPI.Comm, cfg: Config, run_dir: str | None, overwrite: bool) -> dict | None:
-    """Collective: one whole training run. Returns the final evaluation on rank 0.
+@dataclass
+class TrainOutcome:
+    """How `train` ended, on every rank."""
+
+    status: str  # "completed" | "interrupted" | "already-completed"
+    result: dict | None = None  # the greedy evaluation (rank 0)
+
+    @property
+    def exit_code(self) -> int:
+        return preemption.EXIT_INTERRUPTED if self.status == "interrupted" else 0
+
+
+def plan_run(values: dict, run_dir: str | None, overwrite: bool, resume: str | None) -> dict:
+    """Rank 0: decide what `train` does (fresh run, resume, or nothing) and check it.
+
+    Args:
+        values: the config values the user gave (file, options, `--set`), flat.
+        run_dir: `--run-dir` or None.
+        overwrite: `--overwrite`.
+        resume: None, "auto", or the run directory of `--resume`.
+
+    Returns:
+        {"mode": "fresh" | "resume" | "done", "run_dir", "config" (JSON), "notes": [...]}
+        plus, for a resume, "checkpoint" (path), "meta" and "q_shape".
 
     Raises:
-        CollectiveUserError: bad layout, env, or run directory (on every rank).
+        UserError: contradictory options, nothing to resume, every checkpoint damaged, a
+            config that conflicts with the checkpoint, an unwritable directory, a run file
+            that does not match its checkpoint.
+    """
+    notes: list[str] = []
+    if resume is None:
+        cfg = build_config(values)
+        path = (
+            run_dir
+            or cfg.run.run_dir
+            or default_run_dir(
+                cfg.run.algo, cfg.run.env_id, time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+            )
+        )
+        prepare_run_dir(path, overwrite)
+        return {"mode": "fresh", "run_dir": str(path), "config": cfg.to_json(), "notes": notes}
+    if overwrite:
+        raise UserError("--resume and --overwrite contradict each other: choose one")
+    if resume == "auto":
+        path = run_dir or str(values.get("run_dir") or "")
+        if not path:
+            raise UserError(
+                "--resume auto needs --run-dir (or run_dir in the config): the directory "
+                "to resume, or to start the run in"
+            )
+    else:
+        path = resume
+        if run_dir and Path(run_dir).resolve() != Path(resume).resolve():
+            raise UserError(
+                f"--resume {resume!r} and --run-dir {run_dir!r} name different directories"
+            )
+    path = Path(path)
+    ckpt_dir = path / "checkpoints"
+    status = read_status(path)
+    if status == "completed":
+        return {"mode": "done", "run_dir": str(path), "config": "", "notes": notes}
+    if not ckpt.list_checkpoints(ckpt_dir):
+        if resume != "auto":
+            what = "no run" if status is None else f"a run (status {status}) but no checkpoint"
+            raise UserError(
+                f"--resume {str(path)!r}: the directory holds {what}; nothing to resume"
+            )
+        if status is not None:
+            notes.append(
+                f"warning: {path} holds a run (status {status}) that never wrote a "
+                "checkpoint: starting it again from the beginning"
+            )
+        cfg = build_config(values)
+        prepare_run_dir(path, overwrite=status is not None)
+        return {"mode": "fresh", "run_dir": str(path), "config": cfg.to_json(), "notes": notes}
+    if status is None or status == "unreadable":
+        raise UserError(
+            f"--resume {str(path)!r}: checkpoints but no readable run.h5 there; "
+            "not a run directory hpcrl can continue"
+        )
+    probe_writable(path)
+    ckpt.remove_stale_temporaries(ckpt_dir)
+    arrays, meta, ckpt_path, skipped = ckpt.load_newest_intact(ckpt_dir)
+    for _, reason in skipped:
+        notes.append(f"warning: {reason}; resuming from the previous checkpoint {ckpt_path.name}")
+    ckpt.quarantine([bad for bad, _ in skipped])
+    merged = config_from_json(json.dumps(meta["config"])).flat()
+    merged.update(values)
+    cfg = build_config(merged)
+    conflicts = resume_conflicts(meta["config"], cfg)
+    if conflicts:
+        raise UserError(
+            f"--resume {str(path)!r}: the config conflicts with checkpoint {ckpt_path.name}: "
+            + ", ".join(conflicts)
+            + "; drop those settings or start a new --run-dir"
+        )
+    return {
+        "mode": "resume",
+        "run_dir": str(path),
+        "config": cfg.to_json(),
+        "notes": notes,
+        "checkpoint": str(ckpt_path),
+        "meta": meta,
+        "q_shape": list(arrays["q_table"].shape),
+    }
+
+
+def train(
+    comm: MPI.Comm,
+    values: dict,
+    run_dir: str | None = None,
+    overwrite: bool = False,
+    resume: str | None = None,
+) -> TrainOutcome:
+    """Collective: one whole training run, a resumed one, or nothing (already completed).
+
+    Args:
+        values: flat config values from the user (see `plan_run`).
+        resume: None (a new run), "auto" or a run directory (see `plan_run`).
+
+    Returns:
+        The outcome on every rank; `exit_code` 3 when a preemption signal stopped the run
+        after its checkpoint.
+
+    Raises:
+        CollectiveUserError: bad config, layout, env, run directory or checkpoint.
     """
     from hpcrl.topologies.actor_learner import run_parameter_server
-    from hpcrl.topologies.context import RunContext, evaluate_greedy
+    from hpcrl.topologies.context import (
+        ResumePoint,
+        RunContext,
+        evaluate_greedy,
+        trim_orphan_trajectories,
+    )
     from hpcrl.topologies.data_parallel import run_allreduce
 
     rank, world_size = comm.Get_rank(), comm.Get_size()
+    plan = agree(comm, lambda: plan_run(values, run_dir, overwrite, resume), root_only=True)
+    if rank == 0:
+        for note in plan["notes"]:
+            print(f"[hpcrl] {note}", file=sys.stderr, flush=True)
+    path = Path(plan["run_dir"])
+    if plan["mode"] == "done":
+        if rank == 0:
+            print(f"[hpcrl] {path} already completed; nothing to resume", flush=True)
+        return TrainOutcome("already-completed")
+    cfg = config_from_json(plan["config"])
     run = cfg.run
     layout = agree(comm, lambda: validate_layout(cfg.algo.layout, world_size))
     _limit_threads(run.torch_threads)
@@ -116,52 +261,100 @@ def train(comm: MPI.Comm, cfg: Config, run_dir: str | None, overwrite: bool) -> 
     def check_env() -> tuple[int, int]:
         env = make_env(run.env_id, run.env_kwargs)
         try:
-            return discrete_sizes(env)
+            sizes = discrete_sizes(env)
         finally:
             env.close()
+        if plan["mode"] == "resume" and list(sizes) != plan["q_shape"]:
+            raise UserError(
+                f"the checkpoint's q_table has shape {tuple(plan['q_shape'])}, env "
+                f"{run.env_id!r} now has {sizes[0]} states x {sizes[1]} actions"
+            )
+        return sizes
 
     n_states, n_actions = agree(comm, check_env)
+    resume_point = None
+    if plan["mode"] == "resume":
+        meta = plan["meta"]
+        exact = bool(meta.get("rank_states")) and int(meta["world_size"]) == world_size
+        resume_point = ResumePoint(Path(plan["checkpoint"]), meta, exact)
+    opened: dict = {}
 
-    def choose_run_dir() -> str:
-        path = (
-            run_dir
-            or run.run_dir
-            or default_run_dir(run.algo, run.env_id, time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+    def open_run_file() -> None:
+        attrs = {
+            "algo": run.algo,
+            "env_id": run.env_id,
+            "world_size": world_size,
+            "layout": cfg.algo.layout,
+            "config": cfg.to_json(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+        }
+        if resume_point is None:
+            opened["file"] = RunFile(path / "run.h5", attrs)
+            return
+        meta = resume_point.meta
+        run_file = RunFile.reopen(path / "run.h5", meta["episodes_rows"], meta["metrics_rows"])
+        run_file.append_resume(
+            wall_time=time.time(),
+            env_steps=int(meta["env_steps"]),
+            world_size=world_size,
+            from_world_size=int(meta["world_size"]),
+            slurm_restart_count=_int_env("SLURM_RESTART_COUNT"),
+            slurm_job_id=_int_env("SLURM_JOB_ID"),
+            episodes_dropped=run_file.episodes_dropped,
+            exact=int(resume_point.exact),
         )
-        prepare_run_dir(path, overwrite)
-        return str(path)
+        opened["file"] = run_file
 
-    path = Path(agree(comm, choose_run_dir, root_only=True))
-    run_file = None
+    agree(comm, open_run_file, root_only=True)
+    run_file = opened.get("file")
     if rank == 0:
-        run_file = RunFile(
-            path / "run.h5",
-            {
-                "algo": run.algo,
-                "env_id": run.env_id,
-                "world_size": world_size,
-                "layout": cfg.algo.layout,
-                "config": cfg.to_json(),
-                "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
-            },
-        )
-        print(
-            f"[hpcrl] {run.algo} on {run.env_id}, layout {layout.name} "
-            f"({layout.roles(world_size)}), {run.total_env_steps:,} env steps -> {path}",
-            flush=True,
-        )
+        if resume_point is None:
+            print(
+                f"[hpcrl] {run.algo} on {run.env_id}, layout {layout.name} "
+                f"({layout.roles(world_size)}), {run.total_env_steps:,} env steps -> {path}",
+                flush=True,
+            )
+        else:
+            meta = resume_point.meta
+            how = (
+                "exactly (every rank's state restored)"
+                if resume_point.exact
+                else f"in a new segment (was {meta['world_size']} ranks, now {world_size}; "
+                "fresh actor seeds, in-progress episodes restart: not bit-exact)"
+            )
+            print(
+                f"[hpcrl] resuming {path} from {resume_point.path.name} at "
+                f"{int(meta['env_steps']):,} of {run.total_env_steps:,} env steps, {how}; "
+                f"layout {layout.name} ({layout.roles(world_size)})",
+                flush=True,
+            )
     # run.h5 and traj/ exist before any rank writes; one shared start time.
     wait_all([comm.Ibarrier()], comm, "the start barrier", run.watchdog_s)
     ctx = RunContext(comm, cfg, path, n_states, n_actions, run_file)
+    ctx.resume = resume_point
+    ctx.stop_requested = preemption.requested
+    if resume_point is not None:
+        ctx.start_time -= float(resume_point.meta.get("elapsed_s", 0.0))
+        if rank == 0:
+            trim_orphan_trajectories(ctx)
     try:
         if cfg.algo.layout == "ps":
-            q_table = run_parameter_server(ctx)
+            loop = run_parameter_server(ctx)
         else:
-            q_table = run_allreduce(ctx)
-        if rank != 0:
-            q_table = np.zeros((n_states, n_actions))
-        else:
+            loop = run_allreduce(ctx)
+        if rank == 0:
             run_file.set_attrs(wall_time_s=ctx.elapsed_s())  # training only, no evaluation
+        if loop.interrupted:
+            if rank == 0:
+                run_file.set_status("interrupted")
+                run_file.close()
+                print(
+                    f"[hpcrl] {preemption.signal_name() or 'a preemption signal'}: "
+                    f"checkpointed and stopped; continue with: hpcrl train --resume {path}",
+                    flush=True,
+                )
+            return TrainOutcome("interrupted")
+        q_table = loop.q_table if rank == 0 else np.zeros((n_states, n_actions))
         result = None
         if run.eval_episodes > 0:
             result = evaluate_greedy(
@@ -181,7 +374,7 @@ def train(comm: MPI.Comm, cfg: Config, run_dir: str | None, overwrite: bool) -> 
             print(
                 f"[hpcrl] completed in {ctx.elapsed_s():.1f} s; run directory: {path}", flush=True
             )
-        return result
+        return TrainOutcome("completed", result)
     except BaseException:
         if run_file is not None:
             try:
@@ -190,6 +383,14 @@ def train(comm: MPI.Comm, cfg: Config, run_dir: str | None, overwrite: bool) -> 
             except Exception:  # noqa: BLE001 - the original error matters more
                 pass
         raise
+
+
+def _int_env(name: str) -> int:
+    """An integer environment variable such as SLURM_RESTART_COUNT, -1 when unset or odd."""
+    try:
+        return int(os.environ.get(name, "-1"))
+    except ValueError:
+        return -1
 
 
 def evaluate(
@@ -211,7 +412,9 @@ def evaluate(
             raise UserError(f"--seed {seed}: expected an integer >= 0")
         if not Path(run_dir).is_dir():
             raise UserError(f"run directory {run_dir!r} does not exist")
-        arrays, meta, _ = ckpt.load_latest(Path(run_dir) / "checkpoints")
+        arrays, meta, path, skipped = ckpt.load_newest_intact(Path(run_dir) / "checkpoints")
+        for _, reason in skipped:
+            print(f"[hpcrl] warning: {reason}; using {path.name}", file=sys.stderr, flush=True)
         if "q_table" not in arrays:
             raise UserError(
                 f"the checkpoint in {run_dir!r} holds no q_table (algo {meta.get('algo')!r})"

@@ -58,10 +58,11 @@ class Message:
         return self.views[name]
 
 
-# Header slots of a tabular experience message (int64).
-EXP_ROWS, EXP_POLICY_VERSION, EXP_FINAL, EXP_EPISODES, EXP_ACTOR_ENV_STEPS = range(5)
-# Header slots of a parameter snapshot (int64).
-PARAMS_VERSION, PARAMS_FINAL = range(2)
+# Header slots of a tabular experience message (int64). EXP_FINAL: the actor's last batch
+# (budget spent or stopping); EXP_STOP: a preemption signal reached this actor.
+EXP_ROWS, EXP_POLICY_VERSION, EXP_FINAL, EXP_EPISODES, EXP_ACTOR_ENV_STEPS, EXP_STOP = range(6)
+# Header slots of a parameter snapshot (int64). PARAMS_STOP: end with the current batch.
+PARAMS_VERSION, PARAMS_FINAL, PARAMS_STOP = range(3)
 
 
 def tabular_experience_schema(rows: int) -> Schema:
@@ -85,4 +86,4 @@ def tabular_experience_schema(rows: int) -> Schema:
 
 def q_table_schema(n_states: int, n_actions: int) -> Schema:
     """Learner -> actor snapshot of the Q-table with its version."""
-    return Schema([("header", (2,), np.int64), ("q_table", (n_states, n_actions), np.float64)])
+    return Schema([("header", (3,), np.int64), ("q_table", (n_states, n_actions), np.float64)])

@@ -1,6 +1,7 @@
 """Atomic, checksummed checkpoints: `checkpoints/step-<N>.h5` and `checkpoints/latest.h5`.
 
-A checkpoint holds numeric datasets and one JSON attribute (`meta`), never pickles. It is
+A checkpoint holds numeric datasets (nested names such as `ranks/3/env_rng` become groups)
+and one JSON attribute (`meta`, which carries `format_version`), never pickles. It is
 written to `<name>.tmp.<pid>`, gets its `checksum` (SHA-256 of every dataset and of
 `meta`) and a `complete` flag last, is fsynced and moved into place with `os.replace`;
 `latest.h5` is a symlink swapped the same way. A crash therefore never leaves a
@@ -21,7 +22,12 @@ import numpy as np
 from hpcrl.errors import CheckpointError
 
 LATEST = "latest.h5"
+FORMAT_VERSION = 1  # bump when a reader of the old layout would misread the new one
 _STEP_FILE = re.compile(r"^step-(\d+)\.h5$")
+
+
+class CheckpointFormatError(CheckpointError):
+    """A checkpoint written by a newer hpcrl (higher `format_version`) than this one reads."""
 
 
 def _checksum(arrays: dict[str, np.ndarray], meta_json: str) -> str:
@@ -49,8 +55,10 @@ def write_checkpoint(
     Args:
         ckpt_dir: the run's `checkpoints/` directory.
         env_steps: global env steps at the checkpoint (names the file).
-        arrays: {name: numeric array}, e.g. {"q_table": (n_states, n_actions) float64}.
-        meta: JSON-serialisable counters and identity (algo, env_id, config, ...).
+        arrays: {name: numeric array}, e.g. {"q_table": (n_states, n_actions) float64,
+            "ranks/0/policy_rng": (6,) uint64}; a `/` in a name makes HDF5 groups.
+        meta: JSON-serialisable counters and identity (algo, env_id, config, ...);
+            `format_version` is added.
         keep: how many step files to keep (>= 1).
 
     Returns:
@@ -59,7 +67,7 @@ def write_checkpoint(
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / f"step-{env_steps}.h5"
     tmp = ckpt_dir / f"{final.name}.tmp.{os.getpid()}"
-    meta_json = json.dumps(meta, sort_keys=True)
+    meta_json = json.dumps({"format_version": FORMAT_VERSION, **meta}, sort_keys=True)
     with h5py.File(tmp, "w") as f:
         for name, array in arrays.items():
             f.create_dataset(name, data=np.asarray(array))
@@ -119,14 +127,78 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
                 raise CheckpointError(f"checkpoint {str(path)!r} is incomplete")
             meta_json = str(f.attrs["meta"])
             stored = str(f.attrs["checksum"])
-            arrays = {name: f[name][()] for name in f}
+            arrays = {}
+            f.visititems(
+                lambda name, obj: (
+                    arrays.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None
+                )
+            )
     except CheckpointError:
         raise
     except (OSError, KeyError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {exc}") from None
     if _checksum(arrays, meta_json) != stored:
         raise CheckpointError(f"checkpoint {str(path)!r} fails its checksum (corrupted)")
-    return arrays, json.loads(meta_json)
+    meta = json.loads(meta_json)
+    version = int(meta.get("format_version", 1))
+    if version > FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"checkpoint {str(path)!r} has format version {version}, newer than the "
+            f"{FORMAT_VERSION} this hpcrl reads: upgrade hpcrl to resume it"
+        )
+    return arrays, meta
+
+
+def load_newest_intact(
+    ckpt_dir: str | Path,
+) -> tuple[dict[str, np.ndarray], dict, Path, list[str]]:
+    """Load the newest step file that passes its checks, skipping damaged newer ones.
+
+    Returns:
+        (arrays, meta, path, skipped): `skipped` holds (path, reason) for every damaged
+        newer file, for the caller to warn about and quarantine.
+
+    Raises:
+        CheckpointError: no step file in `ckpt_dir`, or none intact (the message names each
+            file and what is wrong with it).
+        CheckpointFormatError: the newest readable checkpoint has a newer format (no
+            fallback: an older checkpoint would silently lose progress).
+    """
+    steps = list_checkpoints(ckpt_dir)
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {str(ckpt_dir)!r}")
+    skipped: list[tuple[Path, str]] = []
+    for path in reversed(steps):
+        try:
+            arrays, meta = load_checkpoint(path)
+        except CheckpointFormatError:
+            raise
+        except CheckpointError as exc:
+            skipped.append((path, str(exc)))
+            continue
+        return arrays, meta, path, skipped
+    reasons = "; ".join(reason for _, reason in skipped)
+    raise CheckpointError(f"no intact checkpoint in {str(ckpt_dir)!r}: {reasons}")
+
+
+def read_group(path: str | Path, group: str) -> dict[str, np.ndarray]:
+    """The datasets directly under `group` of a checkpoint already verified by
+    `load_checkpoint` (e.g. one rank's `ranks/<k>`); {} when the group is absent."""
+    with h5py.File(path, "r") as f:
+        if group not in f:
+            return {}
+        return {name: obj[()] for name, obj in f[group].items() if isinstance(obj, h5py.Dataset)}
+
+
+def quarantine(paths: list[Path]) -> list[Path]:
+    """Rename damaged step files to `<name>.corrupt`, out of the rotation (kept for a
+    post-mortem); returns the new paths."""
+    moved = []
+    for path in paths:
+        target = path.with_name(path.name + ".corrupt")
+        os.replace(path, target)
+        moved.append(target)
+    return moved
 
 
 def load_latest(ckpt_dir: str | Path) -> tuple[dict[str, np.ndarray], dict, Path]:

@@ -2,15 +2,19 @@
 
 Layout (DESIGN.md §4): root attributes `hpcrl_version`, `algo`, `env_id`, `world_size`,
 `config` (JSON), `status`; `/episodes/{return,length,env_steps,wall_time,rank}`;
-`/metrics/<name>`; `/trajectories/<field>` virtual datasets over `traj/rank-<k>.h5`.
-Only rank 0 writes it. It is flushed at every log interval, so a killed job leaves a file
-that opens with plain h5py and holds everything up to the last flush.
+`/metrics/<name>`; `/resumes/<field>` (one row per resume, `RESUME_FIELDS`);
+`/trajectories/<field>` virtual datasets over `traj/rank-<k>.h5`. Only rank 0 writes it.
+A resumed run reopens the file and appends: rows written after the checkpoint it resumes
+from (their env steps are taken again) are cut first, and `/resumes` counts them. It is
+flushed at every log interval, so a killed job leaves a file that opens with plain h5py
+and holds everything up to the last flush.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import h5py
@@ -27,6 +31,16 @@ EPISODE_FIELDS = {
     "env_steps": np.int64,  # global env steps when the episode ended
     "wall_time": np.float64,  # seconds since the run started
     "rank": np.int32,  # the acting rank that ran the episode
+}
+RESUME_FIELDS = {
+    "wall_time": np.float64,  # Unix time of the resume, seconds
+    "env_steps": np.int64,  # global env steps of the checkpoint resumed from
+    "world_size": np.int32,  # ranks of the resumed job
+    "from_world_size": np.int32,  # ranks that wrote the checkpoint
+    "slurm_restart_count": np.int64,  # SLURM_RESTART_COUNT (-1: not under SLURM)
+    "slurm_job_id": np.int64,  # SLURM_JOB_ID (-1: not under SLURM)
+    "episodes_dropped": np.int64,  # /episodes rows after the checkpoint, cut
+    "exact": np.int8,  # 1: every rank's RNG and env state restored (bitwise continuation)
 }
 CHUNK_ROWS = 4096
 
@@ -78,6 +92,28 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool) -> None:
         (run_dir / "checkpoints").mkdir(exist_ok=True)
     except OSError as exc:
         raise UserError(f"--run-dir {str(run_dir)!r} cannot be used: {exc.strerror}") from None
+    probe_writable(run_dir)
+
+
+def probe_writable(run_dir: str | Path) -> None:
+    """Create and remove a file in `run_dir`, `traj/` and `checkpoints/` (where they exist),
+    so an unwritable directory fails now, with one line, rather than at the first
+    checkpoint. Permission bits alone do not tell (root ignores them; read-only mounts).
+
+    Raises:
+        UserError: a directory cannot be written.
+    """
+    run_dir = Path(run_dir)
+    for directory in (run_dir, run_dir / "traj", run_dir / "checkpoints"):
+        if not directory.is_dir():
+            continue
+        try:
+            with tempfile.NamedTemporaryFile(dir=directory, prefix=".hpcrl-probe-"):
+                pass
+        except OSError as exc:
+            raise UserError(
+                f"run directory {str(directory)!r} is not writable: {exc.strerror}"
+            ) from None
 
 
 class RunFile:
@@ -96,7 +132,62 @@ class RunFile:
                 name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(CHUNK_ROWS,)
             )
         self.file.create_group("metrics")
+        _require_resumes(self.file)
         self.file.flush()
+
+    @classmethod
+    def reopen(cls, path: str | Path, episodes_rows: int, metrics_rows: int) -> RunFile:
+        """Open an existing `run.h5` to continue it: cut `/episodes` and `/metrics` back to
+        the rows the checkpoint accounts for and set `status` to running.
+
+        Returns:
+            The writer; `episodes_dropped` holds how many episode rows were cut.
+
+        Raises:
+            UserError: the file cannot be opened for writing, or holds fewer rows than the
+                checkpoint says were written before it.
+        """
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        try:
+            self.file = h5py.File(self.path, "r+")
+        except OSError as exc:
+            raise UserError(f"{str(self.path)!r} cannot be opened for writing: {exc}") from None
+        episodes = self.file["episodes"]
+        have = len(episodes["return"])
+        if have < episodes_rows:
+            self.file.close()
+            raise UserError(
+                f"{str(self.path)!r} holds {have} episode rows, fewer than the {episodes_rows} "
+                "its checkpoint accounts for: the run file does not belong to this checkpoint"
+            )
+        self.episodes_dropped = have - episodes_rows
+        for name in EPISODE_FIELDS:
+            episodes[name].resize((episodes_rows,))
+        for dataset in self.file["metrics"].values():
+            if dataset.shape[0] > metrics_rows:
+                dataset.resize((metrics_rows,))
+        _require_resumes(self.file)
+        self.file.attrs["status"] = "running"
+        self.flush()
+        return self
+
+    @property
+    def episode_rows(self) -> int:
+        return int(self.file["episodes"]["return"].shape[0])
+
+    @property
+    def metric_rows(self) -> int:
+        lengths = [d.shape[0] for d in self.file["metrics"].values()]
+        return int(max(lengths)) if lengths else 0
+
+    def append_resume(self, **row) -> None:
+        """Append one row to `/resumes`; `row` must hold exactly `RESUME_FIELDS`."""
+        if set(row) != set(RESUME_FIELDS):
+            raise ValueError(f"resume fields {sorted(row)} != {sorted(RESUME_FIELDS)}")
+        for name, value in row.items():
+            _append(self.file["resumes"][name], np.asarray([value]))
+        self.flush()
 
     def append_episodes(self, **columns: np.ndarray) -> None:
         """Append rows to `/episodes`; `columns` must be exactly `EPISODE_FIELDS`, equal lengths."""
@@ -164,6 +255,13 @@ class RunFile:
     def close(self) -> None:
         if self.file.id.valid:
             self.file.close()
+
+
+def _require_resumes(f: h5py.File) -> None:
+    group = f.require_group("resumes")
+    for name, dtype in RESUME_FIELDS.items():
+        if name not in group:
+            group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(64,))
 
 
 def _append(dataset: h5py.Dataset, values: np.ndarray) -> None:

@@ -18,26 +18,49 @@ from hpcrl.storage.runfile import CHUNK_ROWS
 class TrajectoryWriter:
     """Buffers transitions in memory and appends them to one rank's HDF5 file."""
 
-    def __init__(self, path: str | Path, fields: dict[str, tuple[tuple[int, ...], type]]):
+    def __init__(
+        self,
+        path: str | Path,
+        fields: dict[str, tuple[tuple[int, ...], type]],
+        resume_rows: int | None = None,
+    ):
         """
         Args:
             path: the file to create (`traj/rank-<k>.h5`).
             fields: {name: (row_shape, dtype)}, e.g. {"obs": ((), np.int64), ...}.
+            resume_rows: continue an existing file after its first `resume_rows` rows (rows
+                past them, written after the checkpoint, are cut); None: a new file.
+                `missing_rows` counts rows the checkpoint expected but the file never got
+                (a kill before its last flush).
         """
         self.fields = fields
-        self.file = h5py.File(path, "w")
-        self.buffers = {}
-        for name, (shape, dtype) in fields.items():
-            self.file.create_dataset(
-                name,
-                shape=(0, *shape),
-                maxshape=(None, *shape),
-                dtype=dtype,
-                chunks=(CHUNK_ROWS, *shape),
-            )
-            self.buffers[name] = np.empty((CHUNK_ROWS, *shape), dtype=dtype)
+        path = Path(path)
+        self.missing_rows = 0
+        if resume_rows is not None and path.exists():
+            self.file = h5py.File(path, "r+")
+            have = min(self.file[name].shape[0] for name in fields)
+            keep = min(have, resume_rows)
+            self.missing_rows = resume_rows - keep
+            for name in fields:
+                self.file[name].resize(keep, axis=0)
+            self.rows = keep
+        else:
+            self.file = h5py.File(path, "w")
+            for name, (shape, dtype) in fields.items():
+                self.file.create_dataset(
+                    name,
+                    shape=(0, *shape),
+                    maxshape=(None, *shape),
+                    dtype=dtype,
+                    chunks=(CHUNK_ROWS, *shape),
+                )
+            self.rows = 0  # rows written or buffered
+            self.missing_rows = resume_rows or 0
+        self.buffers = {
+            name: np.empty((CHUNK_ROWS, *shape), dtype=dtype)
+            for name, (shape, dtype) in fields.items()
+        }
         self.buffered = 0
-        self.rows = 0  # rows written or buffered
 
     def append(self, **columns: np.ndarray) -> None:
         """Append n rows: one array per field, each of shape (n, *row_shape).

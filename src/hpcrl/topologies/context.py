@@ -1,8 +1,29 @@
-"""What every topology loop shares: the run context, budgets, episode rows, reporting,
-trajectory recording, checkpoints and the distributed greedy evaluation."""
+"""What every topology loop shares: the run context, budgets and resume segments, episode
+rows, reporting, trajectory recording, full-state checkpoints and the distributed greedy
+evaluation.
+
+Checkpoint layout (every layout, `storage/checkpoints.py` writes it atomically):
+
+    q_table                      (n_states, n_actions) float64, the learner's table
+    ranks/<k>/<name>             rank k's own state when the checkpoint was collective:
+                                 policy_rng (6,) uint64, counters (3,) int64 [env_steps,
+                                 learner_updates, traj_rows], torch_rng (n,) uint8 (when the
+                                 rank imported torch), and the `EnvStepper.state_dict()`
+    meta (JSON attribute)        identity (algo, env_id, layout, world_size, config),
+                                 counters (env_steps, learner_updates, policy_version,
+                                 vector_step, syncs), the segment, the rows of run.h5 and of
+                                 every traj/rank-<k>.h5 the checkpoint accounts for, elapsed_s
+
+A resume continues bit-exactly when the checkpoint holds every rank's state and the world
+size is unchanged; otherwise (a different world size, or a parameter-server checkpoint,
+which only rank 0 writes while actors run) it starts a new *segment*: the remaining
+budget is split over the new acting ranks, they draw fresh seeds, and in-progress
+episodes restart. The env-step total stays exact either way.
+"""
 
 from __future__ import annotations
 
+import io
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -16,9 +37,70 @@ from hpcrl.config import Config
 from hpcrl.envs import EnvStepper, StepBatch, make_vector_env
 from hpcrl.evaluation import greedy_episode_returns
 from hpcrl.progress import Progress
-from hpcrl.storage.checkpoints import write_checkpoint
+from hpcrl.state import generator_state, set_generator_state, set_torch_rng_state, torch_rng_state
+from hpcrl.storage.checkpoints import read_group, write_checkpoint
 from hpcrl.storage.runfile import EPISODE_FIELDS, RunFile
 from hpcrl.storage.trajectories import TrajectoryWriter, tabular_fields
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A stretch of a run over which the acting ranks and their budgets are fixed.
+
+    The original run is segment 0. A resume that cannot continue bit-exactly starts the
+    next segment at the checkpoint's env steps and splits what is left over the acting
+    ranks it has now.
+    """
+
+    index: int
+    start_env_steps: int  # global env steps done before this segment
+    total_env_steps: int  # the run's whole budget
+    acting_ranks: int
+
+    def budgets(self) -> list[int]:
+        """Env steps of each acting rank in this segment."""
+        return split_budget(self.total_env_steps - self.start_env_steps, self.acting_ranks)
+
+    def progress(self, env_steps: int, budget: int) -> float:
+        """Fraction of the whole run done when an acting rank has taken `env_steps` of its
+        `budget` in this segment (what the schedules run on)."""
+        if self.start_env_steps == 0:
+            return env_steps / budget
+        left = self.total_env_steps - self.start_env_steps
+        return (self.start_env_steps + left * env_steps / budget) / self.total_env_steps
+
+    def to_dict(self) -> dict:
+        return {
+            "index": self.index,
+            "start_env_steps": self.start_env_steps,
+            "acting_ranks": self.acting_ranks,
+        }
+
+
+@dataclass
+class LoopResult:
+    """What a topology loop hands back to the runner."""
+
+    q_table: np.ndarray | None  # the final table (rank 0 at least)
+    interrupted: bool  # stopped by a preemption signal after a checkpoint, on every rank
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint a run resumes from (the same on every rank)."""
+
+    path: Path
+    meta: dict
+    exact: bool  # every rank's state is in it and the world size is unchanged
+
+    def shared(self) -> dict[str, np.ndarray]:
+        """The checkpoint's top-level datasets (e.g. `q_table`)."""
+        return read_group(self.path, "/")
+
+    def rank_state(self, rank: int) -> dict[str, np.ndarray]:
+        """`ranks/<rank>` of the checkpoint ({} when it holds no rank states)."""
+        return read_group(self.path, f"ranks/{rank}") if self.exact else {}
+
 
 # /episodes columns, in order, packed as float64 rows for one Gatherv (ints stay exact
 # below 2**53).
@@ -36,6 +118,10 @@ class RunContext:
     n_actions: int
     run_file: RunFile | None = None  # rank 0 only
     start_time: float = field(default_factory=time.perf_counter)
+    segment: Segment | None = None  # set by the topology (it knows its acting ranks)
+    resume: ResumePoint | None = None
+    stop_requested: object = None  # () -> bool: a preemption signal reached this rank
+    last_checkpoint_time: float = field(default_factory=time.perf_counter)
 
     @property
     def rank(self) -> int:
@@ -52,13 +138,33 @@ class RunContext:
     def elapsed_s(self) -> float:
         return time.perf_counter() - self.start_time
 
+    def start_segment(self, acting_ranks: int) -> Segment:
+        """The segment this run (or resume) acts in, given the layout's acting ranks."""
+        total = self.cfg.run.total_env_steps
+        if self.resume is None:
+            self.segment = Segment(0, 0, total, acting_ranks)
+        elif self.resume.exact:
+            self.segment = Segment(total_env_steps=total, **self.resume.meta["segment"])
+        else:
+            previous = self.resume.meta["segment"]["index"]
+            env_steps = int(self.resume.meta["env_steps"])
+            self.segment = Segment(previous + 1, env_steps, total, acting_ranks)
+        return self.segment
+
     def rank_seeds(self) -> tuple[np.random.Generator, int]:
         """This rank's numpy generator and env seed. Each rank gets its own child of one
         `SeedSequence(seed)`, so actors explore with independent streams while the whole
-        run still follows from the single base seed."""
-        child = np.random.SeedSequence(self.cfg.run.seed).spawn(self.world_size)[self.rank]
+        run still follows from the single base seed. A new segment (a resume that is not
+        exact) draws from `SeedSequence([seed, segment])` instead."""
+        index = self.segment.index if self.segment is not None else 0
+        entropy = self.cfg.run.seed if index == 0 else [self.cfg.run.seed, index]
+        child = np.random.SeedSequence(entropy).spawn(self.world_size)[self.rank]
         policy_seq, env_seq = child.spawn(2)
         return np.random.default_rng(policy_seq), int(env_seq.generate_state(1)[0] >> 1)
+
+    def checkpoint_due_by_time(self) -> bool:
+        interval = self.cfg.run.checkpoint_interval_s
+        return interval > 0 and time.perf_counter() - self.last_checkpoint_time >= interval
 
     def make_stepper(self) -> EnvStepper:
         run = self.cfg.run
@@ -126,6 +232,11 @@ class Reporter:
         self.episodes = 0
         self.last_time = time.perf_counter()
         self.last_env_steps = 0
+        if ctx.resume is not None:
+            self.episodes = self.run_file.episode_rows
+            returns = self.run_file.file["episodes"]["return"]
+            self.recent_returns.extend(returns[max(0, self.episodes - 100) :].tolist())
+            self.last_env_steps = int(ctx.resume.meta["env_steps"])
 
     def due(self) -> bool:
         return time.perf_counter() - self.last_time >= self.ctx.cfg.run.log_interval_s
@@ -166,7 +277,14 @@ class TrajectoryRecorder:
         self.writer = None
         if ctx.cfg.run.record_trajectories:
             path = ctx.run_dir / "traj" / f"rank-{ctx.rank}.h5"
-            self.writer = TrajectoryWriter(path, tabular_fields())
+            self.writer = TrajectoryWriter(path, tabular_fields(), resume_traj_rows(ctx, ctx.rank))
+            if self.writer.missing_rows:
+                print(
+                    f"[hpcrl] warning (rank {ctx.rank}): {path} lost its last "
+                    f"{self.writer.missing_rows} rows before the checkpoint (killed before a "
+                    "flush); its trajectories have a gap there",
+                    flush=True,
+                )
         self.env_index = np.arange(ctx.cfg.run.num_envs, dtype=np.int32)
         self.last_flush = time.perf_counter()
 
@@ -187,6 +305,15 @@ class TrajectoryRecorder:
             self.writer.flush()
             self.last_flush = time.perf_counter()
 
+    @property
+    def rows(self) -> int:
+        return 0 if self.writer is None else self.writer.rows
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.last_flush = time.perf_counter()
+
     def close(self) -> int:
         """Close the file; returns the rows written (0 when not recording)."""
         if self.writer is None:
@@ -195,19 +322,119 @@ class TrajectoryRecorder:
         return self.writer.rows
 
 
+def resume_traj_rows(ctx: RunContext, rank: int) -> int | None:
+    """Rows of `traj/rank-<rank>.h5` the resumed checkpoint accounts for (None: new file)."""
+    if ctx.resume is None:
+        return None
+    rows = ctx.resume.meta.get("traj_rows", [])
+    return int(rows[rank]) if rank < len(rows) else None
+
+
+def orphan_traj_rows(ctx: RunContext) -> dict[int, int]:
+    """Trajectory files of ranks beyond this world (a resume on fewer ranks) and the rows
+    the checkpoint accounts for; rank 0 keeps linking them."""
+    if ctx.resume is None:
+        return {}
+    rows = ctx.resume.meta.get("traj_rows", [])
+    return {k: int(n) for k, n in enumerate(rows) if k >= ctx.world_size}
+
+
+def trim_orphan_trajectories(ctx: RunContext) -> None:
+    """Rank 0, at a resume on fewer ranks: cut orphan rank files back to the checkpoint."""
+    if not ctx.cfg.run.record_trajectories:
+        return
+    for rank, rows in orphan_traj_rows(ctx).items():
+        path = ctx.run_dir / "traj" / f"rank-{rank}.h5"
+        if path.exists():
+            TrajectoryWriter(path, tabular_fields(), rows).close()
+
+
 def link_trajectories(ctx: RunContext, rows_written: int) -> None:
     """Collective: rank 0 joins every rank's trajectory file into `/trajectories`."""
     rows = gather_rows(ctx.comm, np.array([rows_written], dtype=np.int64), 0, ctx.watchdog_s)
     if ctx.rank == 0 and ctx.cfg.run.record_trajectories:
         per_rank = {k: int(n) for k, n in enumerate(rows)}
+        per_rank.update(orphan_traj_rows(ctx))
         ctx.run_file.link_trajectories(per_rank, tabular_fields())
 
 
+def rank_state(
+    policy_rng: np.random.Generator,
+    stepper: EnvStepper,
+    env_steps: int,
+    learner_updates: int,
+    traj_rows: int,
+) -> dict[str, np.ndarray]:
+    """What one acting rank needs to continue exactly (see the module doc for the names)."""
+    state = stepper.state_dict()
+    state["policy_rng"] = generator_state(policy_rng)
+    state["counters"] = np.array([env_steps, learner_updates, traj_rows], dtype=np.int64)
+    torch_state = torch_rng_state()
+    if torch_state is not None:
+        state["torch_rng"] = torch_state
+    return state
+
+
+def restore_rank_state(
+    state: dict[str, np.ndarray],
+    policy_rng: np.random.Generator,
+    stepper: EnvStepper,
+    fallback_seed: int,
+) -> tuple[int, int]:
+    """Put `rank_state` output back; returns (env_steps, learner_updates)."""
+    set_generator_state(policy_rng, state["policy_rng"])
+    set_torch_rng_state(state.get("torch_rng"))
+    stepper.load_state_dict(state, fallback_seed)
+    return int(state["counters"][0]), int(state["counters"][1])
+
+
+def gather_rank_states(
+    ctx: RunContext, state: dict[str, np.ndarray] | None
+) -> dict[int, dict[str, np.ndarray]] | None:
+    """Collective: every rank's state dict on rank 0 (None elsewhere). Each dict travels
+    as one `.npz` byte buffer (numpy's format, no pickles) in one `Gatherv`."""
+    blob = np.zeros(0, dtype=np.uint8)
+    if state is not None:
+        out = io.BytesIO()
+        np.savez(out, **state)
+        blob = np.frombuffer(out.getvalue(), dtype=np.uint8)
+    sizes = gather_rows(ctx.comm, np.array([blob.size], dtype=np.int64), 0, ctx.watchdog_s)
+    data = gather_rows(ctx.comm, blob, 0, ctx.watchdog_s)
+    if ctx.rank != 0:
+        return None
+    states, start = {}, 0
+    for rank, size in enumerate(sizes):
+        if size:
+            with np.load(io.BytesIO(data[start : start + size].tobytes())) as npz:
+                states[rank] = {name: npz[name] for name in npz.files}
+        start += int(size)
+    return states
+
+
 def save_q_table(
-    ctx: RunContext, q_table: np.ndarray, env_steps: int, learner_updates: int, policy_version: int
+    ctx: RunContext,
+    q_table: np.ndarray,
+    env_steps: int,
+    learner_updates: int,
+    policy_version: int,
+    traj_rows: dict[int, int],
+    rank_states: dict[int, dict[str, np.ndarray]] | None = None,
+    counters: dict | None = None,
 ) -> Path:
-    """Rank 0: write a tabular checkpoint (`q_table` plus counters and identity)."""
+    """Rank 0: write a full tabular checkpoint (see the module doc) after flushing run.h5,
+    so the rows it accounts for are on disk before it is.
+
+    Args:
+        traj_rows: {rank: rows of traj/rank-<k>.h5 up to this checkpoint} for the ranks
+            of this world; orphan files of a larger earlier world are added here.
+        rank_states: every rank's `rank_state` (collective checkpoints), or None.
+        counters: more loop counters for `meta` (e.g. vector_step, syncs).
+    """
     cfg = ctx.cfg
+    run_file = ctx.run_file
+    run_file.flush()
+    rows = dict(orphan_traj_rows(ctx))
+    rows.update(traj_rows)
     meta = {
         "algo": cfg.run.algo,
         "env_id": cfg.run.env_id,
@@ -218,14 +445,23 @@ def save_q_table(
         "learner_updates": int(learner_updates),
         "policy_version": int(policy_version),
         "config": cfg.to_dict(),
+        "segment": ctx.segment.to_dict(),
+        "episodes_rows": run_file.episode_rows,
+        "metrics_rows": run_file.metric_rows,
+        "traj_rows": [int(rows.get(k, 0)) for k in range(max(rows, default=-1) + 1)],
+        "elapsed_s": ctx.elapsed_s(),
+        "rank_states": rank_states is not None,
+        **(counters or {}),
     }
-    return write_checkpoint(
-        ctx.run_dir / "checkpoints",
-        int(env_steps),
-        {"q_table": q_table},
-        meta,
-        cfg.run.keep_checkpoints,
+    arrays = {"q_table": q_table}
+    for rank, state in (rank_states or {}).items():
+        for name, array in state.items():
+            arrays[f"ranks/{rank}/{name}"] = array
+    path = write_checkpoint(
+        ctx.run_dir / "checkpoints", int(env_steps), arrays, meta, cfg.run.keep_checkpoints
     )
+    ctx.last_checkpoint_time = time.perf_counter()
+    return path
 
 
 def evaluate_greedy(

@@ -1,0 +1,48 @@
+"""Preemption requests: `SIGUSR1` and `SIGTERM` only set a flag.
+
+The handler does no I/O and no MPI: the topology loops read `requested()` at their next
+sync point, agree on it with the other ranks (a flag in a small allreduce or a message
+header), write a collective checkpoint, mark the run `interrupted` and exit with
+`EXIT_INTERRUPTED`. SLURM sends `SIGUSR1` before the time limit with `--signal`, and
+`SIGTERM` when it preempts or cancels; `mpiexec` (MPICH hydra) and `srun` forward both to
+every rank. Open MPI's `mpirun` kills its ranks on `SIGTERM` before a handler runs, so
+send it `SIGUSR1` (HPC-NOTES).
+"""
+
+from __future__ import annotations
+
+import signal
+
+EXIT_INTERRUPTED = 3  # "checkpointed, not finished": the job scripts requeue on it
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+_received: list[int] = []
+
+
+def _handler(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    _received.append(signum)
+
+
+def install() -> None:
+    """Route `SIGUSR1` and `SIGTERM` to the flag (main thread only, as Python requires)."""
+    for sig in SIGNALS:
+        signal.signal(sig, _handler)
+
+
+def requested() -> bool:
+    """Whether a preemption signal has arrived in this process."""
+    return bool(_received)
+
+
+def signal_name() -> str:
+    """Name of the first signal received ("" when none)."""
+    return signal.Signals(_received[0]).name if _received else ""
+
+
+def request() -> None:
+    """Set the flag as a signal would (tests and fault injection)."""
+    _received.append(signal.SIGUSR1)
+
+
+def clear() -> None:
+    _received.clear()

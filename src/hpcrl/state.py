@@ -1,0 +1,59 @@
+"""Random-generator states as numeric arrays, so checkpoints stay numeric HDF5.
+
+numpy's `default_rng` and gymnasium's `np_random` are `Generator(PCG64)`; a PCG64 state
+is two 128-bit integers plus the buffered-uint32 pair, stored here as six uint64:
+`[state_hi, state_lo, inc_hi, inc_lo, has_uint32, uinteger]`. torch's CPU generator
+state is its own uint8 tensor.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+_MASK64 = (1 << 64) - 1
+
+
+def generator_state(rng: np.random.Generator) -> np.ndarray:
+    """The state of a PCG64 `Generator` as (6,) uint64.
+
+    Raises:
+        TypeError: the generator's bit generator is not PCG64.
+    """
+    state = rng.bit_generator.state
+    if state["bit_generator"] != "PCG64":
+        raise TypeError(f"cannot capture a {state['bit_generator']} generator: expected PCG64")
+    s, inc = state["state"]["state"], state["state"]["inc"]
+    return np.array(
+        [s >> 64, s & _MASK64, inc >> 64, inc & _MASK64, state["has_uint32"], state["uinteger"]],
+        dtype=np.uint64,
+    )
+
+
+def set_generator_state(rng: np.random.Generator, array: np.ndarray) -> None:
+    """Restore a PCG64 `Generator` from the (6,) uint64 of `generator_state`."""
+    a = [int(x) for x in np.asarray(array, dtype=np.uint64)]
+    rng.bit_generator.state = {
+        "bit_generator": "PCG64",
+        "state": {"state": (a[0] << 64) | a[1], "inc": (a[2] << 64) | a[3]},
+        "has_uint32": a[4],
+        "uinteger": a[5],
+    }
+
+
+def torch_rng_state() -> np.ndarray | None:
+    """torch's CPU generator state as uint8, or None when this rank never imported torch
+    (tabular ranks do not)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    return torch.get_rng_state().numpy().copy()
+
+
+def set_torch_rng_state(array: np.ndarray | None) -> None:
+    if array is None or len(array) == 0:
+        return
+    import torch
+
+    torch.set_rng_state(torch.from_numpy(np.asarray(array, dtype=np.uint8).copy()))
