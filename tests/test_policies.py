@@ -64,19 +64,18 @@ def train_q_table(comm, run_dir, env_id, layout, budget):
     from hpcrl import runner
     from hpcrl.storage.checkpoints import load_latest
 
-    cfg = build_config(
-        {
-            "env_id": env_id,
-            "total_env_steps": budget,
-            "layout": layout,
-            "gamma": GAMMA,
-            "eval_episodes": 0,
-            "record_trajectories": False,
-            "log_interval_s": 60.0,
-            "seed": 7,
-        }
-    )
-    runner.train(comm, cfg, str(run_dir), overwrite=True)
+    values = {
+        "env_id": env_id,
+        "total_env_steps": budget,
+        "layout": layout,
+        "gamma": GAMMA,
+        "eval_episodes": 0,
+        "record_trajectories": False,
+        "log_interval_s": 60.0,
+        "seed": 7,
+    }
+    build_config(values)  # a bad case fails here, before any collective
+    runner.train(comm, values, str(run_dir), overwrite=True)
     if comm.rank != 0:
         return None  # rank 0 writes the checkpoint
     arrays, meta, _ = load_latest(run_dir / "checkpoints")

@@ -622,7 +622,7 @@ def test_latest_points_to_newest_and_keep_prunes(tmp_path):
     assert not list(tmp_path.glob("*.tmp.*"))
     arrays, meta, path = load_latest(tmp_path)
     assert path == (tmp_path / "step-300.h5").resolve()
-    assert meta == {"env_steps": 300}
+    assert meta == {"format_version": 1, "env_steps": 300}
     np.testing.assert_array_equal(arrays["q_table"], some_arrays(300)["q_table"])
 
 
@@ -641,7 +641,7 @@ def test_load_latest_without_link_uses_newest_step(tmp_path):
     write_checkpoint(tmp_path, 40, some_arrays(40), {"n": 40}, keep=3)
     (tmp_path / LATEST).unlink()
     _, meta, path = load_latest(tmp_path)
-    assert meta == {"n": 40}
+    assert meta == {"format_version": 1, "n": 40}
     assert path.name == "step-40.h5"
 
 

@@ -1,0 +1,125 @@
+"""Acceptance 1 of the cluster-operations issue: a run interrupted by `SIGUSR1` at a random
+moment and resumed with `--resume` ends bitwise identical to the same run uninterrupted
+(`/episodes` columns, the final `q_table`, every trajectory row).
+
+`/episodes/wall_time` is the one column left out: it is a clock reading, different between
+any two runs. Layouts: `allreduce` on 4 ranks (deterministic for a fixed seed and world
+size) and one process (the embedded parameter server).
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import hpcrl_command
+
+pytestmark = pytest.mark.e2e
+
+COMPARED = ("return", "length", "env_steps", "rank")
+
+
+def _train(n, run_dir, args, env, timeout=300):
+    return subprocess.run(
+        hpcrl_command(n, "train", "--run-dir", str(run_dir), *args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def _interrupt(n, run_dir, args, env, delay_s):
+    """Start a run, send SIGUSR1 to the launcher `delay_s` after its start line."""
+    proc = subprocess.Popen(
+        hpcrl_command(n, "train", "--run-dir", str(run_dir), *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("[hpcrl] qlearning on"):
+                break
+        time.sleep(delay_s)
+        proc.send_signal(signal.SIGUSR1)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, "".join(lines) + out, err
+
+
+def _contents(run_dir):
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        status = str(f.attrs["status"])
+        episodes = {k: f["episodes"][k][()] for k in COMPARED}
+        trajectories = {
+            k: f["trajectories"][k][()] for k in f["trajectories"] if k not in ("ranks", "rows")
+        }
+        resumes = len(f["resumes"]["env_steps"])
+    with h5py.File(run_dir / "checkpoints" / "latest.h5", "r") as f:
+        q_table = f["q_table"][()]
+    return status, episodes, trajectories, resumes, q_table
+
+
+@pytest.mark.parametrize(
+    "n, layout, steps, delay",
+    [(4, "allreduce", 600_000, (0.3, 4.0)), (None, "ps", 300_000, (0.2, 2.5))],
+    ids=["allreduce-4-ranks", "one-process"],
+)
+def test_interrupted_and_resumed_run_equals_uninterrupted(
+    tmp_path, cli_env, n, layout, steps, delay
+):
+    args = [
+        "--seed",
+        "11",
+        "--total-env-steps",
+        str(steps),
+        "--set",
+        f"layout={layout}",
+        "--set",
+        "eval_episodes=0",
+        "--set",
+        "log_interval_s=0.5",
+    ]
+    delay_s = random.Random(f"{layout}-{time.time()}").uniform(*delay)
+    reference = _train(n, tmp_path / "reference", args, cli_env)
+    assert reference.returncode == 0, reference.stderr
+
+    code, out, err = _interrupt(n, tmp_path / "resumed", args, cli_env, delay_s)
+    assert code == 3, f"SIGUSR1 after {delay_s:.2f} s: exit {code}\n{out}\n{err}"
+    assert "checkpointed and stopped" in out
+    with h5py.File(tmp_path / "resumed" / "run.h5", "r") as f:
+        assert str(f.attrs["status"]) == "interrupted"
+
+    resumed = subprocess.run(
+        hpcrl_command(n, "train", "--resume", str(tmp_path / "resumed")),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=cli_env,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "exactly (every rank's state restored)" in resumed.stdout
+
+    ref = _contents(tmp_path / "reference")
+    got = _contents(tmp_path / "resumed")
+    assert ref[0] == got[0] == "completed"
+    assert got[3] == 1 and ref[3] == 0
+    for name in COMPARED:
+        assert np.array_equal(ref[1][name], got[1][name]), f"/episodes/{name} differs"
+    assert ref[2].keys() == got[2].keys() and len(ref[2]["obs"]) == steps
+    for name in ref[2]:
+        assert np.array_equal(ref[2][name], got[2][name]), f"/trajectories/{name} differs"
+    assert ref[4].tobytes() == got[4].tobytes(), "final q_table differs"
