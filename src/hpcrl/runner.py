@@ -127,9 +127,13 @@ def plan_run(values: dict, run_dir: str | None, overwrite: bool, resume: str | N
         overwrite: `--overwrite`.
         resume: None, "auto", or the run directory of `--resume`.
 
+    Nothing in the directory is changed here: `train` applies the plan only after the
+    layout and env checks pass too.
+
     Returns:
         {"mode": "fresh" | "resume" | "done", "run_dir", "config" (JSON), "notes": [...]}
-        plus, for a resume, "checkpoint" (path), "meta" and "q_shape".
+        plus "overwrite" for a fresh run, and for a resume "checkpoint" (path), "damaged"
+        (newer step files that failed their checks), "meta" and "q_shape".
 
     Raises:
         UserError: contradictory options, nothing to resume, every checkpoint damaged, a
@@ -146,8 +150,14 @@ def plan_run(values: dict, run_dir: str | None, overwrite: bool, resume: str | N
                 cfg.run.algo, cfg.run.env_id, time.strftime("%Y%m%d-%H%M%S", time.gmtime())
             )
         )
-        prepare_run_dir(path, overwrite)
-        return {"mode": "fresh", "run_dir": str(path), "config": cfg.to_json(), "notes": notes}
+        prepare_run_dir(path, overwrite, dry_run=True)
+        return {
+            "mode": "fresh",
+            "run_dir": str(path),
+            "config": cfg.to_json(),
+            "notes": notes,
+            "overwrite": overwrite,
+        }
     if overwrite:
         raise UserError("--resume and --overwrite contradict each other: choose one")
     if resume == "auto":
@@ -180,19 +190,23 @@ def plan_run(values: dict, run_dir: str | None, overwrite: bool, resume: str | N
                 "checkpoint: starting it again from the beginning"
             )
         cfg = build_config(values)
-        prepare_run_dir(path, overwrite=status is not None)
-        return {"mode": "fresh", "run_dir": str(path), "config": cfg.to_json(), "notes": notes}
+        prepare_run_dir(path, overwrite=status is not None, dry_run=True)
+        return {
+            "mode": "fresh",
+            "run_dir": str(path),
+            "config": cfg.to_json(),
+            "notes": notes,
+            "overwrite": status is not None,
+        }
     if status is None or status == "unreadable":
         raise UserError(
             f"--resume {str(path)!r}: checkpoints but no readable run.h5 there; "
             "not a run directory hpcrl can continue"
         )
     probe_writable(path)
-    ckpt.remove_stale_temporaries(ckpt_dir)
     arrays, meta, ckpt_path, skipped = ckpt.load_newest_intact(ckpt_dir)
     for _, reason in skipped:
         notes.append(f"warning: {reason}; resuming from the previous checkpoint {ckpt_path.name}")
-    ckpt.quarantine([bad for bad, _ in skipped])
     merged = config_from_json(json.dumps(meta["config"])).flat()
     merged.update(values)
     cfg = build_config(merged)
@@ -209,6 +223,7 @@ def plan_run(values: dict, run_dir: str | None, overwrite: bool, resume: str | N
         "config": cfg.to_json(),
         "notes": notes,
         "checkpoint": str(ckpt_path),
+        "damaged": [str(bad) for bad, _ in skipped],
         "meta": meta,
         "q_shape": list(arrays["q_table"].shape),
     }
@@ -244,6 +259,7 @@ def train(
     from hpcrl.topologies.data_parallel import run_allreduce
 
     rank, world_size = comm.Get_rank(), comm.Get_size()
+    agree(comm, lambda: check_launcher(world_size))
     plan = agree(comm, lambda: plan_run(values, run_dir, overwrite, resume), root_only=True)
     if rank == 0:
         for note in plan["notes"]:
@@ -289,8 +305,11 @@ def train(
             "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
         }
         if resume_point is None:
+            prepare_run_dir(path, plan["overwrite"])
             opened["file"] = RunFile(path / "run.h5", attrs)
             return
+        ckpt.remove_stale_temporaries(path / "checkpoints")
+        ckpt.quarantine([Path(p) for p in plan["damaged"]])
         meta = resume_point.meta
         run_file = RunFile.reopen(path / "run.h5", meta["episodes_rows"], meta["metrics_rows"])
         run_file.append_resume(
@@ -385,6 +404,23 @@ def train(
         raise
 
 
+def check_launcher(world_size: int) -> None:
+    """Refuse N one-rank worlds started by one `srun` step: when srun's MPI plugin does not
+    match the MPI mpi4py loaded, each task starts alone, and N copies would write the same
+    run directory. Rank and size still come from MPI; SLURM's task count is only compared.
+
+    Raises:
+        UserError: the srun step has several tasks but the MPI world has one rank.
+    """
+    step_tasks = _int_env("SLURM_STEP_NUM_TASKS")
+    if world_size == 1 and step_tasks > 1 and "SLURM_STEP_ID" in os.environ:
+        raise UserError(
+            f"srun started {step_tasks} tasks but MPI sees a world of 1 rank: the launcher "
+            "does not match mpi4py's MPI (with the pip mpich wheel use `srun --mpi=pmi2`, "
+            "with a site MPI its plugin, e.g. `--mpi=pmix`)"
+        )
+
+
 def _int_env(name: str) -> int:
     """An integer environment variable such as SLURM_RESTART_COUNT, -1 when unset or odd."""
     try:
@@ -448,6 +484,7 @@ def info(run_dir: str) -> dict:
             else 0
         )
         out["episodes"] = int(len(episodes["return"]))
+        out["resumes"] = int(len(f["resumes"]["env_steps"])) if "resumes" in f else 0
         returns = episodes["return"][-100:]
         out["mean_return_last_100"] = float(np.mean(returns)) if len(returns) else None
         wall = float(

@@ -57,12 +57,13 @@ def read_status(run_dir: str | Path) -> str | None:
         return "unreadable"
 
 
-def prepare_run_dir(run_dir: str | Path, overwrite: bool) -> None:
+def prepare_run_dir(run_dir: str | Path, overwrite: bool, dry_run: bool = False) -> None:
     """Make `run_dir` ready for a new run, refusing to touch an existing one.
 
     A directory that holds a run (`run.h5`) or files in `traj/` or `checkpoints/` is
     refused unless `overwrite`; then only those (run.h5, traj/, checkpoints/) are removed
-    and other files in the directory are left alone.
+    and other files in the directory are left alone. `dry_run`: only the checks, nothing
+    removed or created (so later checks can still fail without touching the directory).
 
     Raises:
         UserError: `run_dir` holds a run and `overwrite` is False, is not a directory, or
@@ -85,14 +86,37 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool) -> None:
                     f"--run-dir {str(run_dir)!r} already holds {what}; "
                     "choose a new --run-dir or pass --overwrite to replace it"
                 )
+            if dry_run:
+                probe_writable(run_dir)
+                return
             (run_dir / RUN_FILE).unlink(missing_ok=True)
             for sub in ("traj", "checkpoints"):
                 shutil.rmtree(run_dir / sub, ignore_errors=True)
+        if dry_run:
+            _probe_creatable(run_dir)
+            return
         (run_dir / "traj").mkdir(parents=True, exist_ok=True)
         (run_dir / "checkpoints").mkdir(exist_ok=True)
     except OSError as exc:
         raise UserError(f"--run-dir {str(run_dir)!r} cannot be used: {exc.strerror}") from None
     probe_writable(run_dir)
+
+
+def _probe_creatable(run_dir: Path) -> None:
+    """The nearest existing ancestor of `run_dir` is a writable directory."""
+    parent = run_dir
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--run-dir {str(run_dir)!r} cannot be created: {str(parent)!r} is a file")
+    if run_dir.exists():
+        probe_writable(run_dir)
+        return
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".hpcrl-probe-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"--run-dir {str(run_dir)!r} cannot be created: {exc.strerror}") from None
 
 
 def probe_writable(run_dir: str | Path) -> None:
