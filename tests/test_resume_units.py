@@ -36,6 +36,7 @@ CAPTURED_ENVS = [
     "MountainCarContinuous-v0",
     "Acrobot-v1",
     "Pendulum-v1",
+    "ALE/Pong-v5",  # ale-py (dev extra): the emulator's cloneState bytes
 ]
 
 

@@ -3,8 +3,9 @@ capture/restore of each env copy's state for exact resume.
 
 Env-state capture (what a checkpoint holds per env copy): the unwrapped env's `np_random`
 (PCG64) state, the dynamic attributes of the gymnasium toy-text and classic-control envs
-listed in `_ENV_STATE_SPECS`, and `TimeLimit`'s step count. Envs or wrappers outside those
-lists cannot be captured: their copies restart their in-progress episodes on resume (the
+listed in `_ENV_STATE_SPECS`, `TimeLimit`'s step count, and for Atari (ale-py) the
+emulator's `cloneState(include_rng=True).serialize()` bytes (system state and the sticky-
+action RNG). Envs or wrappers outside those lists cannot be captured: their copies restart their in-progress episodes on resume (the
 documented fallback); the env-step budget stays exact, only those unfinished episodes are
 not recorded.
 """
@@ -29,6 +30,13 @@ def make_env(env_id: str, env_kwargs: dict | None = None) -> gym.Env:
         UserError: unknown id (closest registered ids suggested), or kwargs the env rejects.
     """
     kwargs = dict(env_kwargs or {})
+    if env_id.startswith("ALE/") and env_id not in gym.registry:
+        try:
+            import ale_py
+
+            gym.register_envs(ale_py)
+        except ImportError:
+            raise UserError(f"env {env_id!r} needs ale-py: pip install 'hpcrl[atari]'") from None
     if env_id not in gym.registry:
         hint = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.6)
         near = f"; did you mean {', '.join(repr(h) for h in hint)}?" if hint else ""
@@ -137,10 +145,19 @@ class EnvStepper:
         Returns:
             {"obs": (B, ...), "episode_return": (B,) float64, "episode_length": (B,) int64,
              "env_captured": (1,) int8, "env_rng": (B, 6) uint64, "env_state": (B, D) float64}
+            and, for emulators (ALE), "env_blob": (B, L) uint8 with "env_blob_len": (B,)
+            int64 (each copy's bytes, zero-padded to the longest).
         """
         captured = [capture_env_state(env) for env in self.envs.envs]
         ok = all(c is not None for c in captured)
-        return {
+        blobs = {}
+        if ok and captured[0][2] is not None:
+            lengths = np.array([len(c[2]) for c in captured], dtype=np.int64)
+            blob = np.zeros((self.num_envs, int(lengths.max())), dtype=np.uint8)
+            for i, c in enumerate(captured):
+                blob[i, : lengths[i]] = np.frombuffer(c[2], dtype=np.uint8)
+            blobs = {"env_blob": blob, "env_blob_len": lengths}
+        return blobs | {
             "obs": np.asarray(self.obs).copy(),
             "episode_return": self.returns.copy(),
             "episode_length": self.lengths.copy(),
@@ -171,7 +188,10 @@ class EnvStepper:
             self.lengths[:] = 0
             return False
         for i, env in enumerate(self.envs.envs):
-            restore_env_state(env, state["env_rng"][i], state["env_state"][i])
+            blob = None
+            if "env_blob" in state:
+                blob = state["env_blob"][i, : int(state["env_blob_len"][i])].tobytes()
+            restore_env_state(env, state["env_rng"][i], state["env_state"][i], blob)
         self.obs = np.asarray(state["obs"]).copy()
         self.returns[:] = state["episode_return"]
         self.lengths[:] = state["episode_length"]
@@ -228,18 +248,25 @@ def _wrappers(env: gym.Env) -> list[gym.Env]:
     return chain
 
 
+def _is_ale(env: gym.Env) -> bool:
+    return type(env.unwrapped).__module__.startswith("ale_py") and hasattr(env.unwrapped, "ale")
+
+
 def _spec_of(env: gym.Env) -> tuple[tuple[str, str, int], ...] | None:
+    if _is_ale(env):
+        return ()  # everything is in the emulator state
     cls = type(env.unwrapped)
     return _ENV_STATE_SPECS.get(f"{cls.__module__}.{cls.__name__}")
 
 
-def capture_env_state(env: gym.Env) -> tuple[np.ndarray, np.ndarray] | None:
+def capture_env_state(env: gym.Env) -> tuple[np.ndarray, np.ndarray, bytes | None] | None:
     """One env copy's state, or None when it cannot be captured (unknown env class or
     wrapper, or a generator other than PCG64).
 
     Returns:
         (rng (6,) uint64 as `hpcrl.state.generator_state`, values (D,) float64: the spec's
-        attributes in order, then TimeLimit's elapsed steps, None as NaN).
+        attributes in order, then TimeLimit's elapsed steps, None as NaN, and the ALE
+        emulator state bytes or None).
     """
     spec = _spec_of(env)
     if spec is None:
@@ -271,10 +298,13 @@ def capture_env_state(env: gym.Env) -> tuple[np.ndarray, np.ndarray] | None:
         rng = generator_state(unwrapped.np_random)
     except TypeError:
         return None
-    return rng, np.array(values, dtype=np.float64)
+    blob = unwrapped.ale.cloneState(include_rng=True).serialize() if _is_ale(env) else None
+    return rng, np.array(values, dtype=np.float64), blob
 
 
-def restore_env_state(env: gym.Env, rng: np.ndarray, values: np.ndarray) -> None:
+def restore_env_state(
+    env: gym.Env, rng: np.ndarray, values: np.ndarray, blob: bytes | None = None
+) -> None:
     """Put `capture_env_state`'s output back into an env copy of the same class (after a
     reset, so wrappers that enforce a reset before `step` are satisfied)."""
     spec = _spec_of(env)
@@ -310,3 +340,7 @@ def restore_env_state(env: gym.Env, rng: np.ndarray, values: np.ndarray) -> None
                 value = float(raw)
         setattr(unwrapped, attr, value)
     set_generator_state(unwrapped.np_random, rng)
+    if blob is not None:
+        import ale_py
+
+        unwrapped.ale.restoreState(ale_py.ALEState(blob))
