@@ -8,6 +8,7 @@ root. mpi4py is imported only under `--with-mpi`, so plain `pytest` needs no MPI
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -85,3 +86,18 @@ def cli_env():
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def digest_tree(root: Path) -> dict[str, str]:
+    """{relative path: sha256 of the bytes (or 'link -> target', 'dir')} of everything under
+    `root`: equal digests before and after a command prove it changed nothing there."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            out[rel] = f"link -> {os.readlink(path)}"
+        elif path.is_file():
+            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            out[rel] = "dir"
+    return out

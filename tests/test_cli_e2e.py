@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import BIN, hpcrl_command
+from conftest import BIN, digest_tree, hpcrl_command
 
 pytestmark = pytest.mark.e2e
 
@@ -137,20 +137,6 @@ def run_cli(cmd: list[str], env: dict[str, str], timeout: float = TIMEOUT_S):
 
 def _show(result: subprocess.CompletedProcess) -> str:
     return f"exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
-
-
-def _digest_tree(root: Path) -> dict[str, str]:
-    """{relative path: sha256 of the bytes (or 'link -> target')} of everything under root."""
-    out = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        if path.is_symlink():
-            out[rel] = f"link -> {os.readlink(path)}"
-        elif path.is_file():
-            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-        else:
-            out[rel] = "dir"
-    return out
 
 
 def _sha256(path: Path) -> str:
@@ -334,10 +320,10 @@ BAD_TRAIN_CASES = [
 def test_bad_train_input_leaves_an_existing_run_alone(tmp_path, completed_run, n, args, patterns):
     """Even with --overwrite, bad input fails before the existing run is touched."""
     run_dir = _copy_run(completed_run, tmp_path / "run")
-    before = _digest_tree(run_dir)
+    before = digest_tree(run_dir)
     result, _ = _train(n, run_dir, "--overwrite", *args)
     _assert_one_error_line(result, patterns)
-    assert _digest_tree(run_dir) == before
+    assert digest_tree(run_dir) == before
     assert _status(run_dir) == "completed"
 
 
@@ -381,12 +367,12 @@ def test_bad_option_syntax_exits_2_printed_once(tmp_path):
 def test_run_dir_with_a_completed_run_is_refused_without_overwrite(tmp_path, completed_run, n):
     run_dir = _copy_run(completed_run, tmp_path / "run")
     run_h5_hash = _sha256(run_dir / "run.h5")
-    before = _digest_tree(run_dir)
+    before = digest_tree(run_dir)
 
     result, _ = _train(n, run_dir, "--total-env-steps", "3000")
     _assert_one_error_line(result, [re.escape(str(run_dir)), r"--overwrite", r"completed"])
     assert _sha256(run_dir / "run.h5") == run_h5_hash
-    assert _digest_tree(run_dir) == before
+    assert digest_tree(run_dir) == before
     assert _status(run_dir) == "completed"
 
     result, _ = _train(n, run_dir, "--overwrite", "--total-env-steps", "3000")
@@ -434,10 +420,10 @@ def test_evaluate_refuses_a_corrupt_checkpoint(tmp_path, completed_run, n, damag
     target = (run_dir / "checkpoints" / "latest.h5").resolve()
     assert re.fullmatch(r"step-\d+\.h5", target.name), target
     damage(target)
-    before = _digest_tree(run_dir)
+    before = digest_tree(run_dir)
     result, _ = run_cli(hpcrl_command(n, "evaluate", str(run_dir), "--episodes", "10"), _env())
     _assert_one_error_line(result, [r"checkpoint", re.escape(target.name)])
-    assert _digest_tree(run_dir) == before
+    assert digest_tree(run_dir) == before
 
 
 def test_evaluate_refuses_a_missing_run_dir(tmp_path):

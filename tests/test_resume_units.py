@@ -250,3 +250,24 @@ def test_signals_set_the_preemption_flag():
         preemption.clear()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def test_trajectory_writer_sets_an_unreadable_file_aside(tmp_path):
+    path = tmp_path / "rank-1.h5"
+    path.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)  # a file killed mid-write
+    writer = TrajectoryWriter(path, tabular_fields(), resume_rows=5)
+    assert writer.set_aside == tmp_path / "rank-1.h5.corrupt" and writer.set_aside.exists()
+    assert writer.rows == 0 and writer.missing_rows == 5
+    writer.close()
+    with h5py.File(path, "r") as f:
+        assert len(f["obs"]) == 0
+
+
+def test_new_trajectory_file_is_readable_before_any_row(tmp_path):
+    path = tmp_path / "rank-0.h5"
+    writer = TrajectoryWriter(path, tabular_fields())
+    on_disk = tmp_path / "copy.h5"  # the bytes a kill -9 would leave: never closed
+    on_disk.write_bytes(path.read_bytes())
+    with h5py.File(on_disk, "r") as f:
+        assert set(f) == set(tabular_fields())
+    writer.close()

@@ -4,10 +4,10 @@ capture/restore of each env copy's state for exact resume.
 Env-state capture (what a checkpoint holds per env copy): the unwrapped env's `np_random`
 (PCG64) state, the dynamic attributes of the gymnasium toy-text and classic-control envs
 listed in `_ENV_STATE_SPECS`, `TimeLimit`'s step count, and for Atari (ale-py) the
-emulator's `cloneState(include_rng=True).serialize()` bytes (system state and the sticky-
-action RNG). Envs or wrappers outside those lists cannot be captured: their copies restart their in-progress episodes on resume (the
-documented fallback); the env-step budget stays exact, only those unfinished episodes are
-not recorded.
+emulator's `cloneState(include_rng=True).serialize()` bytes (system state and the
+sticky-action RNG). Envs or wrappers outside those lists cannot be captured: their copies
+restart their in-progress episodes on resume (the documented fallback); the env-step
+budget stays exact, only those unfinished episodes are not recorded.
 """
 
 from __future__ import annotations

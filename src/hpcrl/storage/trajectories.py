@@ -7,6 +7,7 @@ time-major (vector step, then env copy), chunked and flushed at every log interv
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import h5py
@@ -31,13 +32,23 @@ class TrajectoryWriter:
             resume_rows: continue an existing file after its first `resume_rows` rows (rows
                 past them, written after the checkpoint, are cut); None: a new file.
                 `missing_rows` counts rows the checkpoint expected but the file never got
-                (a kill before its last flush).
+                (a kill before its last flush); a file left unreadable by a kill is renamed
+                `<name>.corrupt` and a new one started.
         """
         self.fields = fields
         path = Path(path)
         self.missing_rows = 0
+        self.file = None
+        self.set_aside: Path | None = None
         if resume_rows is not None and path.exists():
-            self.file = h5py.File(path, "r+")
+            try:
+                self.file = h5py.File(path, "r+")
+            except OSError:
+                # Killed inside a write: HDF5 files are not crash-consistent. Keep the
+                # damaged file for a post-mortem and start a new one (a gap, counted).
+                self.set_aside = path.with_name(path.name + ".corrupt")
+                os.replace(path, self.set_aside)
+        if self.file is not None:
             have = min(self.file[name].shape[0] for name in fields)
             keep = min(have, resume_rows)
             self.missing_rows = resume_rows - keep
@@ -56,6 +67,7 @@ class TrajectoryWriter:
                 )
             self.rows = 0  # rows written or buffered
             self.missing_rows = resume_rows or 0
+            self.file.flush()  # readable from the start, even if the rank is killed
         self.buffers = {
             name: np.empty((CHUNK_ROWS, *shape), dtype=dtype)
             for name, (shape, dtype) in fields.items()

@@ -326,6 +326,9 @@ def _run_actor(ctx: RunContext) -> bool:
         if sends[slot] is not None:
             wait_all([sends[slot]], comm, "rank 0 to take an experience batch", watchdog)
         actor.fill(buffers[slot], q_table, poll)
+        # On disk before rank 0 can count these rows in a checkpoint, so a resume after
+        # kill -9 finds every trajectory row the checkpoint accounts for.
+        actor.recorder.flush()
         sends[slot] = comm.Isend(buffers[slot].buffer, dest=0, tag=Tag.EXPERIENCE)
         slot ^= 1
         if actor.done:

@@ -278,7 +278,14 @@ class TrajectoryRecorder:
         if ctx.cfg.run.record_trajectories:
             path = ctx.run_dir / "traj" / f"rank-{ctx.rank}.h5"
             self.writer = TrajectoryWriter(path, tabular_fields(), resume_traj_rows(ctx, ctx.rank))
-            if self.writer.missing_rows:
+            if self.writer.set_aside is not None:
+                print(
+                    f"[hpcrl] warning (rank {ctx.rank}): {path} was unreadable after a kill; "
+                    f"set aside as {self.writer.set_aside.name} with "
+                    f"{self.writer.missing_rows} rows; a new file continues the trajectories",
+                    flush=True,
+                )
+            elif self.writer.missing_rows:
                 print(
                     f"[hpcrl] warning (rank {ctx.rank}): {path} lost its last "
                     f"{self.writer.missing_rows} rows before the checkpoint (killed before a "
