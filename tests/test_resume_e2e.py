@@ -1010,3 +1010,84 @@ def test_resume_auto_starts_a_run_without_checkpoint_afresh(tmp_path, run_withou
     assert data["resumes"]["env_steps"].size == 0
     with open_h5(run_dir / "run.h5") as f:
         assert json.loads(f.attrs["config"])["total_env_steps"] == budget
+
+
+# ------------------------------------------------- findings of the review (regressions)
+
+
+def test_a_second_job_cannot_resume_or_overwrite_a_live_run(tmp_path):
+    """While a run is being written (its directory locked, run.h5 open for writing), a
+    second `--resume auto` or `--overwrite` on the same directory is refused and the live
+    run goes on untouched; stopped with SIGUSR1, it then resumes and completes."""
+    budget = 3_000_000
+    run_dir = tmp_path / "live"
+    logs = tmp_path / "logs"
+    args = config_args(budget, "allreduce", "checkpoint_interval_s=0", "log_interval_s=0.2")
+    with job(hpcrl_command(2, "train", "--run-dir", str(run_dir), *args), logs) as live:
+        live.wait_for(PROGRESS)  # training, before its first checkpoint
+        before = sorted(p.name for p in run_dir.rglob("*"))
+        small = config_args(2000, "allreduce")
+        for extra in (["--resume", "auto"], ["--overwrite"]):
+            result = run(wrapped(2, logs, "train", "--run-dir", str(run_dir), *small, *extra), logs)
+            assert_one_error_line(result, [r"in use by another running hpcrl job"])
+        assert sorted(p.name for p in run_dir.rglob("*")) == before
+        live.signal(signal.SIGUSR1)
+        result = live.wait()
+    assert result.rc == 3, result.show()
+    assert status(run_dir) == "interrupted"
+    result = run(
+        hpcrl_command(2, "train", "--run-dir", str(run_dir), "--resume", "auto", *args), logs
+    )
+    assert result.rc == 0, result.show()
+    assert_completed(run_dir, budget)
+
+
+def test_ps_one_process_checkpoint_resumed_on_4_ranks_keeps_rank_0_trajectories(tmp_path):
+    """Rank 0 writes trajectories as a one-process run but not as the 4-rank parameter
+    server: its file stays linked, cut back to the checkpoint."""
+    run_dir = tmp_path / "run"
+    logs = tmp_path / "logs"
+    budget = 40_000
+    args = config_args(budget, "ps", "checkpoint_interval_env_steps=10000", "num_envs=4")
+    failing = ["--set", "debug.fail_rank=0", "--set", "debug.fail_after_env_steps=25000"]
+    result = run(hpcrl_command(None, "train", "--run-dir", str(run_dir), *args, *failing), logs)
+    assert result.rc == 1 and "injected failure" in result.stderr, result.show()
+    checkpoint = max(step_files(run_dir))
+    assert checkpoint >= 20_000
+    result = run(
+        hpcrl_command(4, "train", "--resume", str(run_dir), "--set", "debug.fail_rank=-1"),
+        logs,
+    )
+    assert result.rc == 0, result.show()
+    data = assert_completed(run_dir, budget)
+    with open_h5(run_dir / "run.h5") as f:
+        ranks = f["trajectories/ranks"][()].tolist()
+        rows = dict(zip(ranks, f["trajectories/rows"][()].tolist(), strict=True))
+    assert rows[0] == checkpoint and set(ranks) == {0, 1, 2, 3}
+    assert len(data["traj"]["obs"]) == budget
+
+
+def test_unreadable_orphan_trajectory_file_leaves_trajectories_readable(tmp_path):
+    """A rank file of a larger earlier world that a kill left unreadable is set aside with
+    a warning; `/trajectories` links what is really there and reads back whole."""
+    run_dir = tmp_path / "run"
+    logs = tmp_path / "logs"
+    budget = 200_000
+    args = config_args(budget, "allreduce", "checkpoint_interval_env_steps=40000")
+    failing = ["--set", "debug.fail_rank=1", "--set", "debug.fail_after_env_steps=25000"]
+    result = run(hpcrl_command(4, "train", "--run-dir", str(run_dir), *args, *failing), logs)
+    assert result.rc != 0 and step_files(run_dir), result.show()
+    orphan = run_dir / "traj" / "rank-3.h5"
+    os.truncate(orphan, 3000)
+    result = run(
+        hpcrl_command(2, "train", "--resume", str(run_dir), "--set", "debug.fail_rank=-1"),
+        logs,
+    )
+    assert result.rc == 0, result.show()
+    assert "rank-3.h5 holds 0 of the" in result.stdout, result.show()
+    assert (run_dir / "traj" / "rank-3.h5.corrupt").exists()
+    with open_h5(run_dir / "run.h5") as f:
+        obs = f["trajectories/obs"][()]  # raised before: rows the file no longer had
+        rows = f["trajectories/rows"][()]
+        assert len(obs) == int(rows.sum()) < budget
+        assert int(f["metrics/env_steps"][-1]) == budget

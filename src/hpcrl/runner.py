@@ -27,10 +27,12 @@ from hpcrl.storage import checkpoints as ckpt
 from hpcrl.storage.runfile import (
     RunFile,
     default_run_dir,
+    lock_run_dir,
     open_run,
     prepare_run_dir,
     probe_writable,
     read_status,
+    refuse_in_use,
 )
 
 
@@ -175,7 +177,9 @@ def plan_run(values: dict, run_dir: str | None, overwrite: bool, resume: str | N
             )
     path = Path(path)
     ckpt_dir = path / "checkpoints"
+    lock_run_dir(path)
     status = read_status(path)
+    refuse_in_use(path, status)
     if status == "completed":
         return {"mode": "done", "run_dir": str(path), "config": "", "notes": notes}
     if not ckpt.list_checkpoints(ckpt_dir):
@@ -207,6 +211,14 @@ def plan_run(values: dict, run_dir: str | None, overwrite: bool, resume: str | N
     arrays, meta, ckpt_path, skipped = ckpt.load_newest_intact(ckpt_dir)
     for _, reason in skipped:
         notes.append(f"warning: {reason}; resuming from the previous checkpoint {ckpt_path.name}")
+    with open_run(path) as f:
+        have = len(f["episodes"]["return"]) if "episodes" in f else -1
+    if have < int(meta["episodes_rows"]):
+        raise UserError(
+            f"--resume {str(path)!r}: run.h5 holds {have} episode rows, fewer than the "
+            f"{meta['episodes_rows']} checkpoint {ckpt_path.name} accounts for: they do not "
+            "belong together"
+        )
     merged = config_from_json(json.dumps(meta["config"])).flat()
     merged.update(values)
     cfg = build_config(merged)
@@ -250,12 +262,7 @@ def train(
         CollectiveUserError: bad config, layout, env, run directory or checkpoint.
     """
     from hpcrl.topologies.actor_learner import run_parameter_server
-    from hpcrl.topologies.context import (
-        ResumePoint,
-        RunContext,
-        evaluate_greedy,
-        trim_orphan_trajectories,
-    )
+    from hpcrl.topologies.context import ResumePoint, RunContext, evaluate_greedy
     from hpcrl.topologies.data_parallel import run_allreduce
 
     rank, world_size = comm.Get_rank(), comm.Get_size()
@@ -354,8 +361,6 @@ def train(
     ctx.stop_requested = preemption.requested
     if resume_point is not None:
         ctx.start_time -= float(resume_point.meta.get("elapsed_s", 0.0))
-        if rank == 0:
-            trim_orphan_trajectories(ctx)
     try:
         if cfg.algo.layout == "ps":
             loop = run_parameter_server(ctx)

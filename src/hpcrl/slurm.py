@@ -508,7 +508,7 @@ def render_script(options: JobOptions) -> str:
     else:
         lines.append(f"RUN_DIR={shlex.quote(_not_an_option(options.run_dir))}")
     lines += [
-        f"VENV={shlex.quote(options.venv)}",
+        f"VENV={shlex.quote(_not_an_option(options.venv))}",
         f"launcher=({launcher_words})",
         f"train_args=({' '.join(shlex.quote(arg) for arg in train_args)})",
     ]
@@ -614,7 +614,7 @@ _BODY_SETUP = [
 
 _TRAIN = (
     '"${launcher[@]}" python -m hpcrl train "$CONFIG" --run-dir "$RUN_DIR" --resume auto \\\n'
-    '    "${train_args[@]}" "${extra_args[@]}"'
+    '    ${train_args[@]+"${train_args[@]}"} ${extra_args[@]+"${extra_args[@]}"}'
 )
 
 _BODY_PLAIN = [

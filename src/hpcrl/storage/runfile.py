@@ -12,6 +12,7 @@ and holds everything up to the last flush.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -46,15 +47,59 @@ CHUNK_ROWS = 4096
 
 
 def read_status(run_dir: str | Path) -> str | None:
-    """The `status` attribute of `run_dir/run.h5`, "unreadable", or None when there is none."""
+    """The `status` attribute of `run_dir/run.h5`; "in-use" when another process holds it
+    open for writing (HDF5's file lock), "unreadable" when it is damaged, None when there
+    is none."""
     path = Path(run_dir) / RUN_FILE
     if not path.exists():
         return None
     try:
         with h5py.File(path, "r") as f:
             return str(f.attrs.get("status", "unknown"))
+    except BlockingIOError:
+        return "in-use"
     except OSError:
         return "unreadable"
+
+
+_held_locks: dict[str, int] = {}
+
+
+def lock_run_dir(run_dir: str | Path) -> None:
+    """Hold an exclusive advisory lock (`flock`) on `run_dir` until this process exits (a
+    kill releases it too), so a second job cannot resume or overwrite a live run. A
+    directory that does not exist yet, or a file system without `flock`, is not locked
+    (HDF5's own lock on run.h5 is then the only guard).
+
+    Raises:
+        UserError: another process holds the lock.
+    """
+    path = Path(run_dir)
+    key = str(path.resolve())
+    if key in _held_locks or not path.is_dir():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(
+            f"run directory {str(path)!r} is in use by another running hpcrl job; wait for "
+            "it to end or stop it (SIGUSR1, scancel) first"
+        ) from None
+    except OSError:
+        os.close(fd)
+        return
+    _held_locks[key] = fd
+
+
+def refuse_in_use(run_dir: str | Path, status: str | None) -> None:
+    """Raises UserError when `status` (from `read_status`) says a live job writes there."""
+    if status == "in-use":
+        raise UserError(
+            f"{str(Path(run_dir) / RUN_FILE)!r} is open for writing by another running job; "
+            "wait for it to end or stop it (SIGUSR1, scancel) first"
+        )
 
 
 def prepare_run_dir(run_dir: str | Path, overwrite: bool, dry_run: bool = False) -> None:
@@ -73,7 +118,9 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, dry_run: bool = False)
     try:
         if run_dir.exists() and not run_dir.is_dir():
             raise UserError(f"--run-dir {str(run_dir)!r} exists and is not a directory")
+        lock_run_dir(run_dir)
         status = read_status(run_dir)
+        refuse_in_use(run_dir, status)
         leftovers = [
             sub
             for sub in ("traj", "checkpoints")
@@ -97,6 +144,7 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, dry_run: bool = False)
             return
         (run_dir / "traj").mkdir(parents=True, exist_ok=True)
         (run_dir / "checkpoints").mkdir(exist_ok=True)
+        lock_run_dir(run_dir)
     except OSError as exc:
         raise UserError(f"--run-dir {str(run_dir)!r} cannot be used: {exc.strerror}") from None
     probe_writable(run_dir)

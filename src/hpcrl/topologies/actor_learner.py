@@ -162,7 +162,7 @@ class TabularParameterServer:
             self.learner.learner_updates = int(meta["learner_updates"])
             self.env_steps = int(meta["env_steps"])
             rows = meta.get("traj_rows", [])
-            self.traj_rows = {k: int(rows[k]) for k in range(min(len(rows), ctx.world_size))}
+            self.traj_rows = {k: int(n) for k, n in enumerate(rows) if k in ctx.recording_ranks}
         self.reporter = Reporter(ctx)
         self.lags: list[int] = []
         interval = ctx.cfg.run.checkpoint_interval_env_steps
@@ -259,9 +259,9 @@ def run_parameter_server(ctx: RunContext) -> LoopResult:
     """Run the whole `ps` layout; returns the final Q-table on rank 0 (None elsewhere) and
     whether a preemption signal stopped the run (agreed by every rank)."""
     if ctx.world_size == 1:
-        ctx.start_segment(1)
+        ctx.start_segment(1, range(1))
         return _run_embedded(ctx)
-    ctx.start_segment(ctx.world_size - 1)
+    ctx.start_segment(ctx.world_size - 1, range(1, ctx.world_size))
     if ctx.rank == 0:
         q_table, interrupted = _run_learner(ctx)
     else:

@@ -122,6 +122,8 @@ class RunContext:
     resume: ResumePoint | None = None
     stop_requested: object = None  # () -> bool: a preemption signal reached this rank
     last_checkpoint_time: float = field(default_factory=time.perf_counter)
+    recording_ranks: range | tuple = ()  # ranks that write traj/rank-<k>.h5 in this world
+    orphan_traj: dict[int, int] = field(default_factory=dict)  # rank 0: see start_segment
 
     @property
     def rank(self) -> int:
@@ -138,8 +140,14 @@ class RunContext:
     def elapsed_s(self) -> float:
         return time.perf_counter() - self.start_time
 
-    def start_segment(self, acting_ranks: int) -> Segment:
-        """The segment this run (or resume) acts in, given the layout's acting ranks."""
+    def start_segment(self, acting_ranks: int, recording_ranks: range | tuple) -> Segment:
+        """The segment this run (or resume) acts in, given the layout's acting ranks and
+        the ranks that write trajectories. On a resume, rank 0 also cuts the trajectory
+        files no rank of this world writes (a smaller world, or rank 0 of `ps`) back to
+        the checkpoint and keeps linking them (`orphan_traj`)."""
+        self.recording_ranks = recording_ranks
+        if self.rank == 0:
+            trim_orphan_trajectories(self)
         total = self.cfg.run.total_env_steps
         if self.resume is None:
             self.segment = Segment(0, 0, total, acting_ranks)
@@ -338,22 +346,36 @@ def resume_traj_rows(ctx: RunContext, rank: int) -> int | None:
 
 
 def orphan_traj_rows(ctx: RunContext) -> dict[int, int]:
-    """Trajectory files of ranks beyond this world (a resume on fewer ranks) and the rows
-    the checkpoint accounts for; rank 0 keeps linking them."""
-    if ctx.resume is None:
-        return {}
-    rows = ctx.resume.meta.get("traj_rows", [])
-    return {k: int(n) for k, n in enumerate(rows) if k >= ctx.world_size}
+    """Rank 0: trajectory files no rank of this world writes, and the rows they hold."""
+    return dict(ctx.orphan_traj)
 
 
 def trim_orphan_trajectories(ctx: RunContext) -> None:
-    """Rank 0, at a resume on fewer ranks: cut orphan rank files back to the checkpoint."""
-    if not ctx.cfg.run.record_trajectories:
+    """Rank 0, on a resume: cut each trajectory file the checkpoint accounts for but no
+    rank of this world writes back to the checkpoint's rows, and record the rows it
+    really holds (fewer, with a warning, when a kill lost some or left it unreadable)."""
+    ctx.orphan_traj = {}
+    if ctx.resume is None or not ctx.cfg.run.record_trajectories:
         return
-    for rank, rows in orphan_traj_rows(ctx).items():
+    for rank, rows in enumerate(ctx.resume.meta.get("traj_rows", [])):
+        if rank in ctx.recording_ranks or rows == 0:
+            continue
         path = ctx.run_dir / "traj" / f"rank-{rank}.h5"
-        if path.exists():
-            TrajectoryWriter(path, tabular_fields(), rows).close()
+        if not path.exists():
+            print(f"[hpcrl] warning: {path} is missing; {rows} trajectory rows lost", flush=True)
+            continue
+        writer = TrajectoryWriter(path, tabular_fields(), int(rows))
+        writer.close()
+        if writer.missing_rows:
+            aside = writer.set_aside
+            aside = f" (unreadable: set aside as {aside.name})" if aside else ""
+            print(
+                f"[hpcrl] warning: {path} holds {writer.rows} of the {rows} rows the "
+                f"checkpoint accounts for{aside}",
+                flush=True,
+            )
+        if writer.rows:
+            ctx.orphan_traj[rank] = writer.rows
 
 
 def link_trajectories(ctx: RunContext, rows_written: int) -> None:

@@ -54,7 +54,7 @@ def run_allreduce(ctx: RunContext) -> LoopResult:
     and whether a preemption signal stopped it."""
     comm, cfg, watchdog = ctx.comm, ctx.cfg, ctx.watchdog_s
     num_envs, sync_interval = cfg.run.num_envs, cfg.algo.sync_interval
-    segment = ctx.start_segment(ctx.world_size)
+    segment = ctx.start_segment(ctx.world_size, range(ctx.world_size))
     budgets = np.array(segment.budgets(), dtype=np.int64)
     budget = int(budgets[ctx.rank])
     vector_steps = max(1, -(-int(budgets.max()) // num_envs))  # the same on every rank
