@@ -24,7 +24,7 @@ MAX_ENV_STEPS = 10**15  # far beyond any run; keeps every counter exact in int64
 
 # Algorithm name -> module holding its `Config` dataclass. Imported lazily so a tabular
 # run never imports torch.
-ALGOS: dict[str, str] = {"qlearning": "hpcrl.algos.qlearning"}
+ALGOS: dict[str, str] = {"qlearning": "hpcrl.algos.qlearning", "ppo": "hpcrl.algos.ppo"}
 
 
 @dataclass

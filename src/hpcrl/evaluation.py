@@ -1,6 +1,8 @@
-"""Greedy-policy evaluation of a Q-table (no MPI: callers split the episode ids over ranks)."""
+"""Greedy-policy evaluation (no MPI: callers split the episode ids over ranks)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -32,14 +34,33 @@ def greedy_episode_returns(
     Returns:
         (n,) float64 returns, in the order of `episode_ids`.
     """
+    greedy = np.argmax(q_table, axis=1)
+    return policy_episode_returns(
+        env_id, env_kwargs, lambda obs: greedy[obs], episode_ids, seed, max_episode_steps
+    )
+
+
+def policy_episode_returns(
+    env_id: str,
+    env_kwargs: dict,
+    policy: Callable[[np.ndarray], np.ndarray],
+    episode_ids: np.ndarray,
+    seed: int,
+    max_episode_steps: int = 10_000,
+) -> np.ndarray:
+    """Undiscounted returns of a deterministic `policy` (one observation -> one action),
+    with the seeding and episode cap of `greedy_episode_returns`.
+
+    Returns:
+        (n,) float64 returns, in the order of `episode_ids`.
+    """
     env = make_env(env_id, env_kwargs)
     limit = (env.spec.max_episode_steps if env.spec else None) or max_episode_steps
-    greedy = np.argmax(q_table, axis=1)
     returns = np.zeros(len(episode_ids), dtype=np.float64)
     for j, episode in enumerate(episode_ids):
         obs, _ = env.reset(seed=int(seed + episode))
         for _ in range(limit):
-            obs, reward, terminated, truncated, _ = env.step(greedy[obs])
+            obs, reward, terminated, truncated, _ = env.step(policy(obs))
             returns[j] += reward
             if terminated or truncated:
                 break

@@ -49,13 +49,17 @@ class Layout:
             return "one process: every role in turn"
         if self.name == "ps":
             return f"rank 0 parameter server, ranks 1-{world_size - 1} actors"
+        if self.name == "data_parallel":
+            return f"ranks 0-{world_size - 1} each act and learn, gradients averaged"
         return f"ranks 0-{world_size - 1} each act and learn"
 
 
 LAYOUTS = {
     "ps": Layout("ps", 1),
     "allreduce": Layout("allreduce", 1),
+    "data_parallel": Layout("data_parallel", 1),
 }
+TABULAR_LAYOUTS = ("ps", "allreduce")
 
 
 class LayoutError(ConfigError):
@@ -237,7 +241,7 @@ def plan_run(values: dict, run_dir: str | None, overwrite: bool, resume: str | N
         "checkpoint": str(ckpt_path),
         "damaged": [str(bad) for bad, _ in skipped],
         "meta": meta,
-        "q_shape": list(arrays["q_table"].shape),
+        "q_shape": list(arrays["q_table"].shape) if "q_table" in arrays else [],
     }
 
 
@@ -262,7 +266,7 @@ def train(
         CollectiveUserError: bad config, layout, env, run directory or checkpoint.
     """
     from hpcrl.topologies.actor_learner import run_parameter_server
-    from hpcrl.topologies.context import ResumePoint, RunContext, evaluate_greedy
+    from hpcrl.topologies.context import ResumePoint, RunContext, evaluate_greedy, evaluate_policy
     from hpcrl.topologies.data_parallel import run_allreduce
 
     rank, world_size = comm.Get_rank(), comm.Get_size()
@@ -281,13 +285,22 @@ def train(
     layout = agree(comm, lambda: validate_layout(cfg.algo.layout, world_size))
     _limit_threads(run.torch_threads)
 
+    tabular = cfg.algo.layout in TABULAR_LAYOUTS
+
     def check_env() -> tuple[int, int]:
         env = make_env(run.env_id, run.env_kwargs)
         try:
+            if not tabular:
+                from hpcrl.models import make_encoder
+
+                make_encoder(env.observation_space)  # a one-line error for what no model reads
+                cfg.algo.check_spaces(env.observation_space, env.action_space)
+                cfg.algo.rollout_steps(world_size, run.num_envs)  # the global batch splits
+                return 0, 0
             sizes = discrete_sizes(env)
         finally:
             env.close()
-        if plan["mode"] == "resume" and list(sizes) != plan["q_shape"]:
+        if plan["mode"] == "resume" and plan["q_shape"] and list(sizes) != plan["q_shape"]:
             raise UserError(
                 f"the checkpoint's q_table has shape {tuple(plan['q_shape'])}, env "
                 f"{run.env_id!r} now has {sizes[0]} states x {sizes[1]} actions"
@@ -364,8 +377,12 @@ def train(
     try:
         if cfg.algo.layout == "ps":
             loop = run_parameter_server(ctx)
-        else:
+        elif cfg.algo.layout == "allreduce":
             loop = run_allreduce(ctx)
+        else:
+            from hpcrl.topologies.gradient_allreduce import run_gradient_allreduce
+
+            loop = run_gradient_allreduce(ctx)
         if rank == 0:
             run_file.set_attrs(wall_time_s=ctx.elapsed_s())  # training only, no evaluation
         if loop.interrupted:
@@ -378,9 +395,19 @@ def train(
                     flush=True,
                 )
             return TrainOutcome("interrupted")
-        q_table = loop.q_table if rank == 0 else np.zeros((n_states, n_actions))
         result = None
-        if run.eval_episodes > 0:
+        if run.eval_episodes > 0 and not tabular:
+            result = evaluate_policy(
+                comm,
+                run.env_id,
+                run.env_kwargs,
+                loop.learner.greedy_actions,
+                run.eval_episodes,
+                run.seed + 1_000_003,
+                ctx.watchdog_s,
+            )
+        q_table = loop.q_table if rank == 0 else np.zeros((n_states, n_actions))
+        if run.eval_episodes > 0 and tabular:
             result = evaluate_greedy(
                 comm,
                 run.env_id,

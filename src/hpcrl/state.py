@@ -1,4 +1,5 @@
-"""Random-generator states as numeric arrays, so checkpoints stay numeric HDF5.
+"""Random-generator, model and optimizer states as numeric arrays, so checkpoints stay
+numeric HDF5 (no pickles).
 
 numpy's `default_rng` and gymnasium's `np_random` are `Generator(PCG64)`; a PCG64 state
 is two 128-bit integers plus the buffered-uint32 pair, stored here as six uint64:
@@ -57,3 +58,50 @@ def set_torch_rng_state(array: np.ndarray | None) -> None:
     import torch
 
     torch.set_rng_state(torch.from_numpy(np.asarray(array, dtype=np.uint8).copy()))
+
+
+def module_arrays(module, prefix: str = "params") -> dict[str, np.ndarray]:
+    """Every parameter and buffer of a torch module as `{prefix/<name>: array}`."""
+    return {
+        f"{prefix}/{k}": v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()
+    }
+
+
+def load_module_arrays(module, arrays: dict[str, np.ndarray], prefix: str = "params") -> None:
+    """Inverse of `module_arrays` (strict: every key must be there).
+
+    Raises:
+        KeyError: an entry of the module is missing from `arrays`.
+    """
+    import torch
+
+    state = {}
+    for key, value in module.state_dict().items():
+        state[key] = torch.as_tensor(arrays[f"{prefix}/{key}"], dtype=value.dtype)
+    module.load_state_dict(state)
+
+
+def optimizer_arrays(optimizer, prefix: str = "optimizer") -> dict[str, np.ndarray]:
+    """A torch optimizer's per-parameter state (e.g. Adam's step, exp_avg, exp_avg_sq) as
+    `{prefix/<param index>/<name>: array}`; hyperparameters are config, not state."""
+    out = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            array = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+            out[f"{prefix}/{index}/{name}"] = array.copy()
+    return out
+
+
+def load_optimizer_arrays(optimizer, arrays: dict[str, np.ndarray], prefix: str = "optimizer"):
+    """Inverse of `optimizer_arrays` for an optimizer built over the same parameters."""
+    import torch
+
+    current = optimizer.state_dict()
+    state: dict = {}
+    for key, array in arrays.items():
+        if not key.startswith(prefix + "/"):
+            continue
+        _, index, name = key.split("/", 2)
+        state.setdefault(int(index), {})[name] = torch.as_tensor(array)
+    current["state"] = state
+    optimizer.load_state_dict(current)

@@ -181,6 +181,20 @@ def load_newest_intact(
     raise CheckpointError(f"no intact checkpoint in {str(ckpt_dir)!r}: {reasons}")
 
 
+def read_shared(path: str | Path) -> dict[str, np.ndarray]:
+    """Every dataset of a verified checkpoint outside `ranks/` (e.g. `q_table`,
+    `params/...`, `optimizer/...`), keyed by its full path."""
+    arrays: dict[str, np.ndarray] = {}
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset) and not name.startswith("ranks/"):
+            arrays[name] = obj[()]
+
+    with h5py.File(path, "r") as f:
+        f.visititems(visit)
+    return arrays
+
+
 def read_group(path: str | Path, group: str) -> dict[str, np.ndarray]:
     """The datasets directly under `group` of a checkpoint already verified by
     `load_checkpoint` (e.g. one rank's `ranks/<k>`); {} when the group is absent."""

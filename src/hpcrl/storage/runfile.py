@@ -236,7 +236,7 @@ class RunFile:
         self.episodes_dropped = have - episodes_rows
         for name in EPISODE_FIELDS:
             episodes[name].resize((episodes_rows,))
-        for dataset in self.file["metrics"].values():
+        for dataset in _datasets(self.file["metrics"]):
             if dataset.shape[0] > metrics_rows:
                 dataset.resize((metrics_rows,))
         _require_resumes(self.file)
@@ -250,7 +250,7 @@ class RunFile:
 
     @property
     def metric_rows(self) -> int:
-        lengths = [d.shape[0] for d in self.file["metrics"].values()]
+        lengths = [d.shape[0] for d in _datasets(self.file["metrics"])]
         return int(max(lengths)) if lengths else 0
 
     def append_resume(self, **row) -> None:
@@ -272,7 +272,8 @@ class RunFile:
             _append(self.file["episodes"][name], np.asarray(values))
 
     def append_metrics(self, row: dict[str, float | int]) -> None:
-        """Append one row to `/metrics` (one dataset per key, created on first use)."""
+        """Append one row to `/metrics` (one dataset per key, created on first use; a key
+        like `losses/value` makes a group)."""
         group = self.file["metrics"]
         for name, value in row.items():
             if name not in group:
@@ -327,6 +328,13 @@ class RunFile:
     def close(self) -> None:
         if self.file.id.valid:
             self.file.close()
+
+
+def _datasets(group: h5py.Group) -> list[h5py.Dataset]:
+    """Every dataset under `group`, at any depth (`/metrics/losses/value` is nested)."""
+    found: list[h5py.Dataset] = []
+    group.visititems(lambda _, obj: found.append(obj) if isinstance(obj, h5py.Dataset) else None)
+    return found
 
 
 def _require_resumes(f: h5py.File) -> None:

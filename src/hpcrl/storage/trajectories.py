@@ -127,3 +127,24 @@ def tabular_fields() -> dict[str, tuple[tuple[int, ...], type]]:
         "truncated": ((), np.bool_),
         "env": ((), np.int32),  # index of the env copy within the acting rank
     }
+
+
+def space_fields(observation_space, action_space) -> dict[str, tuple[tuple[int, ...], type]]:
+    """Trajectory fields for any gymnasium spaces with array observations and actions
+    (`Box` or `Discrete`), e.g. CartPole: obs (4,) float32, action () int64."""
+
+    def row(space) -> tuple[tuple[int, ...], type]:
+        if space.shape == () or space.shape is None:  # Discrete
+            return (), np.int64
+        return tuple(space.shape), np.dtype(space.dtype).type
+
+    obs, action = row(observation_space), row(action_space)
+    return {
+        "obs": obs,
+        "action": action,
+        "reward": ((), np.float64),
+        "next_obs": obs,
+        "terminated": ((), np.bool_),
+        "truncated": ((), np.bool_),
+        "env": ((), np.int32),
+    }

@@ -35,10 +35,10 @@ from mpi4py import MPI
 from hpcrl.comm.waits import bcast, gather_rows
 from hpcrl.config import Config
 from hpcrl.envs import EnvStepper, StepBatch, make_vector_env
-from hpcrl.evaluation import greedy_episode_returns
+from hpcrl.evaluation import greedy_episode_returns, policy_episode_returns
 from hpcrl.progress import Progress
 from hpcrl.state import generator_state, set_generator_state, set_torch_rng_state, torch_rng_state
-from hpcrl.storage.checkpoints import read_group, write_checkpoint
+from hpcrl.storage.checkpoints import read_group, read_shared, write_checkpoint
 from hpcrl.storage.runfile import EPISODE_FIELDS, RunFile
 from hpcrl.storage.trajectories import TrajectoryWriter, tabular_fields
 
@@ -81,8 +81,9 @@ class Segment:
 class LoopResult:
     """What a topology loop hands back to the runner."""
 
-    q_table: np.ndarray | None  # the final table (rank 0 at least)
+    q_table: np.ndarray | None  # the final table (rank 0 at least; tabular layouts)
     interrupted: bool  # stopped by a preemption signal after a checkpoint, on every rank
+    learner: object = None  # the deep learner (data-parallel layout), on every rank
 
 
 @dataclass
@@ -94,8 +95,8 @@ class ResumePoint:
     exact: bool  # every rank's state is in it and the world size is unchanged
 
     def shared(self) -> dict[str, np.ndarray]:
-        """The checkpoint's top-level datasets (e.g. `q_table`)."""
-        return read_group(self.path, "/")
+        """The checkpoint's datasets outside `ranks/` (`q_table`, `params/...`, ...)."""
+        return read_shared(self.path)
 
     def rank_state(self, rank: int) -> dict[str, np.ndarray]:
         """`ranks/<rank>` of the checkpoint ({} when it holds no rank states)."""
@@ -123,6 +124,7 @@ class RunContext:
     stop_requested: object = None  # () -> bool: a preemption signal reached this rank
     last_checkpoint_time: float = field(default_factory=time.perf_counter)
     recording_ranks: range | tuple = ()  # ranks that write traj/rank-<k>.h5 in this world
+    traj_fields: dict = field(default_factory=tabular_fields)  # {name: (row shape, dtype)}
     orphan_traj: dict[int, int] = field(default_factory=dict)  # rank 0: see start_segment
 
     @property
@@ -285,7 +287,7 @@ class TrajectoryRecorder:
         self.writer = None
         if ctx.cfg.run.record_trajectories:
             path = ctx.run_dir / "traj" / f"rank-{ctx.rank}.h5"
-            self.writer = TrajectoryWriter(path, tabular_fields(), resume_traj_rows(ctx, ctx.rank))
+            self.writer = TrajectoryWriter(path, ctx.traj_fields, resume_traj_rows(ctx, ctx.rank))
             if self.writer.set_aside is not None:
                 print(
                     f"[hpcrl] warning (rank {ctx.rank}): {path} was unreadable after a kill; "
@@ -364,7 +366,7 @@ def trim_orphan_trajectories(ctx: RunContext) -> None:
         if not path.exists():
             print(f"[hpcrl] warning: {path} is missing; {rows} trajectory rows lost", flush=True)
             continue
-        writer = TrajectoryWriter(path, tabular_fields(), int(rows))
+        writer = TrajectoryWriter(path, ctx.traj_fields, int(rows))
         writer.close()
         if writer.missing_rows:
             aside = writer.set_aside
@@ -384,7 +386,7 @@ def link_trajectories(ctx: RunContext, rows_written: int) -> None:
     if ctx.rank == 0 and ctx.cfg.run.record_trajectories:
         per_rank = {k: int(n) for k, n in enumerate(rows)}
         per_rank.update(orphan_traj_rows(ctx))
-        ctx.run_file.link_trajectories(per_rank, tabular_fields())
+        ctx.run_file.link_trajectories(per_rank, ctx.traj_fields)
 
 
 def rank_state(
@@ -440,9 +442,14 @@ def gather_rank_states(
     return states
 
 
-def save_q_table(
+def save_q_table(ctx: RunContext, q_table: np.ndarray, *args, **kwargs) -> Path:
+    """Rank 0: a tabular checkpoint (`save_checkpoint` with `{"q_table": q_table}`)."""
+    return save_checkpoint(ctx, {"q_table": q_table}, *args, **kwargs)
+
+
+def save_checkpoint(
     ctx: RunContext,
-    q_table: np.ndarray,
+    shared: dict[str, np.ndarray],
     env_steps: int,
     learner_updates: int,
     policy_version: int,
@@ -450,10 +457,12 @@ def save_q_table(
     rank_states: dict[int, dict[str, np.ndarray]] | None = None,
     counters: dict | None = None,
 ) -> Path:
-    """Rank 0: write a full tabular checkpoint (see the module doc) after flushing run.h5,
-    so the rows it accounts for are on disk before it is.
+    """Rank 0: write a full checkpoint (see the module doc) after flushing run.h5, so the
+    rows it accounts for are on disk before it is.
 
     Args:
+        shared: the learner's arrays, the same for every rank (`q_table`, or a model's
+            `params/...` and `optimizer/...`).
         traj_rows: {rank: rows of traj/rank-<k>.h5 up to this checkpoint} for the ranks
             of this world; orphan files of a larger earlier world are added here.
         rank_states: every rank's `rank_state` (collective checkpoints), or None.
@@ -482,7 +491,7 @@ def save_q_table(
         "rank_states": rank_states is not None,
         **(counters or {}),
     }
-    arrays = {"q_table": q_table}
+    arrays = dict(shared)
     for rank, state in (rank_states or {}).items():
         for name, array in state.items():
             arrays[f"ranks/{rank}/{name}"] = array
@@ -516,6 +525,31 @@ def evaluate_greedy(
     # are bitwise the same for every world size.
     ids = np.array_split(np.arange(episodes, dtype=np.int64), comm.Get_size())[comm.Get_rank()]
     returns = greedy_episode_returns(env_id, env_kwargs, q_table, ids, seed)
+    return _return_stats(comm, returns, episodes, watchdog_s)
+
+
+def evaluate_policy(
+    comm: MPI.Comm,
+    env_id: str,
+    env_kwargs: dict,
+    greedy_actions,
+    episodes: int,
+    seed: int,
+    watchdog_s: float,
+) -> dict | None:
+    """Collective: like `evaluate_greedy` for a learner every rank holds identically.
+
+    Args:
+        greedy_actions: (N, *obs_shape) observations -> (N, ...) deterministic actions.
+    """
+    ids = np.array_split(np.arange(episodes, dtype=np.int64), comm.Get_size())[comm.Get_rank()]
+    returns = policy_episode_returns(
+        env_id, env_kwargs, lambda obs: greedy_actions(np.asarray(obs)[None])[0], ids, seed
+    )
+    return _return_stats(comm, returns, episodes, watchdog_s)
+
+
+def _return_stats(comm, returns, episodes, watchdog_s) -> dict | None:
     all_returns = gather_rows(comm, returns, 0, watchdog_s)
     if comm.Get_rank() != 0:
         return None

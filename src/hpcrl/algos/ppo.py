@@ -1,0 +1,265 @@
+"""PPO with the clipped surrogate objective (Schulman et al. 2017, "Proximal Policy
+Optimization Algorithms", Eq. 7 and 9) and GAE(λ) advantages (Schulman et al. 2016), run
+data-parallel as DD-PPO (Wijmans et al. 2020): every rank collects its own rollout, the
+advantages are normalized with the mean and std of the global batch, and every minibatch
+gradient is averaged over the ranks (`DataParallel.average_gradients`) before one identical
+optimizer step on every rank.
+
+Per update, with ratio r_t(θ) = π_θ(a_t|s_t) / π_old(a_t|s_t) and normalized advantages Â_t:
+
+    L_clip = E[ max(−Â_t r_t(θ), −Â_t clip(r_t(θ), 1 − ε, 1 + ε)) ]
+    L_V    = E[ ½ max((V_θ(s_t) − R_t)², (V_old + clip(V_θ − V_old, −ε, ε) − R_t)²) ]
+    loss   = L_clip + c_v L_V − c_e E[H(π_θ(·|s_t))]
+
+This module holds the math and the rollout; the loop that steps envs and calls `update` on
+every rank lives in `hpcrl.topologies.gradient_allreduce`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hpcrl.errors import ConfigError
+from hpcrl.models import ActorCritic
+from hpcrl.returns import gae
+
+LEARNER = "PPO"  # the class `hpcrl.topologies.gradient_allreduce` builds on every rank
+
+
+@dataclass
+class Config:
+    """PPO hyperparameters. Batch sizes are global: summed over every rank."""
+
+    layout: str = "data_parallel"
+    batch_size: int = 2048  # env steps per update, all ranks together
+    minibatch_size: int = 512  # samples per gradient step, all ranks together
+    update_epochs: int = 10
+    learning_rate: float = 3e-4
+    anneal_lr: bool = True  # linearly to 0 over the budget
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_coef: float = 0.2  # ε
+    anneal_clip: bool = False  # ε linearly to 0 over the budget
+    clip_vloss: bool = True
+    ent_coef: float = 0.0
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5  # on the rank-averaged gradient
+    norm_adv: bool = True  # with the global batch's mean and std
+    hidden_size: int = 64
+    check_sync_every: int = 10  # updates between parameter-consistency checks (0: never)
+
+    def validate(self) -> None:
+        def check(ok: bool, key: str, expected: str) -> None:
+            if not ok:
+                raise ConfigError(
+                    f"config key '{key}': got {getattr(self, key)!r}, expected {expected}"
+                )
+
+        check(self.layout == "data_parallel", "layout", "'data_parallel'")
+        check(self.batch_size >= 1, "batch_size", "an integer >= 1")
+        check(
+            1 <= self.minibatch_size <= self.batch_size
+            and self.batch_size % self.minibatch_size == 0,
+            "minibatch_size",
+            f"a divisor of batch_size ({self.batch_size})",
+        )
+        check(self.update_epochs >= 1, "update_epochs", "an integer >= 1")
+        check(self.learning_rate > 0, "learning_rate", "a number > 0")
+        check(0.0 <= self.gamma <= 1.0, "gamma", "a discount γ in [0, 1]")
+        check(0.0 <= self.gae_lambda <= 1.0, "gae_lambda", "λ in [0, 1]")
+        check(self.clip_coef > 0, "clip_coef", "ε > 0")
+        check(self.max_grad_norm > 0, "max_grad_norm", "a number > 0")
+        check(self.hidden_size >= 1, "hidden_size", "an integer >= 1")
+        check(self.check_sync_every >= 0, "check_sync_every", "an integer >= 0")
+
+    def check_spaces(self, observation_space, action_space) -> None:
+        """Raises UserError unless the action space is `Discrete` or `Box`."""
+        import gymnasium as gym
+
+        from hpcrl.errors import UserError
+
+        if not isinstance(action_space, (gym.spaces.Discrete, gym.spaces.Box)):
+            raise UserError(f"ppo needs a Discrete or Box action space, got {action_space}")
+
+    def rollout_steps(self, world_size: int, num_envs: int) -> int:
+        """Vector steps per rollout on each rank: batch_size / (world_size × num_envs).
+
+        Raises:
+            ConfigError: the global batch does not split into whole rollouts.
+        """
+        share = world_size * num_envs
+        if self.batch_size % share or (self.minibatch_size % world_size):
+            raise ConfigError(
+                f"batch_size {self.batch_size} and minibatch_size {self.minibatch_size} must "
+                f"split over {world_size} ranks x {num_envs} env copies (num_envs): "
+                f"batch_size % {share} = {self.batch_size % share}, "
+                f"minibatch_size % {world_size} = {self.minibatch_size % world_size}"
+            )
+        return self.batch_size // share
+
+
+class PPO:
+    """One rank's PPO learner: acts, stores its rollout, updates with averaged gradients.
+
+    Call sequence (by the topology, on every rank in lockstep):
+        for each vector step: actions = act(obs); observe(step batch)
+        every `rollout_steps` vector steps: update(dp, progress)
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        observation_space,
+        action_space,
+        num_envs: int,
+        world_size: int,
+        seed: int,
+    ):
+        self.cfg = cfg
+        self.num_envs = num_envs
+        self.rollout_steps = cfg.rollout_steps(world_size, num_envs)
+        self.minibatch_size = cfg.minibatch_size // world_size  # this rank's share
+        self.model = ActorCritic(observation_space, action_space, hidden=(cfg.hidden_size,) * 2)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate, eps=1e-5)
+        self.generator = torch.Generator().manual_seed(seed)  # minibatch shuffling
+        self.learner_updates = 0
+        self._t = 0
+        self._obs: list = []
+        self._actions: list = []
+        self._log_probs: list = []
+        self._values: list = []
+        self._rewards: list = []
+        self._terminated: list = []
+        self._truncated: list = []
+        self._next_obs: list = []
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """Sample actions for a batch of observations and remember what the loss needs.
+
+        Args:
+            obs: (B, *obs_shape) observations of this rank's env copies.
+
+        Returns:
+            (B, *action_shape) actions (int64 for Discrete, float32 for Box).
+        """
+        obs_t = torch.as_tensor(obs)
+        with torch.no_grad():
+            actions, log_probs, values = self.model.act(obs_t)
+        self._obs.append(obs_t)
+        self._actions.append(actions)
+        self._log_probs.append(log_probs)
+        self._values.append(values)
+        return actions.numpy()
+
+    def observe(self, rewards, terminated, truncated, next_obs) -> None:
+        """The step's outcome: (B,) rewards, terminated, truncated and (B, ...) next
+        observations (the final observation where an episode ended)."""
+        self._rewards.append(torch.as_tensor(rewards, dtype=torch.float32))
+        self._terminated.append(torch.as_tensor(terminated, dtype=torch.float32))
+        self._truncated.append(torch.as_tensor(truncated, dtype=torch.float32))
+        self._next_obs.append(torch.as_tensor(next_obs))
+
+    def update(self, dp, progress: float) -> dict[str, float]:
+        """One PPO update on this rank's rollout, gradients averaged over the ranks by `dp`.
+
+        Args:
+            dp: the data-parallel collectives (`average_gradients`, `mean_std`).
+            progress: fraction of the run's budget done, in [0, 1] (annealing).
+
+        Returns:
+            Loss metrics of the last epoch (this rank's minibatches).
+        """
+        cfg = self.cfg
+        obs = torch.stack(self._obs)  # (T, B, ...)
+        actions = torch.stack(self._actions)
+        old_log_probs = torch.stack(self._log_probs)
+        values = torch.stack(self._values)
+        rewards = torch.stack(self._rewards)
+        terminated = torch.stack(self._terminated)
+        truncated = torch.stack(self._truncated)
+        next_obs = torch.stack(self._next_obs)
+        for buffer in (
+            self._obs,
+            self._actions,
+            self._log_probs,
+            self._values,
+            self._rewards,
+            self._terminated,
+            self._truncated,
+            self._next_obs,
+        ):
+            buffer.clear()
+        T, B = rewards.shape
+        with torch.no_grad():
+            next_values = self.model.value(next_obs.reshape(T * B, *next_obs.shape[2:]))
+            next_values = next_values.reshape(T, B)
+        advantages, returns = gae(
+            rewards, values, next_values, terminated, truncated, cfg.gamma, cfg.gae_lambda
+        )
+        if cfg.norm_adv:
+            mean, std = dp.mean_std(advantages.numpy())
+            advantages = (advantages - mean) / (std + 1e-8)
+        flat = {
+            "obs": obs.reshape(T * B, *obs.shape[2:]),
+            "actions": actions.reshape(T * B, *actions.shape[2:]),
+            "log_probs": old_log_probs.reshape(-1),
+            "advantages": advantages.reshape(-1),
+            "returns": returns.reshape(-1),
+            "values": values.reshape(-1),
+        }
+        lr = cfg.learning_rate * (1.0 - progress) if cfg.anneal_lr else cfg.learning_rate
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        clip = cfg.clip_coef * (1.0 - progress) if cfg.anneal_clip else cfg.clip_coef
+        clip = max(clip, 1e-8)
+        metrics: dict[str, float] = {}
+        for _ in range(cfg.update_epochs):
+            order = torch.randperm(T * B, generator=self.generator)
+            for start in range(0, T * B, self.minibatch_size):
+                index = order[start : start + self.minibatch_size]
+                metrics = self._minibatch_step(dp, {k: v[index] for k, v in flat.items()}, clip)
+        self.learner_updates += 1
+        metrics["learning_rate"] = lr
+        return metrics
+
+    def _minibatch_step(self, dp, mb: dict[str, torch.Tensor], clip: float) -> dict[str, float]:
+        cfg = self.cfg
+        log_probs, entropy, new_values = self.model.evaluate_actions(mb["obs"], mb["actions"])
+        log_ratio = log_probs - mb["log_probs"]
+        ratio = log_ratio.exp()
+        adv = mb["advantages"]
+        pg_loss = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip, 1 + clip)).mean()
+        if cfg.clip_vloss:
+            clipped = mb["values"] + torch.clamp(new_values - mb["values"], -clip, clip)
+            v_loss = (
+                0.5
+                * torch.max(
+                    (new_values - mb["returns"]) ** 2, (clipped - mb["returns"]) ** 2
+                ).mean()
+            )
+        else:
+            v_loss = 0.5 * ((new_values - mb["returns"]) ** 2).mean()
+        entropy_loss = entropy.mean()
+        loss = pg_loss - cfg.ent_coef * entropy_loss + cfg.vf_coef * v_loss
+        self.optimizer.zero_grad()
+        loss.backward()
+        dp.average_gradients()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        with torch.no_grad():
+            approx_kl = ((ratio - 1) - log_ratio).mean().item()  # Schulman's k3 estimator
+        return {
+            "losses/policy": pg_loss.item(),
+            "losses/value": v_loss.item(),
+            "losses/entropy": entropy_loss.item(),
+            "losses/approx_kl": approx_kl,
+        }
+
+    def greedy_actions(self, obs: np.ndarray) -> np.ndarray:
+        """Deterministic actions (mode of the policy) for evaluation."""
+        with torch.no_grad():
+            actions, _, _ = self.model.act(torch.as_tensor(obs), deterministic=True)
+        return actions.numpy()

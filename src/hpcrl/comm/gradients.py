@@ -1,0 +1,129 @@
+"""Collectives for data-parallel torch learners: one flat-gradient `Allreduce` per update,
+parameter broadcast, globally merged statistics, and a parameter-consistency check.
+
+As in CleanRL's multi-GPU PPO and Baselines' `MpiAdam`: every gradient is copied into one
+contiguous float32 host buffer, summed with a single `Allreduce` and divided by the world
+size, so every rank applies the same averaged gradient and takes an identical optimizer
+step; the parameters never drift apart (checked by `check_parameters_in_sync`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from hpcrl.comm.waits import allreduce_sum, bcast
+
+
+class FlatGradients:
+    """Averages the gradients of `parameters` over `comm` with one `Allreduce`.
+
+    Args:
+        parameters: the model's parameters, in a fixed order (the same on every rank).
+    """
+
+    def __init__(self, parameters: list[torch.nn.Parameter]):
+        self.parameters = [p for p in parameters if p.requires_grad]
+        self.sizes = [p.numel() for p in self.parameters]
+        self.buffer = np.zeros(sum(self.sizes), dtype=np.float32)
+        self.view = torch.from_numpy(self.buffer)  # shares memory with `buffer`
+
+    def average(self, comm: MPI.Comm, watchdog_s: float) -> None:
+        """Replace every `p.grad` by its mean over the ranks of `comm` (a missing gradient
+        counts as zeros)."""
+        offset = 0
+        for p, n in zip(self.parameters, self.sizes, strict=True):
+            chunk = self.view[offset : offset + n]
+            if p.grad is None:
+                chunk.zero_()
+            else:
+                chunk.copy_(p.grad.detach().reshape(-1))
+            offset += n
+        if comm.Get_size() > 1:
+            allreduce_sum(comm, self.buffer, watchdog_s)
+            self.view.div_(comm.Get_size())
+        offset = 0
+        for p, n in zip(self.parameters, self.sizes, strict=True):
+            chunk = self.view[offset : offset + n].view_as(p)
+            if p.grad is None:
+                p.grad = chunk.to(p.device).clone()
+            else:
+                p.grad.copy_(chunk)
+            offset += n
+
+
+def broadcast_parameters(
+    comm: MPI.Comm, module: torch.nn.Module, watchdog_s: float, root: int = 0
+) -> None:
+    """Give every rank `root`'s parameters and buffers (at start and after a restore)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    if comm.Get_size() == 1 or not tensors:
+        return
+    flat = np.concatenate([t.detach().cpu().reshape(-1).double().numpy() for t in tensors])
+    bcast(comm, flat, root, watchdog_s)
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            n = t.numel()
+            t.copy_(torch.from_numpy(flat[offset : offset + n]).view_as(t).to(t.dtype))
+            offset += n
+
+
+def parameters_digest(module: torch.nn.Module) -> int:
+    """A 63-bit digest of the exact bytes of every parameter (bit-identical <=> equal)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for p in module.parameters():
+        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return int.from_bytes(digest.digest(), "little") >> 1
+
+
+class ParametersOutOfSync(RuntimeError):
+    """Data-parallel ranks hold different parameters (a bug, or a non-deterministic op)."""
+
+
+def check_parameters_in_sync(comm: MPI.Comm, module: torch.nn.Module, watchdog_s: float) -> int:
+    """Collective: compare every rank's parameter digest (one small `Allreduce`).
+
+    Returns:
+        The digest (the same on every rank).
+
+    Raises:
+        ParametersOutOfSync: on every rank, naming the ranks whose digest differs from
+            rank 0's.
+    """
+    digests = np.zeros(comm.Get_size(), dtype=np.float64)
+    mine = parameters_digest(module)
+    # float64 holds the digest's top 53 bits exactly enough to compare; keep the raw value
+    # too so the message can show it.
+    digests[comm.Get_rank()] = float(mine >> 10)
+    allreduce_sum(comm, digests, watchdog_s)
+    bad = [k for k in range(comm.Get_size()) if digests[k] != digests[0]]
+    if bad:
+        raise ParametersOutOfSync(
+            f"parameters of ranks {bad} differ from rank 0's after the same updates "
+            f"(digests {[int(d) for d in digests]}): the ranks no longer learn the same model"
+        )
+    return mine
+
+
+def global_mean_std(comm: MPI.Comm, values: np.ndarray, watchdog_s: float) -> tuple[float, float]:
+    """Mean and standard deviation of `values` pooled over every rank of `comm` (one
+    `Allreduce` of [count, sum, sum of squares] in float64), e.g. for PPO's advantage
+    normalization over the global batch.
+
+    Args:
+        values: any shape; all entries count.
+
+    Returns:
+        (mean, std) with the population variance (ddof 0).
+    """
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    stats = np.array([values.size, values.sum(), np.square(values).sum()], dtype=np.float64)
+    allreduce_sum(comm, stats, watchdog_s)
+    count = max(stats[0], 1.0)
+    mean = stats[1] / count
+    var = max(stats[2] / count - mean * mean, 0.0)
+    return float(mean), float(np.sqrt(var))

@@ -1,0 +1,163 @@
+"""Advantage and return targets for a time-major rollout: GAE and bootstrapped n-step returns."""
+
+from __future__ import annotations
+
+from functools import reduce
+
+import numpy as np
+import torch
+
+Array = np.ndarray | torch.Tensor
+
+
+def gae(
+    rewards: Array,
+    values: Array,
+    next_values: Array,
+    terminated: Array,
+    truncated: Array,
+    gamma: float,
+    gae_lambda: float,
+) -> tuple[Array, Array]:
+    """Generalized advantage estimates and their value targets for a (T, B) rollout.
+
+    Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage
+    Estimation", Eq. 16: A_t = sum_l (gamma * lambda)^l delta_{t+l}, with the TD error
+    delta_t = r_t + gamma * (1 - terminated_t) * V(s_{t+1}) - V(s_t) (Eq. 10), the sum cut at the
+    end of the episode or of the rollout, whichever comes first. Computed by the recursion
+    A_t = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}, A_T = 0, in a backward loop over t.
+
+    Truncation follows gymnasium: a `terminated` step does not bootstrap (its next value counts
+    as 0); a `truncated` step bootstraps from `next_values[t]` (a time limit is not part of the
+    MDP), but the episode still ends there, so no later TD error flows back across it. The
+    rollout end needs no special case: `next_values[T-1]` already bootstraps the last step.
+
+    Inputs may be numpy arrays or torch tensors. Tensors are converted at the boundary: the
+    math runs in numpy float64 on detached CPU copies (no gradient flows through the targets)
+    and the outputs are converted back.
+
+    Args:
+        rewards: (T, B) float, r_t, the reward returned with step t.
+        values: (T, B) float, V(s_t) for the observation acted on at step t.
+        next_values: (T, B) float, V(s_{t+1}): the value of the next observation, or of the
+            episode's final observation (gymnasium's `final_obs`) when it ended at step t.
+            Ignored (may be anything, even NaN) where `terminated` is set.
+        terminated: (T, B) bool or 0/1 float, the episode reached a terminal state at step t.
+        truncated: (T, B) bool or 0/1 float, the episode was cut (e.g. time limit) at step t.
+        gamma: discount factor gamma in [0, 1].
+        gae_lambda: GAE lambda in [0, 1]; 0 gives the one-step TD error, 1 the n-step return
+            minus V(s_t).
+
+    Returns:
+        (advantages, returns), each (T, B), with returns = advantages + values (the value
+        targets). Numpy arrays of the promoted float dtype of `rewards`, `values`,
+        `next_values` (float64 if none is floating); if any of those three is a torch tensor,
+        torch tensors of the promoted dtype of those that are, on the first one's device.
+
+    Raises:
+        ValueError: the inputs do not all have the same shape, or have no time axis.
+    """
+    floats = (rewards, values, next_values)
+    r, v, nv, term, trunc = _as_float64(
+        ("rewards", rewards),
+        ("values", values),
+        ("next_values", next_values),
+        ("terminated", terminated),
+        ("truncated", truncated),
+    )
+    terminal = term != 0
+    done = terminal | (trunc != 0)
+    deltas = r + gamma * np.where(terminal, 0.0, nv) - v
+    advantages = np.empty_like(deltas)
+    next_advantage = np.zeros_like(deltas[0])
+    for t in reversed(range(len(deltas))):
+        next_advantage = deltas[t] + gamma * gae_lambda * np.where(done[t], 0.0, next_advantage)
+        advantages[t] = next_advantage
+    return _like(advantages, floats), _like(advantages + v, floats)
+
+
+def n_step_returns(
+    rewards: Array,
+    next_values: Array,
+    terminated: Array,
+    truncated: Array,
+    gamma: float,
+) -> Array:
+    """Discounted returns to the end of the episode or the rollout, bootstrapped from V there.
+
+    The A2C/A3C target (Mnih et al. 2016, "Asynchronous Methods for Deep Reinforcement
+    Learning", Algorithm S3): for each step t, with `end` the first k >= t where the episode
+    ended (`terminated` or `truncated`), or T - 1 if none does,
+    R_t = sum_{k=t}^{end} gamma^{k-t} r_k + gamma^{end-t+1} V(s_{end+1}),
+    where the bootstrap term is 0 if the episode was terminated at `end`. Computed by the
+    recursion G_t = r_t + gamma * [(1 - terminated_t) V(s_{t+1}) if done_t or t = T-1
+    else G_{t+1}] in a backward loop over t. Equals the returns of `gae` with lambda = 1
+    when next_values[t] = values[t+1] inside episodes (the TD errors then telescope).
+
+    Inputs may be numpy arrays or torch tensors, converted at the boundary as in `gae`.
+
+    Args:
+        rewards: (T, B) float, r_t, the reward returned with step t.
+        next_values: (T, B) float, V(s_{t+1}), or V(final observation) where the episode ended
+            at step t. Ignored (may be anything, even NaN) where `terminated` is set.
+        terminated: (T, B) bool or 0/1 float, the episode reached a terminal state at step t.
+        truncated: (T, B) bool or 0/1 float, the episode was cut (e.g. time limit) at step t.
+        gamma: discount factor gamma in [0, 1].
+
+    Returns:
+        (T, B) returns. Numpy array of the promoted float dtype of `rewards` and `next_values`
+        (float64 if neither is floating); if either is a torch tensor, a torch tensor of the
+        promoted dtype of those that are, on the first one's device.
+
+    Raises:
+        ValueError: the inputs do not all have the same shape, or have no time axis.
+    """
+    floats = (rewards, next_values)
+    r, nv, term, trunc = _as_float64(
+        ("rewards", rewards),
+        ("next_values", next_values),
+        ("terminated", terminated),
+        ("truncated", truncated),
+    )
+    terminal = term != 0
+    done = terminal | (trunc != 0)
+    bootstrap = np.where(terminal, 0.0, nv)
+    returns = np.empty_like(r)
+    for t in reversed(range(len(r))):
+        if t == len(r) - 1:
+            future = bootstrap[t]
+        else:
+            future = np.where(done[t], bootstrap[t], returns[t + 1])
+        returns[t] = r[t] + gamma * future
+    return _like(returns, floats)
+
+
+def _as_float64(*named: tuple[str, Array]) -> list[np.ndarray]:
+    """Float64 numpy copies of the named inputs, after checking they share one (T, ...) shape."""
+    arrays = []
+    for name, x in named:
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().to(torch.float64).numpy()
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim == 0:
+            raise ValueError(f"{name} has no time axis: expected shape (T, B), got ()")
+        arrays.append(x)
+    shapes = {name: a.shape for (name, _), a in zip(named, arrays, strict=True)}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"inputs must share one (T, B) shape, got {shapes}")
+    return arrays
+
+
+def _like(out: np.ndarray, inputs: tuple[Array, ...]) -> Array:
+    """`out` (float64) cast back to the kind of `inputs`: a torch tensor on the first tensor's
+    device with torch's promoted dtype if any input is a tensor, else numpy's promoted dtype."""
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    if tensors:
+        dtype = reduce(torch.promote_types, (x.dtype for x in tensors))
+        if not dtype.is_floating_point:
+            dtype = torch.float64
+        return torch.from_numpy(out).to(device=tensors[0].device, dtype=dtype)
+    dtype = np.result_type(*(np.asarray(x) for x in inputs))
+    if not np.issubdtype(dtype, np.floating):
+        dtype = np.float64
+    return out.astype(dtype)
