@@ -25,6 +25,7 @@ import torch
 from hpcrl.errors import ConfigError
 from hpcrl.models import ActorCritic
 from hpcrl.returns import gae
+from hpcrl.state import load_module_arrays, load_optimizer_arrays, module_arrays, optimizer_arrays
 
 LEARNER = "PPO"  # the class `hpcrl.topologies.gradient_allreduce` builds on every rank
 
@@ -136,11 +137,27 @@ class PPO:
         self._truncated: list = []
         self._next_obs: list = []
 
-    def act(self, obs: np.ndarray) -> np.ndarray:
+    def shared_arrays(self) -> dict[str, np.ndarray]:
+        """What every rank holds identically: parameters and optimizer state."""
+        return module_arrays(self.model) | optimizer_arrays(self.optimizer)
+
+    def load_shared(self, arrays: dict[str, np.ndarray]) -> None:
+        load_module_arrays(self.model, arrays)
+        load_optimizer_arrays(self.optimizer, arrays)
+
+    def rank_arrays(self) -> dict[str, np.ndarray]:
+        """This rank's own state between updates: the minibatch shuffling generator."""
+        return {"shuffle_rng": self.generator.get_state().numpy().copy()}
+
+    def load_rank(self, arrays: dict[str, np.ndarray]) -> None:
+        self.generator.set_state(torch.from_numpy(arrays["shuffle_rng"].copy()))
+
+    def act(self, obs: np.ndarray, progress: float = 0.0) -> np.ndarray:
         """Sample actions for a batch of observations and remember what the loss needs.
 
         Args:
             obs: (B, *obs_shape) observations of this rank's env copies.
+            progress: fraction of the budget done (unused: PPO samples its policy).
 
         Returns:
             (B, *action_shape) actions (int64 for Discrete, float32 for Box).

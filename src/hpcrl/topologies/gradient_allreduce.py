@@ -31,7 +31,6 @@ from hpcrl.comm.gradients import (
 from hpcrl.comm.waits import allreduce_sum, gather_rows
 from hpcrl.config import ALGOS
 from hpcrl.envs import make_env
-from hpcrl.state import load_module_arrays, load_optimizer_arrays, module_arrays, optimizer_arrays
 from hpcrl.storage.trajectories import space_fields
 from hpcrl.topologies.context import (
     EPISODE_COLUMNS,
@@ -105,15 +104,13 @@ def run_gradient_allreduce(ctx: RunContext) -> LoopResult:
 
     env_steps, first_step, updates_start = 0, 0, 0  # updates_start: before this segment
     if ctx.resume is not None:
-        shared = ctx.resume.shared()
-        load_module_arrays(learner.model, shared)
-        load_optimizer_arrays(learner.optimizer, shared)
+        learner.load_shared(ctx.resume.shared())
         learner.learner_updates = int(ctx.resume.meta["learner_updates"])
         updates_start = learner.learner_updates
         state = ctx.resume.rank_state(ctx.rank)
         if state:
             env_steps, _ = restore_rank_state(state, rng, stepper, env_seed + 1)
-            learner.generator.set_state(torch.from_numpy(state["shuffle_rng"].copy()))
+            learner.load_rank(state)
             first_step = int(ctx.resume.meta["vector_step"]) + 1
             updates_start = int(ctx.resume.meta["segment_updates_start"])
     broadcast_parameters(comm, learner.model, watchdog)  # identical start on every rank
@@ -133,7 +130,7 @@ def run_gradient_allreduce(ctx: RunContext) -> LoopResult:
         if n <= 0:
             continue  # only in the tail after the last update: no collective there
         ctx.maybe_fail(env_steps)
-        actions = learner.act(stepper.obs)
+        actions = learner.act(stepper.obs, global_steps_after(t - 1) / segment.total_env_steps)
         batch = stepper.step(actions)
         learner.observe(batch.rewards, batch.terminated, batch.truncated, batch.next_obs)
         recorder.record(batch, n)
@@ -221,11 +218,11 @@ def _checkpoint(
     """Collective: every rank's state to rank 0, which writes one checkpoint."""
     recorder.flush()
     state = rank_state(rng, stepper, env_steps, learner.learner_updates, recorder.rows)
-    state["shuffle_rng"] = learner.generator.get_state().numpy().copy()
+    state |= learner.rank_arrays()
     states = gather_rank_states(ctx, state)
     if ctx.rank != 0:
         return
-    shared = module_arrays(learner.model) | optimizer_arrays(learner.optimizer)
+    shared = learner.shared_arrays()
     save_checkpoint(
         ctx,
         shared,
