@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import h5py
@@ -48,6 +49,16 @@ def test_ppo_cartpole_4_ranks_learns_and_ranks_agree(tmp_path, cli_env):
     assert reached.size, f"best mean over 20 episodes: {windows.max():.1f}"
     assert env_steps[reached[0] + 19] <= BUDGET
     assert returns[-20:].mean() >= 475, returns[-20:]
+    # `evaluate` rebuilds the learner from the newest checkpoint on every rank.
+    evaluated = subprocess.run(
+        hpcrl_command(2, "evaluate", str(run_dir), "--episodes", "10"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=cli_env,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-4000:]
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["mean_return"] >= 475
 
 
 def test_ppo_interrupted_and_resumed_equals_uninterrupted(tmp_path, cli_env):

@@ -469,11 +469,11 @@ def evaluate(
     Raises:
         CollectiveUserError: bad `episodes`, no run there, no checkpoint, or a damaged one.
     """
-    from hpcrl.topologies.context import evaluate_greedy
+    from hpcrl.topologies.context import evaluate_greedy, evaluate_policy
 
     loaded: dict = {}
 
-    def load() -> tuple[str, dict, tuple[int, int]]:
+    def load() -> tuple[str, dict, tuple[int, int] | None, str, dict]:
         if episodes < 1:
             raise UserError(f"--episodes {episodes}: expected an integer >= 1")
         if seed < 0:
@@ -483,17 +483,45 @@ def evaluate(
         arrays, meta, path, skipped = ckpt.load_newest_intact(Path(run_dir) / "checkpoints")
         for _, reason in skipped:
             print(f"[hpcrl] warning: {reason}; using {path.name}", file=sys.stderr, flush=True)
-        if "q_table" not in arrays:
-            raise UserError(
-                f"the checkpoint in {run_dir!r} holds no q_table (algo {meta.get('algo')!r})"
-            )
         make_env(meta["env_id"], meta.get("env_kwargs", {})).close()  # one clear error
-        loaded["q_table"] = arrays["q_table"]
-        return meta["env_id"], meta.get("env_kwargs", {}), arrays["q_table"].shape
+        if "q_table" in arrays:
+            loaded["q_table"] = arrays["q_table"]
+            shape = arrays["q_table"].shape
+        else:
+            shape = None
+        return meta["env_id"], meta.get("env_kwargs", {}), shape, str(path), meta
 
-    env_id, env_kwargs, shape = agree(comm, load, root_only=True)
-    q_table = loaded.get("q_table", np.zeros(shape))
-    return evaluate_greedy(comm, env_id, env_kwargs, q_table, episodes, seed, watchdog_s)
+    env_id, env_kwargs, shape, path, meta = agree(comm, load, root_only=True)
+    if shape is not None:
+        q_table = loaded.get("q_table", np.zeros(shape))
+        return evaluate_greedy(comm, env_id, env_kwargs, q_table, episodes, seed, watchdog_s)
+    # A deep learner: every rank rebuilds it from the checkpoint rank 0 verified.
+    learner = _learner_from_checkpoint(Path(path), meta)
+    return evaluate_policy(
+        comm, env_id, env_kwargs, learner.greedy_actions, episodes, seed, watchdog_s
+    )
+
+
+def _learner_from_checkpoint(path: Path, meta: dict):
+    """The data-parallel learner a checkpoint holds, with its parameters loaded."""
+    import importlib
+
+    from hpcrl.config import ALGOS
+
+    cfg = config_from_json(json.dumps(meta["config"]))
+    env = make_env(cfg.run.env_id, cfg.run.env_kwargs)
+    module = importlib.import_module(ALGOS[cfg.run.algo])
+    learner = getattr(module, module.LEARNER)(
+        cfg.algo,
+        env.observation_space,
+        env.action_space,
+        cfg.run.num_envs,
+        int(meta["world_size"]),
+        0,
+    )
+    env.close()
+    learner.load_shared(ckpt.read_shared(path))
+    return learner
 
 
 def info(run_dir: str) -> dict:
