@@ -750,7 +750,9 @@ def test_kill_9_leaves_readable_files_and_a_loadable_checkpoint(tmp_path):
     assert proc.returncode == -signal.SIGKILL
 
     with _open_after_kill(run_dir / "run.h5") as f:  # plain h5py, default locking
-        assert str(f.attrs["status"]) == "running"
+        # Killed one process at a time: rank 0 may see a peer die first and mark the run
+        # failed just before its own SIGKILL.
+        assert str(f.attrs["status"]) in ("running", "failed")
         steps = f["metrics/env_steps"][:]
         assert len(steps) >= 2
         assert 0 < steps[-1] < 5_000_000

@@ -333,7 +333,9 @@ def assert_consistent_after_kill(run_dir: Path) -> None:
     killed before its first flush is unreadable, and a restart without a checkpoint
     starts afresh anyway)."""
     with open_h5(run_dir / "run.h5") as f:
-        assert str(f.attrs["status"]) == "running"
+        # The processes die one at a time: rank 0 may see a peer go first (an MPI error)
+        # and mark the run failed before its own SIGKILL lands. Either way it resumes.
+        assert str(f.attrs["status"]) in ("running", "failed")
         lengths = {k: len(f["episodes"][k]) for k in f["episodes"]}
         assert set(lengths) == {"return", "length", "env_steps", "wall_time", "rank"}
         assert len(set(lengths.values())) == 1, f"/episodes columns differ: {lengths}"
@@ -532,7 +534,7 @@ def run_without_checkpoint(tmp_path_factory) -> Path:
     with job(hpcrl_command(2, "train", "--run-dir", str(run_dir), *args), root / "logs") as j:
         j.wait_for(PROGRESS)
         j.kill()
-    assert status(run_dir) == "running"
+    assert status(run_dir) in ("running", "failed")  # killed one process at a time
     assert not step_files(run_dir)
     return run_dir
 
@@ -918,7 +920,7 @@ BAD_RESUME_CASES = [
         "no-checkpoint",
         "no-checkpoint",
         [],
-        [r"a run \(status running\) but no checkpoint", r"nothing to resume"],
+        [r"a run \(status (running|failed)\) but no checkpoint", r"nothing to resume"],
         None,
     ),
     ("alpha", "interrupted", ["--set", "alpha=0.5"], [r"alpha 0\.5"], {"alpha"}),
