@@ -172,6 +172,14 @@ class RunContext:
         policy_seq, env_seq = child.spawn(2)
         return np.random.default_rng(policy_seq), int(env_seq.generate_state(1)[0] >> 1)
 
+    def sync_flags(self, reporter: Reporter | None) -> tuple[float, float, float]:
+        """This rank's votes for (log, checkpoint, stop) at a sync point, to be summed over
+        the ranks: rank 0 alone keeps the log and wall-time checkpoint clocks; any rank
+        that received a preemption signal votes stop."""
+        log = 1.0 if reporter is not None and reporter.due() else 0.0
+        checkpoint = 1.0 if self.rank == 0 and self.checkpoint_due_by_time() else 0.0
+        return log, checkpoint, 1.0 if self.stop_requested() else 0.0
+
     def checkpoint_due_by_time(self) -> bool:
         interval = self.cfg.run.checkpoint_interval_s
         return interval > 0 and time.perf_counter() - self.last_checkpoint_time >= interval
@@ -214,6 +222,20 @@ class EpisodeRows:
         rows[:, 4] = rank
         self.chunks.append(rows)
 
+    def add_finished(
+        self, batch: StepBatch, n: int, env_steps: int, wall_time: float, rank: int
+    ) -> None:
+        """The episodes that ended in `batch` among its first `n` (counted) env copies."""
+        counted = batch.done_envs < n
+        if counted.any():
+            self.add(
+                batch.episode_returns[counted],
+                batch.episode_lengths[counted],
+                env_steps,
+                wall_time,
+                rank,
+            )
+
     def take(self) -> np.ndarray:
         """All pending rows, (n, 5) float64, and forget them."""
         rows = (
@@ -223,6 +245,22 @@ class EpisodeRows:
         )
         self.chunks = []
         return rows
+
+
+def gather_and_log(
+    ctx: RunContext,
+    reporter: Reporter | None,
+    episodes: EpisodeRows,
+    global_steps: int,
+    extra: dict,
+) -> None:
+    """Collective: every rank's finished episodes to rank 0, which writes them (stably
+    sorted by env steps: rank order, then env copy, within one step) and a metrics row."""
+    rows = gather_rows(ctx.comm, episodes.take().reshape(-1), 0, ctx.watchdog_s)
+    if reporter is not None:
+        rows = rows.reshape(-1, len(EPISODE_COLUMNS))
+        reporter.add_episodes(rows[np.argsort(rows[:, 2], kind="stable")])
+        reporter.log(global_steps, extra)
 
 
 def episode_columns(rows: np.ndarray) -> dict[str, np.ndarray]:

@@ -30,14 +30,14 @@ from __future__ import annotations
 import numpy as np
 
 from hpcrl.algos.qlearning import QLearningLearner, QLearningPolicy
-from hpcrl.comm.waits import allreduce_sum, gather_rows
+from hpcrl.comm.waits import allreduce_sum
 from hpcrl.topologies.context import (
-    EPISODE_COLUMNS,
     EpisodeRows,
     LoopResult,
     Reporter,
     RunContext,
     TrajectoryRecorder,
+    gather_and_log,
     gather_rank_states,
     link_trajectories,
     rank_state,
@@ -111,23 +111,13 @@ def run_allreduce(ctx: RunContext) -> LoopResult:
             visited[batch.obs[:n], batch.actions[:n]] = 1.0
             recorder.record(batch, n)
             env_steps += n
-            counted = batch.done_envs < n
-            if counted.any():
-                episodes.add(
-                    batch.episode_returns[counted],
-                    batch.episode_lengths[counted],
-                    global_steps_after(t),
-                    ctx.elapsed_s(),
-                    ctx.rank,
-                )
+            episodes.add_finished(batch, n, global_steps_after(t), ctx.elapsed_s(), ctx.rank)
         last = t == vector_steps - 1
         if (t + 1) % sync_interval and not last:
             continue
         # --- sync: one Allreduce of [ΔQ | visited | log, checkpoint, stop flags] ---
         np.subtract(q_table, q_sync, out=delta)
-        sync_buffer[_LOG] = 1.0 if (reporter is not None and reporter.due()) else 0.0
-        sync_buffer[_CHECKPOINT] = 1.0 if ctx.rank == 0 and ctx.checkpoint_due_by_time() else 0.0
-        sync_buffer[_STOP] = 1.0 if ctx.stop_requested() else 0.0
+        sync_buffer[_LOG:] = ctx.sync_flags(reporter)
         allreduce_sum(comm, sync_buffer, watchdog)
         q_sync += delta / np.maximum(visited, 1.0)
         q_table[:] = q_sync
@@ -138,20 +128,10 @@ def run_allreduce(ctx: RunContext) -> LoopResult:
         by_steps = next_checkpoint is not None and global_steps >= next_checkpoint
         checkpoint = last or interrupted or by_steps or sync_buffer[_CHECKPOINT] > 0
         if sync_buffer[_LOG] > 0 or checkpoint:
-            rows = gather_rows(comm, episodes.take().reshape(-1), 0, watchdog)
-            if reporter is not None:
-                rows = rows.reshape(-1, len(EPISODE_COLUMNS))
-                # Stable sort by env steps: rank order, then env copy, within one step.
-                reporter.add_episodes(rows[np.argsort(rows[:, 2], kind="stable")])
-                reporter.log(
-                    global_steps,
-                    {
-                        "syncs": syncs,
-                        "exploration": policy.exploration_value(
-                            segment.progress(env_steps, max(budget, 1))
-                        ),
-                    },
-                )
+            exploration = policy.exploration_value(segment.progress(env_steps, max(budget, 1)))
+            gather_and_log(
+                ctx, reporter, episodes, global_steps, {"syncs": syncs, "exploration": exploration}
+            )
         if checkpoint:
             recorder.flush()
             state = rank_state(rng, stepper, env_steps, learner.learner_updates, recorder.rows)

@@ -33,12 +33,12 @@ from hpcrl.config import ALGOS
 from hpcrl.envs import make_env
 from hpcrl.storage.trajectories import space_fields
 from hpcrl.topologies.context import (
-    EPISODE_COLUMNS,
     EpisodeRows,
     LoopResult,
     Reporter,
     RunContext,
     TrajectoryRecorder,
+    gather_and_log,
     gather_rank_states,
     link_trajectories,
     rank_state,
@@ -135,15 +135,7 @@ def run_gradient_allreduce(ctx: RunContext) -> LoopResult:
         learner.observe(batch.rewards, batch.terminated, batch.truncated, batch.next_obs)
         recorder.record(batch, n)
         env_steps += n
-        counted = batch.done_envs < n
-        if counted.any():
-            episodes.add(
-                batch.episode_returns[counted],
-                batch.episode_lengths[counted],
-                global_steps_after(t),
-                ctx.elapsed_s(),
-                ctx.rank,
-            )
+        episodes.add_finished(batch, n, global_steps_after(t), ctx.elapsed_s(), ctx.rank)
         if (t + 1) % rollout or learner.learner_updates - updates_start >= updates_total:
             continue
         progress = min(1.0, global_steps_after(t) / segment.total_env_steps)
@@ -151,9 +143,7 @@ def run_gradient_allreduce(ctx: RunContext) -> LoopResult:
         if check_every and learner.learner_updates % check_every == 0:
             check_parameters_in_sync(comm, learner.model, watchdog)
         global_steps = global_steps_after(t)
-        flags[_LOG] = 1.0 if (reporter is not None and reporter.due()) else 0.0
-        flags[_CHECKPOINT] = 1.0 if ctx.rank == 0 and ctx.checkpoint_due_by_time() else 0.0
-        flags[_STOP] = 1.0 if ctx.stop_requested() else 0.0
+        flags[:] = ctx.sync_flags(reporter)
         allreduce_sum(comm, flags, watchdog)
         last_update = learner.learner_updates - updates_start >= updates_total
         interrupted = flags[_STOP] > 0 and not last_update
@@ -198,18 +188,10 @@ def run_gradient_allreduce(ctx: RunContext) -> LoopResult:
 
 
 def _report(ctx, reporter, episodes, global_steps, metrics, learner) -> None:
-    """Collective: gather finished episodes to rank 0, which writes them and a metrics row."""
-    rows = gather_rows(ctx.comm, episodes.take().reshape(-1), 0, ctx.watchdog_s)
-    if reporter is not None:
-        rows = rows.reshape(-1, len(EPISODE_COLUMNS))
-        reporter.add_episodes(rows[np.argsort(rows[:, 2], kind="stable")])
-        reporter.log(
-            global_steps,
-            {
-                "learner_updates": int(learner.learner_updates),
-                **{k: float(v) for k, v in metrics.items()},
-            },
-        )
+    """Collective: episodes and a metrics row (with the learner's losses) to run.h5."""
+    extra = {"learner_updates": int(learner.learner_updates)}
+    extra.update({k: float(v) for k, v in metrics.items()})
+    gather_and_log(ctx, reporter, episodes, global_steps, extra)
 
 
 def _checkpoint(
