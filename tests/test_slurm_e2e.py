@@ -198,6 +198,21 @@ def test_rendered_script_passes_sbatch_test_only(slurm_env, tmp_path):
     _check_script(path, slurm_env, tmp_path)
 
 
+def _refused_or_checked_and_run(proc, what: str, script_path, slurm_env, tmp_path) -> bool:
+    """Either a clean refusal (exit 2, one error line), or a script that passes `bash -n`
+    and `sbatch --test-only` and whose every shell line runs (outside SLURM; the launcher
+    and python only record). Returns whether it rendered."""
+    if proc.returncode == 2:
+        _assert_refused(proc, what)
+        return False
+    assert proc.returncode == 0, f"hpcrl slurm: exit {proc.returncode}\n{proc.stderr}"
+    script_path.write_text(proc.stdout)
+    _check_script(script_path, slurm_env, tmp_path)
+    ran = _run(["bash", script_path], slurm_env, tmp_path)
+    assert ran.returncode == 0, f"{ran.stdout}\n{ran.stderr}"
+    return True
+
+
 def test_job_name_cannot_inject_commands(slurm_env, tmp_path):
     marks = [tmp_path / f"pwned{i}" for i in range(3)]
     hostile = f"evil name \"dq\" 'sq' $(touch {marks[0]}) `touch {marks[1]}`; touch {marks[2]}"
@@ -216,15 +231,7 @@ def test_job_name_cannot_inject_commands(slurm_env, tmp_path):
         "--run-dir",
         str(tmp_path / "run"),
     )
-    if proc.returncode == 2:
-        _assert_refused(proc, "hostile --job-name")
-    else:
-        assert proc.returncode == 0, f"hpcrl slurm: exit {proc.returncode}\n{proc.stderr}"
-        script_path.write_text(proc.stdout)
-        _check_script(script_path, slurm_env, tmp_path)
-        # Run every shell line of it (outside SLURM; launcher and python only record).
-        ran = _run(["bash", script_path], slurm_env, tmp_path)
-        assert ran.returncode == 0, f"{ran.stdout}\n{ran.stderr}"
+    _refused_or_checked_and_run(proc, "hostile --job-name", script_path, slurm_env, tmp_path)
     for mark in marks + [Path("/tmp/pwned")]:
         assert not mark.exists(), f"the job name was executed: {mark} exists"
 
@@ -240,14 +247,7 @@ def test_job_name_cannot_inject_commands(slurm_env, tmp_path):
     proc = _render(
         slurm_env, *common, "--launcher", str(launcher), "--venv", str(venv), "--run-dir", run_dir
     )
-    if proc.returncode == 2:
-        _assert_refused(proc, "hostile --run-dir")
-    else:
-        assert proc.returncode == 0, f"hpcrl slurm: exit {proc.returncode}\n{proc.stderr}"
-        script_path.write_text(proc.stdout)
-        _check_script(script_path, slurm_env, tmp_path)
-        ran = _run(["bash", script_path], slurm_env, tmp_path)
-        assert ran.returncode == 0, f"{ran.stdout}\n{ran.stderr}"
+    if _refused_or_checked_and_run(proc, "hostile --run-dir", script_path, slurm_env, tmp_path):
         calls = record.read_text().split("\n\n")
         train = [c.splitlines() for c in calls if "train" in c.splitlines()]
         assert train, f"the launcher never ran `hpcrl train`:\n{record.read_text()}"
