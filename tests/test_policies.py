@@ -60,7 +60,15 @@ def policy_value(p, r, done, gamma, policy):
     return np.linalg.solve(np.eye(len(idx)) - gamma * p_pi, r[idx, policy])
 
 
-def train_q_table(comm, run_dir, env_id, layout, budget):
+# `ps` on several ranks applies batches in arrival order, so its result depends on timing.
+# On FrozenLake8x8 at 3M steps, 2 of 8 timings (other core loaded) ended at 97.9% of the
+# optimum, under the 98% bar: a few states have near-tied actions and α_end = 0.005 leaves
+# their estimates too noisy. With 6M steps and α_end = 0.001, 4 of 4 ended >= 99.99%.
+# The one-process and `allreduce` runs are deterministic and keep the plain budget.
+PS_OVERRIDES = {"FrozenLake8x8-v1": {"total_env_steps": 6_000_000, "alpha_end": 0.001}}
+
+
+def train_q_table(comm, run_dir, env_id, layout, budget, **extra):
     from hpcrl import runner
     from hpcrl.storage.checkpoints import load_latest
 
@@ -73,13 +81,14 @@ def train_q_table(comm, run_dir, env_id, layout, budget):
         "record_trajectories": False,
         "log_interval_s": 60.0,
         "seed": 7,
+        **extra,
     }
     build_config(values)  # a bad case fails here, before any collective
     runner.train(comm, values, str(run_dir), overwrite=True)
     if comm.rank != 0:
         return None  # rank 0 writes the checkpoint
     arrays, meta, _ = load_latest(run_dir / "checkpoints")
-    assert meta["env_steps"] == budget
+    assert meta["env_steps"] == values["total_env_steps"]
     return arrays["q_table"]
 
 
@@ -111,7 +120,8 @@ def test_four_ranks_learn_optimal_policy(mpi_tmp_path, env_id, budget, layout):
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
-    q_table = train_q_table(comm, mpi_tmp_path, env_id, layout, budget)
+    extra = PS_OVERRIDES.get(env_id, {}) if layout == "ps" else {}
+    q_table = train_q_table(comm, mpi_tmp_path, env_id, layout, budget, **extra)
     if comm.rank == 0:
         check_against_optimum(env_id, q_table)
     comm.Barrier()
