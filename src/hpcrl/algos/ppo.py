@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hpcrl.algos.rollout import Rollout, advantages_and_returns
 from hpcrl.errors import ConfigError
 from hpcrl.models import ActorCritic
-from hpcrl.returns import gae
 from hpcrl.state import load_module_arrays, load_optimizer_arrays, module_arrays, optimizer_arrays
 
 LEARNER = "PPO"  # the class `hpcrl.topologies.gradient_allreduce` builds on every rank
@@ -127,15 +127,7 @@ class PPO:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate, eps=1e-5)
         self.generator = torch.Generator().manual_seed(seed)  # minibatch shuffling
         self.learner_updates = 0
-        self._t = 0
-        self._obs: list = []
-        self._actions: list = []
-        self._log_probs: list = []
-        self._values: list = []
-        self._rewards: list = []
-        self._terminated: list = []
-        self._truncated: list = []
-        self._next_obs: list = []
+        self.rollout = Rollout()
 
     def shared_arrays(self) -> dict[str, np.ndarray]:
         """What every rank holds identically: parameters and optimizer state."""
@@ -165,19 +157,13 @@ class PPO:
         obs_t = torch.as_tensor(obs)
         with torch.no_grad():
             actions, log_probs, values = self.model.act(obs_t)
-        self._obs.append(obs_t)
-        self._actions.append(actions)
-        self._log_probs.append(log_probs)
-        self._values.append(values)
+        self.rollout.add_action(obs_t, actions, log_probs, values)
         return actions.numpy()
 
     def observe(self, rewards, terminated, truncated, next_obs) -> None:
         """The step's outcome: (B,) rewards, terminated, truncated and (B, ...) next
         observations (the final observation where an episode ended)."""
-        self._rewards.append(torch.as_tensor(rewards, dtype=torch.float32))
-        self._terminated.append(torch.as_tensor(terminated, dtype=torch.float32))
-        self._truncated.append(torch.as_tensor(truncated, dtype=torch.float32))
-        self._next_obs.append(torch.as_tensor(next_obs))
+        self.rollout.add_outcome(rewards, terminated, truncated, next_obs)
 
     def update(self, dp, progress: float) -> dict[str, float]:
         """One PPO update on this rank's rollout, gradients averaged over the ranks by `dp`.
@@ -190,42 +176,19 @@ class PPO:
             Loss metrics of the last epoch (this rank's minibatches).
         """
         cfg = self.cfg
-        obs = torch.stack(self._obs)  # (T, B, ...)
-        actions = torch.stack(self._actions)
-        old_log_probs = torch.stack(self._log_probs)
-        values = torch.stack(self._values)
-        rewards = torch.stack(self._rewards)
-        terminated = torch.stack(self._terminated)
-        truncated = torch.stack(self._truncated)
-        next_obs = torch.stack(self._next_obs)
-        for buffer in (
-            self._obs,
-            self._actions,
-            self._log_probs,
-            self._values,
-            self._rewards,
-            self._terminated,
-            self._truncated,
-            self._next_obs,
-        ):
-            buffer.clear()
-        T, B = rewards.shape
-        with torch.no_grad():
-            next_values = self.model.value(next_obs.reshape(T * B, *next_obs.shape[2:]))
-            next_values = next_values.reshape(T, B)
-        advantages, returns = gae(
-            rewards, values, next_values, terminated, truncated, cfg.gamma, cfg.gae_lambda
-        )
+        steps = self.rollout.take()  # (T, B, ...)
+        T, B = steps["rewards"].shape
+        advantages, returns = advantages_and_returns(self.model, steps, cfg.gamma, cfg.gae_lambda)
         if cfg.norm_adv:
             mean, std = dp.mean_std(advantages.numpy())
             advantages = (advantages - mean) / (std + 1e-8)
         flat = {
-            "obs": obs.reshape(T * B, *obs.shape[2:]),
-            "actions": actions.reshape(T * B, *actions.shape[2:]),
-            "log_probs": old_log_probs.reshape(-1),
+            "obs": steps["obs"].reshape(T * B, *steps["obs"].shape[2:]),
+            "actions": steps["actions"].reshape(T * B, *steps["actions"].shape[2:]),
+            "log_probs": steps["log_probs"].reshape(-1),
             "advantages": advantages.reshape(-1),
             "returns": returns.reshape(-1),
-            "values": values.reshape(-1),
+            "values": steps["values"].reshape(-1),
         }
         lr = cfg.learning_rate * (1.0 - progress) if cfg.anneal_lr else cfg.learning_rate
         for group in self.optimizer.param_groups:

@@ -1,0 +1,86 @@
+"""On-policy rollout storage shared by the actor-critic learners (PPO, A2C).
+
+A rollout is T vector steps of B env copies, stored time-major: after `take()` every array
+is a torch tensor of shape (T, B, ...). Convention (as in `hpcrl.returns`): `next_obs[t]` is
+the observation after step t, which is the episode's final observation where step t ended
+an episode (gymnasium's `info["final_obs"]`), so a truncated episode can be bootstrapped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hpcrl.returns import gae
+
+_FIELDS = (
+    "obs",
+    "actions",
+    "log_probs",
+    "values",
+    "rewards",
+    "terminated",
+    "truncated",
+    "next_obs",
+)
+
+
+class Rollout:
+    """T vector steps of one rank's env copies, filled step by step and taken at once."""
+
+    def __init__(self) -> None:
+        self._steps: dict[str, list[torch.Tensor]] = {k: [] for k in _FIELDS}
+
+    def __len__(self) -> int:
+        return len(self._steps["rewards"])
+
+    def add_action(self, obs, actions, log_probs, values) -> None:
+        """What the policy saw and did at step t: (B, ...) obs and actions, (B,) log π(a|s)
+        and V(s)."""
+        for key, value in (
+            ("obs", obs),
+            ("actions", actions),
+            ("log_probs", log_probs),
+            ("values", values),
+        ):
+            self._steps[key].append(torch.as_tensor(value))
+
+    def add_outcome(self, rewards, terminated, truncated, next_obs) -> None:
+        """The step's outcome: (B,) rewards, terminated and truncated flags, and (B, ...)
+        next observations (the final observation where an episode ended)."""
+        for key, value in (
+            ("rewards", rewards),
+            ("terminated", terminated),
+            ("truncated", truncated),
+        ):
+            self._steps[key].append(torch.as_tensor(np.asarray(value), dtype=torch.float32))
+        self._steps["next_obs"].append(torch.as_tensor(next_obs))
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """Every field stacked time-major ((T, B, ...)); the storage is emptied."""
+        out = {k: torch.stack(v) for k, v in self._steps.items()}
+        for v in self._steps.values():
+            v.clear()
+        return out
+
+
+def advantages_and_returns(
+    model, steps: dict[str, torch.Tensor], gamma: float, gae_lambda: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE(λ) advantages and λ-returns (each (T, B) float32) for a taken rollout, with
+    V(next_obs) from `model.value` for bootstrapping (`hpcrl.returns.gae`: no bootstrap past
+    `terminated`, bootstrap from the final observation past `truncated`). With λ = 1 these
+    are the n-step returns of A3C/A2C (Mnih et al. 2016, Algorithm S3), n up to T."""
+    next_obs = steps["next_obs"]
+    T, B = steps["rewards"].shape
+    with torch.no_grad():
+        next_values = model.value(next_obs.reshape(T * B, *next_obs.shape[2:])).reshape(T, B)
+    return gae(
+        steps["rewards"],
+        steps["values"],
+        next_values,
+        steps["terminated"],
+        steps["truncated"],
+        gamma,
+        gae_lambda,
+    )
