@@ -1,0 +1,205 @@
+"""A2C: the synchronous advantage actor-critic (Mnih et al. 2016, "Asynchronous Methods for
+Deep Reinforcement Learning", Algorithm S3, run synchronously as in OpenAI Baselines' A2C),
+data-parallel: every rank steps its own env copies for T steps, computes the actor-critic
+gradient of its rollout, and the gradients are averaged over the ranks
+(`DataParallel.average_gradients`) before one identical optimizer step on every rank.
+
+Per update, over the global batch of T × B × world_size steps:
+
+    R_t  = n-step return bootstrapped with V(s_{t+k}) at the rollout's end (gae_lambda = 1),
+           or the GAE(λ) return (Schulman et al. 2016) with gae_lambda < 1
+    A_t  = R_t − V(s_t)                       (held constant in the policy term)
+    loss = −E[A_t log π(a_t|s_t)] + c_v E[(R_t − V(s_t))²] − c_e E[H(π(·|s_t))]
+
+One gradient step per rollout with RMSprop (the paper's, α = 0.99, shared statistics being
+simply the averaged gradient here) or Adam. Hyperparameter defaults are Stable-Baselines3's
+A2C (lr 7e-4, n_steps 5, vf_coef 0.5, max_grad_norm 0.5, RMSprop eps 1e-5).
+
+This module holds the math; the loop lives in `hpcrl.topologies.gradient_allreduce`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hpcrl.algos.rollout import Rollout, advantages_and_returns
+from hpcrl.errors import ConfigError, UserError
+from hpcrl.models import ActorCritic
+from hpcrl.state import load_module_arrays, load_optimizer_arrays, module_arrays, optimizer_arrays
+
+LEARNER = "A2C"  # the class `hpcrl.topologies.gradient_allreduce` builds on every rank
+OPTIMIZERS = ("rmsprop", "adam")
+
+
+@dataclass
+class Config:
+    """A2C hyperparameters. `batch_size` is global: env steps per update, all ranks."""
+
+    layout: str = "data_parallel"
+    batch_size: int = 40  # SB3: 8 env copies x n_steps 5
+    learning_rate: float = 7e-4
+    anneal_lr: bool = False  # linearly to 0 over the budget
+    optimizer: str = "rmsprop"  # or adam
+    rmsprop_alpha: float = 0.99
+    optimizer_eps: float = 1e-5
+    gamma: float = 0.99
+    gae_lambda: float = 1.0  # 1: n-step returns (the paper); < 1: GAE(λ)
+    ent_coef: float = 0.0
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5  # on the rank-averaged gradient
+    norm_adv: bool = False  # with the global batch's mean and std
+    hidden_size: int = 64
+    check_sync_every: int = 100  # updates between parameter-consistency checks (0: never)
+
+    def validate(self) -> None:
+        def check(ok: bool, key: str, expected: str) -> None:
+            if not ok:
+                raise ConfigError(
+                    f"config key '{key}': got {getattr(self, key)!r}, expected {expected}"
+                )
+
+        check(self.layout == "data_parallel", "layout", "'data_parallel'")
+        check(self.batch_size >= 1, "batch_size", "an integer >= 1")
+        check(self.learning_rate > 0, "learning_rate", "a number > 0")
+        check(self.optimizer in OPTIMIZERS, "optimizer", f"one of {list(OPTIMIZERS)}")
+        check(0.0 <= self.rmsprop_alpha < 1.0, "rmsprop_alpha", "a decay in [0, 1)")
+        check(self.optimizer_eps > 0, "optimizer_eps", "a number > 0")
+        check(0.0 <= self.gamma <= 1.0, "gamma", "a discount γ in [0, 1]")
+        check(0.0 <= self.gae_lambda <= 1.0, "gae_lambda", "λ in [0, 1]")
+        check(self.max_grad_norm > 0, "max_grad_norm", "a number > 0")
+        check(self.hidden_size >= 1, "hidden_size", "an integer >= 1")
+        check(self.check_sync_every >= 0, "check_sync_every", "an integer >= 0")
+
+    def check_spaces(self, observation_space, action_space) -> None:
+        """Raises UserError unless the action space is `Discrete` or `Box`."""
+        import gymnasium as gym
+
+        if not isinstance(action_space, (gym.spaces.Discrete, gym.spaces.Box)):
+            raise UserError(f"a2c needs a Discrete or Box action space, got {action_space}")
+
+    def rollout_steps(self, world_size: int, num_envs: int) -> int:
+        """Vector steps per rollout on each rank (n of the n-step return):
+        batch_size / (world_size × num_envs).
+
+        Raises:
+            ConfigError: the global batch does not split into whole rollouts.
+        """
+        share = world_size * num_envs
+        if self.batch_size % share:
+            raise ConfigError(
+                f"batch_size {self.batch_size} must split over {world_size} ranks x "
+                f"{num_envs} env copies (num_envs): {self.batch_size} % {share} = "
+                f"{self.batch_size % share}"
+            )
+        return self.batch_size // share
+
+
+class A2C:
+    """One rank's A2C learner: acts, stores its rollout, one averaged gradient step per
+    rollout.
+
+    Call sequence (by the topology, on every rank in lockstep):
+        for each vector step: actions = act(obs, progress); observe(step outcome)
+        every `rollout_steps` vector steps: update(dp, progress)
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        observation_space,
+        action_space,
+        num_envs: int,
+        world_size: int,
+        seed: int,
+    ):
+        self.cfg = cfg
+        self.num_envs = num_envs
+        self.rollout_steps = cfg.rollout_steps(world_size, num_envs)
+        self.model = ActorCritic(observation_space, action_space, hidden=(cfg.hidden_size,) * 2)
+        params = self.model.parameters()
+        if cfg.optimizer == "rmsprop":
+            self.optimizer = torch.optim.RMSprop(
+                params, lr=cfg.learning_rate, alpha=cfg.rmsprop_alpha, eps=cfg.optimizer_eps
+            )
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.optimizer_eps)
+        self.learner_updates = 0
+        self.rollout = Rollout()
+
+    def shared_arrays(self) -> dict[str, np.ndarray]:
+        """What every rank holds identically: parameters and optimizer state."""
+        return module_arrays(self.model) | optimizer_arrays(self.optimizer)
+
+    def load_shared(self, arrays: dict[str, np.ndarray]) -> None:
+        load_module_arrays(self.model, arrays)
+        load_optimizer_arrays(self.optimizer, arrays)
+
+    def rank_arrays(self) -> dict[str, np.ndarray]:
+        """Nothing of its own between updates (sampling uses the rank's torch RNG)."""
+        return {}
+
+    def load_rank(self, arrays: dict[str, np.ndarray]) -> None:
+        pass
+
+    def act(self, obs: np.ndarray, progress: float = 0.0) -> np.ndarray:
+        """Sample actions for (B, *obs_shape) observations; returns (B, *action_shape)
+        actions (int64 for Discrete, float32 for Box)."""
+        obs_t = torch.as_tensor(obs)
+        with torch.no_grad():
+            actions, log_probs, values = self.model.act(obs_t)
+        self.rollout.add_action(obs_t, actions, log_probs, values)
+        return actions.numpy()
+
+    def observe(self, rewards, terminated, truncated, next_obs) -> None:
+        """The step's outcome: (B,) rewards, terminated, truncated and (B, ...) next
+        observations (the final observation where an episode ended)."""
+        self.rollout.add_outcome(rewards, terminated, truncated, next_obs)
+
+    def update(self, dp, progress: float) -> dict[str, float]:
+        """One A2C gradient step on this rank's rollout, averaged over the ranks by `dp`.
+
+        Args:
+            dp: the data-parallel collectives (`average_gradients`, `mean_std`).
+            progress: fraction of the run's budget done, in [0, 1] (annealing).
+
+        Returns:
+            This rank's losses.
+        """
+        cfg = self.cfg
+        steps = self.rollout.take()
+        T, B = steps["rewards"].shape
+        advantages, returns = advantages_and_returns(self.model, steps, cfg.gamma, cfg.gae_lambda)
+        if cfg.norm_adv:
+            mean, std = dp.mean_std(advantages.numpy())
+            advantages = (advantages - mean) / (std + 1e-8)
+        obs = steps["obs"].reshape(T * B, *steps["obs"].shape[2:])
+        actions = steps["actions"].reshape(T * B, *steps["actions"].shape[2:])
+        log_probs, entropy, values = self.model.evaluate_actions(obs, actions)
+        pg_loss = -(advantages.reshape(-1) * log_probs).mean()
+        v_loss = ((returns.reshape(-1) - values) ** 2).mean()
+        entropy_loss = entropy.mean()
+        loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy_loss
+        lr = cfg.learning_rate * (1.0 - progress) if cfg.anneal_lr else cfg.learning_rate
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad()
+        loss.backward()
+        dp.average_gradients()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.learner_updates += 1
+        return {
+            "losses/policy": pg_loss.item(),
+            "losses/value": v_loss.item(),
+            "losses/entropy": entropy_loss.item(),
+            "learning_rate": lr,
+        }
+
+    def greedy_actions(self, obs: np.ndarray) -> np.ndarray:
+        """Deterministic actions (mode of the policy) for evaluation."""
+        with torch.no_grad():
+            actions, _, _ = self.model.act(torch.as_tensor(obs), deterministic=True)
+        return actions.numpy()
