@@ -24,7 +24,12 @@ MAX_ENV_STEPS = 10**15  # far beyond any run; keeps every counter exact in int64
 
 # Algorithm name -> module holding its `Config` dataclass. Imported lazily so a tabular
 # run never imports torch.
-ALGOS: dict[str, str] = {"qlearning": "hpcrl.algos.qlearning", "ppo": "hpcrl.algos.ppo"}
+ALGOS: dict[str, str] = {
+    "qlearning": "hpcrl.algos.qlearning",
+    "ppo": "hpcrl.algos.ppo",
+    "a2c": "hpcrl.algos.a2c",
+    "dqn": "hpcrl.algos.dqn",
+}
 
 
 @dataclass

@@ -1,0 +1,142 @@
+"""Unit tests of the data-parallel learners' pieces, on one process without MPI: the rollout
+storage, the global-batch split errors, DQN's target update and its checkpoint round trip."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from hpcrl.algos import a2c, dqn, ppo
+from hpcrl.algos.rollout import Rollout
+from hpcrl.envs import EnvStepper, make_vector_env
+from hpcrl.errors import ConfigError
+
+
+class OneRank:
+    """`DataParallel` for a world of one: nothing to average."""
+
+    def average_gradients(self) -> None:
+        pass
+
+    def mean_std(self, values):
+        return float(np.mean(values)), float(np.std(values))
+
+
+def test_rollout_stacks_time_major_and_empties():
+    rollout = Rollout()
+    for t in range(3):
+        rollout.add_action(
+            np.full((2, 4), t, np.float32), torch.tensor([0, 1]), torch.zeros(2), torch.ones(2)
+        )
+        rollout.add_outcome(
+            np.array([1.0, 2.0]), np.array([False, t == 2]), np.zeros(2, bool), np.zeros((2, 4))
+        )
+    assert len(rollout) == 3
+    steps = rollout.take()
+    assert steps["obs"].shape == (3, 2, 4) and steps["rewards"].shape == (3, 2)
+    assert steps["terminated"].dtype == torch.float32
+    assert steps["terminated"][2, 1] == 1.0 and steps["terminated"][:2].sum() == 0
+    assert torch.equal(steps["obs"][1], torch.ones(2, 4))
+    assert len(rollout) == 0
+
+
+@pytest.mark.parametrize(
+    "config,world,num_envs,match",
+    [
+        (ppo.Config(batch_size=512, minibatch_size=256), 3, 2, r"batch_size 512.*3 ranks"),
+        (ppo.Config(batch_size=512, minibatch_size=2), 4, 1, r"minibatch_size 2"),
+        (a2c.Config(batch_size=40), 3, 1, r"batch_size 40.*3 ranks"),
+        (dqn.Config(train_frequency=16, batch_size=64), 3, 1, r"train_frequency 16.*3 ranks"),
+        (dqn.Config(train_frequency=16, batch_size=63), 2, 1, r"batch_size 63"),
+    ],
+)
+def test_a_global_batch_that_does_not_split_is_refused(config, world, num_envs, match):
+    with pytest.raises(ConfigError, match=match):
+        config.rollout_steps(world, num_envs)
+
+
+@pytest.mark.parametrize(
+    "config,global_steps",
+    [(ppo.Config(), 2048), (a2c.Config(), 40), (dqn.Config(train_frequency=16), 16)],
+)
+def test_global_batch_splits_into_per_rank_rollouts(config, global_steps):
+    """2 ranks x 2 env copies: each rank's rollout is a quarter of the global batch."""
+    assert config.rollout_steps(2, 2) * 2 * 2 == global_steps
+    assert config.rollout_steps(1, 1) == global_steps
+
+
+def _dqn(cfg: dqn.Config, seed: int):
+    torch.manual_seed(seed)
+    envs = make_vector_env("CartPole-v1", None, 1)
+    learner = dqn.DQN(cfg, envs.single_observation_space, envs.single_action_space, 1, 1, seed)
+    return learner, EnvStepper(envs, 0)
+
+
+def _run(learner, stepper, steps: int, start: int, budget: int = 100_000) -> None:
+    for t in range(start, start + steps):
+        actions = learner.act(stepper.obs, t / budget)
+        batch = stepper.step(actions)
+        learner.observe(batch.rewards, batch.terminated, batch.truncated, batch.next_obs)
+        if (t + 1) % learner.rollout_steps == 0:
+            learner.update(OneRank(), (t + 1) / budget)
+
+
+def test_dqn_polyak_target_update():
+    learner, _ = _dqn(dqn.Config(tau=0.25), 0)
+    online = [p.detach().clone() for p in learner.model.parameters()]
+    with torch.no_grad():
+        for p in learner.target.parameters():
+            p.fill_(1.0)
+    learner._update_target()
+    for p, target in zip(online, learner.target.parameters(), strict=True):
+        assert torch.allclose(target, 0.25 * p + 0.75)
+
+
+def test_dqn_target_starts_as_the_online_network_at_the_first_gradient_step():
+    """Made at the first gradient step (after the topology's broadcast), so it is the same
+    on every rank, whatever each rank's random init was."""
+    cfg = dqn.Config(learning_starts=8, train_frequency=8, tau=0.01, target_update_interval=1)
+    learner, stepper = _dqn(cfg, 0)
+    with torch.no_grad():
+        for p in learner.model.parameters():
+            p.add_(1.0)  # as if rank 0's parameters had been broadcast over these
+    before = [p.detach().clone() for p in learner.model.parameters()]
+    _run(learner, stepper, 8, 0)
+    assert learner.gradient_steps == 1
+    for p0, p1, target in zip(
+        before, learner.model.parameters(), learner.target.parameters(), strict=True
+    ):
+        assert torch.allclose(target, 0.99 * p0 + 0.01 * p1.detach())
+
+
+@pytest.mark.parametrize("double_dqn", [False, True])
+def test_dqn_checkpoint_round_trip_continues_identically(double_dqn):
+    cfg = dqn.Config(
+        learning_starts=64,
+        train_frequency=8,
+        gradient_steps=2,
+        batch_size=16,
+        buffer_size=300,  # wraps around within the run
+        tau=0.1,
+        target_update_interval=1,
+        anneal_lr=True,
+        double_dqn=double_dqn,
+        exploration_fraction=0.5,
+    )
+    a, stepper_a = _dqn(cfg, 1)
+    _run(a, stepper_a, 400, 0, budget=1000)
+    shared = copy.deepcopy(a.shared_arrays())
+    rank = copy.deepcopy(a.rank_arrays())
+    env_state = copy.deepcopy(stepper_a.state_dict())
+    b, stepper_b = _dqn(cfg, 2)  # different init and generators, all overwritten
+    b.load_shared(shared)
+    b.load_rank(rank)
+    b.learner_updates = a.learner_updates
+    stepper_b.load_state_dict(env_state, 5)
+    _run(a, stepper_a, 200, 400, budget=1000)
+    _run(b, stepper_b, 200, 400, budget=1000)
+    for name, value in (a.shared_arrays() | a.rank_arrays()).items():
+        assert np.array_equal(value, (b.shared_arrays() | b.rank_arrays())[name]), name
