@@ -311,6 +311,27 @@ BAD_TRAIN_CASES = [
     ("unknown-env-kwarg", 2, ["--env-kwargs", '{"no_such_kwarg": 1}'], [r"no_such_kwarg"]),
     ("env-kwargs-not-json", None, ["--env-kwargs", "{bad"], [r"--env-kwargs", r"\{bad"]),
     ("num-envs-zero", 2, ["--set", "num_envs=0"], [r"'num_envs'", r"got 0\b"]),
+    # Deep learners: a global batch that does not split over the ranks, a wrong action space.
+    (
+        "ppo-batch-does-not-split",
+        3,
+        ["--algo", "ppo", "--env", "CartPole-v1", "--set", "batch_size=512"],
+        [r"batch_size 512", r"3 ranks", r"num_envs"],
+    ),
+    (
+        "a2c-batch-does-not-split",
+        3,
+        ["--algo", "a2c", "--env", "CartPole-v1", "--set", "batch_size=40"],
+        [r"batch_size 40", r"3 ranks"],
+    ),
+    (
+        "dqn-train-frequency-does-not-split",
+        3,
+        ["--algo", "dqn", "--env", "CartPole-v1", "--set", "train_frequency=256"],
+        [r"train_frequency 256", r"3 ranks"],
+    ),
+    ("dqn-box-actions", 2, ["--algo", "dqn", "--env", "Pendulum-v1"], [r"dqn", r"Discrete"]),
+    ("a2c-unknown-optimizer", 2, ["--algo", "a2c", "--set", "optimizer=sgd"], [r"'sgd'"]),
 ]
 
 

