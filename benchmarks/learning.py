@@ -12,7 +12,7 @@ global batch, the rollout length and the hyperparameters are the same at 1, 2 an
 Sample efficiency at N ranks = median steps to 475 at 1 rank / median at N ranks.
 
 Usage: python benchmarks/learning.py [--algos ppo,a2c,dqn] [--ranks 1,2,4] [--seeds 5]
-           [--budget 200000] [--out benchmarks/learning.json]
+           [--budget ENV_STEPS (default: the config's)] [--out benchmarks/learning.json]
 Prints a Markdown table for benchmarks/RESULTS.md and writes every run's figures as JSON.
 """
 
@@ -42,9 +42,11 @@ def run_one(algo: str, ranks: int, seed: int, budget: int, root: Path) -> dict:
     num_envs = GLOBAL_ENVS[algo] // ranks if algo in GLOBAL_ENVS else 1
     cmd = [
         sys.executable, "-m", "hpcrl", "train", str(REPO / "configs" / f"cartpole-{algo}.yaml"),
-        "--run-dir", str(run_dir), "--seed", str(seed), "--total-env-steps", str(budget),
+        "--run-dir", str(run_dir), "--seed", str(seed),
         "--set", f"num_envs={num_envs}", "--set", "eval_episodes=0",
     ]  # fmt: skip
+    if budget:
+        cmd += ["--total-env-steps", str(budget)]
     if ranks > 1:
         cmd = [str(BIN / "mpiexec"), "-n", str(ranks), *cmd]
     started = time.monotonic()
@@ -75,7 +77,7 @@ def median_or_none(values):
     return statistics.median(values) if values else None
 
 
-def table(results: list[dict], budget: int) -> str:
+def table(results: list[dict]) -> str:
     lines = [
         "| algo | ranks | solved (of seeds) | median env steps to 475 | median s to 475 "
         "| median final return (20 ep.) | sample efficiency vs 1 rank |",
@@ -94,7 +96,7 @@ def table(results: list[dict], budget: int) -> str:
             eff = f"{base / steps:.2f}" if base and steps else "-"
             lines.append(
                 f"| {algo} | {ranks} | {solved}/{len(rows)} | "
-                f"{f'{steps:,.0f}' if steps else f'> {budget:,}'} | "
+                f"{f'{steps:,.0f}' if steps else 'not reached'} | "
                 f"{f'{secs:.0f}' if secs else '-'} | {final:.0f} | {eff} |"
             )
     return "\n".join(lines)
@@ -105,7 +107,7 @@ def main() -> None:
     parser.add_argument("--algos", default="ppo,a2c,dqn")
     parser.add_argument("--ranks", default="1,2,4")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--budget", type=int, default=200_000)
+    parser.add_argument("--budget", type=int, default=0, help="env steps; 0: the config's")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "learning.json"))
     opts = parser.parse_args()
     results = []
@@ -117,7 +119,7 @@ def main() -> None:
                     print(json.dumps(result), flush=True)
                     results.append(result)
     Path(opts.out).write_text(json.dumps(results, indent=1) + "\n")
-    print(table(results, opts.budget))
+    print(table(results))
 
 
 if __name__ == "__main__":
