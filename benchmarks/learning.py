@@ -12,6 +12,7 @@ global batch, the rollout length and the hyperparameters are the same at 1, 2 an
 Sample efficiency at N ranks = median steps to 475 at 1 rank / median at N ranks.
 
 Usage: python benchmarks/learning.py [--algos ppo,a2c,dqn] [--ranks 1,2,4] [--seeds 5]
+           [--first-seed 1 (> 1: add to the runs already in --out)]
            [--budget ENV_STEPS (default: the config's)] [--out benchmarks/learning.json]
 Prints a Markdown table for benchmarks/RESULTS.md and writes every run's figures as JSON.
 """
@@ -107,6 +108,7 @@ def main() -> None:
     parser.add_argument("--algos", default="ppo,a2c,dqn")
     parser.add_argument("--ranks", default="1,2,4")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=1)
     parser.add_argument("--budget", type=int, default=0, help="env steps; 0: the config's")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "learning.json"))
     opts = parser.parse_args()
@@ -114,11 +116,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="hpcrl-learning-") as tmp:
         for algo in opts.algos.split(","):
             for ranks in (int(n) for n in opts.ranks.split(",")):
-                for seed in range(1, opts.seeds + 1):
+                for seed in range(opts.first_seed, opts.first_seed + opts.seeds):
                     result = run_one(algo, ranks, seed, opts.budget, Path(tmp))
                     print(json.dumps(result), flush=True)
                     results.append(result)
-    Path(opts.out).write_text(json.dumps(results, indent=1) + "\n")
+    out = Path(opts.out)
+    if opts.first_seed > 1 and out.exists():  # more seeds for the same runs: add them
+        results = json.loads(out.read_text()) + results
+    out.write_text(json.dumps(results, indent=1) + "\n")
     print(table(results))
 
 
