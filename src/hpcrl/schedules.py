@@ -16,3 +16,12 @@ def linear_schedule(start: float, end: float, decay_fraction: float, progress: f
     if decay_fraction <= 0.0 or progress >= decay_fraction:
         return end
     return start + (end - start) * (progress / decay_fraction)
+
+
+def set_learning_rate(optimizer, learning_rate: float, anneal: bool, progress: float) -> float:
+    """Set every param group's lr: `learning_rate`, or annealed linearly to 0 over the
+    budget when `anneal`. Returns the lr set."""
+    lr = learning_rate * (1.0 - progress) if anneal else learning_rate
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr

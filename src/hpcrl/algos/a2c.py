@@ -22,13 +22,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from hpcrl.algos.rollout import Rollout, advantages_and_returns
+from hpcrl.algos.rollout import ActorCriticLearner, advantages_and_returns
 from hpcrl.errors import ConfigError, UserError
 from hpcrl.models import ActorCritic
-from hpcrl.state import load_module_arrays, load_optimizer_arrays, module_arrays, optimizer_arrays
+from hpcrl.schedules import set_learning_rate
 
 LEARNER = "A2C"  # the class `hpcrl.topologies.gradient_allreduce` builds on every rank
 OPTIMIZERS = ("rmsprop", "adam")
@@ -97,7 +96,7 @@ class Config:
         return self.batch_size // share
 
 
-class A2C:
+class A2C(ActorCriticLearner):
     """One rank's A2C learner: acts, stores its rollout, one averaged gradient step per
     rollout.
 
@@ -115,6 +114,7 @@ class A2C:
         world_size: int,
         seed: int,
     ):
+        super().__init__()
         self.cfg = cfg
         self.num_envs = num_envs
         self.rollout_steps = cfg.rollout_steps(world_size, num_envs)
@@ -126,37 +126,6 @@ class A2C:
             )
         else:
             self.optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.optimizer_eps)
-        self.learner_updates = 0
-        self.rollout = Rollout()
-
-    def shared_arrays(self) -> dict[str, np.ndarray]:
-        """What every rank holds identically: parameters and optimizer state."""
-        return module_arrays(self.model) | optimizer_arrays(self.optimizer)
-
-    def load_shared(self, arrays: dict[str, np.ndarray]) -> None:
-        load_module_arrays(self.model, arrays)
-        load_optimizer_arrays(self.optimizer, arrays)
-
-    def rank_arrays(self) -> dict[str, np.ndarray]:
-        """Nothing of its own between updates (sampling uses the rank's torch RNG)."""
-        return {}
-
-    def load_rank(self, arrays: dict[str, np.ndarray]) -> None:
-        pass
-
-    def act(self, obs: np.ndarray, progress: float = 0.0) -> np.ndarray:
-        """Sample actions for (B, *obs_shape) observations; returns (B, *action_shape)
-        actions (int64 for Discrete, float32 for Box)."""
-        obs_t = torch.as_tensor(obs)
-        with torch.no_grad():
-            actions, log_probs, values = self.model.act(obs_t)
-        self.rollout.add_action(obs_t, actions, log_probs, values)
-        return actions.numpy()
-
-    def observe(self, rewards, terminated, truncated, next_obs) -> None:
-        """The step's outcome: (B,) rewards, terminated, truncated and (B, ...) next
-        observations (the final observation where an episode ended)."""
-        self.rollout.add_outcome(rewards, terminated, truncated, next_obs)
 
     def update(self, dp, progress: float) -> dict[str, float]:
         """One A2C gradient step on this rank's rollout, averaged over the ranks by `dp`.
@@ -182,9 +151,7 @@ class A2C:
         v_loss = ((returns.reshape(-1) - values) ** 2).mean()
         entropy_loss = entropy.mean()
         loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy_loss
-        lr = cfg.learning_rate * (1.0 - progress) if cfg.anneal_lr else cfg.learning_rate
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_learning_rate(self.optimizer, cfg.learning_rate, cfg.anneal_lr, progress)
         self.optimizer.zero_grad()
         loss.backward()
         dp.average_gradients()
@@ -197,9 +164,3 @@ class A2C:
             "losses/entropy": entropy_loss.item(),
             "learning_rate": lr,
         }
-
-    def greedy_actions(self, obs: np.ndarray) -> np.ndarray:
-        """Deterministic actions (mode of the policy) for evaluation."""
-        with torch.no_grad():
-            actions, _, _ = self.model.act(torch.as_tensor(obs), deterministic=True)
-        return actions.numpy()

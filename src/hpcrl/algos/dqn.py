@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from hpcrl.errors import ConfigError, UserError
 from hpcrl.models import QNetwork
-from hpcrl.schedules import linear_schedule
+from hpcrl.schedules import linear_schedule, set_learning_rate
 from hpcrl.state import (
     generator_state,
     load_module_arrays,
@@ -201,9 +201,7 @@ class DQN:
         self.learner_updates += 1
         if self.env_steps * self.world_size < self.cfg.learning_starts:
             return {"exploration": self.epsilon(progress)}
-        lr = self.cfg.learning_rate * ((1.0 - progress) if self.cfg.anneal_lr else 1.0)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_learning_rate(self.optimizer, self.cfg.learning_rate, self.cfg.anneal_lr, progress)
         if self.gradient_steps == 0:
             # The target starts as the online network as it is now: after the topology's
             # broadcast from rank 0, so it is the same on every rank (a copy taken at

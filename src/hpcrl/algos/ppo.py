@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hpcrl.algos.rollout import Rollout, advantages_and_returns
+from hpcrl.algos.rollout import ActorCriticLearner, advantages_and_returns
 from hpcrl.errors import ConfigError
 from hpcrl.models import ActorCritic
-from hpcrl.state import load_module_arrays, load_optimizer_arrays, module_arrays, optimizer_arrays
+from hpcrl.schedules import set_learning_rate
 
 LEARNER = "PPO"  # the class `hpcrl.topologies.gradient_allreduce` builds on every rank
 
@@ -102,7 +102,7 @@ class Config:
         return self.batch_size // share
 
 
-class PPO:
+class PPO(ActorCriticLearner):
     """One rank's PPO learner: acts, stores its rollout, updates with averaged gradients.
 
     Call sequence (by the topology, on every rank in lockstep):
@@ -119,6 +119,7 @@ class PPO:
         world_size: int,
         seed: int,
     ):
+        super().__init__()
         self.cfg = cfg
         self.num_envs = num_envs
         self.rollout_steps = cfg.rollout_steps(world_size, num_envs)
@@ -126,16 +127,6 @@ class PPO:
         self.model = ActorCritic(observation_space, action_space, hidden=(cfg.hidden_size,) * 2)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate, eps=1e-5)
         self.generator = torch.Generator().manual_seed(seed)  # minibatch shuffling
-        self.learner_updates = 0
-        self.rollout = Rollout()
-
-    def shared_arrays(self) -> dict[str, np.ndarray]:
-        """What every rank holds identically: parameters and optimizer state."""
-        return module_arrays(self.model) | optimizer_arrays(self.optimizer)
-
-    def load_shared(self, arrays: dict[str, np.ndarray]) -> None:
-        load_module_arrays(self.model, arrays)
-        load_optimizer_arrays(self.optimizer, arrays)
 
     def rank_arrays(self) -> dict[str, np.ndarray]:
         """This rank's own state between updates: the minibatch shuffling generator."""
@@ -143,27 +134,6 @@ class PPO:
 
     def load_rank(self, arrays: dict[str, np.ndarray]) -> None:
         self.generator.set_state(torch.from_numpy(arrays["shuffle_rng"].copy()))
-
-    def act(self, obs: np.ndarray, progress: float = 0.0) -> np.ndarray:
-        """Sample actions for a batch of observations and remember what the loss needs.
-
-        Args:
-            obs: (B, *obs_shape) observations of this rank's env copies.
-            progress: fraction of the budget done (unused: PPO samples its policy).
-
-        Returns:
-            (B, *action_shape) actions (int64 for Discrete, float32 for Box).
-        """
-        obs_t = torch.as_tensor(obs)
-        with torch.no_grad():
-            actions, log_probs, values = self.model.act(obs_t)
-        self.rollout.add_action(obs_t, actions, log_probs, values)
-        return actions.numpy()
-
-    def observe(self, rewards, terminated, truncated, next_obs) -> None:
-        """The step's outcome: (B,) rewards, terminated, truncated and (B, ...) next
-        observations (the final observation where an episode ended)."""
-        self.rollout.add_outcome(rewards, terminated, truncated, next_obs)
 
     def update(self, dp, progress: float) -> dict[str, float]:
         """One PPO update on this rank's rollout, gradients averaged over the ranks by `dp`.
@@ -190,9 +160,7 @@ class PPO:
             "returns": returns.reshape(-1),
             "values": steps["values"].reshape(-1),
         }
-        lr = cfg.learning_rate * (1.0 - progress) if cfg.anneal_lr else cfg.learning_rate
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_learning_rate(self.optimizer, cfg.learning_rate, cfg.anneal_lr, progress)
         clip = cfg.clip_coef * (1.0 - progress) if cfg.anneal_clip else cfg.clip_coef
         clip = max(clip, 1e-8)
         metrics: dict[str, float] = {}
@@ -237,9 +205,3 @@ class PPO:
             "losses/entropy": entropy_loss.item(),
             "losses/approx_kl": approx_kl,
         }
-
-    def greedy_actions(self, obs: np.ndarray) -> np.ndarray:
-        """Deterministic actions (mode of the policy) for evaluation."""
-        with torch.no_grad():
-            actions, _, _ = self.model.act(torch.as_tensor(obs), deterministic=True)
-        return actions.numpy()

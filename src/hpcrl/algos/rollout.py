@@ -1,4 +1,5 @@
-"""On-policy rollout storage shared by the actor-critic learners (PPO, A2C).
+"""On-policy rollout storage and the acting half shared by the actor-critic learners
+(PPO, A2C).
 
 A rollout is T vector steps of B env copies, stored time-major: after `take()` every array
 is a torch tensor of shape (T, B, ...). Convention (as in `hpcrl.returns`): `next_obs[t]` is
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from hpcrl.returns import gae
+from hpcrl.state import load_module_arrays, load_optimizer_arrays, module_arrays, optimizer_arrays
 
 _FIELDS = (
     "obs",
@@ -62,6 +64,62 @@ class Rollout:
         for v in self._steps.values():
             v.clear()
         return out
+
+
+class ActorCriticLearner:
+    """What PPO and A2C share: an `ActorCritic` `model` and its `optimizer` (set by the
+    subclass), sampling actions into a `Rollout`, and the state every rank holds alike.
+    Subclasses add `update(dp, progress)` and, if they have any, their own rank state."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+
+    def __init__(self) -> None:
+        self.learner_updates = 0
+        self.rollout = Rollout()
+
+    def shared_arrays(self) -> dict[str, np.ndarray]:
+        """What every rank holds identically: parameters and optimizer state."""
+        return module_arrays(self.model) | optimizer_arrays(self.optimizer)
+
+    def load_shared(self, arrays: dict[str, np.ndarray]) -> None:
+        load_module_arrays(self.model, arrays)
+        load_optimizer_arrays(self.optimizer, arrays)
+
+    def rank_arrays(self) -> dict[str, np.ndarray]:
+        """This rank's own state between updates: none here (sampling uses the rank's
+        torch RNG, which the topology checkpoints)."""
+        return {}
+
+    def load_rank(self, arrays: dict[str, np.ndarray]) -> None:
+        pass
+
+    def act(self, obs: np.ndarray, progress: float = 0.0) -> np.ndarray:
+        """Sample actions for a batch of observations and remember what the loss needs.
+
+        Args:
+            obs: (B, *obs_shape) observations of this rank's env copies.
+            progress: fraction of the budget done (unused: the policy is sampled).
+
+        Returns:
+            (B, *action_shape) actions (int64 for Discrete, float32 for Box).
+        """
+        obs_t = torch.as_tensor(obs)
+        with torch.no_grad():
+            actions, log_probs, values = self.model.act(obs_t)
+        self.rollout.add_action(obs_t, actions, log_probs, values)
+        return actions.numpy()
+
+    def observe(self, rewards, terminated, truncated, next_obs) -> None:
+        """The step's outcome: (B,) rewards, terminated, truncated and (B, ...) next
+        observations (the final observation where an episode ended)."""
+        self.rollout.add_outcome(rewards, terminated, truncated, next_obs)
+
+    def greedy_actions(self, obs: np.ndarray) -> np.ndarray:
+        """Deterministic actions (mode of the policy) for evaluation."""
+        with torch.no_grad():
+            actions, _, _ = self.model.act(torch.as_tensor(obs), deterministic=True)
+        return actions.numpy()
 
 
 def advantages_and_returns(
