@@ -69,6 +69,42 @@ def test_cartpole_learns_and_ranks_agree(tmp_path, cli_env, algo, ranks):
         assert evaluated_return >= 475
 
 
+def test_straggler_is_cut_and_the_budget_stays_exact(tmp_path, cli_env):
+    """DD-PPO's cut-off in the real loop: rank 3, slowed by a test-only delay, has its
+    rollouts cut (counted in /metrics/cut_rollouts); the run still ends at exactly its
+    budget of env steps and trajectory rows, with bit-identical parameters on every rank.
+    (The cut-off itself, and that nobody is cut without a delay: test_straggler_mpi.py.)"""
+    run_dir = tmp_path / "run"
+    steps = 10_000
+    result = subprocess.run(
+        hpcrl_command(
+            4,
+            "train",
+            str(REPO / "configs" / "cartpole-ppo.yaml"),
+            "--run-dir",
+            str(run_dir),
+            "--total-env-steps",
+            str(steps),
+            *("--set", "sync_frac=0.6", "--set", "record_trajectories=true"),
+            *("--set", "eval_episodes=0", "--set", "log_interval_s=0.5"),
+            *("--set", "debug.slow_rank=3", "--set", "debug.slow_step_s=0.01"),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=cli_env,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        assert f.attrs["status"] == "completed"
+        cut = f["metrics/cut_rollouts"][()]
+        assert int(f["metrics/env_steps"][-1]) == steps
+        assert len(f["trajectories/obs"]) == steps
+        assert len(set(f.attrs["parameter_digests"].tolist())) == 1
+    # 19 full updates of 512 would fit; with rank 3 cut (to >= 16 of its 64 steps) more do.
+    assert np.nansum(cut) >= 5, cut
+
+
 @pytest.mark.parametrize("algo,steps", [("ppo", 30_000), ("a2c", 20_000), ("dqn", 8_000)])
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, cli_env, algo, steps):
     """The issue-3 rule for every later algorithm: parameters, optimizer state, every

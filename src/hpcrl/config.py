@@ -38,6 +38,8 @@ class DebugConfig:
 
     fail_rank: int = -1  # raise an exception on this rank (-1: never)
     fail_after_env_steps: int = 0  # ... once that rank has taken this many env steps
+    slow_rank: int = -1  # make this rank a straggler (-1: none; data-parallel layout)
+    slow_step_s: float = 0.0  # ... by sleeping this long before each of its vector steps
 
     def validate(self) -> None:
         _check(
@@ -46,6 +48,7 @@ class DebugConfig:
             self.fail_after_env_steps,
             "an integer >= 0",
         )
+        _check(self.slow_step_s >= 0, "debug.slow_step_s", self.slow_step_s, "seconds >= 0")
 
 
 @dataclass
@@ -121,6 +124,8 @@ RESUMABLE_KEYS = frozenset(
         "torch_threads",
         "debug.fail_rank",
         "debug.fail_after_env_steps",
+        "debug.slow_rank",
+        "debug.slow_step_s",
     }
 )
 

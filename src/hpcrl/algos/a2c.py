@@ -51,6 +51,9 @@ class Config:
     max_grad_norm: float = 0.5  # on the rank-averaged gradient
     norm_adv: bool = False  # with the global batch's mean and std
     hidden_size: int = 64
+    # DD-PPO's straggler cut-off (see ppo.Config.sync_frac); A2C is synchronous by
+    # definition, so it is off by default.
+    sync_frac: float = 1.0
     check_sync_every: int = 100  # updates between parameter-consistency checks (0: never)
 
     def validate(self) -> None:
@@ -70,6 +73,7 @@ class Config:
         check(0.0 <= self.gae_lambda <= 1.0, "gae_lambda", "λ in [0, 1]")
         check(self.max_grad_norm > 0, "max_grad_norm", "a number > 0")
         check(self.hidden_size >= 1, "hidden_size", "an integer >= 1")
+        check(0.0 < self.sync_frac <= 1.0, "sync_frac", "a fraction of the ranks in (0, 1]")
         check(self.check_sync_every >= 0, "check_sync_every", "an integer >= 0")
 
     def check_spaces(self, observation_space, action_space) -> None:

@@ -50,6 +50,10 @@ class Config:
     max_grad_norm: float = 0.5  # on the rank-averaged gradient
     norm_adv: bool = True  # with the global batch's mean and std
     hidden_size: int = 64
+    # DD-PPO preemption threshold: once this fraction of the ranks has a full rollout, the
+    # others stop collecting (after at least 25% of theirs); 1 turns it off (lockstep, and
+    # a run is then bit-reproducible for a fixed seed and world size).
+    sync_frac: float = 0.6
     check_sync_every: int = 10  # updates between parameter-consistency checks (0: never)
 
     def validate(self) -> None:
@@ -74,6 +78,7 @@ class Config:
         check(self.clip_coef > 0, "clip_coef", "ε > 0")
         check(self.max_grad_norm > 0, "max_grad_norm", "a number > 0")
         check(self.hidden_size >= 1, "hidden_size", "an integer >= 1")
+        check(0.0 < self.sync_frac <= 1.0, "sync_frac", "a fraction of the ranks in (0, 1]")
         check(self.check_sync_every >= 0, "check_sync_every", "an integer >= 0")
 
     def check_spaces(self, observation_space, action_space) -> None:
@@ -123,7 +128,6 @@ class PPO(ActorCriticLearner):
         self.cfg = cfg
         self.num_envs = num_envs
         self.rollout_steps = cfg.rollout_steps(world_size, num_envs)
-        self.minibatch_size = cfg.minibatch_size // world_size  # this rank's share
         self.model = ActorCritic(observation_space, action_space, hidden=(cfg.hidden_size,) * 2)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate, eps=1e-5)
         self.generator = torch.Generator().manual_seed(seed)  # minibatch shuffling
@@ -164,17 +168,28 @@ class PPO(ActorCriticLearner):
         clip = cfg.clip_coef * (1.0 - progress) if cfg.anneal_clip else cfg.clip_coef
         clip = max(clip, 1e-8)
         metrics: dict[str, float] = {}
+        # The same number of minibatches on every rank (one gradient Allreduce each), even
+        # when a straggler's rollout was cut short: its minibatches are just smaller.
+        num_minibatches = cfg.batch_size // cfg.minibatch_size
         for _ in range(cfg.update_epochs):
             order = torch.randperm(T * B, generator=self.generator)
-            for start in range(0, T * B, self.minibatch_size):
-                index = order[start : start + self.minibatch_size]
-                metrics = self._minibatch_step(dp, {k: v[index] for k, v in flat.items()}, clip)
+            for index in torch.tensor_split(order, num_minibatches):
+                mb = {k: v[index] for k, v in flat.items()}
+                metrics = self._minibatch_step(dp, mb, clip) or metrics
         self.learner_updates += 1
         metrics["learning_rate"] = lr
         return metrics
 
     def _minibatch_step(self, dp, mb: dict[str, torch.Tensor], clip: float) -> dict[str, float]:
+        """One gradient step; an empty minibatch (a rollout cut very short) adds zero
+        gradients to the average and returns no metrics."""
         cfg = self.cfg
+        if len(mb["advantages"]) == 0:
+            self.optimizer.zero_grad(set_to_none=True)  # counted as zeros by the average
+            dp.average_gradients()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            self.optimizer.step()
+            return {}
         log_probs, entropy, new_values = self.model.evaluate_actions(mb["obs"], mb["actions"])
         log_ratio = log_probs - mb["log_probs"]
         ratio = log_ratio.exp()

@@ -17,6 +17,7 @@ parameters, the optimizer state, every rank's RNG and env state, and the counter
 from __future__ import annotations
 
 import importlib
+import time
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from hpcrl.comm.gradients import (
     global_mean_std,
     parameters_digest,
 )
+from hpcrl.comm.straggler import StragglerCutoff
 from hpcrl.comm.waits import allreduce_sum, gather_rows
 from hpcrl.config import ALGOS
 from hpcrl.envs import make_env
@@ -44,6 +46,7 @@ from hpcrl.topologies.context import (
     rank_state,
     restore_rank_state,
     save_checkpoint,
+    split_budget,
 )
 
 _LOG, _CHECKPOINT, _STOP = range(3)
@@ -79,88 +82,95 @@ def run_gradient_allreduce(ctx: RunContext) -> LoopResult:
     """Run the whole data-parallel layout on every rank; returns the learner in
     `LoopResult.learner` (every rank holds the same parameters)."""
     comm, cfg, watchdog = ctx.comm, ctx.cfg, ctx.watchdog_s
-    num_envs = cfg.run.num_envs
+    num_envs, world = cfg.run.num_envs, ctx.world_size
     torch.set_num_threads(cfg.run.torch_threads)
     probe = make_env(cfg.run.env_id, cfg.run.env_kwargs)
     ctx.traj_fields = space_fields(probe.observation_space, probe.action_space)
     probe.close()
-    segment = ctx.start_segment(ctx.world_size, range(ctx.world_size))
-    budgets = np.array(segment.budgets(), dtype=np.int64)
-    budget = int(budgets[ctx.rank])
+    segment = ctx.start_segment(world, range(world))
+    total = segment.total_env_steps
     rng, env_seed = ctx.rank_seeds()
     torch.manual_seed(int(rng.integers(2**62)))  # this rank's sampling stream
     stepper = ctx.make_stepper()
-    envs = stepper.envs
     learner = make_learner(
-        ctx, envs.single_observation_space, envs.single_action_space, int(rng.integers(2**62))
+        ctx,
+        stepper.envs.single_observation_space,
+        stepper.envs.single_action_space,
+        int(rng.integers(2**62)),
     )
-    rollout = learner.rollout_steps
-    batch_size = rollout * num_envs * ctx.world_size
-    updates_total = (segment.total_env_steps - segment.start_env_steps) // batch_size
-    vector_steps = max(1, -(-int(budgets.max()) // num_envs))
+    rollout = learner.rollout_steps  # vector steps of a full rollout on each rank
+    batch_size = rollout * num_envs * world  # env steps of a full update, all ranks
 
-    def global_steps_after(t: int) -> int:
-        return segment.start_env_steps + int(np.minimum(budgets, (t + 1) * num_envs).sum())
-
-    env_steps, first_step, updates_start = 0, 0, 0  # updates_start: before this segment
+    env_steps, global_steps = 0, segment.start_env_steps  # this rank's (segment), all ranks'
     if ctx.resume is not None:
         learner.load_shared(ctx.resume.shared())
         learner.learner_updates = int(ctx.resume.meta["learner_updates"])
-        updates_start = learner.learner_updates
         state = ctx.resume.rank_state(ctx.rank)
-        if state:
+        if state:  # the same segment continues: every rank's own state is in the checkpoint
             env_steps, _ = restore_rank_state(state, rng, stepper, env_seed + 1)
             learner.load_rank(state)
-            first_step = int(ctx.resume.meta["vector_step"]) + 1
-            updates_start = int(ctx.resume.meta["segment_updates_start"])
+            global_steps = int(ctx.resume.meta["env_steps"])
     broadcast_parameters(comm, learner.model, watchdog)  # identical start on every rank
     dp = DataParallel(comm, learner.model, watchdog)
-    recorder = TrajectoryRecorder(ctx)
-    episodes = EpisodeRows()
+    cutoff = StragglerCutoff(comm, getattr(cfg.algo, "sync_frac", 1.0), rollout)
+    loop = _Loop(ctx, learner, stepper, TrajectoryRecorder(ctx), EpisodeRows(), env_steps)
     reporter = Reporter(ctx) if ctx.rank == 0 else None
     interval = cfg.run.checkpoint_interval_env_steps
-    start_steps = global_steps_after(first_step - 1) if first_step else segment.start_env_steps
-    next_checkpoint = (start_steps // interval + 1) * interval if interval > 0 else None
+    next_checkpoint = (global_steps // interval + 1) * interval if interval > 0 else None
     flags = np.zeros(3, dtype=np.float64)
-    interrupted = False
+    counts = np.zeros(2, dtype=np.float64)  # env steps of this rollout, ranks cut short
+    interrupted, cut_rollouts = False, 0
     check_every = getattr(cfg.algo, "check_sync_every", 0)
 
-    for t in range(first_step, vector_steps):
-        n = min(num_envs, budget - env_steps)
-        if n <= 0:
-            continue  # only in the tail after the last update: no collective there
-        ctx.maybe_fail(env_steps)
-        actions = learner.act(stepper.obs, global_steps_after(t - 1) / segment.total_env_steps)
-        batch = stepper.step(actions)
-        learner.observe(batch.rewards, batch.terminated, batch.truncated, batch.next_obs)
-        recorder.record(batch, n)
-        env_steps += n
-        episodes.add_finished(batch, n, global_steps_after(t), ctx.elapsed_s(), ctx.rank)
-        if (t + 1) % rollout or learner.learner_updates - updates_start >= updates_total:
-            continue
-        progress = min(1.0, global_steps_after(t) / segment.total_env_steps)
-        metrics = learner.update(dp, progress)
+    while global_steps + batch_size <= total:  # a full update still fits in the budget
+        steps = 0
+        while steps < rollout:
+            loop.step(num_envs, global_steps + steps * num_envs * world, total)
+            steps += 1
+            if steps < rollout and cutoff.should_stop(steps):
+                break
+        cutoff.finish()
+        counts[:] = (steps * num_envs, float(steps < rollout))
+        if cutoff.active:
+            allreduce_sum(comm, counts, watchdog)
+        else:
+            counts *= world  # every rank took the full rollout
+        global_steps += int(counts[0])
+        cut_rollouts += int(counts[1])
+        metrics = learner.update(dp, min(1.0, global_steps / total))
         if check_every and learner.learner_updates % check_every == 0:
             check_parameters_in_sync(comm, learner.model, watchdog)
-        global_steps = global_steps_after(t)
         flags[:] = ctx.sync_flags(reporter)
         allreduce_sum(comm, flags, watchdog)
-        last_update = learner.learner_updates - updates_start >= updates_total
+        last_update = global_steps + batch_size > total
         interrupted = flags[_STOP] > 0 and not last_update
         by_steps = next_checkpoint is not None and global_steps >= next_checkpoint
         checkpoint = interrupted or by_steps or flags[_CHECKPOINT] > 0
         if flags[_LOG] > 0 or checkpoint:
-            _report(ctx, reporter, episodes, global_steps, metrics, learner)
+            if cutoff.active:
+                metrics["cut_rollouts"] = cut_rollouts
+                cut_rollouts = 0
+            _report(ctx, reporter, loop.episodes, global_steps, metrics, learner)
         if checkpoint:
-            _checkpoint(
-                ctx, learner, rng, stepper, recorder, env_steps, global_steps, t, updates_start
-            )
+            _checkpoint(ctx, learner, rng, loop, global_steps)
             if interval > 0:
                 next_checkpoint = (global_steps // interval + 1) * interval
         if interrupted:
             break
+    cutoff.close()
 
     if not interrupted:
+        # The tail: what is left of the budget (less than one update), split over the ranks
+        # and taken without learning, so the run ends exactly at its budget.
+        shares = split_budget(total - global_steps, world)
+        left = shares[ctx.rank]
+        for k in range(-(-max(shares) // num_envs)):
+            n = min(num_envs, left)
+            if n > 0:
+                after = global_steps + sum(min(s, (k + 1) * num_envs) for s in shares)
+                loop.step(n, global_steps + sum(min(s, k * num_envs) for s in shares), total, after)
+                left -= n
+        global_steps = total
         check_parameters_in_sync(comm, learner.model, watchdog)
         # Every rank's digest, for the record (tests and users can read them in run.h5).
         digests = gather_rows(
@@ -168,23 +178,43 @@ def run_gradient_allreduce(ctx: RunContext) -> LoopResult:
         )
         if ctx.rank == 0:
             ctx.run_file.set_attrs(parameter_digests=digests)
-        _report(ctx, reporter, episodes, global_steps_after(vector_steps - 1), {}, learner)
-        _checkpoint(
-            ctx,
-            learner,
-            rng,
-            stepper,
-            recorder,
-            env_steps,
-            global_steps_after(vector_steps - 1),
-            vector_steps - 1,
-            updates_start,
-        )
-    stepper.close()
-    link_trajectories(ctx, recorder.close())
+        _report(ctx, reporter, loop.episodes, global_steps, {}, learner)
+        _checkpoint(ctx, learner, rng, loop, global_steps)
+    loop.stepper.close()
+    link_trajectories(ctx, loop.recorder.close())
     if reporter is not None:
         reporter.close()
     return LoopResult(None, interrupted, learner)
+
+
+class _Loop:
+    """One rank's acting half: steps the env copies with the learner's actions and records
+    the transitions and finished episodes."""
+
+    def __init__(self, ctx, learner, stepper, recorder, episodes, env_steps: int):
+        self.ctx, self.learner, self.stepper = ctx, learner, stepper
+        self.recorder, self.episodes = recorder, episodes
+        self.env_steps = env_steps  # this rank's, in this segment
+        debug = ctx.cfg.run.debug
+        self.delay_s = debug.slow_step_s if ctx.rank == debug.slow_rank else 0.0
+
+    def step(self, n: int, global_before: int, total: int, global_after: int | None = None):
+        """One vector step of which the first `n` copies count (`n` < num_envs only at the
+        very end of the budget). `global_before`/`global_after`: the run's env steps before
+        and after this vector step, for the schedules and the episode rows (`after`
+        defaults to `before` plus one vector step on every rank)."""
+        ctx, learner = self.ctx, self.learner
+        ctx.maybe_fail(self.env_steps)
+        if self.delay_s:
+            time.sleep(self.delay_s)  # test-only straggler (`debug.slow_rank`)
+        if global_after is None:
+            global_after = global_before + ctx.cfg.run.num_envs * ctx.world_size
+        actions = learner.act(self.stepper.obs, global_before / total)
+        batch = self.stepper.step(actions)
+        learner.observe(batch.rewards, batch.terminated, batch.truncated, batch.next_obs)
+        self.recorder.record(batch, n)
+        self.env_steps += n
+        self.episodes.add_finished(batch, n, min(global_after, total), ctx.elapsed_s(), ctx.rank)
 
 
 def _report(ctx, reporter, episodes, global_steps, metrics, learner) -> None:
@@ -194,24 +224,22 @@ def _report(ctx, reporter, episodes, global_steps, metrics, learner) -> None:
     gather_and_log(ctx, reporter, episodes, global_steps, extra)
 
 
-def _checkpoint(
-    ctx, learner, rng, stepper, recorder, env_steps, global_steps, t, updates_start
-) -> None:
+def _checkpoint(ctx, learner, rng, loop: _Loop, global_steps: int) -> None:
     """Collective: every rank's state to rank 0, which writes one checkpoint."""
-    recorder.flush()
-    state = rank_state(rng, stepper, env_steps, learner.learner_updates, recorder.rows)
+    loop.recorder.flush()
+    state = rank_state(
+        rng, loop.stepper, loop.env_steps, learner.learner_updates, loop.recorder.rows
+    )
     state |= learner.rank_arrays()
     states = gather_rank_states(ctx, state)
     if ctx.rank != 0:
         return
-    shared = learner.shared_arrays()
     save_checkpoint(
         ctx,
-        shared,
+        learner.shared_arrays(),
         global_steps,
         learner.learner_updates,
         learner.learner_updates,
         {k: int(s["counters"][2]) for k, s in states.items()},
         states,
-        {"vector_step": t, "segment_updates_start": updates_start},
     )
