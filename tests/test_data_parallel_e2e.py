@@ -105,12 +105,15 @@ def test_straggler_is_cut_and_the_budget_stays_exact(tmp_path, cli_env):
     assert np.nansum(cut) >= 5, cut
 
 
-@pytest.mark.parametrize("algo,steps", [("ppo", 30_000), ("a2c", 20_000), ("dqn", 8_000)])
-def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, cli_env, algo, steps):
+@pytest.mark.parametrize(
+    "algo,steps,extra",
+    [("ppo", 30_000, []), ("a2c", 20_000, ["--set", "normalize_obs=true"]), ("dqn", 8_000, [])],
+)
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, cli_env, algo, steps, extra):
     """The issue-3 rule for every later algorithm: parameters, optimizer state, every
     rank's RNGs (torch sampling, minibatch shuffling, ε-greedy and replay sampling), DQN's
-    replay memories and target network, and env states are checkpointed, so a SIGUSR1 and
-    `--resume` give the same run bit for bit."""
+    replay memories and target network, the observation statistics (A2C here) and env
+    states are checkpointed, so a SIGUSR1 and `--resume` give the same run bit for bit."""
     import signal
     import time
 
@@ -124,6 +127,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, cli_env, algo, s
         "log_interval_s=0.5",
         "--set",
         "record_trajectories=true",
+        *extra,
     ]
     reference = subprocess.run(
         hpcrl_command(2, "train", *args, "--run-dir", str(tmp_path / "ref")),
@@ -163,3 +167,50 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, cli_env, algo, s
             assert np.array_equal(a["episodes"][name][()], b["episodes"][name][()]), name
         for name in ("obs", "action", "reward", "terminated", "truncated"):
             assert np.array_equal(a["trajectories"][name][()], b["trajectories"][name][()]), name
+
+
+def test_ppo_checkpoint_on_2_ranks_resumes_on_4(tmp_path, cli_env):
+    """A resume on another world size starts a new segment: the parameters, optimizer and
+    counters come from the checkpoint, the rest of the budget is split over the new ranks,
+    and the run ends at exactly its budget with identical parameters on every rank."""
+    import signal
+    import time
+
+    steps = 30_000
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        hpcrl_command(
+            2,
+            "train",
+            str(REPO / "configs" / "cartpole-ppo.yaml"),
+            *("--run-dir", str(run_dir), "--total-env-steps", str(steps)),
+            *("--set", "eval_episodes=0", "--set", "log_interval_s=0.5"),
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env,
+    )
+    for line in proc.stdout:
+        if line.startswith("[hpcrl] env_steps"):
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, out + err
+    resumed = subprocess.run(
+        hpcrl_command(4, "train", "--resume", str(run_dir)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=cli_env,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    with h5py.File(run_dir / "run.h5") as f:
+        assert f.attrs["status"] == "completed"
+        assert int(f["metrics/env_steps"][-1]) == steps
+        assert f["resumes/world_size"][()].tolist() == [4]
+        assert f["resumes/from_world_size"][()].tolist() == [2]
+        assert len(f.attrs["parameter_digests"]) == 4
+        assert len(set(f.attrs["parameter_digests"].tolist())) == 1
+        assert int(f["metrics/learner_updates"][-1]) == steps // 512

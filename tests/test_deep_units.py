@@ -140,3 +140,48 @@ def test_dqn_checkpoint_round_trip_continues_identically(double_dqn):
     _run(b, stepper_b, 200, 400, budget=1000)
     for name, value in (a.shared_arrays() | a.rank_arrays()).items():
         assert np.array_equal(value, (b.shared_arrays() | b.rank_arrays())[name]), name
+
+
+def test_observation_normalizer_pools_the_ranks_sums_like_one_process():
+    """Two ranks' rollouts merged through one summed buffer give the statistics of all the
+    observations (up to the 1e-4 prior count), and both ranks normalize alike."""
+    from hpcrl.normalization import CLIP, ObservationNormalizer
+
+    rng = np.random.default_rng(0)
+    data = [rng.normal([5.0, -3.0], [2.0, 0.1], size=(n, 2)) for n in (300, 500)]
+    ranks = [ObservationNormalizer((2,)) for _ in data]
+    for norm, obs in zip(ranks, data, strict=True):
+        norm.accumulate(obs)
+    pooled = sum(norm._sums for norm in ranks)  # what the Allreduce computes
+
+    def fake_allreduce(buffer):
+        buffer[:] = pooled
+
+    for norm in ranks:
+        norm.merge(fake_allreduce)
+    everything = np.concatenate(data)
+    for norm in ranks:
+        np.testing.assert_allclose(norm.mean, everything.mean(axis=0), rtol=1e-6)
+        np.testing.assert_allclose(norm.var, everything.var(axis=0), rtol=1e-5, atol=1e-5)
+        assert norm.count == pytest.approx(800, abs=1e-3)
+        assert not norm._sums.any()
+    z = ranks[0](everything)
+    assert z.dtype == np.float32
+    np.testing.assert_allclose(z.mean(axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(z.std(axis=0), 1.0, rtol=1e-4)
+    assert ranks[0](np.array([[1e9, 0.0]]))[0, 0] == CLIP
+    restored = ObservationNormalizer((2,))
+    restored.load(ranks[1].arrays())
+    np.testing.assert_array_equal(restored(everything), ranks[1](everything))
+
+
+def test_normalize_obs_refuses_image_observations():
+    import gymnasium as gym
+
+    from hpcrl.algos.rollout import check_actor_critic_spaces
+    from hpcrl.errors import UserError
+
+    image = gym.spaces.Box(0, 255, (84, 84, 4), dtype=np.uint8)
+    with pytest.raises(UserError, match="normalize_obs needs a float Box"):
+        check_actor_critic_spaces("ppo", True, image, gym.spaces.Discrete(2))
+    check_actor_critic_spaces("ppo", False, image, gym.spaces.Discrete(2))

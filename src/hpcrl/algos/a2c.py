@@ -24,8 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
-from hpcrl.algos.rollout import ActorCriticLearner, advantages_and_returns
-from hpcrl.errors import ConfigError, UserError
+from hpcrl.algos.rollout import (
+    ActorCriticLearner,
+    advantages_and_returns,
+    check_actor_critic_spaces,
+)
+from hpcrl.errors import ConfigError
 from hpcrl.models import ActorCritic
 from hpcrl.schedules import set_learning_rate
 
@@ -50,6 +54,7 @@ class Config:
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5  # on the rank-averaged gradient
     norm_adv: bool = False  # with the global batch's mean and std
+    normalize_obs: bool = False  # running mean/std over all ranks (hpcrl.normalization)
     hidden_size: int = 64
     # DD-PPO's straggler cut-off (see ppo.Config.sync_frac); A2C is synchronous by
     # definition, so it is off by default.
@@ -77,11 +82,9 @@ class Config:
         check(self.check_sync_every >= 0, "check_sync_every", "an integer >= 0")
 
     def check_spaces(self, observation_space, action_space) -> None:
-        """Raises UserError unless the action space is `Discrete` or `Box`."""
-        import gymnasium as gym
-
-        if not isinstance(action_space, (gym.spaces.Discrete, gym.spaces.Box)):
-            raise UserError(f"a2c needs a Discrete or Box action space, got {action_space}")
+        """Raises UserError unless the action space is `Discrete` or `Box` (and, with
+        `normalize_obs`, the observations a float `Box`)."""
+        check_actor_critic_spaces("a2c", self.normalize_obs, observation_space, action_space)
 
     def rollout_steps(self, world_size: int, num_envs: int) -> int:
         """Vector steps per rollout on each rank (n of the n-step return):
@@ -118,7 +121,7 @@ class A2C(ActorCriticLearner):
         world_size: int,
         seed: int,
     ):
-        super().__init__()
+        super().__init__(observation_space, cfg.normalize_obs)
         self.cfg = cfg
         self.num_envs = num_envs
         self.rollout_steps = cfg.rollout_steps(world_size, num_envs)
@@ -162,6 +165,7 @@ class A2C(ActorCriticLearner):
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
         self.optimizer.step()
         self.learner_updates += 1
+        self.merge_statistics(dp)
         return {
             "losses/policy": pg_loss.item(),
             "losses/value": v_loss.item(),

@@ -22,7 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hpcrl.algos.rollout import ActorCriticLearner, advantages_and_returns
+from hpcrl.algos.rollout import (
+    ActorCriticLearner,
+    advantages_and_returns,
+    check_actor_critic_spaces,
+)
 from hpcrl.errors import ConfigError
 from hpcrl.models import ActorCritic
 from hpcrl.schedules import set_learning_rate
@@ -49,6 +53,7 @@ class Config:
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5  # on the rank-averaged gradient
     norm_adv: bool = True  # with the global batch's mean and std
+    normalize_obs: bool = False  # running mean/std over all ranks (hpcrl.normalization)
     hidden_size: int = 64
     # DD-PPO preemption threshold: once this fraction of the ranks has a full rollout, the
     # others stop collecting (after at least 25% of theirs); 1 turns it off (lockstep, and
@@ -82,13 +87,9 @@ class Config:
         check(self.check_sync_every >= 0, "check_sync_every", "an integer >= 0")
 
     def check_spaces(self, observation_space, action_space) -> None:
-        """Raises UserError unless the action space is `Discrete` or `Box`."""
-        import gymnasium as gym
-
-        from hpcrl.errors import UserError
-
-        if not isinstance(action_space, (gym.spaces.Discrete, gym.spaces.Box)):
-            raise UserError(f"ppo needs a Discrete or Box action space, got {action_space}")
+        """Raises UserError unless the action space is `Discrete` or `Box` (and, with
+        `normalize_obs`, the observations a float `Box`)."""
+        check_actor_critic_spaces("ppo", self.normalize_obs, observation_space, action_space)
 
     def rollout_steps(self, world_size: int, num_envs: int) -> int:
         """Vector steps per rollout on each rank: batch_size / (world_size × num_envs).
@@ -124,7 +125,7 @@ class PPO(ActorCriticLearner):
         world_size: int,
         seed: int,
     ):
-        super().__init__()
+        super().__init__(observation_space, cfg.normalize_obs)
         self.cfg = cfg
         self.num_envs = num_envs
         self.rollout_steps = cfg.rollout_steps(world_size, num_envs)
@@ -177,6 +178,7 @@ class PPO(ActorCriticLearner):
                 mb = {k: v[index] for k, v in flat.items()}
                 metrics = self._minibatch_step(dp, mb, clip) or metrics
         self.learner_updates += 1
+        self.merge_statistics(dp)
         metrics["learning_rate"] = lr
         return metrics
 

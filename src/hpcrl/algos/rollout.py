@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from hpcrl.errors import UserError
+from hpcrl.normalization import ObservationNormalizer
 from hpcrl.returns import gae
 from hpcrl.state import load_module_arrays, load_optimizer_arrays, module_arrays, optimizer_arrays
 
@@ -66,6 +68,29 @@ class Rollout:
         return out
 
 
+def check_actor_critic_spaces(
+    algo: str, normalize_obs: bool, observation_space, action_space
+) -> None:
+    """What PPO and A2C accept: `Discrete` or `Box` actions; `normalize_obs` only for float
+    `Box` observations (not images, whose pixels the CNN scales itself).
+
+    Raises:
+        UserError: naming the space and what was expected.
+    """
+    import gymnasium as gym
+
+    if not isinstance(action_space, (gym.spaces.Discrete, gym.spaces.Box)):
+        raise UserError(f"{algo} needs a Discrete or Box action space, got {action_space}")
+    float_box = isinstance(observation_space, gym.spaces.Box) and np.issubdtype(
+        observation_space.dtype, np.floating
+    )
+    if normalize_obs and not float_box:
+        raise UserError(
+            f"normalize_obs needs a float Box observation space, got {observation_space}: "
+            "set normalize_obs=false"
+        )
+
+
 class ActorCriticLearner:
     """What PPO and A2C share: an `ActorCritic` `model` and its `optimizer` (set by the
     subclass), sampling actions into a `Rollout`, and the state every rank holds alike.
@@ -74,17 +99,42 @@ class ActorCriticLearner:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
 
-    def __init__(self) -> None:
+    def __init__(self, observation_space=None, normalize_obs: bool = False) -> None:
+        """`normalize_obs`: normalize observations with running statistics merged over the
+        ranks (`hpcrl.normalization`); needs a float `Box` `observation_space`."""
         self.learner_updates = 0
         self.rollout = Rollout()
+        self.normalizer = None
+        if normalize_obs:
+            self.normalizer = ObservationNormalizer(observation_space.shape)
 
     def shared_arrays(self) -> dict[str, np.ndarray]:
-        """What every rank holds identically: parameters and optimizer state."""
-        return module_arrays(self.model) | optimizer_arrays(self.optimizer)
+        """What every rank holds identically: parameters, optimizer state and the
+        observation statistics."""
+        arrays = module_arrays(self.model) | optimizer_arrays(self.optimizer)
+        if self.normalizer is not None:
+            arrays |= self.normalizer.arrays()
+        return arrays
 
     def load_shared(self, arrays: dict[str, np.ndarray]) -> None:
         load_module_arrays(self.model, arrays)
         load_optimizer_arrays(self.optimizer, arrays)
+        if self.normalizer is not None:
+            self.normalizer.load(arrays)
+
+    def merge_statistics(self, dp) -> None:
+        """Collective, at the end of every update: pool the rollout's observation sums of
+        every rank into the normalizer's statistics (a no-op without normalization)."""
+        if self.normalizer is not None:
+            self.normalizer.merge(dp.sum)
+
+    def _input(self, obs: np.ndarray, accumulate: bool = False) -> torch.Tensor:
+        """Observations as the model sees them (normalized when asked)."""
+        if self.normalizer is None:
+            return torch.as_tensor(obs)
+        if accumulate:
+            self.normalizer.accumulate(obs)
+        return torch.from_numpy(self.normalizer(obs))
 
     def rank_arrays(self) -> dict[str, np.ndarray]:
         """This rank's own state between updates: none here (sampling uses the rank's
@@ -104,7 +154,7 @@ class ActorCriticLearner:
         Returns:
             (B, *action_shape) actions (int64 for Discrete, float32 for Box).
         """
-        obs_t = torch.as_tensor(obs)
+        obs_t = self._input(obs, accumulate=True)
         with torch.no_grad():
             actions, log_probs, values = self.model.act(obs_t)
         self.rollout.add_action(obs_t, actions, log_probs, values)
@@ -113,12 +163,12 @@ class ActorCriticLearner:
     def observe(self, rewards, terminated, truncated, next_obs) -> None:
         """The step's outcome: (B,) rewards, terminated, truncated and (B, ...) next
         observations (the final observation where an episode ended)."""
-        self.rollout.add_outcome(rewards, terminated, truncated, next_obs)
+        self.rollout.add_outcome(rewards, terminated, truncated, self._input(next_obs))
 
     def greedy_actions(self, obs: np.ndarray) -> np.ndarray:
         """Deterministic actions (mode of the policy) for evaluation."""
         with torch.no_grad():
-            actions, _, _ = self.model.act(torch.as_tensor(obs), deterministic=True)
+            actions, _, _ = self.model.act(self._input(obs), deterministic=True)
         return actions.numpy()
 
 

@@ -64,6 +64,10 @@ class DataParallel:
         """Every `p.grad` becomes its mean over the ranks (one `Allreduce`)."""
         self.gradients.average(self.comm, self.watchdog_s)
 
+    def sum(self, buffer: np.ndarray) -> None:
+        """Sum `buffer` over every rank, in place (one `Allreduce`)."""
+        allreduce_sum(self.comm, buffer, self.watchdog_s)
+
     def mean_std(self, values: np.ndarray) -> tuple[float, float]:
         """Mean and std of `values` pooled over every rank."""
         return global_mean_std(self.comm, values, self.watchdog_s)
