@@ -332,6 +332,28 @@ BAD_TRAIN_CASES = [
     ),
     ("dqn-box-actions", 2, ["--algo", "dqn", "--env", "Pendulum-v1"], [r"dqn", r"Discrete"]),
     ("a2c-unknown-optimizer", 2, ["--algo", "a2c", "--set", "optimizer=sgd"], [r"'sgd'"]),
+    # Raw 210 x 160 RGB Atari frames: no model reads them; the error names the fix.
+    (
+        "atari-without-preprocessing",
+        2,
+        ["--algo", "ppo", "--env", "ALE/Pong-v5", "--set", "atari_preprocessing=false"],
+        [r"210, 160, 3", r"AtariPreprocessing"],
+    ),
+    ("frame-stack-zero", 2, ["--set", "frame_stack=0"], [r"'frame_stack'", r"got 0\b"]),
+    ("unknown-vector-env", 2, ["--set", "vector_env=threads"], [r"'vector_env'", r"'threads'"]),
+    (
+        "normalize-obs-on-images",
+        2,
+        ["--algo", "ppo", "--env", "ALE/Pong-v5", "--set", "normalize_obs=true"],
+        [r"normalize_obs", r"float Box"],
+    ),
+    (
+        "sync-frac-zero",
+        2,
+        ["--algo", "ppo", "--env", "CartPole-v1", "--set", "sync_frac=0"],
+        [r"'sync_frac'", r"got 0(\.0)?\b"],
+    ),
+    ("tabular-on-cuda", 2, ["--device", "cuda"], [r"'cuda'", r"tabular"]),
 ]
 
 
@@ -839,3 +861,52 @@ def test_allreduce_is_deterministic_for_a_fixed_seed_and_world_size(tmp_path):
     assert len(episodes[0]["return"]) > 100
     for key in episodes[0]:
         assert np.array_equal(episodes[0][key], episodes[1][key]), key
+
+
+@pytest.mark.parametrize(
+    ("env_id", "module", "extra"),
+    [
+        ("ALE/Pong-v5", "ale_py", "atari"),
+        ("ALE/Pong-v5", "cv2", "atari"),  # AtariPreprocessing resizes with opencv
+        ("LunarLander-v3", "Box2D", "box2d"),
+    ],
+    ids=["ale-py", "opencv", "box2d"],
+)
+def test_missing_extra_is_named_in_one_error_line(tmp_path, env_id, module, extra):
+    """An env whose optional dependency is missing (simulated: a module of that name first
+    on the path that fails to import) fails on every rank with one line naming the extra."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / f"{module}.py").write_text(f"raise ImportError('simulated: no {module}')\n")
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shadow), env.get("PYTHONPATH")]))
+    run_dir = tmp_path / "fresh"
+    cmd = hpcrl_command(
+        2,
+        "train",
+        "--algo",
+        "ppo",
+        "--env",
+        env_id,
+        "--run-dir",
+        str(run_dir),
+        "--total-env-steps",
+        "2000",
+        "--set",
+        "eval_episodes=0",
+    )
+    result, _ = run_cli(cmd, env)
+    _assert_one_error_line(result, [re.escape(repr(env_id)), re.escape(f"'hpcrl[{extra}]'")])
+    assert not run_dir.exists()
+
+
+def test_device_cuda_without_a_gpu_is_one_error_line(tmp_path):
+    """`--device cuda` where torch sees no GPU: one line on every rank, exit 2, no run dir."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    run_dir = tmp_path / "fresh"
+    result, _ = _train(2, run_dir, "--algo", "ppo", "--env", "CartPole-v1", "--device", "cuda")
+    _assert_one_error_line(result, [r"device 'cuda'", r"no CUDA GPU", r"--device cpu"])
+    assert not run_dir.exists()

@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--total-env-steps", type=int, help="env-step budget summed over every acting rank"
     )
     train.add_argument("--seed", type=int, help="base seed; each rank derives its own")
+    train.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        help="deep learners: cuda puts each rank's model on a GPU of its node (default cpu)",
+    )
     train.add_argument("--run-dir", help="output directory (default runs/<algo>-<env>-<time>)")
     train.add_argument(
         "--set",
@@ -90,7 +95,7 @@ def config_values(args: argparse.Namespace) -> dict:
     values: dict = {}
     if getattr(args, "config", None):
         values.update(load_yaml(args.config))
-    for key in ("algo", "env_id", "total_env_steps", "seed"):
+    for key in ("algo", "env_id", "total_env_steps", "seed", "device"):
         if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
     if getattr(args, "env_kwargs", None) is not None:

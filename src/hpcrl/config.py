@@ -61,6 +61,9 @@ class RunConfig:
     total_env_steps: int = 3_000_000  # summed over every acting rank
     seed: int = 0
     num_envs: int = 32  # gymnasium vector env copies per acting rank
+    vector_env: str = "sync"  # sync: copies stepped in turn; async: a subprocess per copy
+    atari_preprocessing: bool = True  # ALE ids: AtariPreprocessing (84x84 gray, skip 4)
+    frame_stack: int = 4  # ALE ids with atari_preprocessing: frames stacked (1: none)
     run_dir: str = ""  # "" -> runs/<algo>-<env_id>-<UTC time>
     log_interval_s: float = 5.0
     checkpoint_interval_env_steps: int = 0  # 0: none by env steps (one at the end)
@@ -70,7 +73,12 @@ class RunConfig:
     eval_episodes: int = 1000  # greedy evaluation printed at the end of `train` (0: none)
     watchdog_s: float = 300.0  # a blocking wait longer than this aborts the job
     torch_threads: int = 1
+    device: str = "cpu"  # deep learners: "cuda" puts each rank's model on a GPU of its node
     debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def env_options(self) -> dict:
+        """The keyword options of `hpcrl.envs.make_env` this config sets."""
+        return {"atari_preprocessing": self.atari_preprocessing, "frame_stack": self.frame_stack}
 
     def validate(self) -> None:
         _check(self.algo in ALGOS, "algo", self.algo, f"one of {sorted(ALGOS)}")
@@ -88,6 +96,8 @@ class RunConfig:
         )
         _check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
         _check(self.num_envs >= 1, "num_envs", self.num_envs, "an integer >= 1")
+        _check(self.vector_env in ("sync", "async"), "vector_env", self.vector_env, "sync or async")
+        _check(self.frame_stack >= 1, "frame_stack", self.frame_stack, "an integer >= 1")
         _check(self.log_interval_s > 0, "log_interval_s", self.log_interval_s, "a number > 0")
         _check(
             self.checkpoint_interval_env_steps >= 0,
@@ -107,6 +117,7 @@ class RunConfig:
         _check(self.eval_episodes >= 0, "eval_episodes", self.eval_episodes, "an integer >= 0")
         _check(self.watchdog_s > 0, "watchdog_s", self.watchdog_s, "a number > 0")
         _check(self.torch_threads >= 1, "torch_threads", self.torch_threads, "an integer >= 1")
+        _check(self.device in ("cpu", "cuda"), "device", self.device, "'cpu' or 'cuda'")
         self.debug.validate()
 
 

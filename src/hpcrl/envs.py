@@ -1,13 +1,27 @@
-"""Gymnasium environments: creation with clear errors, vector envs, episode bookkeeping, and
-capture/restore of each env copy's state for exact resume.
+"""Gymnasium environments: creation with clear errors, Atari preprocessing, vector envs,
+episode bookkeeping, and capture/restore of each env copy's state for exact resume.
+
+Atari (`ALE/...` ids): unless `atari_preprocessing` is off, the env is made with
+`frameskip=1` and wrapped in gymnasium's `AtariPreprocessing` (noop reset up to 30, frame
+skip 4 with max-pooling of the last two frames, 84 x 84 grayscale uint8, no life-loss
+termination, no scaling; Machado et al. 2018) and `FrameStackObservation(frame_stack)`, so
+an observation is (frame_stack, 84, 84) uint8 (84 x 84 when frame_stack is 1). The v5
+sticky actions (the previous action repeated with probability 0.25 at each emulator
+frame) are applied by gymnasium's `StickyAction` under the frame skip instead of inside
+the emulator, with the same effect, because the emulator's saved state lacks the action
+it would repeat.
 
 Env-state capture (what a checkpoint holds per env copy): the unwrapped env's `np_random`
 (PCG64) state, the dynamic attributes of the gymnasium toy-text and classic-control envs
-listed in `_ENV_STATE_SPECS`, `TimeLimit`'s step count, and for Atari (ale-py) the
-emulator's `cloneState(include_rng=True).serialize()` bytes (system state and the
-sticky-action RNG). Envs or wrappers outside those lists cannot be captured: their copies
-restart their in-progress episodes on resume (the documented fallback); the env-step
-budget stays exact, only those unfinished episodes are not recorded.
+listed in `_ENV_STATE_SPECS`, `TimeLimit`'s step count, `StickyAction`'s last action and
+repeat counters, `AtariPreprocessing`'s lives and max-pooling buffers,
+`FrameStackObservation`'s frames, and for Atari (ale-py) the emulator's
+`cloneState(include_rng=True).serialize()` bytes. Envs or wrappers outside those lists, an
+emulator with its own sticky actions (`atari_preprocessing=false` with a nonzero
+`repeat_action_probability`), and the copies of an `AsyncVectorEnv` (they live in
+subprocesses) cannot be captured: their copies restart their in-progress episodes on
+resume (the documented fallback); the env-step budget stays exact, only those unfinished
+episodes are not recorded.
 """
 
 from __future__ import annotations
@@ -17,23 +31,45 @@ from dataclasses import dataclass
 
 import gymnasium as gym
 import numpy as np
-from gymnasium.vector import AutoresetMode, SyncVectorEnv
+from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv, VectorEnv
 
 from hpcrl.errors import UserError
 from hpcrl.state import generator_state, set_generator_state
 
+ATARI_FRAME_SKIP = 4  # emulator frames per agent step under AtariPreprocessing
+VECTOR_ENVS = ("sync", "async")
 
-def make_env(env_id: str, env_kwargs: dict | None = None) -> gym.Env:
-    """`gymnasium.make(env_id, **env_kwargs)` with one-line errors.
+# Entry-point prefix -> (what is missing, extra that installs it) for gymnasium's optional
+# dependencies, named in the one-line error instead of gymnasium's own advice.
+_EXTRAS = {"gymnasium.envs.box2d": ("Box2D", "box2d")}
+
+
+def make_env(
+    env_id: str,
+    env_kwargs: dict | None = None,
+    *,
+    atari_preprocessing: bool = True,
+    frame_stack: int = 4,
+) -> gym.Env:
+    """`gymnasium.make(env_id, **env_kwargs)` with one-line errors; for `ALE/...` ids with
+    `atari_preprocessing`, the standard Atari wrappers (see the module docstring).
+
+    Args:
+        atari_preprocessing: wrap ALE envs in AtariPreprocessing and FrameStackObservation
+            (ignored for other ids).
+        frame_stack: frames stacked after AtariPreprocessing (1: no stacking).
 
     Raises:
-        UserError: unknown id (closest registered ids suggested), or kwargs the env rejects.
+        UserError: unknown id (closest registered ids suggested), kwargs the env rejects, or
+            a missing optional dependency (the `hpcrl[...]` extra that installs it named).
     """
     kwargs = dict(env_kwargs or {})
-    if env_id.startswith("ALE/") and env_id not in gym.registry:
+    ale = env_id.startswith("ALE/")
+    if ale and env_id not in gym.registry:
         try:
             import ale_py
 
+            ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # no banner on stderr
             gym.register_envs(ale_py)
         except ImportError:
             raise UserError(f"env {env_id!r} needs ale-py: pip install 'hpcrl[atari]'") from None
@@ -41,14 +77,76 @@ def make_env(env_id: str, env_kwargs: dict | None = None) -> gym.Env:
         hint = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.6)
         near = f"; did you mean {', '.join(repr(h) for h in hint)}?" if hint else ""
         raise UserError(f"unknown env id {env_id!r}: not in the gymnasium registry{near}")
+    preprocess = ale and atari_preprocessing
+    if preprocess:
+        if kwargs.get("frameskip", 1) != 1:
+            raise UserError(
+                f"env {env_id!r}: env_kwargs frameskip={kwargs['frameskip']!r} with "
+                f"atari_preprocessing, which skips {ATARI_FRAME_SKIP} frames itself: drop "
+                "frameskip from env_kwargs or set atari_preprocessing=false"
+            )
+        if kwargs.get("obs_type") == "ram":
+            raise UserError(
+                f"env {env_id!r}: env_kwargs obs_type='ram' with atari_preprocessing, which "
+                "reads the screen: set atari_preprocessing=false for RAM observations"
+            )
+        # Sticky actions move from the emulator (whose last action is not in its saved
+        # state) to gymnasium's StickyAction under the frame skip: the same per-frame
+        # repeat probability, with state that a checkpoint captures.
+        sticky = kwargs.get(
+            "repeat_action_probability",
+            gym.registry[env_id].kwargs.get("repeat_action_probability", 0.0),
+        )
+        kwargs.update(frameskip=1, repeat_action_probability=0.0)
     try:
-        return gym.make(env_id, **kwargs)
+        env = gym.make(env_id, **kwargs)
+    except gym.error.DependencyNotInstalled as exc:
+        raise _missing_dependency(env_id, exc) from None
     except Exception as exc:  # noqa: BLE001 - any constructor failure is the user's input
-        detail = str(exc).splitlines()[0] if str(exc) else ""
         raise UserError(
-            f"env {env_id!r} could not be made with env_kwargs {kwargs!r}: "
-            f"{type(exc).__name__}: {detail}"
+            f"env {env_id!r} could not be made with env_kwargs {dict(env_kwargs or {})!r}: "
+            f"{type(exc).__name__}: {_first_line(exc)}"
         ) from None
+    if preprocess:
+        try:
+            if sticky:
+                env = gym.wrappers.StickyAction(env, repeat_action_probability=sticky)
+            env = gym.wrappers.AtariPreprocessing(
+                env,
+                noop_max=30,
+                frame_skip=ATARI_FRAME_SKIP,
+                screen_size=84,
+                terminal_on_life_loss=False,
+                grayscale_obs=True,
+                scale_obs=False,
+            )
+        except gym.error.DependencyNotInstalled:
+            env.close()
+            raise UserError(
+                f"env {env_id!r} with atari_preprocessing needs opencv: pip install 'hpcrl[atari]'"
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - e.g. obs_type='ram', a bad probability
+            env.close()
+            raise UserError(
+                f"env {env_id!r} with env_kwargs {dict(env_kwargs or {})!r} cannot take the "
+                f"Atari preprocessing ({type(exc).__name__}: {_first_line(exc)}); "
+                "set atari_preprocessing=false"
+            ) from None
+        if frame_stack > 1:
+            env = gym.wrappers.FrameStackObservation(env, frame_stack)
+    return env
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else ""
+
+
+def _missing_dependency(env_id: str, exc: BaseException) -> UserError:
+    entry_point = str(gym.registry[env_id].entry_point)
+    for prefix, (what, extra) in _EXTRAS.items():
+        if entry_point.startswith(prefix):
+            return UserError(f"env {env_id!r} needs {what}: pip install 'hpcrl[{extra}]'")
+    return UserError(f"env {env_id!r} needs a package that is not installed: {_first_line(exc)}")
 
 
 def discrete_sizes(env: gym.Env) -> tuple[int, int]:
@@ -69,16 +167,39 @@ def discrete_sizes(env: gym.Env) -> tuple[int, int]:
     return int(obs_space.n), int(act_space.n)
 
 
-def make_vector_env(env_id: str, env_kwargs: dict | None, num_envs: int) -> SyncVectorEnv:
-    """A gymnasium `SyncVectorEnv` of `num_envs` copies that resets finished copies in the
-    same step (`AutoresetMode.SAME_STEP`), so every call to `step` is one real transition
-    per copy and the final observation is in `info["final_obs"]`."""
-    make_env(env_id, env_kwargs).close()  # one clear error instead of num_envs tracebacks
+def make_vector_env(
+    env_id: str,
+    env_kwargs: dict | None,
+    num_envs: int,
+    *,
+    atari_preprocessing: bool = True,
+    frame_stack: int = 4,
+    vector_env: str = "sync",
+) -> VectorEnv:
+    """A gymnasium vector env of `num_envs` `make_env` copies that resets finished copies in
+    the same step (`AutoresetMode.SAME_STEP`), so every call to `step` is one real
+    transition per copy and the final observation is in `info["final_obs"]`.
+
+    Args:
+        vector_env: "sync" (`SyncVectorEnv`, copies stepped in turn in this process) or
+            "async" (`AsyncVectorEnv`, one forked subprocess per copy; its env state is not
+            captured in checkpoints, see the module docstring).
+
+    Raises:
+        UserError: as `make_env`.
+        ValueError: `vector_env` is neither "sync" nor "async".
+    """
+    if vector_env not in VECTOR_ENVS:
+        raise ValueError(f"vector_env {vector_env!r}: expected one of {VECTOR_ENVS}")
+    options = {"atari_preprocessing": atari_preprocessing, "frame_stack": frame_stack}
+    make_env(env_id, env_kwargs, **options).close()  # one clear error, not num_envs tracebacks
     kwargs = dict(env_kwargs or {})
-    return SyncVectorEnv(
-        [lambda: gym.make(env_id, **kwargs) for _ in range(num_envs)],
-        autoreset_mode=AutoresetMode.SAME_STEP,
-    )
+    env_fns = [lambda: make_env(env_id, kwargs, **options) for _ in range(num_envs)]
+    if vector_env == "async":
+        # fork, not spawn: a spawned child would re-import hpcrl and mpi4py and could
+        # initialise MPI again as a copy of this rank; the forked workers never call MPI.
+        return AsyncVectorEnv(env_fns, autoreset_mode=AutoresetMode.SAME_STEP, context="fork")
+    return SyncVectorEnv(env_fns, autoreset_mode=AutoresetMode.SAME_STEP)
 
 
 @dataclass
@@ -99,7 +220,7 @@ class StepBatch:
 class EnvStepper:
     """Steps a vector env and keeps each copy's running episode return and length."""
 
-    def __init__(self, envs: SyncVectorEnv, seed: int):
+    def __init__(self, envs: VectorEnv, seed: int):
         self.envs = envs
         self.num_envs = envs.num_envs
         obs, _ = envs.reset(seed=seed)
@@ -145,10 +266,11 @@ class EnvStepper:
         Returns:
             {"obs": (B, ...), "episode_return": (B,) float64, "episode_length": (B,) int64,
              "env_captured": (1,) int8, "env_rng": (B, 6) uint64, "env_state": (B, D) float64}
-            and, for emulators (ALE), "env_blob": (B, L) uint8 with "env_blob_len": (B,)
-            int64 (each copy's bytes, zero-padded to the longest).
+            and, for emulators (ALE) and wrappers that keep frames, "env_blob": (B, L) uint8
+            with "env_blob_len": (B,) int64 (each copy's bytes, zero-padded to the longest).
         """
-        captured = [capture_env_state(env) for env in self.envs.envs]
+        copies = getattr(self.envs, "envs", None)  # None for AsyncVectorEnv (subprocesses)
+        captured = [capture_env_state(env) for env in copies] if copies else [None]
         ok = all(c is not None for c in captured)
         blobs = {}
         if ok and captured[0][2] is not None:
@@ -169,9 +291,10 @@ class EnvStepper:
         }
 
     def load_state_dict(self, state: dict[str, np.ndarray], fallback_seed: int) -> bool:
-        """Continue from `state_dict()` output. When the env state was not captured, the
-        copies are reset with `fallback_seed` instead and their in-progress episodes start
-        over. Returns whether the exact state was restored.
+        """Continue from `state_dict()` output. When the env state was not captured (or this
+        vector env's copies are out of reach, as an AsyncVectorEnv's are), the copies are
+        reset with `fallback_seed` instead and their in-progress episodes start over.
+        Returns whether the exact state was restored.
 
         Raises:
             ValueError: `state` is for a different number of env copies.
@@ -181,13 +304,13 @@ class EnvStepper:
                 f"env state for {len(state['episode_return'])} copies, this rank has "
                 f"{self.num_envs}"
             )
-        if not int(state["env_captured"][0]):
+        if not int(state["env_captured"][0]) or not hasattr(self.envs, "envs"):
             obs, _ = self.envs.reset(seed=fallback_seed)
             self.obs = np.asarray(obs)
             self.returns[:] = 0.0
             self.lengths[:] = 0
             return False
-        for i, env in enumerate(self.envs.envs):
+        for i, env in enumerate(self.envs.envs):  # captured: a SyncVectorEnv's copies
             blob = None
             if "env_blob" in state:
                 blob = state["env_blob"][i, : int(state["env_blob_len"][i])].tobytes()
@@ -254,7 +377,9 @@ def _is_ale(env: gym.Env) -> bool:
 
 def _spec_of(env: gym.Env) -> tuple[tuple[str, str, int], ...] | None:
     if _is_ale(env):
-        return ()  # everything is in the emulator state
+        # The emulator's saved state lacks the last action its own sticky actions repeat
+        # (make_env moves them to StickyAction); otherwise everything is in that state.
+        return None if env.unwrapped.ale.getFloat("repeat_action_probability") > 0 else ()
     cls = type(env.unwrapped)
     return _ENV_STATE_SPECS.get(f"{cls.__module__}.{cls.__name__}")
 
@@ -264,19 +389,38 @@ def capture_env_state(env: gym.Env) -> tuple[np.ndarray, np.ndarray, bytes | Non
     wrapper, or a generator other than PCG64).
 
     Returns:
-        (rng (6,) uint64 as `hpcrl.state.generator_state`, values (D,) float64: the spec's
-        attributes in order, then TimeLimit's elapsed steps, None as NaN, and the ALE
-        emulator state bytes or None).
+        (rng (6,) uint64 as `hpcrl.state.generator_state`, values (D,) float64: per wrapper
+        from the outside in, TimeLimit's elapsed steps and AtariPreprocessing's lives and
+        game-over flag, then the spec's attributes in order, None as NaN, and the bytes of
+        the frames the wrappers keep (AtariPreprocessing's two max-pooling buffers,
+        FrameStackObservation's frames, from the outside in) followed by the ALE emulator
+        state, or None when there are neither).
     """
     spec = _spec_of(env)
     if spec is None:
         return None
     values: list[float] = []
+    chunks: list[bytes] = []
     for wrapper in _wrappers(env):
         name = type(wrapper).__name__
         if isinstance(wrapper, gym.wrappers.TimeLimit):
             elapsed = wrapper._elapsed_steps
             values.append(np.nan if elapsed is None else float(elapsed))
+        elif isinstance(wrapper, gym.wrappers.StickyAction):
+            last = wrapper.last_action
+            values += [np.nan if last is None else float(last), float(wrapper.is_sticky_actions)]
+            values += [float(wrapper.num_repeats), float(wrapper.repeats_taken)]
+        elif isinstance(wrapper, gym.wrappers.AtariPreprocessing):
+            values += [float(wrapper.lives), float(wrapper.game_over)]
+            chunks += [np.ascontiguousarray(b).tobytes() for b in wrapper.obs_buffer]
+        elif isinstance(wrapper, gym.wrappers.FrameStackObservation):
+            space = wrapper.env.observation_space
+            frames = list(wrapper.obs_queue)
+            if not isinstance(space, gym.spaces.Box) or any(
+                np.shape(f) != space.shape for f in frames
+            ):
+                return None
+            chunks += [np.ascontiguousarray(f, dtype=space.dtype).tobytes() for f in frames]
         elif name not in _STATELESS_WRAPPERS:
             return None
     unwrapped = env.unwrapped
@@ -298,23 +442,52 @@ def capture_env_state(env: gym.Env) -> tuple[np.ndarray, np.ndarray, bytes | Non
         rng = generator_state(unwrapped.np_random)
     except TypeError:
         return None
-    blob = unwrapped.ale.cloneState(include_rng=True).serialize() if _is_ale(env) else None
+    if _is_ale(env):
+        chunks.append(unwrapped.ale.cloneState(include_rng=True).serialize())
+    blob = b"".join(chunks) if chunks else None
     return rng, np.array(values, dtype=np.float64), blob
 
 
 def restore_env_state(
     env: gym.Env, rng: np.ndarray, values: np.ndarray, blob: bytes | None = None
 ) -> None:
-    """Put `capture_env_state`'s output back into an env copy of the same class (after a
-    reset, so wrappers that enforce a reset before `step` are satisfied)."""
+    """Put `capture_env_state`'s output back into an env copy of the same class and
+    wrappers (after a reset, so wrappers that enforce a reset before `step` are
+    satisfied)."""
     spec = _spec_of(env)
     values = list(np.asarray(values, dtype=np.float64))
     pos = 0
+    data = memoryview(blob or b"")
+    offset = 0
+
+    def take(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        nonlocal offset
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        array = np.frombuffer(data[offset : offset + nbytes], dtype=dtype).reshape(shape)
+        offset += nbytes
+        return array.copy()
+
     for wrapper in _wrappers(env):
         if isinstance(wrapper, gym.wrappers.TimeLimit):
             elapsed = values[pos]
             wrapper._elapsed_steps = None if np.isnan(elapsed) else int(elapsed)
             pos += 1
+        elif isinstance(wrapper, gym.wrappers.StickyAction):
+            last, sticky, repeats, taken = values[pos : pos + 4]
+            pos += 4
+            wrapper.last_action = None if np.isnan(last) else int(last)
+            wrapper.is_sticky_actions = bool(sticky)
+            wrapper.num_repeats, wrapper.repeats_taken = int(repeats), int(taken)
+        elif isinstance(wrapper, gym.wrappers.AtariPreprocessing):
+            wrapper.lives, wrapper.game_over = int(values[pos]), bool(values[pos + 1])
+            pos += 2
+            for buffer in wrapper.obs_buffer:
+                buffer[...] = take(buffer.shape, buffer.dtype)
+        elif isinstance(wrapper, gym.wrappers.FrameStackObservation):
+            space = wrapper.env.observation_space
+            frames = [take(space.shape, space.dtype) for _ in range(wrapper.stack_size)]
+            wrapper.obs_queue.clear()
+            wrapper.obs_queue.extend(frames)
     unwrapped = env.unwrapped
     for attr, kind, size in spec:
         if kind == "array":
@@ -340,7 +513,7 @@ def restore_env_state(
                 value = float(raw)
         setattr(unwrapped, attr, value)
     set_generator_state(unwrapped.np_random, rng)
-    if blob is not None:
+    if _is_ale(env) and blob is not None:
         import ale_py
 
-        unwrapped.ale.restoreState(ale_py.ALEState(blob))
+        unwrapped.ale.restoreState(ale_py.ALEState(bytes(data[offset:])))

@@ -47,14 +47,16 @@ def policy_episode_returns(
     episode_ids: np.ndarray,
     seed: int,
     max_episode_steps: int = 10_000,
+    env_options: dict | None = None,
 ) -> np.ndarray:
     """Undiscounted returns of a deterministic `policy` (one observation -> one action),
-    with the seeding and episode cap of `greedy_episode_returns`.
+    with the seeding and episode cap of `greedy_episode_returns`; `env_options`: the
+    `make_env` options of the run (Atari preprocessing).
 
     Returns:
         (n,) float64 returns, in the order of `episode_ids`.
     """
-    env = make_env(env_id, env_kwargs)
+    env = make_env(env_id, env_kwargs, **(env_options or {}))
     limit = (env.spec.max_episode_steps if env.spec else None) or max_episode_steps
     returns = np.zeros(len(episode_ids), dtype=np.float64)
     for j, episode in enumerate(episode_ids):

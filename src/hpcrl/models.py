@@ -142,7 +142,7 @@ def _image_layout(space: gym.Space) -> tuple[int, bool] | None:
         return shape[2], True
     raise UserError(
         f"image observations must be uint8 (C, 84, 84), (84, 84, C) or (84, 84), got {space}; "
-        "wrap the env in AtariPreprocessing (and FrameStackObservation)"
+        "for ALE ids set atari_preprocessing=true (AtariPreprocessing + FrameStackObservation)"
     )
 
 
@@ -170,6 +170,24 @@ def make_encoder(
         n, start = int(observation_space.n), int(observation_space.start)
         return OneHotMLPEncoder(n, start, hidden, activation)
     raise UserError(f"unsupported observation space {observation_space}: use a Box or Discrete")
+
+
+def select_device(requested: str, local_rank: int = 0) -> torch.device:
+    """The torch device of a rank's model: `cpu`, or for `cuda` GPU `local_rank mod n` of
+    the node's n visible GPUs (so ranks on one node spread over its GPUs).
+
+    Raises:
+        UserError: `cuda` requested where torch sees no CUDA GPU.
+    """
+    if requested == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"device {requested!r}: torch sees no CUDA GPU on this node "
+            f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); "
+            "use --device cpu or a CUDA build of torch on a GPU node"
+        )
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 def _as_batch(obs: ObsBatch, module: nn.Module) -> torch.Tensor:

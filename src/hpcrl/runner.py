@@ -288,15 +288,21 @@ def train(
     tabular = cfg.algo.layout in TABULAR_LAYOUTS
 
     def check_env() -> tuple[int, int]:
-        env = make_env(run.env_id, run.env_kwargs)
+        env = make_env(run.env_id, run.env_kwargs, **run.env_options())
         try:
             if not tabular:
-                from hpcrl.models import make_encoder
+                from hpcrl.models import make_encoder, select_device
 
+                select_device(run.device)  # cuda asked for where torch sees no GPU
                 make_encoder(env.observation_space)  # a one-line error for what no model reads
                 cfg.algo.check_spaces(env.observation_space, env.action_space)
                 cfg.algo.rollout_steps(world_size, run.num_envs)  # the global batch splits
                 return 0, 0
+            if run.device != "cpu":
+                raise UserError(
+                    f"device {run.device!r}: {run.algo} is tabular and runs on the CPU; "
+                    "the device applies to the deep learners (ppo, a2c, dqn)"
+                )
             sizes = discrete_sizes(env)
         finally:
             env.close()
@@ -405,6 +411,7 @@ def train(
                 run.eval_episodes,
                 run.seed + 1_000_003,
                 ctx.watchdog_s,
+                run.env_options(),
             )
         q_table = loop.q_table if rank == 0 else np.zeros((n_states, n_actions))
         if run.eval_episodes > 0 and tabular:
@@ -483,22 +490,23 @@ def evaluate(
         arrays, meta, path, skipped = ckpt.load_newest_intact(Path(run_dir) / "checkpoints")
         for _, reason in skipped:
             print(f"[hpcrl] warning: {reason}; using {path.name}", file=sys.stderr, flush=True)
-        make_env(meta["env_id"], meta.get("env_kwargs", {})).close()  # one clear error
+        options = config_from_json(json.dumps(meta["config"])).run.env_options()
+        make_env(meta["env_id"], meta.get("env_kwargs", {}), **options).close()  # clear error
         if "q_table" in arrays:
             loaded["q_table"] = arrays["q_table"]
             shape = arrays["q_table"].shape
         else:
             shape = None
-        return meta["env_id"], meta.get("env_kwargs", {}), shape, str(path), meta
+        return meta["env_id"], meta.get("env_kwargs", {}), shape, str(path), meta, options
 
-    env_id, env_kwargs, shape, path, meta = agree(comm, load, root_only=True)
+    env_id, env_kwargs, shape, path, meta, options = agree(comm, load, root_only=True)
     if shape is not None:
         q_table = loaded.get("q_table", np.zeros(shape))
         return evaluate_greedy(comm, env_id, env_kwargs, q_table, episodes, seed, watchdog_s)
     # A deep learner: every rank rebuilds it from the checkpoint rank 0 verified.
     learner = _learner_from_checkpoint(Path(path), meta)
     return evaluate_policy(
-        comm, env_id, env_kwargs, learner.greedy_actions, episodes, seed, watchdog_s
+        comm, env_id, env_kwargs, learner.greedy_actions, episodes, seed, watchdog_s, options
     )
 
 
@@ -509,7 +517,7 @@ def _learner_from_checkpoint(path: Path, meta: dict):
     from hpcrl.config import ALGOS
 
     cfg = config_from_json(json.dumps(meta["config"]))
-    env = make_env(cfg.run.env_id, cfg.run.env_kwargs)
+    env = make_env(cfg.run.env_id, cfg.run.env_kwargs, **cfg.run.env_options())
     module = importlib.import_module(ALGOS[cfg.run.algo])
     learner = getattr(module, module.LEARNER)(
         cfg.algo,

@@ -145,11 +145,11 @@ class A2C(ActorCriticLearner):
             This rank's losses.
         """
         cfg = self.cfg
-        steps = self.rollout.take()
+        steps = self.rollout.take(self.device)
         T, B = steps["rewards"].shape
         advantages, returns = advantages_and_returns(self.model, steps, cfg.gamma, cfg.gae_lambda)
         if cfg.norm_adv:
-            mean, std = dp.mean_std(advantages.numpy())
+            mean, std = dp.mean_std(advantages.cpu().numpy())
             advantages = (advantages - mean) / (std + 1e-8)
         obs = steps["obs"].reshape(T * B, *steps["obs"].shape[2:])
         actions = steps["actions"].reshape(T * B, *steps["actions"].shape[2:])

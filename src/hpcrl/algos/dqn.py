@@ -143,6 +143,7 @@ class DQN:
         self.target = QNetwork(observation_space, action_space, hidden=hidden, dueling=cfg.dueling)
         self.target.load_state_dict(self.model.state_dict())
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate)
+        self.device = torch.device("cpu")
         self.rng = np.random.default_rng(seed)  # exploration and replay sampling
         obs_shape = observation_space.shape or ()
         obs_dtype = observation_space.dtype if observation_space.shape else np.int64
@@ -176,7 +177,7 @@ class DQN:
             (B,) int64 actions.
         """
         with torch.no_grad():
-            greedy = self.model(torch.as_tensor(obs)).argmax(dim=1).numpy()
+            greedy = self.model(torch.as_tensor(obs)).argmax(dim=1).cpu().numpy()
         explore = self.rng.random(len(obs)) < self.epsilon(progress)
         actions = np.where(explore, self.rng.integers(0, self.n_actions, len(obs)), greedy)
         self._last_obs, self._last_actions = np.asarray(obs), actions
@@ -219,7 +220,7 @@ class DQN:
     def _gradient_step(self, dp) -> float:
         cfg = self.cfg
         index = self.rng.integers(0, self.size, self.minibatch_size)
-        batch = {k: torch.as_tensor(v[index]) for k, v in self.replay.items()}
+        batch = {k: torch.as_tensor(v[index], device=self.device) for k, v in self.replay.items()}
         with torch.no_grad():
             next_q = self.target(batch["next_obs"])
             if cfg.double_dqn:
@@ -252,7 +253,15 @@ class DQN:
 
     def greedy_actions(self, obs: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return self.model(torch.as_tensor(obs)).argmax(dim=1).numpy()
+            return self.model(torch.as_tensor(obs)).argmax(dim=1).cpu().numpy()
+
+    def to(self, device: torch.device) -> DQN:
+        """Put the online and target networks on `device` (the replay memory stays in host
+        memory; each gradient step moves its minibatch over)."""
+        self.device = device
+        self.model.to(device)
+        self.target.to(device)
+        return self
 
     def shared_arrays(self) -> dict[str, np.ndarray]:
         """Identical on every rank: online and target networks, optimizer state."""

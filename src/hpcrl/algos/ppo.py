@@ -151,11 +151,11 @@ class PPO(ActorCriticLearner):
             Loss metrics of the last epoch (this rank's minibatches).
         """
         cfg = self.cfg
-        steps = self.rollout.take()  # (T, B, ...)
+        steps = self.rollout.take(self.device)  # (T, B, ...)
         T, B = steps["rewards"].shape
         advantages, returns = advantages_and_returns(self.model, steps, cfg.gamma, cfg.gae_lambda)
         if cfg.norm_adv:
-            mean, std = dp.mean_std(advantages.numpy())
+            mean, std = dp.mean_std(advantages.cpu().numpy())
             advantages = (advantages - mean) / (std + 1e-8)
         flat = {
             "obs": steps["obs"].reshape(T * B, *steps["obs"].shape[2:]),

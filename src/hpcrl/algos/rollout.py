@@ -60,9 +60,12 @@ class Rollout:
             self._steps[key].append(torch.as_tensor(np.asarray(value), dtype=torch.float32))
         self._steps["next_obs"].append(torch.as_tensor(next_obs))
 
-    def take(self) -> dict[str, torch.Tensor]:
-        """Every field stacked time-major ((T, B, ...)); the storage is emptied."""
+    def take(self, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """Every field stacked time-major ((T, B, ...)) on `device` (default: host memory);
+        the storage is emptied."""
         out = {k: torch.stack(v) for k, v in self._steps.items()}
+        if device is not None:
+            out = {k: v.to(device) for k, v in out.items()}
         for v in self._steps.values():
             v.clear()
         return out
@@ -104,9 +107,17 @@ class ActorCriticLearner:
         ranks (`hpcrl.normalization`); needs a float `Box` `observation_space`."""
         self.learner_updates = 0
         self.rollout = Rollout()
+        self.device = torch.device("cpu")
         self.normalizer = None
         if normalize_obs:
             self.normalizer = ObservationNormalizer(observation_space.shape)
+
+    def to(self, device: torch.device) -> ActorCriticLearner:
+        """Put the model on `device` (rollouts stay in host memory; each update moves its
+        batch over once)."""
+        self.device = device
+        self.model.to(device)
+        return self
 
     def shared_arrays(self) -> dict[str, np.ndarray]:
         """What every rank holds identically: parameters, optimizer state and the
@@ -156,7 +167,7 @@ class ActorCriticLearner:
         """
         obs_t = self._input(obs, accumulate=True)
         with torch.no_grad():
-            actions, log_probs, values = self.model.act(obs_t)
+            actions, log_probs, values = (x.cpu() for x in self.model.act(obs_t))
         self.rollout.add_action(obs_t, actions, log_probs, values)
         return actions.numpy()
 
@@ -169,7 +180,7 @@ class ActorCriticLearner:
         """Deterministic actions (mode of the policy) for evaluation."""
         with torch.no_grad():
             actions, _, _ = self.model.act(self._input(obs), deterministic=True)
-        return actions.numpy()
+        return actions.cpu().numpy()
 
 
 def advantages_and_returns(

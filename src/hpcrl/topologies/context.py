@@ -187,7 +187,14 @@ class RunContext:
     def make_stepper(self) -> EnvStepper:
         run = self.cfg.run
         _, env_seed = self.rank_seeds()
-        return EnvStepper(make_vector_env(run.env_id, run.env_kwargs, run.num_envs), env_seed)
+        envs = make_vector_env(
+            run.env_id,
+            run.env_kwargs,
+            run.num_envs,
+            vector_env=run.vector_env,
+            **run.env_options(),
+        )
+        return EnvStepper(envs, env_seed)
 
     def maybe_fail(self, env_steps: int) -> None:
         """Test-only fault injection (`debug.fail_rank`, `debug.fail_after_env_steps`)."""
@@ -574,15 +581,22 @@ def evaluate_policy(
     episodes: int,
     seed: int,
     watchdog_s: float,
+    env_options: dict | None = None,
 ) -> dict | None:
     """Collective: like `evaluate_greedy` for a learner every rank holds identically.
 
     Args:
         greedy_actions: (N, *obs_shape) observations -> (N, ...) deterministic actions.
+        env_options: the run's `make_env` options (`RunConfig.env_options()`).
     """
     ids = np.array_split(np.arange(episodes, dtype=np.int64), comm.Get_size())[comm.Get_rank()]
     returns = policy_episode_returns(
-        env_id, env_kwargs, lambda obs: greedy_actions(np.asarray(obs)[None])[0], ids, seed
+        env_id,
+        env_kwargs,
+        lambda obs: greedy_actions(np.asarray(obs)[None])[0],
+        ids,
+        seed,
+        env_options=env_options,
     )
     return _return_stats(comm, returns, episodes, watchdog_s)
 

@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 import torch
+from mpi4py import MPI
 
 from hpcrl.comm.gradients import (
     FlatGradients,
@@ -33,6 +34,7 @@ from hpcrl.comm.straggler import StragglerCutoff
 from hpcrl.comm.waits import allreduce_sum, gather_rows
 from hpcrl.config import ALGOS
 from hpcrl.envs import make_env
+from hpcrl.models import select_device
 from hpcrl.storage.trajectories import space_fields
 from hpcrl.topologies.context import (
     EpisodeRows,
@@ -88,7 +90,7 @@ def run_gradient_allreduce(ctx: RunContext) -> LoopResult:
     comm, cfg, watchdog = ctx.comm, ctx.cfg, ctx.watchdog_s
     num_envs, world = cfg.run.num_envs, ctx.world_size
     torch.set_num_threads(cfg.run.torch_threads)
-    probe = make_env(cfg.run.env_id, cfg.run.env_kwargs)
+    probe = make_env(cfg.run.env_id, cfg.run.env_kwargs, **cfg.run.env_options())
     ctx.traj_fields = space_fields(probe.observation_space, probe.action_space)
     probe.close()
     segment = ctx.start_segment(world, range(world))
@@ -102,6 +104,9 @@ def run_gradient_allreduce(ctx: RunContext) -> LoopResult:
         stepper.envs.single_action_space,
         int(rng.integers(2**62)),
     )
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks of this node
+    learner.to(select_device(cfg.run.device, local.Get_rank()))
+    local.Free()
     rollout = learner.rollout_steps  # vector steps of a full rollout on each rank
     batch_size = rollout * num_envs * world  # env steps of a full update, all ranks
 
@@ -143,7 +148,7 @@ def run_gradient_allreduce(ctx: RunContext) -> LoopResult:
         cut_rollouts += int(counts[1])
         metrics = learner.update(dp, min(1.0, global_steps / total))
         if check_every and learner.learner_updates % check_every == 0:
-            check_parameters_in_sync(comm, learner.model, watchdog)
+            _check_in_sync(comm, learner, watchdog)
         flags[:] = ctx.sync_flags(reporter)
         allreduce_sum(comm, flags, watchdog)
         last_update = global_steps + batch_size > total
@@ -175,7 +180,7 @@ def run_gradient_allreduce(ctx: RunContext) -> LoopResult:
                 loop.step(n, global_steps + sum(min(s, k * num_envs) for s in shares), total, after)
                 left -= n
         global_steps = total
-        check_parameters_in_sync(comm, learner.model, watchdog)
+        _check_in_sync(comm, learner, watchdog)
         # Every rank's digest, for the record (tests and users can read them in run.h5).
         digests = gather_rows(
             comm, np.array([parameters_digest(learner.model)], dtype=np.int64), 0, watchdog
@@ -219,6 +224,14 @@ class _Loop:
         self.recorder.record(batch, n)
         self.env_steps += n
         self.episodes.add_finished(batch, n, min(global_after, total), ctx.elapsed_s(), ctx.rank)
+
+
+def _check_in_sync(comm, learner, watchdog_s: float) -> None:
+    """Collective: the online model, and DQN's target network, are bit-identical on every
+    rank (one small `Allreduce` each; raises `ParametersOutOfSync` naming the ranks)."""
+    for module in (learner.model, getattr(learner, "target", None)):
+        if module is not None:
+            check_parameters_in_sync(comm, module, watchdog_s)
 
 
 def _report(ctx, reporter, episodes, global_steps, metrics, learner) -> None:
