@@ -214,3 +214,24 @@ def test_ppo_checkpoint_on_2_ranks_resumes_on_4(tmp_path, cli_env):
         assert len(f.attrs["parameter_digests"]) == 4
         assert len(set(f.attrs["parameter_digests"].tolist())) == 1
         assert int(f["metrics/learner_updates"][-1]) == steps // 512
+
+
+def test_dqn_target_networks_agree_before_learning_starts(tmp_path, cli_env):
+    """Regression: the consistency check covers DQN's target network, so the target must
+    be the same on every rank from the start (broadcast with the online network), not only
+    after the first gradient step copies it."""
+    result = subprocess.run(
+        hpcrl_command(
+            2,
+            "train",
+            *("--algo", "dqn", "--env", "CartPole-v1", "--total-env-steps", "400"),
+            *("--run-dir", str(tmp_path / "run"), "--set", "learning_starts=100000"),
+            *("--set", "check_sync_every=10", "--set", "num_envs=1"),
+            *("--set", "eval_episodes=0"),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=cli_env,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]

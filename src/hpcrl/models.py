@@ -172,6 +172,16 @@ def make_encoder(
     raise UserError(f"unsupported observation space {observation_space}: use a Box or Discrete")
 
 
+def check_device(requested: str) -> None:
+    """Raises UserError if `requested` is `cuda` and torch sees no CUDA GPU."""
+    if requested != "cpu" and not torch.cuda.is_available():
+        raise UserError(
+            f"device {requested!r}: torch sees no CUDA GPU on this node "
+            f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); "
+            "use --device cpu or a CUDA build of torch on a GPU node"
+        )
+
+
 def select_device(requested: str, local_rank: int = 0) -> torch.device:
     """The torch device of a rank's model: `cpu`, or for `cuda` GPU `local_rank mod n` of
     the node's n visible GPUs (so ranks on one node spread over its GPUs).
@@ -179,15 +189,12 @@ def select_device(requested: str, local_rank: int = 0) -> torch.device:
     Raises:
         UserError: `cuda` requested where torch sees no CUDA GPU.
     """
+    check_device(requested)
     if requested == "cpu":
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise UserError(
-            f"device {requested!r}: torch sees no CUDA GPU on this node "
-            f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); "
-            "use --device cpu or a CUDA build of torch on a GPU node"
-        )
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)  # no stray context on GPU 0 from every rank
+    return device
 
 
 def _as_batch(obs: ObsBatch, module: nn.Module) -> torch.Tensor:

@@ -291,9 +291,9 @@ def train(
         env = make_env(run.env_id, run.env_kwargs, **run.env_options())
         try:
             if not tabular:
-                from hpcrl.models import make_encoder, select_device
+                from hpcrl.models import check_device, make_encoder
 
-                select_device(run.device)  # cuda asked for where torch sees no GPU
+                check_device(run.device)  # cuda asked for where torch sees no GPU (any rank)
                 make_encoder(env.observation_space)  # a one-line error for what no model reads
                 cfg.algo.check_spaces(env.observation_space, env.action_space)
                 cfg.algo.rollout_steps(world_size, run.num_envs)  # the global batch splits

@@ -41,7 +41,7 @@ class StragglerCutoff:
         if not 0.0 < sync_frac <= 1.0:
             raise ValueError(f"sync_frac must be in (0, 1], got {sync_frac!r}")
         self.world = comm.Get_size()
-        self.threshold = math.ceil(sync_frac * self.world - 1e-9)
+        self.threshold = max(1, math.ceil(sync_frac * self.world - 1e-9))
         self.min_steps = max(1, math.ceil(min_fraction * rollout_steps))
         self.active = self.threshold < self.world
         self.rollouts = 0  # rollouts this rank has finished since the window was made
@@ -55,6 +55,7 @@ class StragglerCutoff:
                 np.frombuffer(self.win.tomemory(), dtype=np.int64)[:] = 0
             comm.Barrier()  # the counter is zero before anyone touches it
             self.win.Lock_all()
+            self.win.Sync()  # the store above is visible to RMA (separate memory model)
 
     def done_this_rollout(self) -> int:
         """Ranks that have finished the current rollout (reads rank 0's counter)."""

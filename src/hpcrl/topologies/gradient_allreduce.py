@@ -3,10 +3,13 @@ of envs and learns; every gradient step averages the gradients of all ranks with
 `Allreduce`, so every rank takes the identical optimizer step and the parameters stay
 bit-identical (checked every `check_sync_every` updates).
 
-Budget: the run's env steps are split over the ranks (`Segment`). The first
-`U = (budget left) // batch_size` rollouts end in an update on every rank (the same vector
-step everywhere, so the collectives inside `update` match); the steps after the last full
-rollout are taken and recorded without an update, so the run ends exactly at its budget.
+Budget: while a full update (`batch_size` env steps, all ranks) still fits in the run's
+budget, every rank collects a rollout and updates. A rollout is `batch_size / (world ×
+num_envs)` vector steps, or fewer for a straggler cut short (DD-PPO's `sync_frac`,
+`hpcrl.comm.straggler`); the env steps of each rollout are summed over the ranks, so every
+rank knows the global count and takes the same decisions. What is left after the last
+update (less than one update) is split over the ranks and taken without learning, so the
+run ends exactly at its budget.
 
 After each update one small `Allreduce` of flags decides, for all ranks together, whether
 to log (rank 0's clock), checkpoint (env-step or wall-time interval) and stop (a preemption
@@ -119,7 +122,8 @@ def run_gradient_allreduce(ctx: RunContext) -> LoopResult:
             env_steps, _ = restore_rank_state(state, rng, stepper, env_seed + 1)
             learner.load_rank(state)
             global_steps = int(ctx.resume.meta["env_steps"])
-    broadcast_parameters(comm, learner.model, watchdog)  # identical start on every rank
+    for module in _synced_modules(learner):  # identical start on every rank
+        broadcast_parameters(comm, module, watchdog)
     dp = DataParallel(comm, learner.model, watchdog)
     cutoff = StragglerCutoff(comm, getattr(cfg.algo, "sync_frac", 1.0), rollout)
     loop = _Loop(ctx, learner, stepper, TrajectoryRecorder(ctx), EpisodeRows(), env_steps)
@@ -226,12 +230,17 @@ class _Loop:
         self.episodes.add_finished(batch, n, min(global_after, total), ctx.elapsed_s(), ctx.rank)
 
 
+def _synced_modules(learner) -> list[torch.nn.Module]:
+    """The networks every rank holds identically: the model, and DQN's target network."""
+    target = getattr(learner, "target", None)
+    return [learner.model] if target is None else [learner.model, target]
+
+
 def _check_in_sync(comm, learner, watchdog_s: float) -> None:
-    """Collective: the online model, and DQN's target network, are bit-identical on every
-    rank (one small `Allreduce` each; raises `ParametersOutOfSync` naming the ranks)."""
-    for module in (learner.model, getattr(learner, "target", None)):
-        if module is not None:
-            check_parameters_in_sync(comm, module, watchdog_s)
+    """Collective: the networks of `_synced_modules` are bit-identical on every rank (one
+    small `Allreduce` each; raises `ParametersOutOfSync` naming the ranks)."""
+    for module in _synced_modules(learner):
+        check_parameters_in_sync(comm, module, watchdog_s)
 
 
 def _report(ctx, reporter, episodes, global_steps, metrics, learner) -> None:
