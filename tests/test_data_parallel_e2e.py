@@ -19,6 +19,9 @@ pytestmark = pytest.mark.e2e
 BUDGET = 100_000
 
 
+# DQN's 100k steps take ~220 s on an idle 2-core machine: more than the suite's 300 s margin
+# allows when anything else runs (a loaded run took > 300 s), so these get 600 s.
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("algo,ranks", [("ppo", 4), ("dqn", 2)])
 def test_cartpole_learns_and_ranks_agree(tmp_path, cli_env, algo, ranks):
     run_dir = tmp_path / "run"
