@@ -19,26 +19,51 @@ pytestmark = pytest.mark.e2e
 BUDGET = 100_000
 
 
+def _hpcrl(cli_env, ranks: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the CLI under `ranks` processes and capture its output."""
+    return subprocess.run(
+        hpcrl_command(ranks, *args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env,
+    )
+
+
+def _train_until_interrupted(cli_env, ranks: int, *args: str) -> None:
+    """`train ARGS`, sent SIGUSR1 a second after its first progress line; it must
+    checkpoint and exit 3."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        hpcrl_command(ranks, "train", *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env,
+    )
+    for line in proc.stdout:  # interrupt once it has updated a few times
+        if line.startswith("[hpcrl] env_steps"):
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, out + err
+
+
 # DQN's 100k steps take ~220 s on an idle 2-core machine: more than the suite's 300 s margin
 # allows when anything else runs (a loaded run took > 300 s), so these get 600 s.
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("algo,ranks", [("ppo", 4), ("dqn", 2)])
 def test_cartpole_learns_and_ranks_agree(tmp_path, cli_env, algo, ranks):
     run_dir = tmp_path / "run"
-    result = subprocess.run(
-        hpcrl_command(
-            ranks,
-            "train",
-            str(REPO / "configs" / f"cartpole-{algo}.yaml"),
-            "--run-dir",
-            str(run_dir),
-            "--set",
-            "eval_episodes=20",
-        ),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=cli_env,
+    result = _hpcrl(
+        cli_env,
+        ranks,
+        "train",
+        str(REPO / "configs" / f"cartpole-{algo}.yaml"),
+        *("--run-dir", str(run_dir), "--set", "eval_episodes=20"),
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     with h5py.File(run_dir / "run.h5", "r") as f:
@@ -59,13 +84,7 @@ def test_cartpole_learns_and_ranks_agree(tmp_path, cli_env, algo, ranks):
         assert eval_return >= 475
         assert returns[-20:].mean() >= 475, returns[-20:]
     # `evaluate` rebuilds the learner from the newest checkpoint on every rank.
-    evaluated = subprocess.run(
-        hpcrl_command(2, "evaluate", str(run_dir), "--episodes", "10"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=cli_env,
-    )
+    evaluated = _hpcrl(cli_env, 2, "evaluate", str(run_dir), "--episodes", "10", timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr[-4000:]
     evaluated_return = json.loads(evaluated.stdout.strip().splitlines()[-1])["mean_return"]
     if algo != "dqn":
@@ -79,23 +98,19 @@ def test_straggler_is_cut_and_the_budget_stays_exact(tmp_path, cli_env):
     (The cut-off itself, and that nobody is cut without a delay: test_straggler_mpi.py.)"""
     run_dir = tmp_path / "run"
     steps = 10_000
-    result = subprocess.run(
-        hpcrl_command(
-            4,
-            "train",
-            str(REPO / "configs" / "cartpole-ppo.yaml"),
-            "--run-dir",
-            str(run_dir),
-            "--total-env-steps",
-            str(steps),
-            *("--set", "sync_frac=0.6", "--set", "record_trajectories=true"),
-            *("--set", "eval_episodes=0", "--set", "log_interval_s=0.5"),
-            *("--set", "debug.slow_rank=3", "--set", "debug.slow_step_s=0.01"),
-        ),
-        capture_output=True,
-        text=True,
+    result = _hpcrl(
+        cli_env,
+        4,
+        "train",
+        str(REPO / "configs" / "cartpole-ppo.yaml"),
+        "--run-dir",
+        str(run_dir),
+        "--total-env-steps",
+        str(steps),
+        *("--set", "sync_frac=0.6", "--set", "record_trajectories=true"),
+        *("--set", "eval_episodes=0", "--set", "log_interval_s=0.5"),
+        *("--set", "debug.slow_rank=3", "--set", "debug.slow_step_s=0.01"),
         timeout=300,
-        env=cli_env,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     with h5py.File(run_dir / "run.h5", "r") as f:
@@ -117,9 +132,6 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, cli_env, algo, s
     rank's RNGs (torch sampling, minibatch shuffling, ε-greedy and replay sampling), DQN's
     replay memories and target network, the observation statistics (A2C here) and env
     states are checkpointed, so a SIGUSR1 and `--resume` give the same run bit for bit."""
-    import signal
-    import time
-
     args = [
         str(REPO / "configs" / f"cartpole-{algo}.yaml"),
         "--set",
@@ -132,35 +144,10 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, cli_env, algo, s
         "record_trajectories=true",
         *extra,
     ]
-    reference = subprocess.run(
-        hpcrl_command(2, "train", *args, "--run-dir", str(tmp_path / "ref")),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=cli_env,
-    )
+    reference = _hpcrl(cli_env, 2, "train", *args, "--run-dir", str(tmp_path / "ref"))
     assert reference.returncode == 0, reference.stderr[-4000:]
-    proc = subprocess.Popen(
-        hpcrl_command(2, "train", *args, "--run-dir", str(tmp_path / "int")),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env,
-    )
-    for line in proc.stdout:  # interrupt once it has updated a few times
-        if line.startswith("[hpcrl] env_steps"):
-            break
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGUSR1)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 3, out + err
-    resumed = subprocess.run(
-        hpcrl_command(2, "train", "--resume", str(tmp_path / "int")),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=cli_env,
-    )
+    _train_until_interrupted(cli_env, 2, *args, "--run-dir", str(tmp_path / "int"))
+    resumed = _hpcrl(cli_env, 2, "train", "--resume", str(tmp_path / "int"))
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "exactly" in resumed.stdout
     with h5py.File(tmp_path / "ref" / "run.h5") as a, h5py.File(tmp_path / "int" / "run.h5") as b:
@@ -176,38 +163,16 @@ def test_ppo_checkpoint_on_2_ranks_resumes_on_4(tmp_path, cli_env):
     """A resume on another world size starts a new segment: the parameters, optimizer and
     counters come from the checkpoint, the rest of the budget is split over the new ranks,
     and the run ends at exactly its budget with identical parameters on every rank."""
-    import signal
-    import time
-
     steps = 30_000
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        hpcrl_command(
-            2,
-            "train",
-            str(REPO / "configs" / "cartpole-ppo.yaml"),
-            *("--run-dir", str(run_dir), "--total-env-steps", str(steps)),
-            *("--set", "eval_episodes=0", "--set", "log_interval_s=0.5"),
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env,
+    _train_until_interrupted(
+        cli_env,
+        2,
+        str(REPO / "configs" / "cartpole-ppo.yaml"),
+        *("--run-dir", str(run_dir), "--total-env-steps", str(steps)),
+        *("--set", "eval_episodes=0", "--set", "log_interval_s=0.5"),
     )
-    for line in proc.stdout:
-        if line.startswith("[hpcrl] env_steps"):
-            break
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGUSR1)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 3, out + err
-    resumed = subprocess.run(
-        hpcrl_command(4, "train", "--resume", str(run_dir)),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=cli_env,
-    )
+    resumed = _hpcrl(cli_env, 4, "train", "--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     with h5py.File(run_dir / "run.h5") as f:
         assert f.attrs["status"] == "completed"
@@ -223,18 +188,14 @@ def test_dqn_target_networks_agree_before_learning_starts(tmp_path, cli_env):
     """Regression: the consistency check covers DQN's target network, so the target must
     be the same on every rank from the start (broadcast with the online network), not only
     after the first gradient step copies it."""
-    result = subprocess.run(
-        hpcrl_command(
-            2,
-            "train",
-            *("--algo", "dqn", "--env", "CartPole-v1", "--total-env-steps", "400"),
-            *("--run-dir", str(tmp_path / "run"), "--set", "learning_starts=100000"),
-            *("--set", "check_sync_every=10", "--set", "num_envs=1"),
-            *("--set", "eval_episodes=0"),
-        ),
-        capture_output=True,
-        text=True,
+    result = _hpcrl(
+        cli_env,
+        2,
+        "train",
+        *("--algo", "dqn", "--env", "CartPole-v1", "--total-env-steps", "400"),
+        *("--run-dir", str(tmp_path / "run"), "--set", "learning_starts=100000"),
+        *("--set", "check_sync_every=10", "--set", "num_envs=1"),
+        *("--set", "eval_episodes=0"),
         timeout=300,
-        env=cli_env,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
