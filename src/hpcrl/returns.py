@@ -1,4 +1,5 @@
-"""Advantage and return targets for a time-major rollout: GAE and bootstrapped n-step returns."""
+"""Advantage and return targets for a time-major rollout: GAE, bootstrapped n-step returns
+and V-trace."""
 
 from __future__ import annotations
 
@@ -130,6 +131,96 @@ def n_step_returns(
             future = np.where(done[t], bootstrap[t], returns[t + 1])
         returns[t] = r[t] + gamma * future
     return _like(returns, floats)
+
+
+def vtrace(
+    log_rhos: Array,
+    discounts: Array,
+    rewards: Array,
+    values: Array,
+    bootstrap_value: Array,
+    clip_rho_threshold: float | None = 1.0,
+    clip_pg_rho_threshold: float | None = 1.0,
+    clip_c_threshold: float | None = 1.0,
+    lambda_: float = 1.0,
+) -> tuple[Array, Array]:
+    """V-trace value targets and policy-gradient advantages for a (T, B) off-policy unroll.
+
+    Espeholt et al. 2018, "IMPALA", §4.1, Eq. 1: with importance ratios
+    ρ_t = min(ρ̄, π(a_t|x_t)/μ(a_t|x_t)) and traces c_i = λ·min(c̄, π(a_i|x_i)/μ(a_i|x_i)),
+
+        v_s = V(x_s) + Σ_{t=s}^{T-1} (Π_{i=s}^{t-1} γ_i c_i) δ_t,
+        δ_t = ρ_t (r_t + γ_t V(x_{t+1}) − V(x_t)),   V(x_T) = bootstrap_value,
+
+    where γ_t = `discounts[t]` (γ·(1 − terminated_t): a terminal step cuts both the
+    bootstrap and the trace). Computed by the recursion v_s − V(x_s) = δ_s + γ_s c_s
+    (v_{s+1} − V(x_{s+1})) (§4.1, Remark 1), v_T = V(x_T), backwards over s. The
+    policy-gradient advantage (§4.2) is ρ^pg_s (r_s + γ_s v_{s+1} − V(x_s)) with
+    ρ^pg_s = min(ρ̄_pg, π/μ). λ < 1 is the λ-mixture of the paper's Remark 2 (as in the
+    authors' `scalable_agent` vtrace.py and rlax).
+
+    Truncated episodes: this signature has no final observations; a caller bootstraps a
+    time-limit cut at step t by adding γ·V(final obs) to `rewards[t]` and setting
+    `discounts[t] = 0`.
+
+    Inputs may be numpy arrays or torch tensors, converted at the boundary as in `gae`
+    (float64 numpy math on detached CPU copies; no gradient flows through the outputs).
+
+    Args:
+        log_rhos: (T, B) float, log π(a_t|x_t) − log μ(a_t|x_t): target (learner) minus
+            behaviour (actor) log-probabilities of the actions taken.
+        discounts: (T, B) float, γ_t = γ·(1 − terminated_t).
+        rewards: (T, B) float, r_t.
+        values: (T, B) float, V(x_t) under the learner's current parameters.
+        bootstrap_value: (B,) float, V(x_T), the value of the observation after the unroll.
+        clip_rho_threshold: ρ̄ (None: no clipping).
+        clip_pg_rho_threshold: ρ̄ of the policy-gradient advantage (None: no clipping).
+        clip_c_threshold: c̄ (None: no clipping).
+        lambda_: λ in [0, 1], scales every trace c_i.
+
+    Returns:
+        (vs, pg_advantages), each (T, B): the V-trace targets v_s and the advantages
+        ρ^pg_s (r_s + γ_s v_{s+1} − V(x_s)). Numpy arrays or torch tensors as for `gae`
+        (the kind and dtype promoted from `rewards`, `values` and `bootstrap_value`).
+
+    Raises:
+        ValueError: the (T, B) inputs do not share one shape, have no time axis, or
+            `bootstrap_value` is not (B,).
+    """
+    floats = (rewards, values, bootstrap_value)
+    lr, disc, r, v = _as_float64(
+        ("log_rhos", log_rhos),
+        ("discounts", discounts),
+        ("rewards", rewards),
+        ("values", values),
+    )
+    boot = bootstrap_value
+    if isinstance(boot, torch.Tensor):
+        boot = boot.detach().cpu().to(torch.float64).numpy()
+    boot = np.asarray(boot, dtype=np.float64)
+    if boot.shape != v.shape[1:]:
+        raise ValueError(
+            f"bootstrap_value must have shape {v.shape[1:]} (values without the time axis), "
+            f"got {boot.shape}"
+        )
+    rhos = np.exp(lr)
+
+    def clipped(threshold: float | None) -> np.ndarray:
+        return rhos if threshold is None else np.minimum(threshold, rhos)
+
+    clipped_rhos = clipped(clip_rho_threshold)
+    cs = lambda_ * clipped(clip_c_threshold)
+    next_values = np.concatenate([v[1:], boot[None]], axis=0)
+    deltas = clipped_rhos * (r + disc * next_values - v)
+    vs_minus_v = np.empty_like(v)
+    carry = np.zeros_like(boot)
+    for t in reversed(range(len(v))):
+        carry = deltas[t] + disc[t] * cs[t] * carry
+        vs_minus_v[t] = carry
+    vs = vs_minus_v + v
+    next_vs = np.concatenate([vs[1:], boot[None]], axis=0)
+    pg_advantages = clipped(clip_pg_rho_threshold) * (r + disc * next_vs - v)
+    return _like(vs, floats), _like(pg_advantages, floats)
 
 
 def _as_float64(*named: tuple[str, Array]) -> list[np.ndarray]:
