@@ -11,8 +11,11 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -77,6 +80,36 @@ def hpcrl_command(n: int | None, *args: str) -> list[str]:
     if n is None:
         return base
     return [str(BIN / "mpiexec"), "-n", str(n), *base]
+
+
+def run_hpcrl(cli_env, ranks: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the CLI under `ranks` processes and capture its output."""
+    return subprocess.run(
+        hpcrl_command(ranks, *args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env,
+    )
+
+
+def train_until_interrupted(cli_env, ranks: int, *args: str) -> None:
+    """`train ARGS`, sent SIGUSR1 a second after its first progress line; it must
+    checkpoint and exit 3."""
+    proc = subprocess.Popen(
+        hpcrl_command(ranks, "train", *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env,
+    )
+    for line in proc.stdout:  # interrupt once it has updated a few times
+        if line.startswith("[hpcrl] env_steps"):
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, out + err
 
 
 @pytest.fixture

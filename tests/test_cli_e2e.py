@@ -354,6 +354,38 @@ BAD_TRAIN_CASES = [
         [r"'sync_frac'", r"got 0(\.0)?\b"],
     ),
     ("tabular-on-cuda", 2, ["--device", "cuda"], [r"'cuda'", r"tabular"]),
+    # IMPALA (actor-learner): a learner group that leaves no actor, empty unrolls or
+    # batches, a negative policy-lag bound, a space its model cannot read.
+    (
+        "impala-learners-fill-the-world",
+        2,
+        ["--algo", "impala", "--env", "CartPole-v1", "--set", "learner_ranks=2"],
+        [r"'learner_ranks'", r"got 2\b", r"world size 2"],
+    ),
+    (
+        "impala-unroll-zero",
+        2,
+        ["--algo", "impala", "--env", "CartPole-v1", "--set", "unroll_length=0"],
+        [r"'unroll_length'", r"got 0\b"],
+    ),
+    (
+        "impala-batch-zero",
+        2,
+        ["--algo", "impala", "--env", "CartPole-v1", "--set", "batch_size=0"],
+        [r"'batch_size'", r"got 0\b"],
+    ),
+    (
+        "impala-negative-lag-bound",
+        2,
+        ["--algo", "impala", "--env", "CartPole-v1", "--set", "max_policy_lag=-1"],
+        [r"'max_policy_lag'", r"got -1\b"],
+    ),
+    (
+        "impala-tuple-observations",
+        2,
+        ["--algo", "impala", "--env", "Blackjack-v1"],
+        [r"Tuple\(Discrete\(32\)", r"Box or Discrete"],
+    ),
 ]
 
 

@@ -6,50 +6,16 @@ ends with bit-identical parameters, and PPO, A2C and DQN resume bit-exactly."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO, hpcrl_command
+from conftest import REPO, run_hpcrl, train_until_interrupted
 
 pytestmark = pytest.mark.e2e
 
 BUDGET = 100_000
-
-
-def _hpcrl(cli_env, ranks: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the CLI under `ranks` processes and capture its output."""
-    return subprocess.run(
-        hpcrl_command(ranks, *args),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=cli_env,
-    )
-
-
-def _train_until_interrupted(cli_env, ranks: int, *args: str) -> None:
-    """`train ARGS`, sent SIGUSR1 a second after its first progress line; it must
-    checkpoint and exit 3."""
-    import signal
-    import time
-
-    proc = subprocess.Popen(
-        hpcrl_command(ranks, "train", *args),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env,
-    )
-    for line in proc.stdout:  # interrupt once it has updated a few times
-        if line.startswith("[hpcrl] env_steps"):
-            break
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGUSR1)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 3, out + err
 
 
 # DQN's 100k steps take ~220 s on an idle 2-core machine: more than the suite's 300 s margin
@@ -58,7 +24,7 @@ def _train_until_interrupted(cli_env, ranks: int, *args: str) -> None:
 @pytest.mark.parametrize("algo,ranks", [("ppo", 4), ("dqn", 2)])
 def test_cartpole_learns_and_ranks_agree(tmp_path, cli_env, algo, ranks):
     run_dir = tmp_path / "run"
-    result = _hpcrl(
+    result = run_hpcrl(
         cli_env,
         ranks,
         "train",
@@ -84,7 +50,7 @@ def test_cartpole_learns_and_ranks_agree(tmp_path, cli_env, algo, ranks):
         assert eval_return >= 475
         assert returns[-20:].mean() >= 475, returns[-20:]
     # `evaluate` rebuilds the learner from the newest checkpoint on every rank.
-    evaluated = _hpcrl(cli_env, 2, "evaluate", str(run_dir), "--episodes", "10", timeout=300)
+    evaluated = run_hpcrl(cli_env, 2, "evaluate", str(run_dir), "--episodes", "10", timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr[-4000:]
     evaluated_return = json.loads(evaluated.stdout.strip().splitlines()[-1])["mean_return"]
     if algo != "dqn":
@@ -98,7 +64,7 @@ def test_straggler_is_cut_and_the_budget_stays_exact(tmp_path, cli_env):
     (The cut-off itself, and that nobody is cut without a delay: test_straggler_mpi.py.)"""
     run_dir = tmp_path / "run"
     steps = 10_000
-    result = _hpcrl(
+    result = run_hpcrl(
         cli_env,
         4,
         "train",
@@ -144,10 +110,10 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, cli_env, algo, s
         "record_trajectories=true",
         *extra,
     ]
-    reference = _hpcrl(cli_env, 2, "train", *args, "--run-dir", str(tmp_path / "ref"))
+    reference = run_hpcrl(cli_env, 2, "train", *args, "--run-dir", str(tmp_path / "ref"))
     assert reference.returncode == 0, reference.stderr[-4000:]
-    _train_until_interrupted(cli_env, 2, *args, "--run-dir", str(tmp_path / "int"))
-    resumed = _hpcrl(cli_env, 2, "train", "--resume", str(tmp_path / "int"))
+    train_until_interrupted(cli_env, 2, *args, "--run-dir", str(tmp_path / "int"))
+    resumed = run_hpcrl(cli_env, 2, "train", "--resume", str(tmp_path / "int"))
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "exactly" in resumed.stdout
     with h5py.File(tmp_path / "ref" / "run.h5") as a, h5py.File(tmp_path / "int" / "run.h5") as b:
@@ -165,14 +131,14 @@ def test_ppo_checkpoint_on_2_ranks_resumes_on_4(tmp_path, cli_env):
     and the run ends at exactly its budget with identical parameters on every rank."""
     steps = 30_000
     run_dir = tmp_path / "run"
-    _train_until_interrupted(
+    train_until_interrupted(
         cli_env,
         2,
         str(REPO / "configs" / "cartpole-ppo.yaml"),
         *("--run-dir", str(run_dir), "--total-env-steps", str(steps)),
         *("--set", "eval_episodes=0", "--set", "log_interval_s=0.5"),
     )
-    resumed = _hpcrl(cli_env, 4, "train", "--resume", str(run_dir))
+    resumed = run_hpcrl(cli_env, 4, "train", "--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     with h5py.File(run_dir / "run.h5") as f:
         assert f.attrs["status"] == "completed"
@@ -188,7 +154,7 @@ def test_dqn_target_networks_agree_before_learning_starts(tmp_path, cli_env):
     """Regression: the consistency check covers DQN's target network, so the target must
     be the same on every rank from the start (broadcast with the online network), not only
     after the first gradient step copies it."""
-    result = _hpcrl(
+    result = run_hpcrl(
         cli_env,
         2,
         "train",

@@ -29,6 +29,7 @@ ALGOS: dict[str, str] = {
     "ppo": "hpcrl.algos.ppo",
     "a2c": "hpcrl.algos.a2c",
     "dqn": "hpcrl.algos.dqn",
+    "impala": "hpcrl.algos.impala",
 }
 
 

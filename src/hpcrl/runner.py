@@ -43,12 +43,17 @@ class Layout:
     name: str
     min_world_size: int
 
-    def roles(self, world_size: int) -> str:
+    def roles(self, world_size: int, learner_ranks: int = 1) -> str:
         """Who does what, in words, for the start-up line."""
         if world_size == 1:
             return "one process: every role in turn"
         if self.name == "ps":
             return f"rank 0 parameter server, ranks 1-{world_size - 1} actors"
+        if self.name == "actor_learner":
+            learners = (
+                "rank 0 learner" if learner_ranks == 1 else f"ranks 0-{learner_ranks - 1} learners"
+            )
+            return f"{learners}, ranks {learner_ranks}-{world_size - 1} actors"
         if self.name == "data_parallel":
             return f"ranks 0-{world_size - 1} each act and learn, gradients averaged"
         return f"ranks 0-{world_size - 1} each act and learn"
@@ -58,6 +63,7 @@ LAYOUTS = {
     "ps": Layout("ps", 1),
     "allreduce": Layout("allreduce", 1),
     "data_parallel": Layout("data_parallel", 1),
+    "actor_learner": Layout("actor_learner", 1),
 }
 TABULAR_LAYOUTS = ("ps", "allreduce")
 
@@ -352,11 +358,12 @@ def train(
 
     agree(comm, open_run_file, root_only=True)
     run_file = opened.get("file")
+    roles = layout.roles(world_size, getattr(cfg.algo, "learner_ranks", 1))
     if rank == 0:
         if resume_point is None:
             print(
                 f"[hpcrl] {run.algo} on {run.env_id}, layout {layout.name} "
-                f"({layout.roles(world_size)}), {run.total_env_steps:,} env steps -> {path}",
+                f"({roles}), {run.total_env_steps:,} env steps -> {path}",
                 flush=True,
             )
         else:
@@ -370,7 +377,7 @@ def train(
             print(
                 f"[hpcrl] resuming {path} from {resume_point.path.name} at "
                 f"{int(meta['env_steps']):,} of {run.total_env_steps:,} env steps, {how}; "
-                f"layout {layout.name} ({layout.roles(world_size)})",
+                f"layout {layout.name} ({roles})",
                 flush=True,
             )
     # run.h5 and traj/ exist before any rank writes; one shared start time.
@@ -385,6 +392,10 @@ def train(
             loop = run_parameter_server(ctx)
         elif cfg.algo.layout == "allreduce":
             loop = run_allreduce(ctx)
+        elif cfg.algo.layout == "actor_learner":
+            from hpcrl.topologies.async_actor_learner import run_async_actor_learner
+
+            loop = run_async_actor_learner(ctx)
         else:
             from hpcrl.topologies.gradient_allreduce import run_gradient_allreduce
 
@@ -428,10 +439,13 @@ def train(
             if result is not None:
                 run_file.set_attrs(**{f"eval_{k}": v for k, v in result.items()})
             run_file.set_status("completed")
+            solved = solved_line(run_file.file["episodes"], run.env_id)
             run_file.close()
             print(
                 f"[hpcrl] completed in {ctx.elapsed_s():.1f} s; run directory: {path}", flush=True
             )
+            if solved:
+                print(f"[hpcrl] {solved}", flush=True)
         return TrainOutcome("completed", result)
     except BaseException:
         if run_file is not None:
@@ -441,6 +455,42 @@ def train(
             except Exception:  # noqa: BLE001 - the original error matters more
                 pass
         raise
+
+
+SOLVED_WINDOW = 20  # training episodes averaged when checking the env's reward threshold
+
+
+def solved_line(episodes, env_id: str) -> str:
+    """Where the training episodes first reached the env's `spec.reward_threshold` (e.g.
+    475 for CartPole-v1) as a mean over `SOLVED_WINDOW` episodes, in words ("" when the env
+    has no threshold or the run had too few episodes).
+
+    Args:
+        episodes: the run file's `/episodes` group (return, env_steps, wall_time).
+    """
+    import gymnasium as gym
+
+    try:
+        threshold = gym.spec(env_id).reward_threshold
+    except gym.error.Error:
+        return ""
+    returns = episodes["return"][()]
+    if threshold is None or len(returns) < SOLVED_WINDOW:
+        return ""
+    means = np.convolve(returns, np.ones(SOLVED_WINDOW) / SOLVED_WINDOW, mode="valid")
+    hit = np.flatnonzero(means >= threshold)
+    if not hit.size:
+        return (
+            f"did not reach {env_id}'s reward threshold {threshold:g}: best mean return over "
+            f"{SOLVED_WINDOW} training episodes {means.max():.1f}"
+        )
+    end = int(hit[0]) + SOLVED_WINDOW - 1
+    return (
+        f"reached a mean return of {means[hit[0]]:.1f} >= {threshold:g} ({env_id}'s reward "
+        f"threshold) over {SOLVED_WINDOW} training episodes at "
+        f"{int(episodes['env_steps'][end]):,} env steps, {float(episodes['wall_time'][end]):.1f} s "
+        "into training"
+    )
 
 
 def check_launcher(world_size: int) -> None:
@@ -511,7 +561,7 @@ def evaluate(
 
 
 def _learner_from_checkpoint(path: Path, meta: dict):
-    """The data-parallel learner a checkpoint holds, with its parameters loaded."""
+    """The deep learner a checkpoint holds, with its parameters loaded."""
     import importlib
 
     from hpcrl.config import ALGOS

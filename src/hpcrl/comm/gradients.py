@@ -31,9 +31,15 @@ class FlatGradients:
         self.buffer = np.zeros(sum(self.sizes), dtype=np.float32)
         self.view = torch.from_numpy(self.buffer)  # shares memory with `buffer`
 
-    def average(self, comm: MPI.Comm, watchdog_s: float) -> None:
+    def average(self, comm: MPI.Comm, watchdog_s: float, contributors: int = 0) -> None:
         """Replace every `p.grad` by its mean over the ranks of `comm` (a missing gradient
-        counts as zeros)."""
+        counts as zeros).
+
+        Args:
+            contributors: divide the sum by this many ranks instead of the world size (a
+                learner group where only some ranks had a batch: the others pass
+                `p.grad = None`, i.e. zeros).
+        """
         offset = 0
         for p, n in zip(self.parameters, self.sizes, strict=True):
             chunk = self.view[offset : offset + n]
@@ -44,7 +50,7 @@ class FlatGradients:
             offset += n
         if comm.Get_size() > 1:
             allreduce_sum(comm, self.buffer, watchdog_s)
-            self.view.div_(comm.Get_size())
+            self.view.div_(contributors or comm.Get_size())
         offset = 0
         for p, n in zip(self.parameters, self.sizes, strict=True):
             chunk = self.view[offset : offset + n].view_as(p)

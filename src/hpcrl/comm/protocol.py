@@ -87,3 +87,62 @@ def tabular_experience_schema(rows: int) -> Schema:
 def q_table_schema(n_states: int, n_actions: int) -> Schema:
     """Learner -> actor snapshot of the Q-table with its version."""
     return Schema([("header", (3,), np.int64), ("q_table", (n_states, n_actions), np.float64)])
+
+
+# Header slots of an actor message of the deep actor-learner layout (int64). The actor's
+# timing counters travel in its `timing` field (float64, `TIMING_*`).
+(
+    UNROLL_STEPS,  # vector steps filled (< unroll_length only in an actor's last message)
+    UNROLL_ROWS,  # env steps it counts (the budget's last vector step may count fewer copies)
+    UNROLL_POLICY_VERSION,  # version of the parameters its first step used
+    UNROLL_FINAL,  # the actor's last message (budget spent or stopping)
+    UNROLL_EPISODES,  # episodes that finished in it
+    UNROLL_ACTOR_ENV_STEPS,  # the actor's env steps in this segment after it
+    UNROLL_STOP,  # a preemption signal reached this actor
+) = range(7)
+# Seconds since the actor started: total, stepping envs, policy inference, waiting for a
+# send buffer to come free, waiting for the first parameters.
+TIMING_WALL, TIMING_ENV, TIMING_INFERENCE, TIMING_SEND_WAIT, TIMING_PARAM_WAIT = range(5)
+
+
+def unroll_schema(
+    unroll_length: int,
+    num_envs: int,
+    obs_shape: tuple[int, ...],
+    obs_dtype,
+    action_shape: tuple[int, ...],
+    action_dtype,
+) -> Schema:
+    """Actor -> learner: T = `unroll_length` vector steps of B = `num_envs` env copies,
+    time-major, and the episodes that finished in them (at most T × B).
+
+    obs (T + 1, B, *obs_shape): the observations acted on, then the one after the unroll
+    (V-trace's bootstrap); behaviour_log_probs (T, B): log μ(a_t|x_t) of the actor's policy;
+    truncation_values (T, B): V(final obs) under the behaviour parameters where a time limit
+    cut the episode at step t (0 elsewhere), which the learner folds into the reward.
+    """
+    T, B = unroll_length, num_envs
+    rows = T * B
+    return Schema(
+        [
+            ("header", (8,), np.int64),
+            ("timing", (5,), np.float64),
+            ("obs", (T + 1, B, *obs_shape), obs_dtype),
+            ("actions", (T, B, *action_shape), action_dtype),
+            ("behaviour_log_probs", (T, B), np.float32),
+            ("rewards", (T, B), np.float32),
+            ("terminated", (T, B), np.float32),
+            ("truncated", (T, B), np.float32),
+            ("truncation_values", (T, B), np.float32),
+            ("episode_return", (rows,), np.float64),
+            ("episode_length", (rows,), np.int64),
+            ("episode_actor_env_steps", (rows,), np.int64),
+            ("episode_wall_time", (rows,), np.float64),
+        ]
+    )
+
+
+def parameters_schema(n_parameters: int) -> Schema:
+    """Learner -> actor: the model's parameters as one flat float32 vector (the order of
+    `module.parameters()`) with their version (header slots `PARAMS_*`)."""
+    return Schema([("header", (3,), np.int64), ("parameters", (n_parameters,), np.float32)])

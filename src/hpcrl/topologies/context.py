@@ -316,7 +316,11 @@ class Reporter:
         row.update(extra or {})
         self.run_file.append_metrics(row)
         self.run_file.flush()
-        shown = ", ".join(f"{k} {v:.3g}" for k, v in (extra or {}).items() if isinstance(v, float))
+        shown = ", ".join(
+            f"{k} {v:.3g}"
+            for k, v in (extra or {}).items()
+            if isinstance(v, float) and not k.startswith("actor_")  # per-actor: in run.h5
+        )
         self.progress.update(env_steps, rate, self.episodes, mean_return, shown)
         self.last_time, self.last_env_steps = now, env_steps
 

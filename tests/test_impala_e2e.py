@@ -1,0 +1,160 @@
+"""Acceptance of the asynchronous actor-learner layout with IMPALA (issue 5): it learns
+CartPole-v1 under `mpirun -n 4`, a learner group of 2 keeps bit-identical parameters, a
+slow actor does not slow the others, shutdown leaves no request behind at 2, 4 and 8
+ranks, the policy-lag bound drops stale unrolls, and a SIGUSR1 stop resumes and finishes."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import REPO, run_hpcrl, train_until_interrupted
+
+pytestmark = pytest.mark.e2e
+
+CONFIG = str(REPO / "configs" / "cartpole-impala.yaml")
+
+
+def _check(result) -> None:
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    # MPICH reports requests still pending on a communicator at MPI_Finalize.
+    assert "pending" not in result.stderr, result.stderr[-4000:]
+
+
+def _first_solved(returns: np.ndarray, env_steps: np.ndarray) -> int | None:
+    windows = np.convolve(returns, np.ones(20) / 20, mode="valid")  # means of 20 episodes
+    reached = np.flatnonzero(windows >= 475)
+    return int(env_steps[reached[0] + 19]) if reached.size else None
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    "ranks,learners,batch", [(4, 1, 3), (4, 2, 2)], ids=["1-learner", "2-learners"]
+)
+def test_cartpole_learns_and_learners_agree(tmp_path, cli_env, ranks, learners, batch):
+    """The config's learner with 3 actors; a learner group of 2 with an actor each (one
+    unroll per learner and update)."""
+    run_dir = tmp_path / "run"
+    result = run_hpcrl(
+        cli_env,
+        ranks,
+        "train",
+        CONFIG,
+        *("--run-dir", str(run_dir), "--set", f"learner_ranks={learners}"),
+        *("--set", f"batch_size={batch}", "--set", "eval_episodes=20"),
+    )
+    _check(result)
+    assert "reached a mean return of" in result.stdout, result.stdout[-2000:]
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        assert f.attrs["status"] == "completed"
+        total = int(f["metrics/env_steps"][-1])
+        returns = f["episodes/return"][()]
+        env_steps = f["episodes/env_steps"][()]
+        ranks_seen = set(f["episodes/rank"][()].tolist())
+        digests = f.attrs["parameter_digests"]
+        lag_max = f["metrics/policy_lag_max"][()]
+        config = json.loads(f.attrs["config"])
+    assert total == config["total_env_steps"]
+    assert ranks_seen == set(range(learners, ranks))  # only actors act
+    assert len(digests) == learners and len(set(digests.tolist())) == 1, digests
+    assert lag_max.max() <= config["max_policy_lag"]
+    solved = _first_solved(returns, env_steps)
+    best = np.convolve(returns, np.ones(20) / 20, mode="valid").max()
+    assert solved is not None, f"best mean over 20 episodes: {best:.1f}"
+
+
+@pytest.mark.parametrize("ranks", [2, 4, 8])
+def test_shutdown_with_messages_in_flight_completes_every_request(tmp_path, cli_env, ranks):
+    """Short unrolls published after every update keep messages in flight both ways until
+    the end; the run must end cleanly (no pending request at MPI_Finalize, no hang) and
+    count exactly its budget."""
+    run_dir = tmp_path / "run"
+    result = run_hpcrl(
+        cli_env,
+        ranks,
+        "train",
+        CONFIG,
+        *("--run-dir", str(run_dir), "--total-env-steps", "6001"),
+        *("--set", "unroll_length=2", "--set", "num_envs=2", "--set", "batch_size=1"),
+        *("--set", "eval_episodes=0", "--set", "watchdog_s=60"),
+        timeout=300,
+    )
+    _check(result)
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        assert f.attrs["status"] == "completed"
+        assert int(f["metrics/env_steps"][-1]) == 6001
+        assert int(f["trajectories/reward"].shape[0]) == 6001
+
+
+def test_policy_lag_bound_drops_stale_unrolls(tmp_path, cli_env):
+    """With `max_policy_lag=0` only unrolls made with the learner's current parameters are
+    learned from; with 3 actors many arrive a version late, and they are dropped and
+    counted."""
+    run_dir = tmp_path / "run"
+    result = run_hpcrl(
+        cli_env,
+        4,
+        "train",
+        CONFIG,
+        *("--run-dir", str(run_dir), "--total-env-steps", "20000"),
+        *("--set", "max_policy_lag=0", "--set", "batch_size=1", "--set", "eval_episodes=0"),
+        timeout=300,
+    )
+    _check(result)
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        assert f["metrics/policy_lag_max"][()].max() == 0
+        assert f["metrics/unrolls_dropped_stale"][()].sum() > 0
+        assert int(f["metrics/learner_updates"][-1]) > 0
+
+
+def _finish_times(run_h5) -> dict[int, float]:
+    """Wall time of each actor's last finished episode (≈ when it spent its budget)."""
+    with h5py.File(run_h5, "r") as f:
+        ranks = f["episodes/rank"][()]
+        times = f["episodes/wall_time"][()]
+    return {int(r): float(times[ranks == r].max()) for r in np.unique(ranks)}
+
+
+def test_a_slow_actor_does_not_slow_the_others(tmp_path, cli_env):
+    """Rank 3 sleeps 20 ms per vector step; ranks 1 and 2 must still spend their equal
+    budgets at their own pace, long before rank 3."""
+    args = ["--total-env-steps", "30000", "--set", "eval_episodes=0"]
+    run_dir = tmp_path / "slow"
+    _check(
+        run_hpcrl(
+            cli_env,
+            4,
+            "train",
+            CONFIG,
+            *("--run-dir", str(run_dir), *args),
+            *("--set", "debug.slow_rank=3", "--set", "debug.slow_step_s=0.02"),
+            timeout=300,
+        )
+    )
+    done = _finish_times(run_dir / "run.h5")
+    # 10,000 env steps / 8 copies = 1,250 vector steps x 20 ms: rank 3 needs >= 25 s.
+    assert done[3] >= 25.0, done
+    assert max(done[1], done[2]) < 0.5 * done[3], done
+
+
+def test_interrupted_run_resumes_and_finishes(tmp_path, cli_env):
+    run_dir = tmp_path / "run"
+    args = (CONFIG, "--run-dir", str(run_dir), "--total-env-steps", "150000")
+    train_until_interrupted(
+        cli_env, 4, *args, "--set", "eval_episodes=0", "--set", "log_interval_s=0.5"
+    )
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        assert f.attrs["status"] == "interrupted"
+        stopped_at = int(f["metrics/env_steps"][-1])
+    assert 0 < stopped_at < 150_000
+    result = run_hpcrl(cli_env, 4, "train", "--resume", str(run_dir), timeout=300)
+    _check(result)
+    assert "unrolls received but not yet learned from at the checkpoint" in result.stdout
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        assert f.attrs["status"] == "completed"
+        assert int(f["metrics/env_steps"][-1]) == 150_000
+        assert len(f["resumes/env_steps"]) == 1
+        assert int(f["metrics/learner_updates"][-1]) > 0

@@ -1,0 +1,337 @@
+"""Unit tests of IMPALA's pieces on one process, without an MPI launcher: the config checks,
+the loss against n-step returns (V-trace on-policy), one learner update, the learner side of
+the actor-learner loop (`UnrollLearner`: queueing, staleness, partial and stopping unrolls,
+episode stamps, batches), the rank-0 metrics and the message schemas."""
+
+from __future__ import annotations
+
+import re
+import types
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+
+from hpcrl.algos.impala import Config, Impala
+from hpcrl.comm import protocol as P
+from hpcrl.config import build_config
+from hpcrl.errors import ConfigError
+from hpcrl.returns import n_step_returns
+from hpcrl.topologies.async_actor_learner import UnrollLearner, _Group, _metrics, _schema
+
+T, B = 3, 2  # the UnrollLearner tests' unroll: vector steps, env copies
+
+
+def _spaces(env_id: str = "CartPole-v1"):
+    env = gym.make(env_id)
+    spaces = env.observation_space, env.action_space
+    env.close()
+    return spaces
+
+
+class NoGroup:
+    """A learner group of one: nothing to average; counts the calls."""
+
+    calls = 0
+
+    def average_gradients(self) -> None:
+        self.calls += 1
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("unroll_length", 0),
+        ("batch_size", 0),
+        ("learner_ranks", 0),
+        ("max_policy_lag", -1),
+        ("publish_interval", 0),
+        ("clip_rho_threshold", 0.0),
+        ("vtrace_lambda", 1.5),
+        ("optimizer", "sgd"),
+    ],
+)
+def test_validate_names_the_bad_key_and_value(key, value):
+    Config().validate()
+    with pytest.raises(ConfigError, match=rf"'{key}': got {re.escape(repr(value))}"):
+        Config(**{key: value}).validate()
+
+
+def test_null_thresholds_mean_no_clipping():
+    Config(clip_rho_threshold=None, clip_pg_rho_threshold=None, clip_c_threshold=None).validate()
+
+
+@pytest.mark.parametrize(
+    "kw,world,match",
+    [
+        ({"learner_ranks": 4}, 4, r"'learner_ranks': got 4, .*world size 4"),
+        ({"learner_ranks": 6}, 4, r"'learner_ranks': got 6, .*world size 4"),
+        ({"learner_ranks": 2}, 1, r"'learner_ranks': got 2 in a one-process run"),
+        ({"learner_ranks": 2, "batch_size": 3}, 4, r"batch_size 3 .*2 learner ranks"),
+    ],
+)
+def test_a_layout_that_does_not_fit_the_world_is_refused(kw, world, match):
+    with pytest.raises(ConfigError, match=match):
+        Config(**kw).rollout_steps(world, 2)
+
+
+def test_rollout_steps_is_the_unroll_length():
+    assert Config(unroll_length=7).rollout_steps(1, 8) == 7
+    assert Config(unroll_length=5, learner_ranks=2, batch_size=4).rollout_steps(4, 2) == 5
+    assert Config(learner_ranks=3, batch_size=3).rollout_steps(4, 1) == 20
+
+
+def _on_policy_batch(learner: Impala, T: int = 5, N: int = 3) -> dict[str, np.ndarray]:
+    """A CartPole batch whose behaviour log-probs are the learner's own, with a terminal
+    step (t=1, copy 0) and a time-limit cut (t=3, copy 1) inside the unroll."""
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(T + 1, N, 4)).astype(np.float32)
+    actions = rng.integers(0, 2, size=(T, N))
+    terminated = np.zeros((T, N), np.float32)
+    truncated = np.zeros((T, N), np.float32)
+    truncation_values = np.zeros((T, N), np.float32)
+    terminated[1, 0] = 1.0
+    truncated[3, 1] = 1.0
+    truncation_values[3, 1] = 7.5
+    with torch.no_grad():
+        log_probs, _, _ = learner.model.evaluate_actions(
+            torch.as_tensor(obs[:T].reshape(T * N, 4)), torch.as_tensor(actions.reshape(-1))
+        )
+    return {
+        "obs": obs,
+        "actions": actions,
+        "behaviour_log_probs": log_probs.reshape(T, N).numpy(),
+        "rewards": rng.uniform(0.0, 2.0, size=(T, N)).astype(np.float32),
+        "terminated": terminated,
+        "truncated": truncated,
+        "truncation_values": truncation_values,
+    }
+
+
+def test_on_policy_loss_is_the_n_step_return_regression():
+    """With π = μ and ρ̄ = c̄ = λ = 1, V-trace targets are the n-step returns and the
+    policy-gradient advantages are G - V."""
+    torch.manual_seed(0)
+    cfg = Config(gamma=0.9, hidden_size=16)
+    learner = Impala(cfg, *_spaces())
+    batch = _on_policy_batch(learner)
+    T, N = batch["rewards"].shape
+    loss, metrics = learner.loss(batch)
+
+    model = learner.model
+    with torch.no_grad():
+        values = model.value(torch.as_tensor(batch["obs"].reshape(-1, 4))).reshape(T + 1, N)
+        log_probs, entropy, _ = model.evaluate_actions(
+            torch.as_tensor(batch["obs"][:T].reshape(-1, 4)),
+            torch.as_tensor(batch["actions"].reshape(-1)),
+        )
+    values = values.numpy().astype(np.float64)
+    next_values = values[1:].copy()
+    cut = batch["truncated"] != 0
+    next_values[cut] = batch["truncation_values"][cut]
+    returns = n_step_returns(
+        batch["rewards"], next_values, batch["terminated"], batch["truncated"], cfg.gamma
+    )
+    advantages = returns - values[:T]
+    value_loss = 0.5 * np.mean(advantages**2)
+    policy_loss = -np.mean(advantages * log_probs.reshape(T, N).numpy())
+    entropy = float(entropy.mean())
+
+    assert metrics["losses/value"] == pytest.approx(value_loss, rel=1e-5)
+    assert metrics["losses/policy"] == pytest.approx(policy_loss, rel=1e-5, abs=1e-6)
+    assert metrics["losses/entropy"] == pytest.approx(entropy, rel=1e-6)
+    assert metrics["rho_mean"] == pytest.approx(1.0, abs=1e-6)
+    expected = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_update_steps_the_optimizer_and_anneals_the_learning_rate():
+    torch.manual_seed(0)
+    learner = Impala(Config(hidden_size=16, learning_rate=1e-3), *_spaces())
+    before = [p.detach().clone() for p in learner.model.parameters()]
+    group = NoGroup()
+    metrics = learner.update(_on_policy_batch(learner), group, progress=0.25)
+    assert group.calls == 1 and learner.learner_updates == 1
+    assert metrics["learning_rate"] == pytest.approx(0.75e-3)
+    assert "losses/value" in metrics
+    after = list(learner.model.parameters())
+    assert all(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+@pytest.mark.parametrize("group_kind", ["stub", "comm_world"])
+def test_update_without_a_batch_on_a_fresh_learner_moves_nothing(group_kind):
+    """A learner with no batch still steps (the group's gradient; here nothing or, through
+    the real `_Group` of one rank, zeros), and a fresh Adam does not move on zeros."""
+    torch.manual_seed(0)
+    learner = Impala(Config(hidden_size=16), *_spaces())
+    before = [p.detach().clone() for p in learner.model.parameters()]
+    group = NoGroup() if group_kind == "stub" else _Group(MPI.COMM_WORLD, learner.model, 10.0)
+    assert learner.update(None, group, progress=0.0) == {"learning_rate": 1e-3}
+    assert learner.learner_updates == 1
+    for a, p in zip(before, learner.model.parameters(), strict=True):
+        assert torch.equal(a, p)
+        if group_kind == "comm_world":  # a missing gradient counts as zeros
+            assert p.grad is not None and not p.grad.any()
+
+
+def _server(batch_unrolls: int = 2, max_policy_lag: int = 2, record: bool = True):
+    cfg = build_config(
+        {
+            "algo": "impala",
+            "env_id": "CartPole-v1",
+            "num_envs": B,
+            "unroll_length": T,
+            "max_policy_lag": max_policy_lag,
+            "hidden_size": 8,
+            "record_trajectories": record,
+        }
+    )
+    ctx = types.SimpleNamespace(cfg=cfg, world_size=4)
+    return UnrollLearner(ctx, Impala(cfg.algo, *_spaces()), batch_unrolls), ctx
+
+
+def _fill(msg: P.Message, marker: float, version: int, rows: int = T * B, actor_steps=None):
+    """Every experience field set to `marker`; no episodes."""
+    for name in ("obs", "actions", "behaviour_log_probs", "rewards", "truncation_values"):
+        msg[name][...] = marker
+    header = msg["header"]
+    header[:] = 0
+    header[P.UNROLL_STEPS] = -(-rows // B)
+    header[P.UNROLL_ROWS] = rows
+    header[P.UNROLL_POLICY_VERSION] = version
+    header[P.UNROLL_ACTOR_ENV_STEPS] = rows if actor_steps is None else actor_steps
+    return msg
+
+
+def test_unroll_learner_queues_counts_and_drops():
+    server, ctx = _server(max_policy_lag=2)
+    msg = _schema(ctx, *_spaces()).allocate()
+    server.learner.learner_updates = 5
+    server.consume(_fill(msg, 1.0, version=3), 2)  # lag 2: the bound, kept
+    assert len(server.queue) == 1 and server.stats.lags == [2]
+    assert server.local_steps == T * B and server.traj_rows[2] == T * B
+    server.consume(_fill(msg, 2.0, version=2), 2)  # lag 3: stale
+    assert len(server.queue) == 1 and server.stats.dropped_stale == 1
+    server.consume(_fill(msg, 3.0, version=5, rows=T * B - 1), 3)  # partial
+    assert len(server.queue) == 1 and server.stats.dropped_stale == 1
+    assert server.local_steps == 3 * T * B - 1 and server.unrolls_dropped == 0
+    server.stopping = True
+    server.consume(_fill(msg, 4.0, version=5), 3)
+    assert len(server.queue) == 1 and server.unrolls_dropped == 1
+    assert server.local_steps == 4 * T * B - 1
+    assert not server.ready()
+    server.drop_queue()
+    assert server.queue == [] and server.unrolls_dropped == 2
+
+
+def test_unroll_learner_stamps_episodes_with_learner_env_steps():
+    server, ctx = _server(record=False)
+    msg = _schema(ctx, *_spaces()).allocate()
+    server.env_steps, server.local_steps = 100, 6
+    _fill(msg, 0.0, version=0, actor_steps=50)  # this unroll: the actor's steps 44..50
+    msg["header"][P.UNROLL_EPISODES] = 2
+    msg["episode_return"][:2] = [10.0, 20.0]
+    msg["episode_length"][:2] = [10, 20]
+    msg["episode_actor_env_steps"][:2] = [46, 50]
+    msg["episode_wall_time"][:2] = [1.5, 2.5]
+    msg["timing"][:] = [9.0, 4.0, 2.0, 1.0, 0.5]
+    server.consume(msg, 3)
+    expected = [[10.0, 10, 108, 1.5, 3], [20.0, 20, 112, 2.5, 3]]
+    np.testing.assert_array_equal(server.episodes.take(), expected)
+    np.testing.assert_array_equal(server.stats.timing[3], msg["timing"])
+    assert not server.traj_rows.any()  # not recording
+
+
+def test_take_batch_is_the_oldest_unrolls_side_by_side():
+    server, ctx = _server(batch_unrolls=2)
+    msg = _schema(ctx, *_spaces()).allocate()  # one buffer, reused as the receives do
+    for k in range(3):
+        server.consume(_fill(msg, float(k), version=0), 1)
+        assert server.ready() == (k >= 1), k  # two unrolls make a batch
+    batch = server.take_batch()
+    assert batch["obs"].shape == (T + 1, 2 * B, 4) and batch["obs"].dtype == np.float32
+    assert batch["actions"].shape == (T, 2 * B) and batch["actions"].dtype == np.int64
+    for name in ("behaviour_log_probs", "rewards", "terminated", "truncated"):
+        assert batch[name].shape == (T, 2 * B), name
+    for name in ("obs", "actions", "rewards"):
+        assert (batch[name][:, :B] == 0).all() and (batch[name][:, B:] == 1).all(), name
+    assert len(server.queue) == 1 and not server.ready()
+    assert (server.queue[0]["obs"] == 2).all()
+
+
+def test_metrics_merge_the_learners_rows():
+    a, _ = _server()
+    b, _ = _server()
+    a.stats.timing[2] = np.array([10.0, 4.0, 2.0, 1.0, 0.5])
+    a.log_row()  # the next row holds differences from this one
+    a.stats.lags, a.stats.dropped_stale, a.stats.wait_s, a.stats.updates = [0, 2, 1], 1, 0.5, 3
+    a.stats.timing[2] = np.array([20.0, 10.0, 4.0, 1.0, 0.5])
+    b.stats.lags, b.stats.dropped_stale, b.stats.wait_s, b.stats.updates = [3], 2, 1.5, 3
+    b.stats.timing[3] = np.array([5.0, 1.0, 1.5, 2.0, 0.5])
+    rows = np.concatenate([np.concatenate([[r.size], r]) for r in (a.log_row(), b.log_row())])
+    out = _metrics(rows, 2, elapsed=4.0, updates_s=0.75)
+    assert out["policy_lag_mean"] == pytest.approx(1.5) and out["policy_lag_max"] == 3
+    assert out["unrolls_dropped_stale"] == 3
+    assert out["learner_wait_frac"] == pytest.approx(2.0 / 8.0)
+    assert out["learner_updates_per_s"] == 0.75
+    expected = {
+        2: {"env_frac": 0.6, "inference_frac": 0.2, "send_wait_frac": 0.0, "param_wait_frac": 0.0},
+        3: {"env_frac": 0.2, "inference_frac": 0.3, "send_wait_frac": 0.4, "param_wait_frac": 0.1},
+    }
+    for rank, fractions in expected.items():
+        for name, value in fractions.items():
+            assert out[f"actor_{rank}/{name}"] == pytest.approx(value), (rank, name)
+    assert out["actor_efficiency"] == pytest.approx((0.8 + 0.5) / 2)
+    assert a.log_row().tolist() == [0.0] * 6  # the statistics restart after each row
+
+
+def test_metrics_of_a_learner_that_saw_nothing():
+    row = _server()[0].log_row()
+    out = _metrics(np.concatenate([[row.size], row]), 1, elapsed=1.0, updates_s=0.0)
+    assert out["policy_lag_mean"] == 0.0 and out["policy_lag_max"] == 0
+    assert "actor_efficiency" not in out
+
+
+def test_parameters_schema():
+    schema = P.parameters_schema(5)
+    msg = schema.allocate()
+    assert msg["header"].shape == (3,) and msg["header"].dtype == np.int64
+    assert msg["parameters"].shape == (5,) and msg["parameters"].dtype == np.float32
+    assert schema.nbytes == 24 + 24  # 20 bytes of parameters padded to 8
+    msg["parameters"][:] = np.arange(5)
+    msg["header"][P.PARAMS_VERSION] = 7
+    copy = P.Message(schema, msg.buffer.copy())  # what the receiving rank sees
+    assert copy["header"][P.PARAMS_VERSION] == 7
+    np.testing.assert_array_equal(copy["parameters"], np.arange(5))
+
+
+@pytest.mark.parametrize(
+    "env_id,obs_shape,obs_dtype,action_shape,action_dtype",
+    [
+        ("CartPole-v1", (4,), np.float32, (), np.int64),
+        ("FrozenLake-v1", (), np.int64, (), np.int64),
+        ("Pendulum-v1", (3,), np.float32, (1,), np.float32),
+    ],
+)
+def test_unroll_schema_follows_the_spaces(env_id, obs_shape, obs_dtype, action_shape, action_dtype):
+    cfg = build_config({"algo": "impala", "num_envs": 1, "unroll_length": 3})
+    ctx = types.SimpleNamespace(cfg=cfg)
+    schema = _schema(ctx, *_spaces(env_id))
+    msg = schema.allocate()
+    assert msg["obs"].shape == (4, 1, *obs_shape) and msg["obs"].dtype == obs_dtype
+    assert msg["actions"].shape == (3, 1, *action_shape) and msg["actions"].dtype == action_dtype
+    assert msg["header"].shape == (8,) and msg["timing"].shape == (5,)
+    for name in ("behaviour_log_probs", "rewards", "terminated", "truncated"):
+        assert msg[name].shape == (3, 1) and msg[name].dtype == np.float32
+    for name in ("episode_return", "episode_length", "episode_actor_env_steps"):
+        assert msg[name].shape == (3,)
+    spans = sorted(
+        (off, off + int(np.prod(s)) * d.itemsize) for off, s, d in schema.fields.values()
+    )
+    assert all(off % 8 == 0 for off, _ in spans)
+    ends, starts = [end for _, end in spans], [off for off, _ in spans[1:]] + [schema.nbytes]
+    assert all(end <= nxt for end, nxt in zip(ends, starts, strict=True))  # no overlap
+    if env_id == "CartPole-v1":  # 64 + 40 + 64 + 24 + 5 x 16 (12 padded) + 4 x 24
+        assert schema.nbytes == 368
