@@ -30,6 +30,9 @@ ALGOS: dict[str, str] = {
     "a2c": "hpcrl.algos.a2c",
     "dqn": "hpcrl.algos.dqn",
     "impala": "hpcrl.algos.impala",
+    "a3c": "hpcrl.algos.a3c",
+    "async_q": "hpcrl.algos.async_q",
+    "async_nstep_q": "hpcrl.algos.async_nstep_q",
 }
 
 

@@ -28,130 +28,60 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hpcrl.algos.async_learner import AsyncConfig, AsyncLearner, unroll_targets
 from hpcrl.algos.rollout import check_actor_critic_spaces
-from hpcrl.errors import ConfigError
 from hpcrl.models import ActorCritic
 from hpcrl.returns import vtrace
-from hpcrl.schedules import set_learning_rate
-from hpcrl.state import load_module_arrays, load_optimizer_arrays, module_arrays, optimizer_arrays
 
 LEARNER = "Impala"
-OPTIMIZERS = ("adam", "rmsprop")
 
 
 @dataclass
-class Config:
-    """IMPALA hyperparameters. `batch_size` counts unrolls (actor messages of
-    `unroll_length` × `num_envs` env steps) per update, over the whole learner group."""
+class Config(AsyncConfig):
+    """IMPALA hyperparameters (the layout keys are `AsyncConfig`'s). `batch_size` counts
+    unrolls per update over the whole learner group."""
 
-    layout: str = "actor_learner"
-    unroll_length: int = 20  # T, vector steps per unroll
-    batch_size: int = 2  # unrolls per learner update, all learner ranks together
-    learner_ranks: int = 1  # learner group size (IMPALA §5.3.1): ranks 0..k-1
-    learning_rate: float = 1e-3
-    anneal_lr: bool = True  # linearly to 0 over the budget
-    optimizer: str = "adam"  # or rmsprop (the paper's)
-    rmsprop_alpha: float = 0.99
-    optimizer_eps: float = 1e-5
-    gamma: float = 0.99
+    unroll_length: int = 20
+    batch_size: int = 2
     clip_rho_threshold: float | None = 1.0  # ρ̄ (null: no clipping)
     clip_pg_rho_threshold: float | None = 1.0  # ρ̄ of the policy-gradient term
     clip_c_threshold: float | None = 1.0  # c̄
     vtrace_lambda: float = 1.0
     ent_coef: float = 0.01
     vf_coef: float = 0.5  # the paper's baseline cost
-    max_grad_norm: float = 40.0  # on the learner group's averaged gradient
-    hidden_size: int = 64
-    publish_interval: int = 1  # learner updates between parameter publications
-    max_policy_lag: int = 20  # unrolls older than this many updates are dropped (counted)
 
     def validate(self) -> None:
-        def check(ok: bool, key: str, expected: str) -> None:
-            if not ok:
-                raise ConfigError(
-                    f"config key '{key}': got {getattr(self, key)!r}, expected {expected}"
-                )
-
-        check(self.layout == "actor_learner", "layout", "'actor_learner'")
-        check(self.unroll_length >= 1, "unroll_length", "an integer >= 1")
-        check(self.batch_size >= 1, "batch_size", "an integer >= 1 (unrolls per update)")
-        check(self.learner_ranks >= 1, "learner_ranks", "an integer >= 1")
-        check(self.learning_rate > 0, "learning_rate", "a number > 0")
-        check(self.optimizer in OPTIMIZERS, "optimizer", f"one of {list(OPTIMIZERS)}")
-        check(0.0 <= self.rmsprop_alpha < 1.0, "rmsprop_alpha", "a decay in [0, 1)")
-        check(self.optimizer_eps > 0, "optimizer_eps", "a number > 0")
-        check(0.0 <= self.gamma <= 1.0, "gamma", "a discount γ in [0, 1]")
+        super().validate()
         for key in ("clip_rho_threshold", "clip_pg_rho_threshold", "clip_c_threshold"):
             value = getattr(self, key)
-            check(value is None or value > 0, key, "a number > 0, or null for no clipping")
-        check(0.0 <= self.vtrace_lambda <= 1.0, "vtrace_lambda", "λ in [0, 1]")
-        check(self.max_grad_norm > 0, "max_grad_norm", "a number > 0")
-        check(self.hidden_size >= 1, "hidden_size", "an integer >= 1")
-        check(self.publish_interval >= 1, "publish_interval", "an integer >= 1")
-        check(self.max_policy_lag >= 0, "max_policy_lag", "an integer >= 0 (learner updates)")
+            self.check(value is None or value > 0, key, "a number > 0, or null for no clipping")
+        self.check(0.0 <= self.vtrace_lambda <= 1.0, "vtrace_lambda", "λ in [0, 1]")
 
     def check_spaces(self, observation_space, action_space) -> None:
         """Raises UserError unless the action space is `Discrete` or `Box`."""
         check_actor_critic_spaces("impala", False, observation_space, action_space)
 
-    def rollout_steps(self, world_size: int, num_envs: int) -> int:
-        """Vector steps per unroll (T), after checking the layout fits the world.
 
-        Raises:
-            ConfigError: `learner_ranks` leaves no actor, or `batch_size` does not split
-                over the learner ranks.
-        """
-        k = self.learner_ranks
-        if world_size > 1 and k >= world_size:
-            raise ConfigError(
-                f"config key 'learner_ranks': got {k}, expected fewer than the world size "
-                f"{world_size} (ranks 0-{k - 1} learn, the others act)"
-            )
-        if world_size == 1 and k != 1:
-            raise ConfigError(
-                f"config key 'learner_ranks': got {k} in a one-process run, expected 1"
-            )
-        if self.batch_size % k:
-            raise ConfigError(
-                f"batch_size {self.batch_size} must split over {k} learner ranks "
-                f"(learner_ranks): {self.batch_size} % {k} = {self.batch_size % k}"
-            )
-        return self.unroll_length
-
-
-class Impala:
-    """One learner rank's IMPALA: the `ActorCritic` model and its optimizer; `update`
-    takes a batch of unrolls. Actors build the same model and call `act`."""
+class ActorCriticAsync(AsyncLearner):
+    """An `ActorCritic` model for the actor-learner layout (IMPALA, A3C): sampling for the
+    actors, the critic for time-limit bootstraps, the mode for evaluation."""
 
     def __init__(
         self,
-        cfg: Config,
+        cfg,
         observation_space,
         action_space,
         num_envs: int = 1,
         world_size: int = 1,
         seed: int = 0,
     ):
-        """The arguments after `action_space` are those every learner class takes; IMPALA
-        needs none of them (the topology seeds torch)."""
-        self.cfg = cfg
-        self.learner_updates = 0
-        self.device = torch.device("cpu")
+        """The arguments after `action_space` are those every learner class takes; these
+        need none of them (the topology seeds torch)."""
+        super().__init__(cfg)
         self.model = ActorCritic(observation_space, action_space, hidden=(cfg.hidden_size,) * 2)
-        params = self.model.parameters()
-        if cfg.optimizer == "rmsprop":
-            self.optimizer = torch.optim.RMSprop(
-                params, lr=cfg.learning_rate, alpha=cfg.rmsprop_alpha, eps=cfg.optimizer_eps
-            )
-        else:
-            self.optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.optimizer_eps)
+        self._make_optimizer()
 
-    def to(self, device: torch.device) -> Impala:
-        self.device = device
-        self.model.to(device)
-        return self
-
-    def act(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def act(self, obs: np.ndarray, progress: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
         """The behaviour policy μ: sampled actions ((B, *action_shape)) and their (B,)
         float32 log-probabilities for (B, *obs_shape) observations."""
         obs_t = torch.as_tensor(obs, device=self.device)
@@ -169,6 +99,23 @@ class Impala:
         actions, _, _ = self.model.act(obs_t, deterministic=True)
         return actions.cpu().numpy()
 
+    def _evaluate(self, batch: dict[str, np.ndarray]):
+        """log π(a_t|x_t), entropy and V(x_t), each (T, N) with gradients, and V(x_T) (N,)
+        without, for a batch of unrolls."""
+        obs = torch.as_tensor(batch["obs"], device=self.device)
+        T, N = batch["rewards"].shape
+        actions = torch.as_tensor(batch["actions"], device=self.device)
+        out = self.model.evaluate_actions(
+            obs[:T].reshape(T * N, *obs.shape[2:]), actions.reshape(T * N, *actions.shape[2:])
+        )
+        with torch.no_grad():
+            bootstrap = self.model.value(obs[T])
+        return (*(x.reshape(T, N) for x in out), bootstrap)
+
+
+class Impala(ActorCriticAsync):
+    """One rank's IMPALA: learners call `update` on batches of unrolls; actors `act`."""
+
     def loss(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, float]]:
         """The IMPALA loss of a batch of unrolls (see the module doc).
 
@@ -182,19 +129,8 @@ class Impala:
         """
         cfg = self.cfg
         dev = self.device
-        obs = torch.as_tensor(batch["obs"], device=dev)
-        T, N = batch["rewards"].shape
-        flat_obs = obs[:T].reshape(T * N, *obs.shape[2:])
-        actions = torch.as_tensor(batch["actions"], device=dev)
-        log_probs, entropy, values = self.model.evaluate_actions(
-            flat_obs, actions.reshape(T * N, *actions.shape[2:])
-        )
-        log_probs, entropy, values = (x.reshape(T, N) for x in (log_probs, entropy, values))
-        with torch.no_grad():
-            bootstrap = self.model.value(obs[T])
-        truncated = batch["truncated"] != 0
-        discounts = cfg.gamma * (1.0 - batch["terminated"]) * ~truncated
-        rewards = batch["rewards"] + cfg.gamma * truncated * batch["truncation_values"]
+        log_probs, entropy, values, bootstrap = self._evaluate(batch)
+        discounts, rewards = unroll_targets(batch, cfg.gamma)
         log_rhos = log_probs.detach().cpu().numpy() - batch["behaviour_log_probs"]
         vs, pg_advantages = vtrace(
             log_rhos,
@@ -222,36 +158,7 @@ class Impala:
             "rho_clipped_frac": float(np.mean(rhos > (cfg.clip_rho_threshold or np.inf))),
         }
 
-    def update(self, batch: dict[str, np.ndarray] | None, group, progress: float) -> dict:
-        """One optimizer step on the learner group's averaged gradient.
-
-        Args:
-            batch: this learner's unrolls (see `loss`), or None when it has none this round
-                (it contributes zeros; `group` divides by the learners that had one).
-            group: the learner group's collectives (`average_gradients()`).
-            progress: fraction of the run's budget done, in [0, 1] (annealing).
-
-        Returns:
-            This learner's losses ({} without a batch) and the learning rate.
-        """
-        metrics: dict[str, float] = {}
-        self.optimizer.zero_grad(set_to_none=True)
-        if batch is not None:
-            loss, metrics = self.loss(batch)
-            loss.backward()
-        group.average_gradients()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-        metrics["learning_rate"] = set_learning_rate(
-            self.optimizer, self.cfg.learning_rate, self.cfg.anneal_lr, progress
-        )
-        self.optimizer.step()
-        self.learner_updates += 1
+    def _backward(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
+        loss, metrics = self.loss(batch)
+        loss.backward()
         return metrics
-
-    def shared_arrays(self) -> dict[str, np.ndarray]:
-        """What every learner rank holds identically: parameters and optimizer state."""
-        return module_arrays(self.model) | optimizer_arrays(self.optimizer)
-
-    def load_shared(self, arrays: dict[str, np.ndarray]) -> None:
-        load_module_arrays(self.model, arrays)
-        load_optimizer_arrays(self.optimizer, arrays)

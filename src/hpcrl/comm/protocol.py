@@ -134,12 +134,34 @@ def unroll_schema(
             ("terminated", (T, B), np.float32),
             ("truncated", (T, B), np.float32),
             ("truncation_values", (T, B), np.float32),
-            ("episode_return", (rows,), np.float64),
-            ("episode_length", (rows,), np.int64),
-            ("episode_actor_env_steps", (rows,), np.int64),
-            ("episode_wall_time", (rows,), np.float64),
+            *_episode_fields(rows),
         ]
     )
+
+
+def gradient_schema(n_parameters: int, rows: int) -> Schema:
+    """Actor -> learner (A3C, asynchronous Q-learning): the gradient the actor computed on
+    one unroll of `rows` = T × B env steps, as a (n_parameters, 1) float32 column (so a
+    learner's batch of N lies side by side as (n_parameters, N), like unrolls), with the
+    `unroll_schema` header, timing and episodes."""
+    return Schema(
+        [
+            ("header", (8,), np.int64),
+            ("timing", (5,), np.float64),
+            ("gradient", (n_parameters, 1), np.float32),
+            *_episode_fields(rows),
+        ]
+    )
+
+
+def _episode_fields(rows: int) -> list[tuple[str, tuple[int, ...], type]]:
+    """Up to `rows` episodes that finished in an actor message."""
+    return [
+        ("episode_return", (rows,), np.float64),
+        ("episode_length", (rows,), np.int64),
+        ("episode_actor_env_steps", (rows,), np.int64),  # actor's own count at episode end
+        ("episode_wall_time", (rows,), np.float64),  # seconds since the run started
+    ]
 
 
 def parameters_schema(n_parameters: int) -> Schema:

@@ -39,6 +39,7 @@ One process: the same actor and learner alternate in place, one unroll at a time
 
 from __future__ import annotations
 
+import importlib
 import time
 from dataclasses import dataclass, field
 
@@ -46,11 +47,12 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from hpcrl.algos.impala import Impala
+from hpcrl.algos.async_learner import AsyncLearner
 from hpcrl.comm import protocol as P
 from hpcrl.comm.gradients import FlatGradients, broadcast_parameters, parameters_digest
 from hpcrl.comm.protocol import Message, Tag
 from hpcrl.comm.waits import Backoff, WatchdogTimeout, allreduce_sum, gather_rows, wait_all
+from hpcrl.config import ALGOS
 from hpcrl.envs import make_env
 from hpcrl.models import select_device
 from hpcrl.storage.trajectories import space_fields
@@ -86,6 +88,7 @@ def _spaces(ctx: RunContext):
 
 
 def _schema(ctx: RunContext, observation_space, action_space) -> P.Schema:
+    """The unroll an actor fills (and, for MESSAGE "unroll" learners, sends)."""
     act_dtype = np.int64 if action_space.shape == () else np.float32
     return P.unroll_schema(
         ctx.cfg.algo.unroll_length,
@@ -100,7 +103,7 @@ def _schema(ctx: RunContext, observation_space, action_space) -> P.Schema:
 class UnrollActor:
     """Steps a vector env with the behaviour policy and fills unroll messages."""
 
-    def __init__(self, ctx: RunContext, policy: Impala, budget: int):
+    def __init__(self, ctx: RunContext, policy: AsyncLearner, budget: int):
         self.ctx = ctx
         self.policy = policy
         self.stepper = ctx.make_stepper()
@@ -133,7 +136,8 @@ class UnrollActor:
             if self.delay_s:
                 time.sleep(self.delay_s)  # test-only slow actor (`debug.slow_rank`)
             t0 = time.perf_counter()
-            actions, log_probs = self.policy.act(self.stepper.obs)
+            progress = self.ctx.segment.progress(self.env_steps, self.budget)
+            actions, log_probs = self.policy.act(self.stepper.obs, progress)
             t1 = time.perf_counter()
             batch = self.stepper.step(actions)
             t2 = time.perf_counter()
@@ -195,9 +199,10 @@ class _Stats:
 class UnrollLearner:
     """One learner rank: its actors' unrolls, the batch queue, counters and statistics."""
 
-    def __init__(self, ctx: RunContext, learner: Impala, batch_unrolls: int):
+    def __init__(self, ctx: RunContext, learner: AsyncLearner, batch_unrolls: int):
         self.ctx = ctx
         self.learner = learner
+        self.fields = _FIELDS if learner.MESSAGE == "unroll" else ("gradient",)
         self.batch_unrolls = batch_unrolls
         self.queue: list[dict[str, np.ndarray]] = []
         self.episodes = EpisodeRows()
@@ -245,7 +250,7 @@ class UnrollLearner:
             self.stats.dropped_stale += 1
             return
         self.stats.lags.append(lag)
-        self.queue.append({name: msg[name].copy() for name in _FIELDS})
+        self.queue.append({name: msg[name].copy() for name in self.fields})
 
     def ready(self) -> bool:
         return len(self.queue) >= self.batch_unrolls and not self.stopping
@@ -254,7 +259,7 @@ class UnrollLearner:
         """The oldest `batch_unrolls` unrolls side by side: (T(+1), N, ...) arrays."""
         unrolls = self.queue[: self.batch_unrolls]
         del self.queue[: self.batch_unrolls]
-        return {name: np.concatenate([u[name] for u in unrolls], axis=1) for name in _FIELDS}
+        return {name: np.concatenate([u[name] for u in unrolls], axis=1) for name in self.fields}
 
     def drop_queue(self) -> None:
         self.unrolls_dropped += len(self.queue)
@@ -349,7 +354,10 @@ def run_async_actor_learner(ctx: RunContext) -> LoopResult:
     ctx.start_segment(len(acting), acting)
     rng, _ = ctx.rank_seeds()
     torch.manual_seed(int(rng.integers(2**62)))
-    policy = Impala(cfg.algo, observation_space, action_space)
+    module = importlib.import_module(ALGOS[cfg.run.algo])
+    policy = getattr(module, module.LEARNER)(
+        cfg.algo, observation_space, action_space, cfg.run.num_envs, world, int(rng.integers(2**62))
+    )
     schema = _schema(ctx, observation_space, action_space)
     if world == 1:
         interrupted = _run_embedded(ctx, policy, schema)
@@ -378,7 +386,7 @@ def _actors_of(ctx: RunContext, learner_rank: int) -> list[int]:
     return [a for a in range(k, ctx.world_size) if (a - k) % k == learner_rank]
 
 
-def _resume(ctx: RunContext, learner: Impala, server: UnrollLearner) -> None:
+def _resume(ctx: RunContext, learner: AsyncLearner, server: UnrollLearner) -> None:
     meta = ctx.resume.meta
     learner.load_shared(ctx.resume.shared())
     learner.learner_updates = int(meta["learner_updates"])
@@ -430,7 +438,29 @@ def _log(ctx, server: UnrollLearner, group, reporter, metrics: dict, since: floa
     reporter.log(server.env_steps, extra)
 
 
-def _run_learner(ctx: RunContext, group, learner: Impala, schema: P.Schema) -> bool:
+def _message_schema(ctx: RunContext, learner: AsyncLearner, unroll: P.Schema) -> P.Schema:
+    """What actors send: the unroll itself, or the gradient computed on it."""
+    if learner.MESSAGE == "unroll":
+        return unroll
+    rows = ctx.cfg.algo.unroll_length * ctx.cfg.run.num_envs
+    return P.gradient_schema(sum(p.numel() for p in learner.model.parameters()), rows)
+
+
+def _to_gradient_message(policy: AsyncLearner, unroll: Message, out: Message, actor) -> None:
+    """Fill `out` (`gradient_schema`) from a filled unroll: the actor's gradient on it (for
+    a full unroll; an actor's last, partial one is only counted) and its header, timing and
+    episodes. The gradient's time counts as inference."""
+    t0 = time.perf_counter()
+    header = unroll["header"]
+    full = header[P.UNROLL_ROWS] == unroll["rewards"].size
+    out["gradient"][:, 0] = policy.gradient({k: unroll[k] for k in _FIELDS}) if full else 0.0
+    actor.timing[P.TIMING_INFERENCE] += time.perf_counter() - t0
+    for name in ("header", *(f for f in out.schema.fields if f.startswith("episode_"))):
+        out[name][...] = unroll[name]
+    out["timing"][:] = actor.timing
+
+
+def _run_learner(ctx: RunContext, group, learner: AsyncLearner, schema: P.Schema) -> bool:
     comm, cfg, watchdog = ctx.comm, ctx.cfg, ctx.watchdog_s
     k = group.Get_size()
     server = UnrollLearner(ctx, learner, cfg.algo.batch_size // k)
@@ -440,14 +470,14 @@ def _run_learner(ctx: RunContext, group, learner: Impala, schema: P.Schema) -> b
     total = ctx.segment.total_env_steps
     actors = _actors_of(ctx, ctx.rank)
     n = len(actors)
+    schema = _message_schema(ctx, learner, schema)
     inbox = [[schema.allocate(), schema.allocate()] for _ in actors]
     receives = [
         comm.Irecv(inbox[i][s].buffer, source=a, tag=Tag.EXPERIENCE)
         for i, a in enumerate(actors)
         for s in range(2)
     ]
-    n_params = sum(p.numel() for p in learner.model.parameters())
-    outbox = [P.parameters_schema(n_params).allocate() for _ in actors]
+    outbox = [P.parameters_schema(learner.published().size).allocate() for _ in actors]
     sends: list[MPI.Request | None] = [None] * n
     finished: set[int] = set()
     told: set[int] = set()  # told to stop
@@ -455,8 +485,7 @@ def _run_learner(ctx: RunContext, group, learner: Impala, schema: P.Schema) -> b
     stop_seen = [False]
 
     def publish(i: int, final: bool = False) -> None:
-        flat = torch.nn.utils.parameters_to_vector(learner.model.parameters())
-        outbox[i]["parameters"][:] = flat.detach().cpu().numpy()
+        outbox[i]["parameters"][:] = learner.published()
         header = outbox[i]["header"]
         header[P.PARAMS_VERSION] = server.policy_version
         header[P.PARAMS_FINAL] = int(final)
@@ -579,19 +608,16 @@ def _run_learner(ctx: RunContext, group, learner: Impala, schema: P.Schema) -> b
     return server.stopping and server.env_steps < total
 
 
-def _run_actor(ctx: RunContext, policy: Impala, schema: P.Schema) -> bool:
+def _run_actor(ctx: RunContext, policy: AsyncLearner, schema: P.Schema) -> bool:
     comm, watchdog = ctx.comm, ctx.watchdog_s
     k = ctx.cfg.algo.learner_ranks
     learner_rank = (ctx.rank - k) % k
     actor = UnrollActor(ctx, policy, ctx.segment.budgets()[ctx.rank - k])
-    params = list(policy.model.parameters())
-    n_params = sum(p.numel() for p in params)
-    snapshot = P.parameters_schema(n_params).allocate()
+    snapshot = P.parameters_schema(policy.published().size).allocate()
     state = {"version": 0}
 
     def load() -> None:
-        flat = torch.from_numpy(snapshot["parameters"])
-        torch.nn.utils.vector_to_parameters(flat, params)
+        policy.load_published(snapshot["parameters"])
         state["version"] = int(snapshot["header"][P.PARAMS_VERSION])
         actor.stop = actor.stop or bool(snapshot["header"][P.PARAMS_STOP])
 
@@ -610,7 +636,10 @@ def _run_actor(ctx: RunContext, policy: Impala, schema: P.Schema) -> bool:
         actor.stop = actor.stop or ctx.stop_requested()
         return state["version"]
 
-    buffers = [schema.allocate(), schema.allocate()]
+    unroll = schema.allocate()
+    gradients = policy.MESSAGE == "gradient"
+    message = _message_schema(ctx, policy, schema)
+    buffers = [message.allocate(), message.allocate()]
     sends: list[MPI.Request | None] = [None, None]
     slot = 0
     while True:
@@ -618,7 +647,11 @@ def _run_actor(ctx: RunContext, policy: Impala, schema: P.Schema) -> bool:
             t0 = time.perf_counter()
             wait_all([sends[slot]], comm, f"rank {learner_rank} to take an unroll", watchdog)
             actor.timing[P.TIMING_SEND_WAIT] += time.perf_counter() - t0
-        actor.fill(buffers[slot], poll)
+        if gradients:
+            actor.fill(unroll, poll)
+            _to_gradient_message(policy, unroll, buffers[slot], actor)
+        else:
+            actor.fill(buffers[slot], poll)
         actor.recorder.flush()  # on disk before the learner can count it in a checkpoint
         sends[slot] = comm.Isend(buffers[slot].buffer, dest=learner_rank, tag=Tag.EXPERIENCE)
         slot ^= 1
@@ -634,7 +667,7 @@ def _run_actor(ctx: RunContext, policy: Impala, schema: P.Schema) -> bool:
     return False  # the learners know whether the run was interrupted
 
 
-def _run_embedded(ctx: RunContext, learner: Impala, schema: P.Schema) -> bool:
+def _run_embedded(ctx: RunContext, learner: AsyncLearner, schema: P.Schema) -> bool:
     """One process: the actor acts on the learner's live parameters, one unroll at a
     time, and the learner learns from each batch as it fills (no policy lag)."""
     cfg = ctx.cfg
@@ -647,11 +680,16 @@ def _run_embedded(ctx: RunContext, learner: Impala, schema: P.Schema) -> bool:
     total = ctx.segment.total_env_steps
     interval = cfg.run.checkpoint_interval_env_steps
     next_checkpoint = (server.env_steps // interval + 1) * interval if interval > 0 else None
-    msg = schema.allocate()
+    unroll = schema.allocate()
+    msg = _message_schema(ctx, learner, schema).allocate()
     metrics: dict = {}
     log_since = time.perf_counter()
     while True:
-        actor.fill(msg, lambda: server.policy_version)
+        if learner.MESSAGE == "gradient":
+            actor.fill(unroll, lambda: server.policy_version)
+            _to_gradient_message(learner, unroll, msg, actor)
+        else:
+            actor.fill(msg, lambda: server.policy_version)
         server.consume(msg, 0)
         server.env_steps += server.local_steps
         server.local_steps = 0

@@ -1,7 +1,8 @@
-"""Acceptance of the asynchronous actor-learner layout with IMPALA (issue 5): it learns
+"""Acceptance of the asynchronous actor-learner layout (issue 5): IMPALA and A3C learn
 CartPole-v1 under `mpirun -n 4`, a learner group of 2 keeps bit-identical parameters, a
 slow actor does not slow the others, shutdown leaves no request behind at 2, 4 and 8
-ranks, the policy-lag bound drops stale unrolls, and a SIGUSR1 stop resumes and finishes."""
+ranks (and for every algorithm), the policy-lag bound drops stale unrolls, and a SIGUSR1
+stop resumes and finishes (IMPALA, A3C, async n-step Q)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ from conftest import REPO, run_hpcrl, train_until_interrupted
 pytestmark = pytest.mark.e2e
 
 CONFIG = str(REPO / "configs" / "cartpole-impala.yaml")
+CONFIGS = {
+    algo: str(REPO / "configs" / f"cartpole-{algo.replace('_', '-')}.yaml")
+    for algo in ("impala", "a3c", "async_nstep_q")
+}
 
 
 def _check(result) -> None:
@@ -32,17 +37,19 @@ def _first_solved(returns: np.ndarray, env_steps: np.ndarray) -> int | None:
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(
-    "ranks,learners,batch", [(4, 1, 3), (4, 2, 2)], ids=["1-learner", "2-learners"]
+    "algo,ranks,learners,batch",
+    [("impala", 4, 1, 3), ("impala", 4, 2, 2), ("a3c", 4, 1, 1)],
+    ids=["impala", "impala-2-learners", "a3c"],
 )
-def test_cartpole_learns_and_learners_agree(tmp_path, cli_env, ranks, learners, batch):
-    """The config's learner with 3 actors; a learner group of 2 with an actor each (one
-    unroll per learner and update)."""
+def test_cartpole_learns_and_learners_agree(tmp_path, cli_env, algo, ranks, learners, batch):
+    """The config's learner with 3 actors; for IMPALA also a learner group of 2 with an
+    actor each (one unroll per learner and update)."""
     run_dir = tmp_path / "run"
     result = run_hpcrl(
         cli_env,
         ranks,
         "train",
-        CONFIG,
+        CONFIGS[algo],
         *("--run-dir", str(run_dir), "--set", f"learner_ranks={learners}"),
         *("--set", f"batch_size={batch}", "--set", "eval_episodes=20"),
     )
@@ -66,8 +73,11 @@ def test_cartpole_learns_and_learners_agree(tmp_path, cli_env, ranks, learners, 
     assert solved is not None, f"best mean over 20 episodes: {best:.1f}"
 
 
-@pytest.mark.parametrize("ranks", [2, 4, 8])
-def test_shutdown_with_messages_in_flight_completes_every_request(tmp_path, cli_env, ranks):
+@pytest.mark.parametrize(
+    "algo,ranks",
+    [("impala", 2), ("impala", 4), ("impala", 8), ("a3c", 4), ("async_nstep_q", 3)],
+)
+def test_shutdown_with_messages_in_flight_completes_every_request(tmp_path, cli_env, algo, ranks):
     """Short unrolls published after every update keep messages in flight both ways until
     the end; the run must end cleanly (no pending request at MPI_Finalize, no hang) and
     count exactly its budget."""
@@ -76,7 +86,7 @@ def test_shutdown_with_messages_in_flight_completes_every_request(tmp_path, cli_
         cli_env,
         ranks,
         "train",
-        CONFIG,
+        CONFIGS[algo],
         *("--run-dir", str(run_dir), "--total-env-steps", "6001"),
         *("--set", "unroll_length=2", "--set", "num_envs=2", "--set", "batch_size=1"),
         *("--set", "eval_episodes=0", "--set", "watchdog_s=60"),
@@ -140,9 +150,13 @@ def test_a_slow_actor_does_not_slow_the_others(tmp_path, cli_env):
     assert max(done[1], done[2]) < 0.5 * done[3], done
 
 
-def test_interrupted_run_resumes_and_finishes(tmp_path, cli_env):
+@pytest.mark.parametrize("algo", ["impala", "a3c", "async_nstep_q"])
+def test_interrupted_run_resumes_and_finishes(tmp_path, cli_env, algo):
+    """Stopped by SIGUSR1 after its first log line, resumed with the same world: it
+    continues from the checkpoint (parameters, optimizer, counters), reports the unrolls
+    it lost, and ends at exactly its budget."""
     run_dir = tmp_path / "run"
-    args = (CONFIG, "--run-dir", str(run_dir), "--total-env-steps", "150000")
+    args = (CONFIGS[algo], "--run-dir", str(run_dir), "--total-env-steps", "150000")
     train_until_interrupted(
         cli_env, 4, *args, "--set", "eval_episodes=0", "--set", "log_interval_s=0.5"
     )

@@ -1,0 +1,131 @@
+"""Throughput and actor efficiency of the asynchronous actor-learner layout (IMPALA).
+
+For each world size, runs the real CLI (`mpiexec -n N python -m hpcrl train
+configs/cartpole-impala.yaml`, no evaluation, no trajectories) and reads run.h5:
+
+- env steps/s: the run's env steps / its training wall time (`wall_time_s`);
+- actor efficiency: per actor, (env stepping + policy inference time) / wall time, from the
+  `actor_<rank>/env_frac` and `inference_frac` metrics, averaged over the log rows of the
+  second half of the run and over the actors (the goal of issue 5: >= 0.9 while ranks <=
+  cores);
+- the learner's wait fraction and the mean policy lag.
+
+Next to it, the raw stepping rate of the same vector env (`num_envs` CartPole-v1 copies in a
+gymnasium `SyncVectorEnv`, random actions, one process): the ceiling of one actor.
+
+Usage: python benchmarks/actor_learner.py [--ranks 2,4] [--budget 200000]
+           [--algo impala] [--out benchmarks/actor_learner.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def raw_vector_env_rate(num_envs: int, steps: int = 20_000) -> float:
+    """Env steps/s of `num_envs` CartPole-v1 copies stepped with random actions."""
+    from hpcrl.envs import make_vector_env
+
+    envs = make_vector_env("CartPole-v1", {}, num_envs)
+    envs.reset(seed=0)
+    rng = np.random.default_rng(0)
+    vector_steps = steps // num_envs
+    start = time.perf_counter()
+    for _ in range(vector_steps):
+        envs.step(rng.integers(2, size=num_envs))
+    rate = vector_steps * num_envs / (time.perf_counter() - start)
+    envs.close()
+    return rate
+
+
+def run_one(algo: str, ranks: int, budget: int, root: Path) -> dict:
+    run_dir = root / f"{algo}-n{ranks}"
+    cmd = [
+        str(BIN / "mpiexec"), "-n", str(ranks), sys.executable, "-m", "hpcrl", "train",
+        str(REPO / "configs" / f"cartpole-{algo.replace('_', '-')}.yaml"),
+        "--run-dir", str(run_dir), "--total-env-steps", str(budget),
+        "--set", "eval_episodes=0", "--set", "record_trajectories=false",
+        "--set", "log_interval_s=1",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        m = f["metrics"]
+        rows = len(m["env_steps"])
+        late = slice(rows // 2, rows)
+        actors = sorted(k for k in m if k.startswith("actor_") and k[6:].isdigit())
+        efficiency = [
+            float(np.nanmean(m[a]["env_frac"][late] + m[a]["inference_frac"][late])) for a in actors
+        ]
+        return {
+            "algo": algo,
+            "ranks": ranks,
+            "env_steps": int(m["env_steps"][-1]),
+            "wall_s": round(float(f.attrs["wall_time_s"]), 2),
+            "env_steps_per_s": round(int(m["env_steps"][-1]) / float(f.attrs["wall_time_s"])),
+            "actor_efficiency": round(float(np.mean(efficiency)), 3),
+            "actor_efficiency_each": [round(e, 3) for e in efficiency],
+            "env_frac": round(
+                float(np.mean([np.nanmean(m[a]["env_frac"][late]) for a in actors])), 3
+            ),
+            "send_wait_frac": round(
+                float(np.mean([np.nanmean(m[a]["send_wait_frac"][late]) for a in actors])), 3
+            ),
+            "learner_wait_frac": round(float(np.nanmean(m["learner_wait_frac"][late])), 3),
+            "policy_lag_mean": round(float(np.nanmean(m["policy_lag_mean"][late])), 2),
+            "learner_updates": int(m["learner_updates"][-1]),
+        }
+
+
+def table(raw: float, results: list[dict]) -> str:
+    lines = [
+        f"Raw vector env (8 CartPole-v1 copies, random actions, 1 process): {raw:,.0f} env steps/s",
+        "",
+        "| algo | ranks | actors | env steps/s | ratio to raw | actor efficiency (each) "
+        "| env frac | send wait | learner wait | policy lag |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        each = ", ".join(f"{e:.2f}" for e in r["actor_efficiency_each"])
+        lines.append(
+            f"| {r['algo']} | {r['ranks']} | {r['ranks'] - 1} | {r['env_steps_per_s']:,} | "
+            f"{r['env_steps_per_s'] / raw:.2f} | {r['actor_efficiency']:.2f} ({each}) | "
+            f"{r['env_frac']:.2f} | {r['send_wait_frac']:.3f} | {r['learner_wait_frac']:.2f} | "
+            f"{r['policy_lag_mean']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", default="2,4")
+    parser.add_argument("--budget", type=int, default=200_000)
+    parser.add_argument("--algo", default="impala")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "actor_learner.json"))
+    opts = parser.parse_args()
+    raw = raw_vector_env_rate(8)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="hpcrl-al-") as tmp:
+        for ranks in (int(n) for n in opts.ranks.split(",")):
+            result = run_one(opts.algo, ranks, opts.budget, Path(tmp))
+            print(json.dumps(result), flush=True)
+            results.append(result)
+    Path(opts.out).write_text(json.dumps({"raw_env_steps_per_s": raw, "runs": results}, indent=1))
+    print(table(raw, results))
+
+
+if __name__ == "__main__":
+    main()

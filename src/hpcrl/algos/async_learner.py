@@ -1,0 +1,221 @@
+"""What the asynchronous actor-learner algorithms (IMPALA, A3C, asynchronous Q-learning)
+share: the layout keys and their checks, the optimizer, and the learner interface the loop
+in `hpcrl.topologies.async_actor_learner` calls.
+
+Interface (one object per rank, learners and actors alike; algorithms never see ranks):
+
+    MESSAGE                 "unroll": actors send their experience (IMPALA);
+                            "gradient": actors send a gradient computed on it (A3C, async Q)
+    act(obs, progress)      behaviour actions (B, ...) and their log-probabilities (B,)
+    values(obs)             bootstrap values (B,) of final observations at a time limit
+    gradient(unroll)        (MESSAGE "gradient") the actor's flat gradient for one unroll
+    update(batch, group, progress)   one optimizer step on the learner group's gradient
+    published() / load_published(flat)   the flat float32 vector learners send to actors
+    shared_arrays() / load_shared(arrays) / greedy_actions(obs) / to(device)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hpcrl.errors import ConfigError
+from hpcrl.schedules import set_learning_rate
+from hpcrl.state import load_module_arrays, load_optimizer_arrays, module_arrays, optimizer_arrays
+
+OPTIMIZERS = ("adam", "rmsprop")
+
+
+@dataclass
+class AsyncConfig:
+    """Keys of every actor-learner algorithm. `batch_size` counts actor messages (unrolls
+    or gradients of `unroll_length` × `num_envs` env steps) per update, over the whole
+    learner group."""
+
+    layout: str = "actor_learner"
+    unroll_length: int = 20  # T, vector steps per actor message
+    batch_size: int = 1  # actor messages per learner update, all learner ranks together
+    learner_ranks: int = 1  # learner group size (IMPALA §5.3.1): ranks 0..k-1
+    learning_rate: float = 1e-3
+    anneal_lr: bool = True  # linearly to 0 over the budget
+    optimizer: str = "adam"  # or rmsprop
+    rmsprop_alpha: float = 0.99
+    optimizer_eps: float = 1e-5
+    gamma: float = 0.99
+    max_grad_norm: float = 40.0  # on the learner group's averaged gradient
+    hidden_size: int = 64
+    publish_interval: int = 1  # learner updates between parameter publications
+    max_policy_lag: int = 20  # actor messages older than this many updates are dropped
+
+    def check(self, ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            raise ConfigError(
+                f"config key '{key}': got {getattr(self, key)!r}, expected {expected}"
+            )
+
+    def validate(self) -> None:
+        check = self.check
+        check(self.layout == "actor_learner", "layout", "'actor_learner'")
+        check(self.unroll_length >= 1, "unroll_length", "an integer >= 1")
+        check(self.batch_size >= 1, "batch_size", "an integer >= 1 (actor messages per update)")
+        check(self.learner_ranks >= 1, "learner_ranks", "an integer >= 1")
+        check(self.learning_rate > 0, "learning_rate", "a number > 0")
+        check(self.optimizer in OPTIMIZERS, "optimizer", f"one of {list(OPTIMIZERS)}")
+        check(0.0 <= self.rmsprop_alpha < 1.0, "rmsprop_alpha", "a decay in [0, 1)")
+        check(self.optimizer_eps > 0, "optimizer_eps", "a number > 0")
+        check(0.0 <= self.gamma <= 1.0, "gamma", "a discount γ in [0, 1]")
+        check(self.max_grad_norm > 0, "max_grad_norm", "a number > 0")
+        check(self.hidden_size >= 1, "hidden_size", "an integer >= 1")
+        check(self.publish_interval >= 1, "publish_interval", "an integer >= 1")
+        check(self.max_policy_lag >= 0, "max_policy_lag", "an integer >= 0 (learner updates)")
+
+    def rollout_steps(self, world_size: int, num_envs: int) -> int:
+        """Vector steps per actor message (T), after checking the layout fits the world.
+
+        Raises:
+            ConfigError: `learner_ranks` leaves no actor, or `batch_size` does not split
+                over the learner ranks.
+        """
+        k = self.learner_ranks
+        if world_size > 1 and k >= world_size:
+            raise ConfigError(
+                f"config key 'learner_ranks': got {k}, expected fewer than the world size "
+                f"{world_size} (ranks 0-{k - 1} learn, the others act)"
+            )
+        if world_size == 1 and k != 1:
+            raise ConfigError(
+                f"config key 'learner_ranks': got {k} in a one-process run, expected 1"
+            )
+        if self.batch_size % k:
+            raise ConfigError(
+                f"batch_size {self.batch_size} must split over {k} learner ranks "
+                f"(learner_ranks): {self.batch_size} % {k} = {self.batch_size % k}"
+            )
+        return self.unroll_length
+
+
+class AsyncLearner:
+    """The parts of the interface above every algorithm shares; a subclass sets `model`
+    (and, for Q-learning, more networks) before calling `_make_optimizer`, and implements
+    `_backward(batch)`, which leaves this learner's gradient in `p.grad`."""
+
+    MESSAGE = "unroll"
+    model: torch.nn.Module
+
+    def __init__(self, cfg: AsyncConfig):
+        self.cfg = cfg
+        self.learner_updates = 0
+        self.device = torch.device("cpu")
+
+    def _make_optimizer(self) -> None:
+        cfg, params = self.cfg, self.model.parameters()
+        if cfg.optimizer == "rmsprop":
+            self.optimizer = torch.optim.RMSprop(
+                params, lr=cfg.learning_rate, alpha=cfg.rmsprop_alpha, eps=cfg.optimizer_eps
+            )
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.optimizer_eps)
+
+    def to(self, device: torch.device) -> AsyncLearner:
+        self.device = device
+        self.model.to(device)
+        return self
+
+    def _backward(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def update(self, batch: dict[str, np.ndarray] | None, group, progress: float) -> dict:
+        """One optimizer step on the learner group's averaged gradient.
+
+        Args:
+            batch: this learner's actor messages side by side, or None when it has none
+                this round (it contributes zeros; `group` divides by the learners that had
+                one).
+            group: the learner group's collectives (`average_gradients()`).
+            progress: fraction of the run's budget done, in [0, 1] (annealing).
+
+        Returns:
+            This learner's losses ({} without a batch) and the learning rate.
+        """
+        metrics: dict[str, float] = {}
+        self.optimizer.zero_grad(set_to_none=True)
+        if batch is not None:
+            metrics = self._backward(batch)
+        group.average_gradients()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        metrics["learning_rate"] = set_learning_rate(
+            self.optimizer, self.cfg.learning_rate, self.cfg.anneal_lr, progress
+        )
+        self.optimizer.step()
+        self.learner_updates += 1
+        self._after_update()
+        return metrics
+
+    def _after_update(self) -> None:
+        """Hook after every optimizer step (Q-learning's target network)."""
+
+    def published(self) -> np.ndarray:
+        """What learners send to actors: the model's parameters, flat float32."""
+        return torch.nn.utils.parameters_to_vector(self.model.parameters()).detach().cpu().numpy()
+
+    def load_published(self, flat: np.ndarray) -> None:
+        """Copy a `published()` vector into the model (the vector's buffer may be reused
+        at once, e.g. by the next posted receive: nothing aliases it)."""
+        copy_into(self.model.parameters(), flat)
+
+    def shared_arrays(self) -> dict[str, np.ndarray]:
+        """What every learner rank holds identically: parameters and optimizer state."""
+        return module_arrays(self.model) | optimizer_arrays(self.optimizer)
+
+    def load_shared(self, arrays: dict[str, np.ndarray]) -> None:
+        load_module_arrays(self.model, arrays)
+        load_optimizer_arrays(self.optimizer, arrays)
+
+    def set_flat_gradient(self, flat: torch.Tensor) -> None:
+        """Put a flat gradient (the order of `model.parameters()`) into every `p.grad`."""
+        offset = 0
+        for p in self.model.parameters():
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.device).clone()
+            offset += n
+
+    def flat_gradient(self) -> np.ndarray:
+        """Every `p.grad` (zeros where None) as one flat float32 vector."""
+        return np.concatenate(
+            [
+                (p.grad if p.grad is not None else torch.zeros_like(p))
+                .detach()
+                .cpu()
+                .reshape(-1)
+                .numpy()
+                for p in self.model.parameters()
+            ]
+        ).astype(np.float32, copy=False)
+
+
+def copy_into(parameters, flat: np.ndarray) -> int:
+    """Copy the first values of `flat` into `parameters` in order (not
+    `vector_to_parameters`, which makes them views of `flat`); returns the values used."""
+    offset = 0
+    with torch.no_grad():
+        for p in parameters:
+            n = p.numel()
+            p.copy_(torch.from_numpy(flat[offset : offset + n]).view_as(p))
+            offset += n
+    return offset
+
+
+def unroll_targets(batch: dict[str, np.ndarray], gamma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-step discounts and rewards of an unroll with time limits folded in: where a
+    time limit cut the episode at step t, rewards[t] += γ·truncation_values[t] and the
+    discount is 0; where it terminated, the discount is 0; elsewhere γ.
+
+    Returns:
+        (discounts, rewards), each (T, N) float32.
+    """
+    truncated = batch["truncated"] != 0
+    discounts = (gamma * (1.0 - batch["terminated"]) * ~truncated).astype(np.float32)
+    rewards = (batch["rewards"] + gamma * truncated * batch["truncation_values"]).astype(np.float32)
+    return discounts, rewards
