@@ -23,7 +23,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[mpich,dev]'
 	touch $(STAMP)
 
-## The default job: tabular Q-learning (parameter server) on FrozenLake8x8, 4 ranks.
+## The default job: IMPALA on CartPole-v1, rank 0 learner and ranks 1-3 actors.
 run: venv
 	$(MPIRUN) -n $(NP) $(PY) -m hpcrl
 

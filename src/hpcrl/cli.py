@@ -1,6 +1,7 @@
 """Command line: argv -> config -> subcommand (train, evaluate, info).
 
-`python -m hpcrl` with no arguments runs the default job (`train` with the defaults).
+`python -m hpcrl` with no arguments runs the default job (`hpcrl.config.DEFAULT_JOB`:
+IMPALA on CartPole-v1).
 """
 
 from __future__ import annotations
@@ -147,15 +148,16 @@ def main(argv: list[str] | None = None) -> int:
         if comm.Get_rank() == 0:
             print(f"hpcrl: error: {usage_error}", file=sys.stderr, flush=True)
         return 2
-    return runner.guarded(lambda: _dispatch(comm, args), comm)
+    return runner.guarded(lambda: _dispatch(comm, args, default_job=not argv), comm)
 
 
-def _dispatch(comm, args: argparse.Namespace) -> int:
+def _dispatch(comm, args: argparse.Namespace, default_job: bool = False) -> int:
     from hpcrl import runner
     from hpcrl.comm.agreement import agree
+    from hpcrl.config import DEFAULT_JOB
 
     if args.command == "train":
-        values = agree(comm, lambda: config_values(args))
+        values = agree(comm, lambda: dict(DEFAULT_JOB) if default_job else config_values(args))
         outcome = runner.train(comm, values, args.run_dir, args.overwrite, args.resume)
         if outcome.result is not None:
             runner.print_json(outcome.result)

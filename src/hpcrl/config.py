@@ -36,6 +36,29 @@ ALGOS: dict[str, str] = {
 }
 
 
+# `python -m hpcrl` with no arguments: IMPALA on CartPole-v1 (rank 0 learner, the other
+# ranks actors). The same values as configs/cartpole-impala.yaml, which explains them
+# (a test keeps the two equal).
+DEFAULT_JOB: dict = {
+    "algo": "impala",
+    "env_id": "CartPole-v1",
+    "total_env_steps": 300_000,
+    "num_envs": 8,
+    "unroll_length": 10,
+    "batch_size": 3,
+    "learner_ranks": 1,
+    "learning_rate": 0.002,
+    "anneal_lr": True,
+    "max_grad_norm": 0.5,
+    "gamma": 0.99,
+    "ent_coef": 0.01,
+    "vf_coef": 0.5,
+    "max_policy_lag": 20,
+    "eval_episodes": 100,
+    "record_trajectories": True,
+}
+
+
 @dataclass
 class DebugConfig:
     """Test-only fault injection."""
