@@ -72,9 +72,7 @@ def main():
         print("| world | layout | checkpoints | train s (min of repeats) | s per checkpoint |")
         print("|---|---|---|---|---|")
         for n, layout in ((4, "allreduce"), (None, "ps")):
-            base = min(
-                train_seconds(n, layout, root / f"b{n}{i}", 0) for i in range(opts.repeats)
-            )
+            base = min(train_seconds(n, layout, root / f"b{n}{i}", 0) for i in range(opts.repeats))
             timed = min(
                 train_seconds(n, layout, root / f"c{n}{i}", EVERY) for i in range(opts.repeats)
             )

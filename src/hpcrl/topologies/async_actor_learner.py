@@ -526,6 +526,7 @@ def _run_learner(ctx: RunContext, group, learner: AsyncLearner, schema: P.Schema
     metrics: dict = {}
     log_since = time.perf_counter()
     flags = np.zeros(6, dtype=np.float64)
+    group_ops = _Group(group, learner.model, watchdog)
     backoff = Backoff()
     while True:
         # Wait, serving, until this learner has something for a round.
@@ -578,7 +579,6 @@ def _run_learner(ctx: RunContext, group, learner: AsyncLearner, schema: P.Schema
                 if i not in finished and i not in told:
                     stale_publish.add(i)
         elif flags[_HAS_BATCH] > 0:
-            group_ops = _Group(group, learner.model, watchdog)
             group_ops.contributors = int(flags[_HAS_BATCH])
             metrics = learner.update(batch, group_ops, min(1.0, server.env_steps / total))
             server.stats.updates += 1
