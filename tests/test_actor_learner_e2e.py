@@ -65,12 +65,12 @@ def test_default_job_is_impala_and_learns_cartpole(tmp_path, cli_env):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(
     "algo,ranks,learners,batch",
-    [("impala", 4, 2, 2), ("a3c", 4, 1, 1)],
-    ids=["impala-2-learners", "a3c"],
+    [("impala", 4, 2, 2), ("a3c", 4, 1, 1), ("async_nstep_q", 4, 1, 1)],
+    ids=["impala-2-learners", "a3c", "async-nstep-q"],
 )
 def test_cartpole_learns_and_learners_agree(tmp_path, cli_env, algo, ranks, learners, batch):
-    """The config's learner with 3 actors; for IMPALA also a learner group of 2 with an
-    actor each (one unroll per learner and update)."""
+    """The config's learner with 3 actors; for IMPALA a learner group of 2 with an actor
+    each (one unroll per learner and update)."""
     run_dir = tmp_path / "run"
     result = run_hpcrl(
         cli_env,
