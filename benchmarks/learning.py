@@ -7,8 +7,8 @@ since the start of training) at which the mean return of the last 20 episodes fi
 reaches 475, and the mean return of the final 20 episodes.
 
 The global batch is the config's at every world size; `num_envs` per rank is
-`global_envs / world_size` (PPO 8, A2C 8, DQN: 1 per rank, its batch is in samples), so the
-global batch, the rollout length and the hyperparameters are the same at 1, 2 and 4 ranks.
+`global_envs / world_size` (PPO 8, A2C 8, DQN 4), so the global batch, the rollout length,
+DQN's update schedule and the hyperparameters are the same at 1, 2 and 4 ranks.
 Sample efficiency at N ranks = median steps to 475 at 1 rank / median at N ranks.
 
 Usage: python benchmarks/learning.py [--algos ppo,a2c,dqn] [--ranks 1,2,4] [--seeds 5]
@@ -33,14 +33,14 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-GLOBAL_ENVS = {"ppo": 8, "a2c": 8}  # env copies over all ranks; DQN: 1 per rank
+GLOBAL_ENVS = {"ppo": 8, "a2c": 8, "dqn": 4}  # env copies over all ranks
 TARGET = 475.0
 WINDOW = 20
 
 
 def run_one(algo: str, ranks: int, seed: int, budget: int, root: Path) -> dict:
     run_dir = root / f"{algo}-n{ranks}-s{seed}"
-    num_envs = GLOBAL_ENVS[algo] // ranks if algo in GLOBAL_ENVS else 1
+    num_envs = GLOBAL_ENVS[algo] // ranks
     cmd = [
         sys.executable, "-m", "hpcrl", "train", str(REPO / "configs" / f"cartpole-{algo}.yaml"),
         "--run-dir", str(run_dir), "--seed", str(seed),
