@@ -74,6 +74,16 @@ def mpi_tmp_path(tmp_path):
     return Path(MPI.COMM_WORLD.bcast(str(tmp_path), root=0))
 
 
+def env_spaces(env_id: str = "CartPole-v1") -> tuple:
+    """(observation_space, action_space) of a gymnasium env."""
+    import gymnasium as gym
+
+    env = gym.make(env_id)
+    spaces = env.observation_space, env.action_space
+    env.close()
+    return spaces
+
+
 def hpcrl_command(n: int | None, *args: str) -> list[str]:
     """`mpiexec -n N python -m hpcrl ARGS` with the venv's launcher (n=None: no launcher)."""
     base = [sys.executable, "-m", "hpcrl", *args]

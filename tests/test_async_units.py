@@ -8,23 +8,16 @@ from __future__ import annotations
 
 import copy
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 
+from conftest import env_spaces
 from hpcrl.algos import a3c, async_nstep_q, async_q
 from hpcrl.algos.async_learner import unroll_targets
 from hpcrl.errors import ConfigError, UserError
 
 T, B, GAMMA = 5, 3, 0.9
-
-
-def _spaces(env_id: str = "CartPole-v1"):
-    env = gym.make(env_id)
-    spaces = env.observation_space, env.action_space
-    env.close()
-    return spaces
 
 
 class NoGroup:
@@ -70,7 +63,7 @@ def _returns(u, bootstrap: np.ndarray) -> np.ndarray:
 
 def _a3c(seed: int = 0) -> a3c.A3C:
     torch.manual_seed(seed)
-    return a3c.A3C(a3c.Config(gamma=GAMMA, hidden_size=16), *_spaces())
+    return a3c.A3C(a3c.Config(gamma=GAMMA, hidden_size=16), *env_spaces())
 
 
 def test_a3c_loss_is_the_n_step_actor_critic_loss():
@@ -118,7 +111,7 @@ def test_async_q_loss_is_huber_on_target_network_targets(n_step):
     torch.manual_seed(0)
     kw = {"gamma": GAMMA, "hidden_size": 16}
     cfg = async_nstep_q.Config(**kw) if n_step else async_q.Config(n_step=False, **kw)
-    learner, u = async_q.AsyncQ(cfg, *_spaces()), _unroll()
+    learner, u = async_q.AsyncQ(cfg, *env_spaces()), _unroll()
     with torch.no_grad():
         for p in learner.target.parameters():
             p.add_(torch.randn_like(p))
@@ -152,7 +145,7 @@ def test_async_q_loss_is_huber_on_target_network_targets(n_step):
 
 def _q(seed: int = 0, **kw) -> async_q.AsyncQ:
     torch.manual_seed(seed)
-    return async_q.AsyncQ(async_q.Config(hidden_size=8, **kw), *_spaces(), seed=seed)
+    return async_q.AsyncQ(async_q.Config(hidden_size=8, **kw), *env_spaces(), seed=seed)
 
 
 def _flat(module: torch.nn.Module) -> np.ndarray:
@@ -213,7 +206,7 @@ def test_shared_arrays_round_trip_includes_the_target():
 def test_final_epsilons_are_drawn_with_the_papers_frequencies(monkeypatch):
     # a one-weight network: building 2000 real ones takes a minute and draws no ε
     monkeypatch.setattr(async_q, "QNetwork", lambda *args, **kw: torch.nn.Linear(1, 1))
-    space = _spaces()
+    space = env_spaces()
     cfg = async_q.Config(hidden_size=2)
     finals = np.array([async_q.AsyncQ(cfg, *space, seed=s).epsilon(1.0) for s in range(2000)])
     assert set(np.unique(finals)) == {0.1, 0.01, 0.5}
@@ -253,8 +246,8 @@ def test_async_q_config_validation_names_the_key(key, value):
 
 def test_async_q_needs_discrete_actions_and_a3c_defaults_are_the_papers():
     with pytest.raises(UserError, match="Discrete"):
-        async_q.Config().check_spaces(*_spaces("Pendulum-v1"))
-    async_q.Config().check_spaces(*_spaces())
+        async_q.Config().check_spaces(*env_spaces("Pendulum-v1"))
+    async_q.Config().check_spaces(*env_spaces())
     cfg = a3c.Config()
     assert cfg.unroll_length == 5 and cfg.optimizer == "rmsprop"
     assert isinstance(_a3c().optimizer, torch.optim.RMSprop)
@@ -278,7 +271,7 @@ def test_unroll_targets_cut_at_episode_ends_and_fold_truncation_values():
 def test_load_published_copies_out_of_the_buffer(algo):
     """Actors load parameters from a receive buffer and post the next receive into it at
     once: the model must own its values, not view the buffer."""
-    obs_space, act_space = _spaces()
+    obs_space, act_space = env_spaces()
     module = {"a3c": a3c, "async_q": async_q}[algo]
     learner_cls = getattr(module, module.LEARNER)
     source, actor = (learner_cls(module.Config(hidden_size=8), obs_space, act_space) for _ in "ab")

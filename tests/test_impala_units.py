@@ -8,12 +8,12 @@ from __future__ import annotations
 import re
 import types
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 from mpi4py import MPI
 
+from conftest import env_spaces
 from hpcrl.algos.impala import Config, Impala
 from hpcrl.comm import protocol as P
 from hpcrl.config import build_config
@@ -22,13 +22,6 @@ from hpcrl.returns import n_step_returns
 from hpcrl.topologies.async_actor_learner import UnrollLearner, _Group, _metrics, _schema
 
 T, B = 3, 2  # the UnrollLearner tests' unroll: vector steps, env copies
-
-
-def _spaces(env_id: str = "CartPole-v1"):
-    env = gym.make(env_id)
-    spaces = env.observation_space, env.action_space
-    env.close()
-    return spaces
 
 
 class NoGroup:
@@ -115,7 +108,7 @@ def test_on_policy_loss_is_the_n_step_return_regression():
     policy-gradient advantages are G - V."""
     torch.manual_seed(0)
     cfg = Config(gamma=0.9, hidden_size=16)
-    learner = Impala(cfg, *_spaces())
+    learner = Impala(cfg, *env_spaces())
     batch = _on_policy_batch(learner)
     T, N = batch["rewards"].shape
     loss, metrics = learner.loss(batch)
@@ -149,7 +142,7 @@ def test_on_policy_loss_is_the_n_step_return_regression():
 
 def test_update_steps_the_optimizer_and_anneals_the_learning_rate():
     torch.manual_seed(0)
-    learner = Impala(Config(hidden_size=16, learning_rate=1e-3), *_spaces())
+    learner = Impala(Config(hidden_size=16, learning_rate=1e-3), *env_spaces())
     before = [p.detach().clone() for p in learner.model.parameters()]
     group = NoGroup()
     metrics = learner.update(_on_policy_batch(learner), group, progress=0.25)
@@ -165,7 +158,7 @@ def test_update_without_a_batch_on_a_fresh_learner_moves_nothing(group_kind):
     """A learner with no batch still steps (the group's gradient; here nothing or, through
     the real `_Group` of one rank, zeros), and a fresh Adam does not move on zeros."""
     torch.manual_seed(0)
-    learner = Impala(Config(hidden_size=16), *_spaces())
+    learner = Impala(Config(hidden_size=16), *env_spaces())
     before = [p.detach().clone() for p in learner.model.parameters()]
     group = NoGroup() if group_kind == "stub" else _Group(MPI.COMM_WORLD, learner.model, 10.0)
     assert learner.update(None, group, progress=0.0) == {"learning_rate": 1e-3}
@@ -189,7 +182,7 @@ def _server(batch_unrolls: int = 2, max_policy_lag: int = 2, record: bool = True
         }
     )
     ctx = types.SimpleNamespace(cfg=cfg, world_size=4)
-    return UnrollLearner(ctx, Impala(cfg.algo, *_spaces()), batch_unrolls), ctx
+    return UnrollLearner(ctx, Impala(cfg.algo, *env_spaces()), batch_unrolls), ctx
 
 
 def _fill(msg: P.Message, marker: float, version: int, rows: int = T * B, actor_steps=None):
@@ -207,7 +200,7 @@ def _fill(msg: P.Message, marker: float, version: int, rows: int = T * B, actor_
 
 def test_unroll_learner_queues_counts_and_drops():
     server, ctx = _server(max_policy_lag=2)
-    msg = _schema(ctx, *_spaces()).allocate()
+    msg = _schema(ctx, *env_spaces()).allocate()
     server.learner.learner_updates = 5
     server.consume(_fill(msg, 1.0, version=3), 2)  # lag 2: the bound, kept
     assert len(server.queue) == 1 and server.stats.lags == [2]
@@ -228,7 +221,7 @@ def test_unroll_learner_queues_counts_and_drops():
 
 def test_unroll_learner_stamps_episodes_with_learner_env_steps():
     server, ctx = _server(record=False)
-    msg = _schema(ctx, *_spaces()).allocate()
+    msg = _schema(ctx, *env_spaces()).allocate()
     server.env_steps, server.local_steps = 100, 6
     _fill(msg, 0.0, version=0, actor_steps=50)  # this unroll: the actor's steps 44..50
     msg["header"][P.UNROLL_EPISODES] = 2
@@ -246,7 +239,7 @@ def test_unroll_learner_stamps_episodes_with_learner_env_steps():
 
 def test_take_batch_is_the_oldest_unrolls_side_by_side():
     server, ctx = _server(batch_unrolls=2)
-    msg = _schema(ctx, *_spaces()).allocate()  # one buffer, reused as the receives do
+    msg = _schema(ctx, *env_spaces()).allocate()  # one buffer, reused as the receives do
     for k in range(3):
         server.consume(_fill(msg, float(k), version=0), 1)
         assert server.ready() == (k >= 1), k  # two unrolls make a batch
@@ -315,10 +308,12 @@ def test_parameters_schema():
         ("Pendulum-v1", (3,), np.float32, (1,), np.float32),
     ],
 )
-def test_unroll_schema_follows_the_spaces(env_id, obs_shape, obs_dtype, action_shape, action_dtype):
+def test_unroll_schema_follows_the_env_spaces(
+    env_id, obs_shape, obs_dtype, action_shape, action_dtype
+):
     cfg = build_config({"algo": "impala", "num_envs": 1, "unroll_length": 3})
     ctx = types.SimpleNamespace(cfg=cfg)
-    schema = _schema(ctx, *_spaces(env_id))
+    schema = _schema(ctx, *env_spaces(env_id))
     msg = schema.allocate()
     assert msg["obs"].shape == (4, 1, *obs_shape) and msg["obs"].dtype == obs_dtype
     assert msg["actions"].shape == (3, 1, *action_shape) and msg["actions"].dtype == action_dtype

@@ -85,16 +85,3 @@ class A3C(ActorCriticAsync):
             "losses/value": v_loss.item(),
             "losses/entropy": entropy_mean.item(),
         }
-
-    def gradient(self, unroll: dict[str, np.ndarray]) -> np.ndarray:
-        """The actor's gradient of `loss` on its own parameters, flat float32 (the order of
-        `model.parameters()`)."""
-        self.model.zero_grad(set_to_none=True)
-        loss, _ = self.loss(unroll)
-        loss.backward()
-        return self.flat_gradient()
-
-    def _backward(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
-        """The mean of the batch's actor gradients ((n_parameters, N)) into `p.grad`."""
-        self.set_flat_gradient(torch.from_numpy(batch["gradient"].mean(axis=1)))
-        return {}

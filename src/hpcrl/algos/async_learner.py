@@ -123,8 +123,23 @@ class AsyncLearner:
         self.model.to(device)
         return self
 
-    def _backward(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
+    def loss(self, unroll: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The algorithm's scalar loss (with gradients) of an unroll, and its parts."""
         raise NotImplementedError
+
+    def gradient(self, unroll: dict[str, np.ndarray]) -> np.ndarray:
+        """(MESSAGE "gradient") An actor's gradient of `loss` on its own parameters, flat
+        float32 in the order of `model.parameters()`."""
+        self.model.zero_grad(set_to_none=True)
+        loss, _ = self.loss(unroll)
+        loss.backward()
+        return self.flat_gradient()
+
+    def _backward(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
+        """This learner's gradient into `p.grad`: by default (MESSAGE "gradient") the mean
+        of the batch's actor gradients ((n_parameters, N))."""
+        self.set_flat_gradient(torch.from_numpy(batch["gradient"].mean(axis=1)))
+        return {}
 
     def update(self, batch: dict[str, np.ndarray] | None, group, progress: float) -> dict:
         """One optimizer step on the learner group's averaged gradient.

@@ -34,6 +34,7 @@ from hpcrl.algos.async_learner import AsyncConfig, AsyncLearner, copy_into, unro
 from hpcrl.errors import UserError
 from hpcrl.models import QNetwork
 from hpcrl.schedules import linear_schedule
+from hpcrl.state import load_module_arrays, module_arrays
 
 LEARNER = "AsyncQ"
 FINAL_EPSILONS = (0.1, 0.01, 0.5)  # Mnih et al. 2016, §5.1
@@ -156,17 +157,6 @@ class AsyncQ(AsyncLearner):
         loss = torch.nn.functional.smooth_l1_loss(q, y)
         return loss, {"losses/td": loss.item(), "q_mean": q.mean().item()}
 
-    def gradient(self, unroll: dict[str, np.ndarray]) -> np.ndarray:
-        """The actor's gradient of `loss` on its own θ', flat float32."""
-        self.model.zero_grad(set_to_none=True)
-        loss, _ = self.loss(unroll)
-        loss.backward()
-        return self.flat_gradient()
-
-    def _backward(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
-        self.set_flat_gradient(torch.from_numpy(batch["gradient"].mean(axis=1)))
-        return {}
-
     def _after_update(self) -> None:
         if self.learner_updates % self.cfg.target_update_interval == 0:
             self.target.load_state_dict(self.model.state_dict())
@@ -183,12 +173,8 @@ class AsyncQ(AsyncLearner):
         copy_into(self.target.parameters(), flat[n:])
 
     def shared_arrays(self) -> dict[str, np.ndarray]:
-        from hpcrl.state import module_arrays
-
         return super().shared_arrays() | module_arrays(self.target, "target")
 
     def load_shared(self, arrays: dict[str, np.ndarray]) -> None:
-        from hpcrl.state import load_module_arrays
-
         super().load_shared(arrays)
         load_module_arrays(self.target, arrays, "target")

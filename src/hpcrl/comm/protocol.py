@@ -154,6 +154,26 @@ def gradient_schema(n_parameters: int, rows: int) -> Schema:
     )
 
 
+def write_episodes(
+    msg: Message, start: int, batch, n: int, actor_env_steps: int, wall_time: float
+) -> int:
+    """Append to `msg`'s episode fields, from row `start`, the episodes that ended in one
+    vector step (`hpcrl.envs.StepBatch`) among its first `n` (counted) env copies.
+
+    Returns:
+        The episode count after them.
+    """
+    counted = batch.done_envs < n
+    k = int(counted.sum())
+    if k:
+        e = slice(start, start + k)
+        msg["episode_return"][e] = batch.episode_returns[counted]
+        msg["episode_length"][e] = batch.episode_lengths[counted]
+        msg["episode_actor_env_steps"][e] = actor_env_steps
+        msg["episode_wall_time"][e] = wall_time
+    return start + k
+
+
 def _episode_fields(rows: int) -> list[tuple[str, tuple[int, ...], type]]:
     """Up to `rows` episodes that finished in an actor message."""
     return [

@@ -124,15 +124,9 @@ class TabularActor:
             self.recorder.record(batch, n)
             rows = end
             self.env_steps += n
-            counted = batch.done_envs < n
-            k = int(counted.sum())
-            if k:
-                e = slice(episodes, episodes + k)
-                msg["episode_return"][e] = batch.episode_returns[counted]
-                msg["episode_length"][e] = batch.episode_lengths[counted]
-                msg["episode_actor_env_steps"][e] = self.env_steps
-                msg["episode_wall_time"][e] = self.ctx.elapsed_s()
-                episodes += k
+            episodes = P.write_episodes(
+                msg, episodes, batch, n, self.env_steps, self.ctx.elapsed_s()
+            )
         header = msg["header"]
         header[P.EXP_ROWS] = rows
         header[P.EXP_POLICY_VERSION] = max(policy_version, 0)
@@ -197,16 +191,14 @@ class TabularParameterServer:
             self.env_steps += s.stop - s.start
         if self.ctx.cfg.run.record_trajectories:
             self.traj_rows[rank] = self.traj_rows.get(rank, 0) + rows
-        k = int(header[P.EXP_EPISODES])
-        if k:
-            actor_start = int(header[P.EXP_ACTOR_ENV_STEPS]) - rows
-            self.episodes.add(
-                msg["episode_return"][:k],
-                msg["episode_length"][:k],
-                before + msg["episode_actor_env_steps"][:k] - actor_start,
-                msg["episode_wall_time"][:k],
-                rank,
-            )
+        self.episodes.add_message(
+            msg,
+            int(header[P.EXP_EPISODES]),
+            rows,
+            int(header[P.EXP_ACTOR_ENV_STEPS]),
+            before,
+            rank,
+        )
 
     def tick(self, force: bool = False) -> None:
         """Log and checkpoint when due (by env steps or wall time)."""

@@ -159,15 +159,9 @@ class UnrollActor:
             self.env_steps += n
             rows += n
             steps += 1
-            counted = batch.done_envs < n
-            k = int(counted.sum())
-            if k:
-                e = slice(episodes, episodes + k)
-                msg["episode_return"][e] = batch.episode_returns[counted]
-                msg["episode_length"][e] = batch.episode_lengths[counted]
-                msg["episode_actor_env_steps"][e] = self.env_steps
-                msg["episode_wall_time"][e] = self.ctx.elapsed_s()
-                episodes += k
+            episodes = P.write_episodes(
+                msg, episodes, batch, n, self.env_steps, self.ctx.elapsed_s()
+            )
         msg["obs"][steps] = self.stepper.obs
         header = msg["header"]
         header[P.UNROLL_STEPS] = steps
@@ -229,16 +223,14 @@ class UnrollLearner:
         self.local_steps += rows
         if self.ctx.cfg.run.record_trajectories:
             self.traj_rows[rank] += rows
-        k = int(header[P.UNROLL_EPISODES])
-        if k:
-            actor_start = int(header[P.UNROLL_ACTOR_ENV_STEPS]) - rows
-            self.episodes.add(
-                msg["episode_return"][:k],
-                msg["episode_length"][:k],
-                before + msg["episode_actor_env_steps"][:k] - actor_start,
-                msg["episode_wall_time"][:k],
-                rank,
-            )
+        self.episodes.add_message(
+            msg,
+            int(header[P.UNROLL_EPISODES]),
+            rows,
+            int(header[P.UNROLL_ACTOR_ENV_STEPS]),
+            before,
+            rank,
+        )
         self.stats.timing[rank] = msg["timing"].copy()
         lag = self.policy_version - int(header[P.UNROLL_POLICY_VERSION])
         if rows < T * B:

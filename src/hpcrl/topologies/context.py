@@ -229,6 +229,23 @@ class EpisodeRows:
         rows[:, 4] = rank
         self.chunks.append(rows)
 
+    def add_message(
+        self, msg, episodes: int, rows: int, actor_env_steps: int, before: int, rank: int
+    ) -> None:
+        """The first `episodes` episodes of an actor message (`protocol.write_episodes`),
+        stamped with the run's env steps: `before` (the count before the message's `rows`
+        env steps) plus how far into the message each ended (`actor_env_steps`: the actor's
+        count after it)."""
+        if episodes:
+            actor_start = actor_env_steps - rows
+            self.add(
+                msg["episode_return"][:episodes],
+                msg["episode_length"][:episodes],
+                before + msg["episode_actor_env_steps"][:episodes] - actor_start,
+                msg["episode_wall_time"][:episodes],
+                rank,
+            )
+
     def add_finished(
         self, batch: StepBatch, n: int, env_steps: int, wall_time: float, rank: int
     ) -> None:
