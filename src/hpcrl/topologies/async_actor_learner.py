@@ -1,6 +1,10 @@
-"""Asynchronous actor-learner loop for deep learners (IMPALA): ranks 0..k-1 learn
-(`learner_ranks` k, a learner group), every other rank acts; no actor ever waits for a
-learner.
+"""Asynchronous actor-learner loop for deep learners (IMPALA, A3C, asynchronous one-step
+and n-step Q-learning): ranks 0..k-1 learn (`learner_ranks` k, a learner group), every
+other rank acts; no actor ever waits for a learner. The algorithms plug in through the
+interface of `hpcrl.algos.async_learner`: IMPALA's actors send their unrolls (MESSAGE
+"unroll"); A3C's and Q-learning's send the gradient they computed on the unroll with their
+own copy of the parameters (MESSAGE "gradient", `protocol.gradient_schema`), which makes
+the learner a parameter server.
 
 Actor (rank a >= k, served by learner (a - k) mod k): steps its vector env with the last
 parameters it received, fills an unroll of T vector steps (`hpcrl.comm.protocol.
