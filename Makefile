@@ -10,7 +10,7 @@ NP     ?= 4
 PY     := $(VENV)/bin/python
 MPIRUN := $(VENV)/bin/mpiexec
 STAMP  := $(VENV)/.installed
-TEST_TIMEOUT ?= 1500
+TEST_TIMEOUT ?= 2700
 
 .PHONY: venv run test test-unit test-mpi test-e2e test-slurm lint format bench clean
 
