@@ -140,12 +140,15 @@ class AsyncQ(AsyncLearner):
         obs = torch.as_tensor(unroll["obs"], device=self.device)
         T, B = unroll["rewards"].shape
         discounts, rewards = unroll_targets(unroll, self.cfg.gamma)
+        # One-step targets bootstrap from every next observation, n-step ones only from
+        # the observation after the unroll.
+        nexts = obs[1:] if not self.cfg.n_step else obs[T:]
         with torch.no_grad():
-            next_max = self.target(obs[1:].reshape(T * B, *obs.shape[2:])).max(-1).values
-        next_max = next_max.reshape(T, B).cpu().numpy()
+            next_max = self.target(nexts.reshape(-1, *obs.shape[2:])).max(-1).values
+        next_max = next_max.reshape(len(nexts), B).cpu().numpy()
         if self.cfg.n_step:
             targets = np.empty_like(rewards)
-            future = next_max[-1]
+            future = next_max[0]
             for t in reversed(range(T)):
                 future = rewards[t] + discounts[t] * future
                 targets[t] = future

@@ -57,9 +57,7 @@ from hpcrl.comm.gradients import FlatGradients, broadcast_parameters, parameters
 from hpcrl.comm.protocol import Message, Tag
 from hpcrl.comm.waits import Backoff, WatchdogTimeout, allreduce_sum, gather_rows, wait_all
 from hpcrl.config import ALGOS
-from hpcrl.envs import make_env
 from hpcrl.models import select_device
-from hpcrl.storage.trajectories import space_fields
 from hpcrl.topologies.context import (
     EpisodeRows,
     LoopResult,
@@ -81,14 +79,6 @@ _FIELDS = (
     "truncated",
     "truncation_values",
 )
-
-
-def _spaces(ctx: RunContext):
-    run = ctx.cfg.run
-    probe = make_env(run.env_id, run.env_kwargs, **run.env_options())
-    spaces = probe.observation_space, probe.action_space
-    probe.close()
-    return spaces
 
 
 def _schema(ctx: RunContext, observation_space, action_space) -> P.Schema:
@@ -342,8 +332,7 @@ def run_async_actor_learner(ctx: RunContext) -> LoopResult:
     `LoopResult.learner` (broadcast from rank 0 at the end, for the evaluation)."""
     cfg = ctx.cfg
     torch.set_num_threads(cfg.run.torch_threads)
-    observation_space, action_space = _spaces(ctx)
-    ctx.traj_fields = space_fields(observation_space, action_space)
+    observation_space, action_space = ctx.probe_spaces()
     k = cfg.algo.learner_ranks
     world = ctx.world_size
     acting = range(1) if world == 1 else range(k, world)

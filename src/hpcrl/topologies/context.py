@@ -34,13 +34,13 @@ from mpi4py import MPI
 
 from hpcrl.comm.waits import bcast, gather_rows
 from hpcrl.config import Config
-from hpcrl.envs import EnvStepper, StepBatch, make_vector_env
+from hpcrl.envs import EnvStepper, StepBatch, make_env, make_vector_env
 from hpcrl.evaluation import greedy_episode_returns, policy_episode_returns
 from hpcrl.progress import Progress
 from hpcrl.state import generator_state, set_generator_state, set_torch_rng_state, torch_rng_state
 from hpcrl.storage.checkpoints import read_group, read_shared, write_checkpoint
 from hpcrl.storage.runfile import EPISODE_FIELDS, RunFile
-from hpcrl.storage.trajectories import TrajectoryWriter, tabular_fields
+from hpcrl.storage.trajectories import TrajectoryWriter, space_fields, tabular_fields
 
 
 @dataclass(frozen=True)
@@ -183,6 +183,16 @@ class RunContext:
     def checkpoint_due_by_time(self) -> bool:
         interval = self.cfg.run.checkpoint_interval_s
         return interval > 0 and time.perf_counter() - self.last_checkpoint_time >= interval
+
+    def probe_spaces(self) -> tuple:
+        """The env's (observation_space, action_space), from one probe env; also sets
+        `traj_fields` to the trajectory datasets those spaces give (deep learners)."""
+        run = self.cfg.run
+        probe = make_env(run.env_id, run.env_kwargs, **run.env_options())
+        spaces = probe.observation_space, probe.action_space
+        probe.close()
+        self.traj_fields = space_fields(*spaces)
+        return spaces
 
     def make_stepper(self) -> EnvStepper:
         run = self.cfg.run

@@ -36,9 +36,7 @@ from hpcrl.comm.gradients import (
 from hpcrl.comm.straggler import StragglerCutoff
 from hpcrl.comm.waits import allreduce_sum, gather_rows
 from hpcrl.config import ALGOS
-from hpcrl.envs import make_env
 from hpcrl.models import select_device
-from hpcrl.storage.trajectories import space_fields
 from hpcrl.topologies.context import (
     EpisodeRows,
     LoopResult,
@@ -93,9 +91,7 @@ def run_gradient_allreduce(ctx: RunContext) -> LoopResult:
     comm, cfg, watchdog = ctx.comm, ctx.cfg, ctx.watchdog_s
     num_envs, world = cfg.run.num_envs, ctx.world_size
     torch.set_num_threads(cfg.run.torch_threads)
-    probe = make_env(cfg.run.env_id, cfg.run.env_kwargs, **cfg.run.env_options())
-    ctx.traj_fields = space_fields(probe.observation_space, probe.action_space)
-    probe.close()
+    ctx.probe_spaces()  # the trajectory fields
     segment = ctx.start_segment(world, range(world))
     total = segment.total_env_steps
     rng, env_seed = ctx.rank_seeds()
