@@ -330,3 +330,18 @@ def test_unroll_schema_follows_the_env_spaces(
     assert all(end <= nxt for end, nxt in zip(ends, starts, strict=True))  # no overlap
     if env_id == "CartPole-v1":  # 64 + 40 + 64 + 24 + 5 x 16 (12 padded) + 4 x 24
         assert schema.nbytes == 368
+
+
+def test_messages_are_consumed_in_each_actors_send_order():
+    """An actor's two receive slots alternate; when both complete in one `Testsome`, or
+    its later message completes first, they are still consumed in send order (once a
+    final unroll made the learner cancel the other slot before consuming it)."""
+    from hpcrl.topologies.async_actor_learner import _in_send_order
+
+    next_slot = [1, 0]  # actor 0 expects slot 1 next, actor 1 slot 0
+    arrived = {0, 1, 3}  # actor 0: both slots; actor 1: only its later slot
+    assert list(_in_send_order(arrived, next_slot)) == [1, 0]
+    assert arrived == {3} and next_slot == [1, 0]  # actor 1's message waits
+    arrived.add(2)
+    assert list(_in_send_order(arrived, next_slot)) == [2, 3]
+    assert arrived == set() and next_slot == [1, 0]

@@ -468,6 +468,11 @@ def _run_learner(ctx: RunContext, group, learner: AsyncLearner, schema: P.Schema
     told: set[int] = set()  # told to stop
     stale_publish: set[int] = set()  # actors whose latest parameters are not sent yet
     stop_seen = [False]
+    # Completed receives not yet consumed, and each actor's slot whose message comes next:
+    # an actor's messages match its two receives alternately, but may complete in the same
+    # `Testsome` (or out of order); they are consumed in the order they were sent.
+    arrived: set[int] = set()
+    next_slot = [0] * n
 
     def publish(i: int, final: bool = False) -> None:
         outbox[i]["parameters"][:] = learner.published()
@@ -486,7 +491,8 @@ def _run_learner(ctx: RunContext, group, learner: AsyncLearner, schema: P.Schema
             if i not in finished and sends[i].Test():
                 publish(i)
         ready = MPI.Request.Testsome(receives) or []
-        for j in sorted(ready):  # per actor, its two slots complete in send order
+        arrived.update(ready)
+        for j in _in_send_order(arrived, next_slot):
             i, slot = divmod(j, 2)
             msg = inbox[i][slot]
             server.consume(msg, actors[i])
@@ -591,6 +597,18 @@ def _run_learner(ctx: RunContext, group, learner: AsyncLearner, schema: P.Schema
         reporter.close()
     link_trajectories(ctx, 0)
     return server.stopping and server.env_steps < total
+
+
+def _in_send_order(arrived: set[int], next_slot: list[int]):
+    """Yield (and remove from `arrived`) the completed receive indices 2i + slot that are
+    next in actor i's send order, advancing `next_slot[i]`; a message whose predecessor
+    has not completed yet waits in `arrived`."""
+    for i in sorted({j // 2 for j in arrived}):
+        while 2 * i + next_slot[i] in arrived:
+            j = 2 * i + next_slot[i]
+            arrived.discard(j)
+            next_slot[i] ^= 1
+            yield j
 
 
 def _run_actor(ctx: RunContext, policy: AsyncLearner, schema: P.Schema) -> bool:
