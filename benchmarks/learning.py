@@ -17,7 +17,8 @@ The asynchronous algorithms (`impala`, `a3c`, `async_nstep_q`) run their config 
 `eval_return`: their runs differ from launch to launch even with one seed (the order in
 which unrolls reach the learner), so repeated runs measure how reliably they learn.
 
-Usage: python benchmarks/learning.py [--algos ppo,a2c,dqn] [--ranks 1,2,4] [--seeds 5]
+Usage: python benchmarks/learning.py [--algos ppo,a2c,dqn | impala,a3c,async_nstep_q]
+           [--ranks 1,2,4 (async: 4)] [--seeds 5]
            [--first-seed 1 (> 1: add to the runs already in --out)]
            [--budget ENV_STEPS (default: the config's)] [--out benchmarks/learning.json]
 Prints a Markdown table for benchmarks/RESULTS.md and writes every run's figures as JSON.
