@@ -68,13 +68,17 @@ def test_default_job_is_impala_and_learns_cartpole(tmp_path, cli_env):
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(
-    "algo,ranks,learners,batch",
-    [("impala", 4, 2, 2), ("a3c", 4, 1, 1), ("async_nstep_q", 4, 1, 1)],
+    "algo,ranks,learners,batch,num_envs",
+    [("impala", 4, 2, 2, 4), ("a3c", 4, 1, 1, 8), ("async_nstep_q", 4, 1, 1, 8)],
     ids=["impala-2-learners", "a3c", "async-nstep-q"],
 )
-def test_cartpole_learns_and_learners_agree(tmp_path, cli_env, algo, ranks, learners, batch):
+def test_cartpole_learns_and_learners_agree(
+    tmp_path, cli_env, algo, ranks, learners, batch, num_envs
+):
     """The config's learner with 3 actors; for IMPALA a learner group of 2 with an actor
-    each (one unroll per learner and update)."""
+    each, one unroll per learner and update and 4 env copies per actor, so that an update
+    learns from 256 steps as in the config (with 8 copies, 512 per update, the 2-learner
+    run stalled near 200 in CI)."""
     run_dir = tmp_path / "run"
     result = run_hpcrl(
         cli_env,
@@ -82,7 +86,8 @@ def test_cartpole_learns_and_learners_agree(tmp_path, cli_env, algo, ranks, lear
         "train",
         CONFIGS[algo],
         *("--run-dir", str(run_dir), "--set", f"learner_ranks={learners}"),
-        *("--set", f"batch_size={batch}", "--set", "eval_episodes=20"),
+        *("--set", f"batch_size={batch}", "--set", f"num_envs={num_envs}"),
+        *("--set", "eval_episodes=20"),
     )
     _check(result)
     assert "reached a mean return of" in result.stdout, result.stdout[-2000:]
