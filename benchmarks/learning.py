@@ -19,7 +19,7 @@ which unrolls reach the learner), so repeated runs measure how reliably they lea
 
 Usage: python benchmarks/learning.py [--algos ppo,a2c,dqn | impala,a3c,async_nstep_q]
            [--ranks 1,2,4 (async: 4)] [--seeds 5]
-           [--first-seed 1 (> 1: add to the runs already in --out)]
+           [--first-seed 1 (> 1: add to the runs already in --out; other algos' are kept)]
            [--budget ENV_STEPS (default: the config's)] [--out benchmarks/learning.json]
 Prints a Markdown table for benchmarks/RESULTS.md and writes every run's figures as JSON.
 """
@@ -134,8 +134,12 @@ def main() -> None:
                     print(json.dumps(result), flush=True)
                     results.append(result)
     out = Path(opts.out)
-    if opts.first_seed > 1 and out.exists():  # more seeds for the same runs: add them
-        results = json.loads(out.read_text()) + results
+    if out.exists():  # keep the other algorithms' runs, and with --first-seed > 1 these'
+        algos = opts.algos.split(",")
+        kept = [
+            r for r in json.loads(out.read_text()) if opts.first_seed > 1 or r["algo"] not in algos
+        ]
+        results = kept + results
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(table(results))
 

@@ -106,28 +106,35 @@ def test_a3c_gradient_is_the_autograd_gradient_and_backward_takes_the_mean():
     np.testing.assert_allclose(learner.flat_gradient(), G.mean(axis=1), rtol=1e-6)
 
 
+@pytest.mark.parametrize("double_q,scale", [(False, 1.0), (True, 1.0), (True, 0.1)])
 @pytest.mark.parametrize("n_step", [False, True])
-def test_async_q_loss_is_huber_on_target_network_targets(n_step):
+def test_async_q_loss_is_huber_on_target_network_targets(n_step, double_q, scale):
+    """Bootstraps max_a Q(x, a; θ⁻), or with `double_q` Q(x, argmax_a Q(x, a; θ'); θ⁻);
+    `reward_scale` scales r_t and not the truncation values (already Q estimates)."""
     torch.manual_seed(0)
-    kw = {"gamma": GAMMA, "hidden_size": 16}
+    kw = {"gamma": GAMMA, "hidden_size": 16, "double_q": double_q, "reward_scale": scale}
     cfg = async_nstep_q.Config(**kw) if n_step else async_q.Config(n_step=False, **kw)
     learner, u = async_q.AsyncQ(cfg, *env_spaces()), _unroll()
     with torch.no_grad():
-        for p in learner.target.parameters():
-            p.add_(torch.randn_like(p))
+        # θ⁻: θ with the output layer negated, so Q(·; θ⁻) = −Q(·; θ): the two networks'
+        # greedy actions differ everywhere, and so do double and plain targets.
+        target, online = list(learner.target.parameters()), list(learner.model.parameters())
+        for p, q in zip(target[-2:], online[-2:], strict=True):
+            p.copy_(-q)
     obs = torch.as_tensor(u["obs"].reshape(-1, 4))
     with torch.no_grad():
         q_all = learner.model(obs).reshape(T + 1, B, 2).double().numpy()
         q_target = learner.target(obs).reshape(T + 1, B, 2).double().numpy()
 
-    def expected_loss(q_next: np.ndarray) -> float:
-        max_next = q_next.max(-1)
+    def expected_loss(q_next: np.ndarray, q_select: np.ndarray | None = None) -> float:
+        best = (q_next if q_select is None else q_select).argmax(-1)
+        max_next = np.take_along_axis(q_next, best[..., None], -1)[..., 0]
         y = np.zeros((T, B))
         for b in range(B):
             for t in reversed(range(T)):
                 cut = u["terminated"][t, b] or u["truncated"][t, b]
                 g = 0.0 if cut else GAMMA
-                r = u["rewards"][t, b]
+                r = u["rewards"][t, b] * scale
                 if u["truncated"][t, b]:
                     r += GAMMA * u["truncation_values"][t, b]
                 future = max_next[t + 1, b] if not n_step or t == T - 1 else y[t + 1, b]
@@ -137,10 +144,15 @@ def test_async_q_loss_is_huber_on_target_network_targets(n_step):
         return float(np.mean(np.where(d < 1.0, 0.5 * d**2, d - 0.5)))
 
     loss, metrics = learner.loss(u)
-    expected = expected_loss(q_target)
+    expected = expected_loss(q_target, q_all if double_q else None)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     assert metrics["losses/td"] == pytest.approx(expected, rel=1e-5)
     assert abs(expected_loss(q_all) - expected) > 1e-2  # the online network would not do
+    other = expected_loss(q_target, None if double_q else q_all)
+    assert abs(other - expected) > 1e-3  # double and plain targets differ here
+    best = (q_all if double_q else q_target)[T].argmax(-1)  # time-limit bootstraps too
+    bootstrap = np.take_along_axis(q_target[T], best[:, None], -1)[:, 0]
+    np.testing.assert_allclose(learner.values(u["obs"][T]), bootstrap, rtol=1e-5)
 
 
 def _q(seed: int = 0, **kw) -> async_q.AsyncQ:
@@ -236,7 +248,12 @@ def test_epsilon_schedule_and_acting():
 
 @pytest.mark.parametrize(
     "key,value",
-    [("target_update_interval", 0), ("exploration_fraction", 1.5), ("epsilon_end", 2)],
+    [
+        ("target_update_interval", 0),
+        ("exploration_fraction", 1.5),
+        ("epsilon_end", 2),
+        ("reward_scale", 0.0),
+    ],
 )
 def test_async_q_config_validation_names_the_key(key, value):
     async_q.Config().validate()

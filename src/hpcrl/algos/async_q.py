@@ -12,7 +12,12 @@ its `num_envs` env copies and sends the gradient of
     n-step:    y_t = r_t + γ_t y_{t+1} inside the unroll, y_T = max_a Q(x_T, a; θ⁻)
 
 (γ_t = 0 after a terminal step; a time limit bootstraps from max_a Q(final obs; θ⁻)),
-the paper's gradient accumulated over I_AsyncUpdate = `unroll_length` steps. The learner
+the paper's gradient accumulated over I_AsyncUpdate = `unroll_length` steps. Two options
+the paper lacks: `double_q` bootstraps Q(x, argmax_a Q(x, a; θ'); θ⁻) instead of the max
+(van Hasselt et al. 2016, "Deep Reinforcement Learning with Double Q-learning", Eq. 4), and
+`reward_scale` multiplies r_t in the targets (Q then estimates scaled returns; episode
+returns are reported unscaled). On CartPole both kept the greedy policy from falling back
+to one action (benchmarks/RESULTS.md). The learner
 applies it (shared RMSprop by default), holds the target network θ⁻ and copies θ into it
 every `target_update_interval` updates (the paper's I_target, counted in updates here), and
 publishes θ and θ⁻ together. Each actor anneals its own ε from 1 to a final value drawn once
@@ -56,10 +61,13 @@ class Config(AsyncConfig):
     exploration_fraction: float = 0.3  # of each actor's budget, ε annealed from 1
     epsilon_end: float = -1.0  # final ε of every actor; -1: each draws the paper's (§5.1)
     hidden_size: int = 64
+    reward_scale: float = 1.0  # r_t is multiplied by this in the targets
+    double_q: bool = False  # bootstrap Q(x, argmax_a Q(x, a; θ'); θ⁻), not max_a Q(x, a; θ⁻)
 
     def validate(self) -> None:
         super().validate()
         self.check(self.target_update_interval >= 1, "target_update_interval", "an integer >= 1")
+        self.check(self.reward_scale > 0, "reward_scale", "a number > 0")
         self.check(
             0.0 <= self.exploration_fraction <= 1.0,
             "exploration_fraction",
@@ -129,22 +137,30 @@ class AsyncQ(AsyncLearner):
         return q.argmax(-1).cpu().numpy()
 
     def values(self, obs: np.ndarray) -> np.ndarray:
-        """max_a Q(x, a; θ⁻): (B,) float32, the bootstrap of a time-limit cut."""
+        """The bootstrap of a time-limit cut: (B,) float32, max_a Q(x, a; θ⁻), or with
+        `double_q` Q(x, argmax_a Q(x, a; θ'); θ⁻)."""
         with torch.no_grad():
-            q = self.target(torch.as_tensor(obs, device=self.device))
-        return q.max(-1).values.cpu().numpy()
+            return self._bootstrap(torch.as_tensor(obs, device=self.device)).cpu().numpy()
+
+    def _bootstrap(self, obs: torch.Tensor) -> torch.Tensor:
+        """(N,) target-network values of (N, ...) observations, as in `values`."""
+        q_next = self.target(obs)
+        if self.cfg.double_q:
+            return q_next.gather(1, self.model(obs).argmax(-1, keepdim=True)).squeeze(1)
+        return q_next.max(-1).values
 
     def loss(self, unroll: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, float]]:
         """The squared TD error of one unroll against one-step or n-step targets (see the
         module doc); `unroll` as for `hpcrl.algos.a3c.A3C.loss`."""
         obs = torch.as_tensor(unroll["obs"], device=self.device)
         T, B = unroll["rewards"].shape
-        discounts, rewards = unroll_targets(unroll, self.cfg.gamma)
+        scaled = unroll["rewards"] * np.float32(self.cfg.reward_scale)
+        discounts, rewards = unroll_targets(unroll | {"rewards": scaled}, self.cfg.gamma)
         # One-step targets bootstrap from every next observation, n-step ones only from
         # the observation after the unroll.
         nexts = obs[1:] if not self.cfg.n_step else obs[T:]
         with torch.no_grad():
-            next_max = self.target(nexts.reshape(-1, *obs.shape[2:])).max(-1).values
+            next_max = self._bootstrap(nexts.reshape(-1, *obs.shape[2:]))
         next_max = next_max.reshape(len(nexts), B).cpu().numpy()
         if self.cfg.n_step:
             targets = np.empty_like(rewards)
