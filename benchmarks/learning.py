@@ -134,7 +134,7 @@ def main() -> None:
                     print(json.dumps(result), flush=True)
                     results.append(result)
     out = Path(opts.out)
-    if out.exists():  # keep the other algorithms' runs, and with --first-seed > 1 these'
+    if out.exists():  # keep the other algorithms' runs (and with --first-seed > 1 all)
         algos = opts.algos.split(",")
         kept = [
             r for r in json.loads(out.read_text()) if opts.first_seed > 1 or r["algo"] not in algos

@@ -16,10 +16,10 @@ the paper's gradient accumulated over I_AsyncUpdate = `unroll_length` steps. Two
 the paper lacks: `double_q` bootstraps Q(x, argmax_a Q(x, a; θ'); θ⁻) instead of the max
 (van Hasselt et al. 2016, "Deep Reinforcement Learning with Double Q-learning", Eq. 4), and
 `reward_scale` multiplies r_t in the targets (Q then estimates scaled returns; episode
-returns are reported unscaled). On CartPole both kept the greedy policy from falling back
-to one action (benchmarks/RESULTS.md). The learner
-applies it (shared RMSprop by default), holds the target network θ⁻ and copies θ into it
-every `target_update_interval` updates (the paper's I_target, counted in updates here), and
+returns are reported unscaled). On CartPole the two together made the greedy policy's fall
+back to one action rare (benchmarks/RESULTS.md). The learner applies the gradient (shared
+RMSprop by default), holds the target network θ⁻ and copies θ into it every
+`target_update_interval` updates (the paper's I_target, counted in updates here), and
 publishes θ and θ⁻ together. Each actor anneals its own ε from 1 to a final value drawn once
 from {0.1, 0.01, 0.5} with probabilities {0.4, 0.3, 0.3} (the paper's §5.1), or to
 `epsilon_end` when set, over the first `exploration_fraction` of its budget.
@@ -150,7 +150,7 @@ class AsyncQ(AsyncLearner):
         return q_next.max(-1).values
 
     def loss(self, unroll: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, float]]:
-        """The squared TD error of one unroll against one-step or n-step targets (see the
+        """The Huber TD loss of one unroll against one-step or n-step targets (see the
         module doc); `unroll` as for `hpcrl.algos.a3c.A3C.loss`."""
         obs = torch.as_tensor(unroll["obs"], device=self.device)
         T, B = unroll["rewards"].shape
