@@ -37,10 +37,10 @@ def _check(result) -> None:
     assert "pending" not in result.stderr, result.stderr[-4000:]
 
 
-def _first_solved(returns: np.ndarray, env_steps: np.ndarray) -> int | None:
-    windows = np.convolve(returns, np.ones(20) / 20, mode="valid")  # means of 20 episodes
-    reached = np.flatnonzero(windows >= 475)
-    return int(env_steps[reached[0] + 19]) if reached.size else None
+def _best_mean_of_20(returns: np.ndarray) -> float:
+    """The best mean return over 20 consecutive training episodes (what hpcrl compares with
+    the env's reward threshold, 475 for CartPole-v1)."""
+    return float(np.convolve(returns, np.ones(20) / 20, mode="valid").max())
 
 
 @pytest.mark.timeout(600)
@@ -109,7 +109,6 @@ def test_cartpole_learns_and_learners_agree(
             assert f.attrs["status"] == "completed"
             total = int(f["metrics/env_steps"][-1])
             returns = f["episodes/return"][()]
-            env_steps = f["episodes/env_steps"][()]
             ranks_seen = set(f["episodes/rank"][()].tolist())
             digests = f.attrs["parameter_digests"]
             lag_max = f["metrics/policy_lag_max"][()]
@@ -118,10 +117,11 @@ def test_cartpole_learns_and_learners_agree(
         assert ranks_seen == set(range(learners, ranks))  # only actors act
         assert len(digests) == learners and len(set(digests.tolist())) == 1, digests
         assert lag_max.max() <= config["max_policy_lag"]
-        if _first_solved(returns, env_steps) is not None:
+        best = _best_mean_of_20(returns)
+        if best >= 475:
             assert "reached a mean return of" in result.stdout, result.stdout[-2000:]
             return
-        bests.append(np.convolve(returns, np.ones(20) / 20, mode="valid").max())
+        bests.append(best)
     pytest.fail(f"no launch reached 475; best means over 20 episodes: {np.round(bests, 1)}")
 
 
