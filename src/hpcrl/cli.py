@@ -1,4 +1,4 @@
-"""Command line: argv -> config -> subcommand (train, evaluate, info).
+"""Command line: argv -> config -> subcommand (train, evaluate, info, slurm, analyse).
 
 `python -m hpcrl` with no arguments runs the default job (`hpcrl.config.DEFAULT_JOB`:
 IMPALA on CartPole-v1).
@@ -80,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("run_dir", help="a run directory written by `train`")
 
     from hpcrl import slurm
+    from hpcrl.analysis import report
 
     slurm.add_parser(sub)
+    report.add_parser(sub)
     return parser
 
 
@@ -128,13 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         usage_error, args = str(exc), None
 
-    if args is not None and args.command == "slurm":
-        # Renders (and may submit) a job script: no MPI, one process.
+    if usage_error is not None and argv[0] in ("slurm", "analyse"):
+        print(f"hpcrl: error: {usage_error}", file=sys.stderr, flush=True)
+        return 2
+    if args is not None and args.command in ("slurm", "analyse"):
+        # Renders (and may submit) a job script, or reads run files: no MPI, one process.
         from hpcrl import slurm
+        from hpcrl.analysis import report
         from hpcrl.errors import UserError
 
         try:
-            return slurm.run(args)
+            return (slurm.run if args.command == "slurm" else report.run)(args)
         except UserError as exc:
             print(f"hpcrl: error: {exc}", file=sys.stderr, flush=True)
             return exc.exit_code

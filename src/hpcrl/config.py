@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import importlib.util
 import json
 import math
 import re
@@ -97,6 +98,7 @@ class RunConfig:
     checkpoint_interval_s: float = 600.0  # also one every this many seconds (0: none)
     keep_checkpoints: int = 3
     record_trajectories: bool = True
+    tensorboard: bool = False  # rank 0 also writes /metrics and returns to RUN_DIR/tb/
     eval_episodes: int = 1000  # greedy evaluation printed at the end of `train` (0: none)
     watchdog_s: float = 300.0  # a blocking wait longer than this aborts the job
     torch_threads: int = 1
@@ -145,6 +147,11 @@ class RunConfig:
         _check(self.watchdog_s > 0, "watchdog_s", self.watchdog_s, "a number > 0")
         _check(self.torch_threads >= 1, "torch_threads", self.torch_threads, "an integer >= 1")
         _check(self.device in ("cpu", "cuda"), "device", self.device, "'cpu' or 'cuda'")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError(
+                "config key 'tensorboard': true needs the tensorboard package, which is not "
+                "installed: pip install 'hpcrl[analysis]'"
+            )
         self.debug.validate()
 
 
@@ -160,6 +167,7 @@ RESUMABLE_KEYS = frozenset(
         "eval_episodes",
         "watchdog_s",
         "torch_threads",
+        "tensorboard",
         "debug.fail_rank",
         "debug.fail_after_env_steps",
         "debug.slow_rank",
@@ -190,7 +198,7 @@ class Config:
     def flat(self) -> dict:
         """`to_dict()` with nested mappings as dotted keys (`debug.fail_rank`), the form of
         config files and `--set`."""
-        return _flatten(self.to_dict())
+        return flatten(self.to_dict())
 
 
 def resume_conflicts(checkpoint: dict, requested: Config) -> list[str]:
@@ -201,7 +209,7 @@ def resume_conflicts(checkpoint: dict, requested: Config) -> list[str]:
         checkpoint: the checkpoint's config (`Config.to_dict()` output).
         requested: the config built from the checkpoint's values overlaid with the user's.
     """
-    old = _flatten(checkpoint)
+    old = flatten(checkpoint)
     out = []
     for key, value in requested.flat().items():
         if key in RESUMABLE_KEYS or key not in old or old[key] == value:
@@ -247,15 +255,17 @@ def load_yaml(path: str | Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r}: expected a mapping of keys to values")
-    return _flatten(data)
+    return flatten(data)
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
+def flatten(data: dict, prefix: str = "") -> dict:
+    """Nested mappings as dotted keys (`{"debug": {"fail_rank": 2}}` -> `debug.fail_rank`),
+    the form of config files and `--set`; `env_kwargs` stays one dict value."""
     flat = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and name != "env_kwargs":
-            flat.update(_flatten(value, name + "."))
+            flat.update(flatten(value, name + "."))
         else:
             flat[name] = value
     return flat
@@ -366,4 +376,4 @@ def build_config(values: dict[str, Any]) -> Config:
 def config_from_json(text: str) -> Config:
     """Rebuild a `Config` from the JSON stored in `run.h5` (`to_json` output)."""
     data = json.loads(text)
-    return build_config(_flatten(data))
+    return build_config(flatten(data))

@@ -1,21 +1,33 @@
 """`run.h5`: config, status, one row per finished episode, one row per log interval.
 
-Layout (DESIGN.md §4): root attributes `hpcrl_version`, `algo`, `env_id`, `world_size`,
-`config` (JSON), `status`; `/episodes/{return,length,env_steps,wall_time,rank}`;
-`/metrics/<name>`; `/resumes/<field>` (one row per resume, `RESUME_FIELDS`);
-`/trajectories/<field>` virtual datasets over `traj/rank-<k>.h5`. Only rank 0 writes it.
+Layout (format `RUN_FILE_FORMAT`, root attribute `format_version`; README "The run
+directory" has the whole schema): root attributes `hpcrl_version`, `algo`, `env_id`,
+`world_size`, `config` (JSON), `status`; `/episodes/{return,length,env_steps,wall_time,
+rank}`; `/metrics/<name>`, one row per log interval in *every* column (`METRIC_FIELDS` in
+each row, any other key float64 with NaN in the rows logged before it was defined);
+`/resumes/<field>` (one row per resume, `RESUME_FIELDS`); `/trajectories/<field>` virtual
+datasets over `traj/rank-<k>.h5`. Every dataset carries `units` and `description`
+attributes. Only rank 0 writes it.
+
 A resumed run reopens the file and appends: rows written after the checkpoint it resumes
 from (their env steps are taken again) are cut first, and `/resumes` counts them. It is
 flushed at every log interval, so a killed job leaves a file that opens with plain h5py
 and holds everything up to the last flush.
+
+Format 1 (files without `format_version`, hpcrl before 2026-12) created each `/metrics`
+column the first time its key appeared and wrote nothing in rows without it, so a shorter
+column cannot be matched to its rows. `read_metrics` leaves such columns out (and names
+them); `RunFile.reopen` moves them to `/metrics_unaligned/` and continues in format 2.
 """
 
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import h5py
@@ -25,7 +37,12 @@ from hpcrl import __version__
 from hpcrl.errors import UserError
 
 RUN_FILE = "run.h5"
+RUN_FILE_FORMAT = 2  # root attribute `format_version`; a file without it is format 1
 STATUSES = ("running", "completed", "interrupted", "failed")
+RUN_CLOCK = (
+    "training seconds since the run started; a resume continues from its checkpoint's "
+    "count, so time while the job was stopped is not counted"
+)
 EPISODE_FIELDS = {
     "return": np.float64,
     "length": np.int64,
@@ -42,6 +59,45 @@ RESUME_FIELDS = {
     "slurm_job_id": np.int64,  # SLURM_JOB_ID (-1: not under SLURM)
     "episodes_dropped": np.int64,  # /episodes rows after the checkpoint, cut
     "exact": np.int8,  # 1: every rank's RNG and env state restored (bitwise continuation)
+}
+# /metrics columns with their own dtype (Reporter.log writes all five in every row);
+# any other key is float64.
+METRIC_FIELDS = {
+    "env_steps": np.int64,
+    "wall_time": np.float64,
+    "env_steps_per_s": np.float64,
+    "episodes": np.int64,
+    "mean_return_100": np.float64,
+}
+# (units, description) of the datasets, written as their attributes. Metric keys not
+# named here get units "" and a description saying where they come from.
+SCHEMA: dict[str, tuple[str, str]] = {
+    "episodes/return": ("", "undiscounted sum of the episode's rewards"),
+    "episodes/length": ("env steps", "env steps in the episode"),
+    "episodes/env_steps": ("env steps", "global env steps (all acting ranks) when it ended"),
+    "episodes/wall_time": ("s", RUN_CLOCK),
+    "episodes/rank": ("", "the acting rank that ran the episode"),
+    "metrics/env_steps": ("env steps", "global env steps (all acting ranks) at this row"),
+    "metrics/wall_time": ("s", RUN_CLOCK),
+    "metrics/env_steps_per_s": ("env steps/s", "global env-step rate since the previous row"),
+    "metrics/episodes": ("episodes", "finished episodes so far"),
+    "metrics/mean_return_100": ("", "mean return of the last 100 finished episodes"),
+    "metrics/learner_updates": ("updates", "learner updates (optimizer steps) so far"),
+    "metrics/learner_updates_per_s": ("updates/s", "learner updates per second"),
+    "metrics/learning_rate": ("", "the optimizer's learning rate"),
+    "metrics/policy_lag_mean": ("updates", "learner version minus behaviour version, mean"),
+    "metrics/policy_lag_max": ("updates", "learner version minus behaviour version, max"),
+    "metrics/learner_wait_frac": ("fraction", "of the learners' time spent waiting for data"),
+    "metrics/actor_efficiency": ("fraction", "actors' time in env steps or inference, mean"),
+    "metrics/unrolls_dropped_stale": ("unrolls", "dropped for a lag over max_policy_lag"),
+    "resumes/wall_time": ("s", "Unix time of the resume (seconds since 1970-01-01 UTC)"),
+    "resumes/env_steps": ("env steps", "global env steps of the checkpoint resumed from"),
+    "resumes/world_size": ("ranks", "ranks of the resumed job"),
+    "resumes/from_world_size": ("ranks", "ranks that wrote the checkpoint"),
+    "resumes/slurm_restart_count": ("", "SLURM_RESTART_COUNT (-1: not under SLURM)"),
+    "resumes/slurm_job_id": ("", "SLURM_JOB_ID (-1: not under SLURM)"),
+    "resumes/episodes_dropped": ("episodes", "/episodes rows after the checkpoint, cut"),
+    "resumes/exact": ("", "1: every rank's RNG and env state restored (bitwise continuation)"),
 }
 CHUNK_ROWS = 4096
 
@@ -106,9 +162,10 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, dry_run: bool = False)
     """Make `run_dir` ready for a new run, refusing to touch an existing one.
 
     A directory that holds a run (`run.h5`) or files in `traj/` or `checkpoints/` is
-    refused unless `overwrite`; then only those (run.h5, traj/, checkpoints/) are removed
-    and other files in the directory are left alone. `dry_run`: only the checks, nothing
-    removed or created (so later checks can still fail without touching the directory).
+    refused unless `overwrite`; then only those (run.h5, traj/, checkpoints/, and the
+    TensorBoard view tb/) are removed and other files in the directory are left alone.
+    `dry_run`: only the checks, nothing removed or created (so later checks can still fail
+    without touching the directory).
 
     Raises:
         UserError: `run_dir` holds a run and `overwrite` is False, is not a directory, or
@@ -137,7 +194,7 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool, dry_run: bool = False)
                 probe_writable(run_dir)
                 return
             (run_dir / RUN_FILE).unlink(missing_ok=True)
-            for sub in ("traj", "checkpoints"):
+            for sub in ("traj", "checkpoints", "tb"):
                 shutil.rmtree(run_dir / sub, ignore_errors=True)
         if dry_run:
             _probe_creatable(run_dir)
@@ -195,13 +252,16 @@ class RunFile:
         self.path = Path(path)
         self.file = h5py.File(self.path, "x")  # never over another run
         self.file.attrs["hpcrl_version"] = __version__
+        self.file.attrs["format_version"] = RUN_FILE_FORMAT
         for key, value in attrs.items():
             self.file.attrs[key] = value
         self.file.attrs["status"] = "running"
         episodes = self.file.create_group("episodes")
         for name, dtype in EPISODE_FIELDS.items():
-            episodes.create_dataset(
-                name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(CHUNK_ROWS,)
+            _describe(
+                episodes.create_dataset(
+                    name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(CHUNK_ROWS,)
+                )
             )
         self.file.create_group("metrics")
         _require_resumes(self.file)
@@ -236,6 +296,8 @@ class RunFile:
         self.episodes_dropped = have - episodes_rows
         for name in EPISODE_FIELDS:
             episodes[name].resize((episodes_rows,))
+        if int(self.file.attrs.get("format_version", 1)) < RUN_FILE_FORMAT:
+            _upgrade_metrics(self.file)
         for dataset in _datasets(self.file["metrics"]):
             if dataset.shape[0] > metrics_rows:
                 dataset.resize((metrics_rows,))
@@ -250,8 +312,8 @@ class RunFile:
 
     @property
     def metric_rows(self) -> int:
-        lengths = [d.shape[0] for d in _datasets(self.file["metrics"])]
-        return int(max(lengths)) if lengths else 0
+        metrics = self.file["metrics"]
+        return int(metrics["env_steps"].shape[0]) if "env_steps" in metrics else 0
 
     def append_resume(self, **row) -> None:
         """Append one row to `/resumes`; `row` must hold exactly `RESUME_FIELDS`."""
@@ -272,16 +334,36 @@ class RunFile:
             _append(self.file["episodes"][name], np.asarray(values))
 
     def append_metrics(self, row: dict[str, float | int]) -> None:
-        """Append one row to `/metrics` (one dataset per key, created on first use; a key
-        like `losses/value` makes a group)."""
+        """Append one row to `/metrics`: one value in every column, so all columns keep
+        the length of `/metrics/env_steps`. A key seen for the first time makes a column
+        (float64, or the dtype `METRIC_FIELDS` gives it) holding NaN in the earlier rows
+        (a key like `losses/value` makes a group); a float column the row does not mention
+        gets NaN.
+
+        Raises:
+            ValueError: the row lacks `env_steps` or an integer column's key.
+        """
         group = self.file["metrics"]
-        for name, value in row.items():
-            if name not in group:
-                dtype = np.int64 if isinstance(value, (int, np.integer)) else np.float64
-                group.create_dataset(
-                    name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,)
+        rows = self.metric_rows
+        columns = _datasets_by_name(group)
+        missing = [n for n, d in columns.items() if d.dtype.kind in "iu" and n not in row]
+        if "env_steps" not in row or missing:
+            raise ValueError(f"metrics row lacks {sorted(missing) or ['env_steps']}")
+        for name in row:
+            if name not in columns:
+                dtype = METRIC_FIELDS.get(name, np.float64)
+                if rows and dtype != np.float64:
+                    raise ValueError(f"integer metric {name!r} must be in every row")
+                columns[name] = _describe(
+                    group.create_dataset(
+                        name,
+                        data=np.full(rows, np.nan, dtype=dtype) if rows else np.zeros(0, dtype),
+                        maxshape=(None,),
+                        chunks=(1024,),
+                    )
                 )
-            _append(group[name], np.asarray([value]))
+        for name, dataset in columns.items():
+            _append(dataset, np.asarray([row.get(name, math.nan)]))
 
     def set_attrs(self, **attrs) -> None:
         for key, value in attrs.items():
@@ -332,16 +414,53 @@ class RunFile:
 
 def _datasets(group: h5py.Group) -> list[h5py.Dataset]:
     """Every dataset under `group`, at any depth (`/metrics/losses/value` is nested)."""
-    found: list[h5py.Dataset] = []
-    group.visititems(lambda _, obj: found.append(obj) if isinstance(obj, h5py.Dataset) else None)
+    return list(_datasets_by_name(group).values())
+
+
+def _datasets_by_name(group: h5py.Group) -> dict[str, h5py.Dataset]:
+    """{path relative to `group`: dataset} for every dataset under it, at any depth."""
+    found: dict[str, h5py.Dataset] = {}
+    group.visititems(
+        lambda name, obj: found.__setitem__(name, obj) if isinstance(obj, h5py.Dataset) else None
+    )
     return found
+
+
+def _describe(dataset: h5py.Dataset) -> h5py.Dataset:
+    """Set the dataset's `units` and `description` attributes from `SCHEMA`."""
+    key = dataset.name.lstrip("/")
+    units, description = SCHEMA.get(key, ("", f"the {key.split('/', 1)[-1]!r} value logged"))
+    dataset.attrs["units"] = units
+    dataset.attrs["description"] = description
+    return dataset
 
 
 def _require_resumes(f: h5py.File) -> None:
     group = f.require_group("resumes")
     for name, dtype in RESUME_FIELDS.items():
         if name not in group:
-            group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(64,))
+            _describe(
+                group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(64,))
+            )
+
+
+def _upgrade_metrics(f: h5py.File) -> None:
+    """Format 1 -> 2 in place (a resume): columns shorter than `/metrics/env_steps`, whose
+    rows cannot be told, move to `/metrics_unaligned/`; every dataset gets its schema
+    attributes."""
+    metrics = f["metrics"]
+    rows = int(metrics["env_steps"].shape[0]) if "env_steps" in metrics else 0
+    for name, dataset in _datasets_by_name(metrics).items():
+        if dataset.shape[0] != rows:
+            target = f"metrics_unaligned/{name}"
+            f.require_group(target.rsplit("/", 1)[0])
+            f.move(dataset.name, target)
+        else:
+            _describe(dataset)
+    for group in ("episodes", "resumes"):
+        for dataset in _datasets(f[group]):
+            _describe(dataset)
+    f.attrs["format_version"] = RUN_FILE_FORMAT
 
 
 def _append(dataset: h5py.Dataset, values: np.ndarray) -> None:
@@ -350,8 +469,15 @@ def _append(dataset: h5py.Dataset, values: np.ndarray) -> None:
     dataset[n:] = values
 
 
-def open_run(run_dir: str | Path) -> h5py.File:
+def open_run(run_dir: str | Path, live: bool = False) -> h5py.File:
     """Open `run_dir/run.h5` read-only.
+
+    Args:
+        live: open without HDF5's file lock, so a run that is still training (its writer
+            holds the file open) can be read: the reader sees the file as of the writer's
+            last flush (every log interval) and takes no lock the writer needs. A flush
+            that lands while the file is opened can make the open fail once; it is tried
+            again a few times.
 
     Raises:
         UserError: no run file there, or it cannot be read.
@@ -359,10 +485,41 @@ def open_run(run_dir: str | Path) -> h5py.File:
     path = Path(run_dir) / RUN_FILE
     if not path.exists():
         raise UserError(f"{str(run_dir)!r} holds no {RUN_FILE}: not a run directory")
-    try:
-        return h5py.File(path, "r")
-    except OSError as exc:
-        raise UserError(f"{str(path)!r} cannot be read: {exc}") from None
+    tries = 5 if live else 1
+    for attempt in range(tries):
+        try:
+            return h5py.File(path, "r", locking=False) if live else h5py.File(path, "r")
+        except OSError as exc:
+            if attempt == tries - 1:
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise UserError(f"{str(path)!r} cannot be read: {reason}") from None
+            time.sleep(0.2)
+    raise AssertionError("unreachable")
+
+
+def read_metrics(f: h5py.File) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The `/metrics` table of an open run file, as aligned columns.
+
+    Rows are cut to the shortest column, so a file read while its writer appends (or
+    killed between two columns' writes) gives only whole rows. A format-1 file's columns
+    shorter than `env_steps` cannot be matched to their rows and are left out.
+
+    Returns:
+        ({column name: (rows,) array}, [names of left-out format-1 columns]); names are
+        paths relative to `/metrics` (`losses/td`).
+    """
+    if "metrics" not in f:
+        return {}, []
+    columns = {name: d for name, d in _datasets_by_name(f["metrics"]).items() if d.ndim == 1}
+    if not columns:
+        return {}, []
+    left_out: list[str] = []
+    if int(f.attrs.get("format_version", 1)) < RUN_FILE_FORMAT and "env_steps" in columns:
+        rows = columns["env_steps"].shape[0]
+        left_out = sorted(name for name, d in columns.items() if d.shape[0] != rows)
+        columns = {name: d for name, d in columns.items() if name not in left_out}
+    rows = min(d.shape[0] for d in columns.values())
+    return {name: d[:rows] for name, d in columns.items()}, left_out
 
 
 def default_run_dir(algo: str, env_id: str, stamp: str) -> str:

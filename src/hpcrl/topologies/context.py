@@ -304,11 +304,17 @@ def episode_columns(rows: np.ndarray) -> dict[str, np.ndarray]:
 
 
 class Reporter:
-    """Rank 0: writes episodes and metric rows to `run.h5`, flushes, prints progress."""
+    """Rank 0: writes episodes and metric rows to `run.h5` (and, with `tensorboard: true`,
+    to TensorBoard event files in `RUN_DIR/tb/`), flushes, prints progress."""
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
         self.run_file = ctx.run_file
+        self.events = None
+        if ctx.cfg.run.tensorboard:
+            from hpcrl.storage.events import EventWriter
+
+            self.events = EventWriter(ctx.run_dir / "tb")
         self.progress = Progress(ctx.cfg.run.total_env_steps)
         self.recent_returns: deque[float] = deque(maxlen=100)
         self.episodes = 0
@@ -328,6 +334,8 @@ class Reporter:
             self.run_file.append_episodes(**episode_columns(rows))
             self.recent_returns.extend(rows[:, 0].tolist())
             self.episodes += len(rows)
+            if self.events is not None:
+                self.events.episodes(rows[:, 0], rows[:, 2], rows[:, 3])
 
     def log(self, env_steps: int, extra: dict | None = None) -> None:
         now = time.perf_counter()
@@ -343,6 +351,9 @@ class Reporter:
         row.update(extra or {})
         self.run_file.append_metrics(row)
         self.run_file.flush()
+        if self.events is not None:
+            self.events.metrics_row(row)
+            self.events.flush()
         shown = ", ".join(
             f"{k} {v:.3g}"
             for k, v in (extra or {}).items()
@@ -353,6 +364,8 @@ class Reporter:
 
     def close(self) -> None:
         self.progress.close()
+        if self.events is not None:
+            self.events.close()
 
 
 class TrajectoryRecorder:
