@@ -91,7 +91,9 @@ def learning_curve(exp: Experiment, axis: str, points: int = GRID_POINTS) -> Cur
         per_run.append((str(run.path), x, y))
         ends.append(max(end, float(x[-1]) if x.size else 0.0))
     grid = np.linspace(0.0, max(ends, default=0.0), points)
-    samples = np.array([stats.on_grid(x, y, grid, end) for (_, x, y), end in zip(per_run, ends, strict=True)])
+    samples = np.array(
+        [stats.on_grid(x, y, grid, end) for (_, x, y), end in zip(per_run, ends, strict=True)]
+    )
     return Curve(exp.label, grid, stats.mean_band(samples.reshape(len(per_run), points)), per_run)
 
 
