@@ -18,6 +18,7 @@ import numpy as np
 from mpi4py import MPI
 
 from hpcrl import preemption
+from hpcrl.analysis.stats import SOLVED_WINDOW, best_window_mean, threshold_crossing
 from hpcrl.comm.agreement import CollectiveUserError, agree
 from hpcrl.comm.waits import wait_all
 from hpcrl.config import build_config, config_from_json, resume_conflicts
@@ -457,9 +458,6 @@ def train(
         raise
 
 
-SOLVED_WINDOW = 20  # training episodes averaged when checking the env's reward threshold
-
-
 def solved_line(episodes, env_id: str) -> str:
     """Where the training episodes first reached the env's `spec.reward_threshold` (e.g.
     475 for CartPole-v1) as a mean over `SOLVED_WINDOW` episodes, in words ("" when the env
@@ -477,16 +475,15 @@ def solved_line(episodes, env_id: str) -> str:
     returns = episodes["return"][()]
     if threshold is None or len(returns) < SOLVED_WINDOW:
         return ""
-    means = np.convolve(returns, np.ones(SOLVED_WINDOW) / SOLVED_WINDOW, mode="valid")
-    hit = np.flatnonzero(means >= threshold)
-    if not hit.size:
+    end = threshold_crossing(returns, threshold)
+    if end is None:
         return (
             f"did not reach {env_id}'s reward threshold {threshold:g}: best mean return over "
-            f"{SOLVED_WINDOW} training episodes {means.max():.1f}"
+            f"{SOLVED_WINDOW} training episodes {best_window_mean(returns):.1f}"
         )
-    end = int(hit[0]) + SOLVED_WINDOW - 1
+    mean = float(np.mean(returns[end - SOLVED_WINDOW + 1 : end + 1]))
     return (
-        f"reached a mean return of {means[hit[0]]:.1f} >= {threshold:g} ({env_id}'s reward "
+        f"reached a mean return of {mean:.1f} >= {threshold:g} ({env_id}'s reward "
         f"threshold) over {SOLVED_WINDOW} training episodes at "
         f"{int(episodes['env_steps'][end]):,} env steps, {float(episodes['wall_time'][end]):.1f} s "
         "into training"
