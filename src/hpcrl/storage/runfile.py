@@ -90,6 +90,12 @@ SCHEMA: dict[str, tuple[str, str]] = {
     "metrics/learner_wait_frac": ("fraction", "of the learners' time spent waiting for data"),
     "metrics/actor_efficiency": ("fraction", "actors' time in env steps or inference, mean"),
     "metrics/unrolls_dropped_stale": ("unrolls", "dropped for a lag over max_policy_lag"),
+    "metrics/unrolls_dropped": ("unrolls", "received but never learned from, so far"),
+    "metrics/cut_rollouts": ("rollouts", "straggler rollouts cut short since the last row"),
+    "metrics/exploration": ("", "DQN's ε of ε-greedy"),
+    "metrics/rho_mean": ("", "V-trace importance weight π/μ, mean over the batch"),
+    "metrics/rho_clipped_frac": ("fraction", "of importance weights clipped at rho_bar"),
+    "metrics/q_mean": ("", "mean Q-value of the batch"),
     "resumes/wall_time": ("s", "Unix time of the resume (seconds since 1970-01-01 UTC)"),
     "resumes/env_steps": ("env steps", "global env steps of the checkpoint resumed from"),
     "resumes/world_size": ("ranks", "ranks of the resumed job"),
@@ -426,10 +432,26 @@ def _datasets_by_name(group: h5py.Group) -> dict[str, h5py.Dataset]:
     return found
 
 
+ACTOR_FRACTIONS = {
+    "env_frac": "stepping envs",
+    "inference_frac": "in policy inference",
+    "send_wait_frac": "waiting to send unrolls",
+    "param_wait_frac": "waiting for parameters",
+}
+
+
 def _describe(dataset: h5py.Dataset) -> h5py.Dataset:
-    """Set the dataset's `units` and `description` attributes from `SCHEMA`."""
+    """Set the dataset's `units` and `description` attributes from `SCHEMA` (metrics/
+    `losses/<term>` and `actor_<rank>/<fraction>` by their pattern)."""
     key = dataset.name.lstrip("/")
-    units, description = SCHEMA.get(key, ("", f"the {key.split('/', 1)[-1]!r} value logged"))
+    name = key.split("/", 1)[-1]
+    units, description = SCHEMA.get(key, ("", f"the {name!r} value logged"))
+    if key.startswith("metrics/losses/"):
+        description = f"the {name.split('/')[-1]} loss term of the last update"
+    elif key.startswith("metrics/actor_") and name.split("/")[-1] in ACTOR_FRACTIONS:
+        actor, fraction = name.split("/")
+        units = "fraction"
+        description = f"of {actor.replace('_', ' ')}'s time {ACTOR_FRACTIONS[fraction]}"
     dataset.attrs["units"] = units
     dataset.attrs["description"] = description
     return dataset
