@@ -580,12 +580,13 @@ def _learner_from_checkpoint(path: Path, meta: dict):
 
 
 def info(run_dir: str) -> dict:
-    """Summary of a run directory (no MPI needed).
+    """Summary of a run directory (no MPI needed); a run still training is read without
+    a lock, as of its last flush.
 
     Raises:
         UserError: not a run directory or unreadable run file.
     """
-    with open_run(run_dir) as f:
+    with open_run(run_dir, live=True) as f:
         if "metrics" not in f or "episodes" not in f:
             raise UserError(f"{run_dir!r}: run.h5 has no /metrics or /episodes: not an hpcrl run")
         out = {k: f.attrs[k] for k in ("algo", "env_id", "world_size", "status") if k in f.attrs}

@@ -412,8 +412,10 @@ def write_report(
 
 
 def _write_table(table, stem: Path) -> list[Path]:
+    """Every column to CSV; to Markdown only the columns with a value in some row."""
     table.to_csv(stem.with_suffix(".csv"), index=False)
-    stem.with_suffix(".md").write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
+    shown = table.loc[:, [c for c in table if table[c].replace("", np.nan).notna().any()]]
+    stem.with_suffix(".md").write_text(shown.to_markdown(index=False, floatfmt=".5g") + "\n")
     return [stem.with_suffix(".md"), stem.with_suffix(".csv")]
 
 
