@@ -479,6 +479,11 @@ def _upgrade_metrics(f: h5py.File) -> None:
             f.move(dataset.name, target)
         else:
             _describe(dataset)
+    empty: list[str] = []
+    metrics.visititems(lambda n, o: empty.append(n) if isinstance(o, h5py.Group) else None)
+    for name in sorted(empty, reverse=True):  # deepest first
+        if not len(metrics[name]):
+            del metrics[name]
     for group in ("episodes", "resumes"):
         for dataset in _datasets(f[group]):
             _describe(dataset)
