@@ -273,7 +273,9 @@ def test_analyse_writes_pngs_of_the_requested_size_and_the_summary(tmp_path):
     make_run(tmp_path / "runs" / "c", seed=0, learning_rate=0.5, returns=[])
     out = tmp_path / "out"
     args = ["analyse", str(tmp_path / "runs"), "--out", str(out)]
-    assert main([*args, "--figsize", "8x3", "--dpi", "50", "--format", "svg"]) == 0
+    assert main([*args, "--figsize", "8x3", "--dpi", "50", "--format", "svg", "--tensorboard"]) == 0
+    assert sorted(p.name for p in (out / "tb").iterdir()) == ["a", "b", "c"]
+    assert list((out / "tb" / "a").glob("events.out.tfevents.*"))
     assert _png_size(out / "learning-curves-CartPole-v1.png") == (400, 150)
     assert (out / "learning-curves-CartPole-v1.svg").read_text().lstrip().startswith("<?xml")
     table = pd.read_csv(out / "summary.csv").set_index("experiment")
