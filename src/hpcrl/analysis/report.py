@@ -265,8 +265,6 @@ def slug(text: str) -> str:
 
 
 def _prepare_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {str(out)!r} is a file: expected a directory to write into")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
