@@ -89,7 +89,7 @@ def learning_curves(
         ax.set_xlabel(AXIS_LABELS[axis])
         ax.set_ylabel(RETURN_LABEL)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize="small", loc="best")
+    _legend_below(fig, axes[0])
     fig.suptitle(f"{env_id}: mean over runs, 95% bootstrap CI (thin lines: single runs)")
     return fig
 
@@ -132,7 +132,7 @@ def timelines(
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
     if panels:
-        axes[0].legend(fontsize="small", loc="best")
+        _legend_below(fig, axes[0])
     fig.suptitle(f"{env_id}: operational timelines (one line per run)")
     return fig
 
@@ -181,6 +181,20 @@ def scaling(
         ax.grid(alpha=0.3)
     fig.suptitle(f"{title}: scaling")
     return fig
+
+
+def _legend_below(fig: Figure, ax) -> None:
+    """One legend under the panels, so long experiment names never squeeze them."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(
+            handles,
+            labels,
+            loc="outside lower center",
+            ncols=min(4, len(labels)),
+            fontsize="small",
+            frameon=False,
+        )
 
 
 def save(fig: Figure, path_stem: Path, formats: list[str]) -> list[Path]:

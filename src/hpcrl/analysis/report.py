@@ -387,8 +387,7 @@ def write_report(
     for exp in experiments:
         by_env.setdefault(exp.env_id, []).append(exp)
     for env_id, exps in by_env.items():
-        labels = differing_labels(exps) if len(exps) > 1 else [e.label for e in exps]
-        for exp, label in zip(exps, labels, strict=True):
+        for exp, label in zip(exps, differing_labels(exps), strict=True):
             exp.label = label  # within one env's figure, name by what differs there
         curves = {
             axis: [learning_curve(e, axis) for e in exps] for axis in ("env_steps", "wall_time")
