@@ -1,7 +1,8 @@
 """Reading run directories into tables, figures and reports (`python -m hpcrl analyse`).
 
-Never imported by a training rank: pandas, scipy and matplotlib are imported inside this
-package only. `load_runs` is the notebook entry point:
+pandas, scipy and matplotlib are imported inside this package only, and only when a report
+or `load_runs` needs them, so the `analyse` parser and `stats.threshold_crossing`, which
+training ranks import, stay light. `load_runs` is the notebook entry point:
 
     from hpcrl.analysis import load_runs
     runs, episodes, metrics = load_runs(["runs/study"])
