@@ -36,8 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="YAML config file (flat keys, see configs/)")
     train.add_argument(
         "--algo",
-        help="algorithm: qlearning (tabular), ppo, a2c, dqn, impala, a3c, async_q or "
-        "async_nstep_q",
+        help="algorithm: qlearning (tabular), ppo, a2c, dqn, impala, a3c, async_q or async_nstep_q",
     )
     train.add_argument("--env", dest="env_id", help="gymnasium env id, e.g. FrozenLake8x8-v1")
     train.add_argument(
