@@ -230,10 +230,6 @@ class Experiment:
     def algo(self) -> str:
         return self.runs[0].algo
 
-    @property
-    def config(self) -> dict:
-        return dict(self.key)
-
 
 def group_runs(runs: list[Run], by: list[str] | None = None) -> list[Experiment]:
     """Group runs into experiments (see the module docstring), named by what differs.
