@@ -24,6 +24,7 @@ import numpy as np
 from hpcrl.analysis import stats
 from hpcrl.analysis.runs import Experiment, Run, differing_labels, group_runs, read_runs
 from hpcrl.errors import UserError
+from hpcrl.storage.runfile import RUN_FILE
 
 GRID_POINTS = 200
 FINAL_EPISODES = 100  # a run's final return: the mean of its last 100 training episodes
@@ -227,11 +228,7 @@ def scaling_families(experiments: list[Experiment]) -> list[tuple[str, list[Scal
     for exp in experiments:
         families.setdefault(exp.key, []).append(exp)
     scaled = [sorted(f, key=lambda e: e.world_size) for f in families.values() if len(f) > 1]
-    names = (
-        differing_labels([f[0] for f in scaled])
-        if len(scaled) > 1
-        else [f"{f[0].algo} on {f[0].env_id}" for f in scaled]
-    )
+    names = differing_labels([f[0] for f in scaled], world_size=False)
     out = []
     for name, family in zip(names, scaled, strict=True):
         threshold = reward_threshold(family[0].env_id)
@@ -255,7 +252,7 @@ def scaling_families(experiments: list[Experiment]) -> list[tuple[str, list[Scal
                     seconds_to_threshold=_median(reach[hit, 1]),
                 )
             )
-        out.append((name.replace(", world_size=", " ").strip(), rows))
+        out.append((name, rows))
     return out
 
 
@@ -271,12 +268,14 @@ def _prepare_out(out: Path) -> None:
         raise UserError(f"--out {str(out)!r} cannot be created: {exc.strerror}") from None
 
 
-def _check_out_not_in_runs(out: Path, runs: list[Run]) -> None:
+def _check_out_not_in_run_dir(out: Path) -> None:
+    """Refuse an `--out` that is, or lies inside, any run directory (one holding run.h5),
+    analysed or not."""
     resolved = out.resolve()
-    for run in runs:
-        if resolved == run.path.resolve() or run.path.resolve() in resolved.parents:
+    for folder in (resolved, *resolved.parents):
+        if (folder / RUN_FILE).is_file():
             raise UserError(
-                f"--out {str(out)!r} is inside run directory {str(run.path)!r}: analyse "
+                f"--out {str(out)!r} is inside run directory {str(folder)!r}: analyse "
                 "never writes into a run directory; choose another --out"
             )
 
@@ -350,8 +349,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file: expected a directory to write into")
+    _check_out_not_in_run_dir(out)
     runs = read_runs(args.paths)
-    _check_out_not_in_runs(out, runs)
     experiments = group_runs(runs, args.by or None)
     _prepare_out(out)
     written = write_report(experiments, out, ["png", *args.formats], args.figsize, args.dpi)

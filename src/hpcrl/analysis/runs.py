@@ -131,10 +131,10 @@ def find_run_dirs(paths: list[str | Path]) -> list[Path]:
                 raise UserError(f"{text!r} matches no file or directory")
         for path in candidates:
             found.extend(_run_dirs_at(path))
-    unique: dict[Path, None] = {}
+    unique: dict[Path, Path] = {}  # one run named by several spellings is read once
     for path in found:
-        unique.setdefault(path, None)
-    return list(unique)
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
 
 
 def _run_dirs_at(path: Path) -> list[Path]:
@@ -278,32 +278,58 @@ def _sortable(key: tuple) -> tuple:
 
 
 def name_experiments(experiments: list[Experiment]) -> None:
-    """Set each experiment's `label` from the keys whose values differ between them
-    (keys some experiments lack, such as another algorithm's hyperparameters, are left
-    out), e.g. `algo=ppo, world_size=2`; one experiment is named `<algo> on <env_id>`."""
+    """Set each experiment's `label` from the keys whose values differ between them, e.g.
+    `algo=ppo, world_size=2` (see `differing_labels`); one experiment is named `<algo> on
+    <env_id>`."""
     for exp, label in zip(experiments, differing_labels(experiments), strict=True):
         exp.label = label
 
 
-def differing_labels(experiments: list[Experiment]) -> list[str]:
-    """The names `name_experiments` gives, without setting them."""
+def differing_labels(experiments: list[Experiment], world_size: bool = True) -> list[str]:
+    """The names `name_experiments` gives, without setting them.
+
+    Keys whose values differ between the experiments name them; keys only some
+    experiments have (another algorithm's hyperparameters) are added, shown as `-` where
+    absent, only when the shared keys leave two experiments with one name.
+
+    Args:
+        world_size: whether `world_size` may be part of a name (False: name scaling
+            families, which span world sizes).
+    """
     if not experiments:
         return []
-    configs = [dict(e.key) | {"world_size": e.world_size} for e in experiments]
+    configs = [
+        dict(e.key) | ({"world_size": e.world_size} if world_size else {}) for e in experiments
+    ]
     shared = set.intersection(*(set(c) for c in configs))
-    differing = [k for k in shared if len({repr(c[k]) for c in configs}) > 1]
+    some = set.union(*(set(c) for c in configs)) - shared
     order = {k: i for i, k in enumerate(NAME_ORDER)}
-    differing.sort(key=lambda k: (k == "world_size", order.get(k, len(order)), k))
-    labels = []
-    for exp, config in zip(experiments, configs, strict=True):
-        parts = [f"{k}={_shown(config[k])}" for k in differing]
-        labels.append(", ".join(parts) if parts else f"{exp.algo} on {exp.env_id}")
+
+    def ordered(keys) -> list[str]:
+        differing = [k for k in keys if len({repr(c.get(k, _ABSENT)) for c in configs}) > 1]
+        return sorted(differing, key=lambda k: (k == "world_size", order.get(k, len(order)), k))
+
+    def named(keys: list[str]) -> list[str]:
+        labels = []
+        for exp, config in zip(experiments, configs, strict=True):
+            parts = [f"{k}={_shown(config.get(k, _ABSENT))}" for k in keys]
+            labels.append(", ".join(parts) if parts else f"{exp.algo} on {exp.env_id}")
+        return labels
+
+    labels = named(ordered(shared))
+    if len(set(labels)) < len(labels):
+        labels = named(ordered(shared) + ordered(some))
     return labels
 
 
+_ABSENT = "-"
+
+
 def _shown(value) -> str:
+    """A value as a name shows it: floats short (`0.0003`) unless that would hide a digit."""
     if isinstance(value, float):
-        return f"{value:g}"
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
     return str(value)
 
 
