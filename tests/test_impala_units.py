@@ -19,7 +19,7 @@ from hpcrl.comm import protocol as P
 from hpcrl.config import build_config
 from hpcrl.errors import ConfigError
 from hpcrl.returns import n_step_returns
-from hpcrl.topologies.async_actor_learner import UnrollLearner, _Group, _metrics, _schema
+from hpcrl.topologies.actor_learner import UnrollLearner, _Group, _metrics, _schema
 
 T, B = 3, 2  # the UnrollLearner tests' unroll: vector steps, env copies
 
@@ -336,7 +336,7 @@ def test_messages_are_consumed_in_each_actors_send_order():
     """An actor's two receive slots alternate; when both complete in one `Testsome`, or
     its later message completes first, they are still consumed in send order (once a
     final unroll made the learner cancel the other slot before consuming it)."""
-    from hpcrl.topologies.async_actor_learner import _in_send_order
+    from hpcrl.topologies.actor_learner import _in_send_order
 
     next_slot = [1, 0]  # actor 0 expects slot 1 next, actor 1 slot 0
     arrived = {0, 1, 3}  # actor 0: both slots; actor 1: only its later slot

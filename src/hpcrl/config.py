@@ -17,25 +17,12 @@ from typing import Any
 
 import yaml
 
+from hpcrl.algos import ALGOS, algorithm
 from hpcrl.errors import ConfigError
 
 _EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 MAX_ENV_STEPS = 10**15  # far beyond any run; keeps every counter exact in int64 and float64
-
-# Algorithm name -> module holding its `Config` dataclass. Imported lazily so a tabular
-# run never imports torch.
-ALGOS: dict[str, str] = {
-    "qlearning": "hpcrl.algos.qlearning",
-    "ppo": "hpcrl.algos.ppo",
-    "a2c": "hpcrl.algos.a2c",
-    "dqn": "hpcrl.algos.dqn",
-    "impala": "hpcrl.algos.impala",
-    "a3c": "hpcrl.algos.a3c",
-    "async_q": "hpcrl.algos.async_q",
-    "async_nstep_q": "hpcrl.algos.async_nstep_q",
-}
-
 
 # `python -m hpcrl` with no arguments: IMPALA on CartPole-v1 (rank 0 learner, the other
 # ranks actors). The same values as configs/cartpole-impala.yaml, which explains them
@@ -46,7 +33,7 @@ DEFAULT_JOB: dict = {
     "total_env_steps": 300_000,
     "num_envs": 8,
     "unroll_length": 32,
-    "batch_size": 1,
+    "unrolls_per_update": 1,
     "learner_ranks": 1,
     "learning_rate": 0.002,
     "anneal_lr": True,
@@ -178,17 +165,24 @@ RESUMABLE_KEYS = frozenset(
 
 @dataclass
 class Config:
-    """A whole run's configuration: the shared keys plus the algorithm's own dataclass.
+    """A whole run's configuration: the shared keys, the layout and its settings (its
+    topology's `Config`, e.g. `PSConfig`), and the algorithm's hyperparameters (its own
+    dataclass, e.g. `PPOConfig`).
 
     The file and `--set` forms are flat (`alpha: 0.1`, `layout: ps`, `debug.fail_rank: 2`);
-    a key is looked up among the shared keys first, then among the algorithm's.
+    a key is looked up among the shared keys, then the layout's, then the algorithm's (no
+    key is in two of them).
     """
 
     run: RunConfig
+    layout: str
+    topology: Any
     algo: Any
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self.run)
+        out["layout"] = self.layout
+        out.update(dataclasses.asdict(self.topology))
         out.update(dataclasses.asdict(self.algo))
         return out
 
@@ -209,7 +203,7 @@ def resume_conflicts(checkpoint: dict, requested: Config) -> list[str]:
         checkpoint: the checkpoint's config (`Config.to_dict()` output).
         requested: the config built from the checkpoint's values overlaid with the user's.
     """
-    old = flatten(checkpoint)
+    old = upgrade_keys(flatten(checkpoint))
     out = []
     for key, value in requested.flat().items():
         if key in RESUMABLE_KEYS or key not in old or old[key] == value:
@@ -221,19 +215,6 @@ def resume_conflicts(checkpoint: dict, requested: Config) -> list[str]:
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
     if not ok:
         raise ConfigError(f"config key '{key}': got {value!r}, expected {expected}")
-
-
-def algo_config_class(algo: str) -> type:
-    """The `Config` dataclass of an algorithm.
-
-    Raises:
-        ConfigError: `algo` is not a known algorithm.
-    """
-    if algo not in ALGOS:
-        hint = difflib.get_close_matches(str(algo), ALGOS, n=1)
-        near = f" (did you mean '{hint[0]}'?)" if hint else ""
-        raise ConfigError(f"unknown algo {algo!r}{near}: expected one of {sorted(ALGOS)}")
-    return importlib.import_module(ALGOS[algo]).Config
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -338,42 +319,82 @@ def build_config(values: dict[str, Any]) -> Config:
     """Build and validate a `Config` from flat `{dotted_key: value}` pairs.
 
     Later sources should already have been merged over earlier ones by the caller
-    (defaults < YAML file < CLI options < `--set`).
+    (defaults < YAML file < CLI options < `--set`). Defaults: the dataclasses', then the
+    algorithm's `run_defaults` and `topology_defaults` over them.
 
     Raises:
-        ConfigError: unknown algo or key (the closest valid key is suggested), a value of
-            the wrong type, or a value out of range.
+        ConfigError: unknown algo, layout or key (the closest valid key is suggested; a
+            renamed key names its new name), a value of the wrong type, or a value out of
+            range.
     """
-    run_cls_types = _field_types(RunConfig)
+    from hpcrl.topologies import topology_class
+
     algo_name = _coerce("algo", values.get("algo", RunConfig.algo), str)
-    algo_cls = algo_config_class(algo_name)
-    algo_types = _field_types(algo_cls)
+    spec = algorithm(algo_name)
+    layout = _coerce("layout", values.get("layout", spec.layouts[0]), str)
+    if layout not in spec.layouts:
+        expected = (
+            f"'{spec.layouts[0]}'" if len(spec.layouts) == 1 else f"one of {list(spec.layouts)}"
+        )
+        raise ConfigError(f"config key 'layout': got {layout!r}, expected {expected}")
+    topology_cls = topology_class(layout).Config
+    parts = {
+        "run": _field_types(RunConfig),
+        "topology": _field_types(topology_cls),
+        "algo": _field_types(spec.config),
+    }
+    del parts["run"]["debug"]
     debug_types = _field_types(DebugConfig)
-    valid = [k for k in run_cls_types if k != "debug"] + list(algo_types)
+    valid = [k for types_ in parts.values() for k in types_] + ["layout"]
     valid += [f"debug.{k}" for k in debug_types]
 
-    run_kw: dict[str, Any] = {}
-    algo_kw: dict[str, Any] = {}
+    kw: dict[str, dict[str, Any]] = {
+        "run": {k: v for k, v in spec.run_defaults.items()},
+        "topology": {k: v for k, v in spec.topology_defaults.items() if k in parts["topology"]},
+        "algo": {},
+    }
     debug_kw: dict[str, Any] = {}
     for key, value in values.items():
-        if key in run_cls_types and key != "debug":
-            run_kw[key] = _coerce(key, value, run_cls_types[key])
-        elif key in algo_types:
-            algo_kw[key] = _coerce(key, value, algo_types[key])
+        part = next((name for name, types_ in parts.items() if key in types_), None)
+        if part is not None:
+            kw[part][key] = _coerce(key, value, parts[part][key])
+        elif key == "layout":
+            continue
         elif key.startswith("debug.") and key[6:] in debug_types:
             debug_kw[key[6:]] = _coerce(key, value, debug_types[key[6:]])
+        elif key in spec.renamed_keys:
+            raise ConfigError(
+                f"config key '{key}' is now '{spec.renamed_keys[key]}' for algo "
+                f"'{algo_name}' (names carry their unit)"
+            )
         else:
             hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
             near = f"; did you mean '{hint[0]}'?" if hint else ""
             raise ConfigError(f"unknown config key '{key}' for algo '{algo_name}'{near}")
-    run = RunConfig(**run_kw, debug=DebugConfig(**debug_kw))
-    algo = algo_cls(**algo_kw)
+    run = RunConfig(**kw["run"], debug=DebugConfig(**debug_kw))
+    topology = topology_cls(**kw["topology"])
+    algo = spec.config(**kw["algo"])
     run.validate()
+    topology.validate()
     algo.validate()
-    return Config(run=run, algo=algo)
+    return Config(run=run, layout=layout, topology=topology, algo=algo)
+
+
+def upgrade_keys(flat: dict) -> dict:
+    """Flat config values of an older hpcrl (a run directory's stored config) with their
+    renamed keys under the new names (`Algorithm.renamed_keys`, e.g. PPO's `batch_size`
+    is now `env_steps_per_update`)."""
+    name = flat.get("algo", RunConfig.algo)
+    if name not in ALGOS:
+        return flat
+    out = dict(flat)
+    for old, new in algorithm(name).renamed_keys.items():
+        if old in out and new not in out:
+            out[new] = out.pop(old)
+    return out
 
 
 def config_from_json(text: str) -> Config:
     """Rebuild a `Config` from the JSON stored in `run.h5` (`to_json` output)."""
     data = json.loads(text)
-    return build_config(flatten(data))
+    return build_config(upgrade_keys(flatten(data)))

@@ -1,4 +1,9 @@
-"""The SPMD runner: layout check, rank -> role dispatch, abort on any exception, lifecycle.
+"""The SPMD runner: plan -> check -> run -> evaluate, and abort on any exception.
+
+`train` reads as the lifecycle of a run: plan it (rank 0: fresh, resume or nothing),
+check it (the layout against the world size, the env and device), open the run file, run
+the layout's topology (`hpcrl.topologies`), evaluate its greedy policy. It never names an
+algorithm or a layout: those are `hpcrl.algos`' and `hpcrl.topologies`' registries.
 
 Only this module, `hpcrl.topologies` and `hpcrl.comm` import mpi4py. The entry point
 hands in `MPI.COMM_WORLD`; everything below takes `comm` as a parameter.
@@ -22,8 +27,8 @@ from hpcrl.analysis.stats import SOLVED_WINDOW, best_window_mean, threshold_cros
 from hpcrl.comm.agreement import CollectiveUserError, agree
 from hpcrl.comm.waits import wait_all
 from hpcrl.config import build_config, config_from_json, resume_conflicts
-from hpcrl.envs import discrete_sizes, make_env
-from hpcrl.errors import ConfigError, UserError
+from hpcrl.envs import make_env
+from hpcrl.errors import UserError
 from hpcrl.storage import checkpoints as ckpt
 from hpcrl.storage.runfile import (
     RunFile,
@@ -35,56 +40,6 @@ from hpcrl.storage.runfile import (
     read_status,
     refuse_in_use,
 )
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Which ranks do what. `min_world_size` is checked before any communication."""
-
-    name: str
-    min_world_size: int
-
-    def roles(self, world_size: int, learner_ranks: int = 1) -> str:
-        """Who does what, in words, for the start-up line."""
-        if world_size == 1:
-            return "one process: every role in turn"
-        if self.name == "ps":
-            return f"rank 0 parameter server, ranks 1-{world_size - 1} actors"
-        if self.name == "actor_learner":
-            learners = (
-                "rank 0 learner" if learner_ranks == 1 else f"ranks 0-{learner_ranks - 1} learners"
-            )
-            return f"{learners}, ranks {learner_ranks}-{world_size - 1} actors"
-        if self.name == "data_parallel":
-            return f"ranks 0-{world_size - 1} each act and learn, gradients averaged"
-        return f"ranks 0-{world_size - 1} each act and learn"
-
-
-LAYOUTS = {
-    "ps": Layout("ps", 1),
-    "allreduce": Layout("allreduce", 1),
-    "data_parallel": Layout("data_parallel", 1),
-    "actor_learner": Layout("actor_learner", 1),
-}
-TABULAR_LAYOUTS = ("ps", "allreduce")
-
-
-class LayoutError(ConfigError):
-    """The world is too small for the layout."""
-
-
-def validate_layout(name: str, world_size: int) -> Layout:
-    """Raises:
-    ConfigError: unknown layout. LayoutError: fewer ranks than the layout needs."""
-    if name not in LAYOUTS:
-        raise ConfigError(f"unknown layout {name!r}: expected one of {sorted(LAYOUTS)}")
-    layout = LAYOUTS[name]
-    if world_size < layout.min_world_size:
-        raise LayoutError(
-            f"layout {name!r} needs at least {layout.min_world_size} ranks, "
-            f"got a world of {world_size}"
-        )
-    return layout
 
 
 def guarded(fn, comm: MPI.Comm) -> int:
@@ -146,7 +101,8 @@ def plan_run(values: dict, run_dir: str | None, overwrite: bool, resume: str | N
     Returns:
         {"mode": "fresh" | "resume" | "done", "run_dir", "config" (JSON), "notes": [...]}
         plus "overwrite" for a fresh run, and for a resume "checkpoint" (path), "damaged"
-        (newer step files that failed their checks), "meta" and "q_shape".
+        (newer step files that failed their checks), "meta" and "shapes" ({name: shape}
+        of the checkpoint's shared arrays).
 
     Raises:
         UserError: contradictory options, nothing to resume, every checkpoint damaged, a
@@ -248,7 +204,7 @@ def plan_run(values: dict, run_dir: str | None, overwrite: bool, resume: str | N
         "checkpoint": str(ckpt_path),
         "damaged": [str(bad) for bad, _ in skipped],
         "meta": meta,
-        "q_shape": list(arrays["q_table"].shape) if "q_table" in arrays else [],
+        "shapes": {name: list(a.shape) for name, a in arrays.items() if "/" not in name},
     }
 
 
@@ -272,11 +228,12 @@ def train(
     Raises:
         CollectiveUserError: bad config, layout, env, run directory or checkpoint.
     """
-    from hpcrl.topologies.actor_learner import run_parameter_server
-    from hpcrl.topologies.context import ResumePoint, RunContext, evaluate_greedy, evaluate_policy
-    from hpcrl.topologies.data_parallel import run_allreduce
+    from hpcrl.topologies import make_topology
+    from hpcrl.topologies.run_context import RunContext
+    from hpcrl.topologies.segments import ResumePoint
 
     rank, world_size = comm.Get_rank(), comm.Get_size()
+    # Plan (rank 0 alone reads the directory) ...
     agree(comm, lambda: check_launcher(world_size))
     plan = agree(comm, lambda: plan_run(values, run_dir, overwrite, resume), root_only=True)
     if rank == 0:
@@ -288,52 +245,81 @@ def train(
             print(f"[hpcrl] {path} already completed; nothing to resume", flush=True)
         return TrainOutcome("already-completed")
     cfg = config_from_json(plan["config"])
-    run = cfg.run
-    layout = agree(comm, lambda: validate_layout(cfg.algo.layout, world_size))
-    _limit_threads(run.torch_threads)
 
-    tabular = cfg.algo.layout in TABULAR_LAYOUTS
+    # ... check (every rank, before any other communication) ...
+    def check_world():
+        topology = make_topology(cfg)
+        topology.check_world(world_size)
+        return topology
 
-    def check_env() -> tuple[int, int]:
-        env = make_env(run.env_id, run.env_kwargs, **run.env_options())
-        try:
-            if not tabular:
-                from hpcrl.models import check_device, make_encoder
-
-                check_device(run.device)  # cuda asked for where torch sees no GPU (any rank)
-                make_encoder(env.observation_space)  # a one-line error for what no model reads
-                cfg.algo.check_spaces(env.observation_space, env.action_space)
-                cfg.algo.rollout_steps(world_size, run.num_envs)  # the global batch splits
-                return 0, 0
-            if run.device != "cpu":
-                raise UserError(
-                    f"device {run.device!r}: {run.algo} is tabular and runs on the CPU; "
-                    "the device applies to the deep learners (ppo, a2c, dqn)"
-                )
-            sizes = discrete_sizes(env)
-        finally:
-            env.close()
-        if plan["mode"] == "resume" and plan["q_shape"] and list(sizes) != plan["q_shape"]:
-            raise UserError(
-                f"the checkpoint's q_table has shape {tuple(plan['q_shape'])}, env "
-                f"{run.env_id!r} now has {sizes[0]} states x {sizes[1]} actions"
-            )
-        return sizes
-
-    n_states, n_actions = agree(comm, check_env)
+    topology = agree(comm, check_world)
+    _limit_threads(cfg.run.torch_threads)
+    spaces = agree(comm, lambda: _check_env(cfg, topology, world_size, plan.get("shapes", {})))
     resume_point = None
     if plan["mode"] == "resume":
         meta = plan["meta"]
         exact = bool(meta.get("rank_states")) and int(meta["world_size"]) == world_size
         resume_point = ResumePoint(Path(plan["checkpoint"]), meta, exact)
+    run_file = _open_run_file(comm, cfg, path, plan, resume_point)
+    if rank == 0:
+        print(f"[hpcrl] {_start_line(cfg, topology, path, resume_point, world_size)}", flush=True)
+    # run.h5 and traj/ exist before any rank writes; one shared start time.
+    wait_all([comm.Ibarrier()], comm, "the start barrier", cfg.run.watchdog_s)
+
+    # ... run ...
+    ctx = RunContext.create(
+        comm,
+        cfg,
+        path,
+        spaces,
+        run_file,
+        resume_point,
+        preemption.requested,
+        topology.acting_ranks(world_size),
+        topology.recording_ranks(world_size),
+    )
+    try:
+        result = topology.run(ctx)
+        # ... and evaluate.
+        return _finish(ctx, result)
+    except BaseException:
+        if run_file is not None:
+            try:
+                run_file.set_status("failed")
+                run_file.close()
+            except Exception:  # noqa: BLE001 - the original error matters more
+                pass
+        raise
+
+
+def _check_env(cfg, topology, world_size: int, shapes: dict) -> tuple:
+    """One probe env: the topology's checks; returns its (observation_space, action_space).
+
+    Raises:
+        UserError: an env, device or checkpoint this run cannot use.
+    """
+    run = cfg.run
+    env = make_env(run.env_id, run.env_kwargs, **run.env_options())
+    try:
+        topology.check_env(env, world_size, shapes)
+        return env.observation_space, env.action_space
+    finally:
+        env.close()
+
+
+def _open_run_file(comm, cfg, path: Path, plan: dict, resume_point) -> RunFile | None:
+    """Collective: rank 0 creates the run directory and `run.h5` (a fresh run) or reopens
+    them (a resume: stale temporaries removed, damaged checkpoints set aside, a `/resumes`
+    row); returns the run file on rank 0, None elsewhere."""
     opened: dict = {}
+    world_size = comm.Get_size()
 
     def open_run_file() -> None:
         attrs = {
-            "algo": run.algo,
-            "env_id": run.env_id,
+            "algo": cfg.run.algo,
+            "env_id": cfg.run.env_id,
             "world_size": world_size,
-            "layout": cfg.algo.layout,
+            "layout": cfg.layout,
             "config": cfg.to_json(),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
         }
@@ -358,104 +344,65 @@ def train(
         opened["file"] = run_file
 
     agree(comm, open_run_file, root_only=True)
-    run_file = opened.get("file")
-    roles = layout.roles(world_size, getattr(cfg.algo, "learner_ranks", 1))
-    if rank == 0:
-        if resume_point is None:
-            print(
-                f"[hpcrl] {run.algo} on {run.env_id}, layout {layout.name} "
-                f"({roles}), {run.total_env_steps:,} env steps -> {path}",
-                flush=True,
-            )
-        else:
-            meta = resume_point.meta
-            how = (
-                "exactly (every rank's state restored)"
-                if resume_point.exact
-                else f"in a new segment (was {meta['world_size']} ranks, now {world_size}; "
-                "fresh actor seeds, in-progress episodes restart: not bit-exact)"
-            )
-            print(
-                f"[hpcrl] resuming {path} from {resume_point.path.name} at "
-                f"{int(meta['env_steps']):,} of {run.total_env_steps:,} env steps, {how}; "
-                f"layout {layout.name} ({roles})",
-                flush=True,
-            )
-    # run.h5 and traj/ exist before any rank writes; one shared start time.
-    wait_all([comm.Ibarrier()], comm, "the start barrier", run.watchdog_s)
-    ctx = RunContext(comm, cfg, path, n_states, n_actions, run_file)
-    ctx.resume = resume_point
-    ctx.stop_requested = preemption.requested
-    if resume_point is not None:
-        ctx.start_time -= float(resume_point.meta.get("elapsed_s", 0.0))
-    try:
-        if cfg.algo.layout == "ps":
-            loop = run_parameter_server(ctx)
-        elif cfg.algo.layout == "allreduce":
-            loop = run_allreduce(ctx)
-        elif cfg.algo.layout == "actor_learner":
-            from hpcrl.topologies.async_actor_learner import run_async_actor_learner
+    return opened.get("file")
 
-            loop = run_async_actor_learner(ctx)
-        else:
-            from hpcrl.topologies.gradient_allreduce import run_gradient_allreduce
 
-            loop = run_gradient_allreduce(ctx)
-        if rank == 0:
-            run_file.set_attrs(wall_time_s=ctx.elapsed_s())  # training only, no evaluation
-        if loop.interrupted:
-            if rank == 0:
-                run_file.set_status("interrupted")
-                run_file.close()
-                print(
-                    f"[hpcrl] {preemption.signal_name() or 'a preemption signal'}: "
-                    f"checkpointed and stopped; continue with: hpcrl train --resume {path}",
-                    flush=True,
-                )
-            return TrainOutcome("interrupted")
-        result = None
-        if run.eval_episodes > 0 and not tabular:
-            result = evaluate_policy(
-                comm,
-                run.env_id,
-                run.env_kwargs,
-                loop.learner.greedy_actions,
-                run.eval_episodes,
-                run.seed + 1_000_003,
-                ctx.watchdog_s,
-                run.env_options(),
-            )
-        q_table = loop.q_table if rank == 0 else np.zeros((n_states, n_actions))
-        if run.eval_episodes > 0 and tabular:
-            result = evaluate_greedy(
-                comm,
-                run.env_id,
-                run.env_kwargs,
-                q_table,
-                run.eval_episodes,
-                run.seed + 1_000_003,
-                ctx.watchdog_s,
-            )
-        if rank == 0:
-            if result is not None:
-                run_file.set_attrs(**{f"eval_{k}": v for k, v in result.items()})
-            run_file.set_status("completed")
-            solved = solved_line(run_file.file["episodes"], run.env_id)
+def _start_line(cfg, topology, path: Path, resume_point, world_size: int) -> str:
+    """What rank 0 prints when the run starts: algorithm, env, layout and roles, budget."""
+    run = cfg.run
+    layout = f"layout {topology.name} ({topology.roles(world_size)})"
+    if resume_point is None:
+        return f"{run.algo} on {run.env_id}, {layout}, {run.total_env_steps:,} env steps -> {path}"
+    meta = resume_point.meta
+    how = (
+        "exactly (every rank's state restored)"
+        if resume_point.exact
+        else f"in a new segment (was {meta['world_size']} ranks, now {world_size}; "
+        "fresh actor seeds, in-progress episodes restart: not bit-exact)"
+    )
+    return (
+        f"resuming {path} from {resume_point.path.name} at "
+        f"{int(meta['env_steps']):,} of {run.total_env_steps:,} env steps, {how}; {layout}"
+    )
+
+
+def _finish(ctx, result) -> TrainOutcome:
+    """Collective, after the topology's run: the status, the greedy evaluation (every rank
+    takes a share of the episodes) and the closing lines."""
+    comm, run, run_file, path = ctx.comm, ctx.cfg.run, ctx.run_file, ctx.run_dir
+    if ctx.rank == 0:
+        run_file.set_attrs(wall_time_s=ctx.elapsed_s())  # training only, no evaluation
+    if result.interrupted:
+        if ctx.rank == 0:
+            run_file.set_status("interrupted")
             run_file.close()
             print(
-                f"[hpcrl] completed in {ctx.elapsed_s():.1f} s; run directory: {path}", flush=True
+                f"[hpcrl] {preemption.signal_name() or 'a preemption signal'}: "
+                f"checkpointed and stopped; continue with: hpcrl train --resume {path}",
+                flush=True,
             )
-            if solved:
-                print(f"[hpcrl] {solved}", flush=True)
-        return TrainOutcome("completed", result)
-    except BaseException:
-        if run_file is not None:
-            try:
-                run_file.set_status("failed")
-                run_file.close()
-            except Exception:  # noqa: BLE001 - the original error matters more
-                pass
-        raise
+        return TrainOutcome("interrupted")
+    evaluation = None
+    if run.eval_episodes > 0:
+        evaluation = result.greedy.evaluate(
+            comm,
+            run.env_id,
+            run.env_kwargs,
+            run.env_options(),
+            run.eval_episodes,
+            run.seed + 1_000_003,
+            ctx.watchdog_s,
+        )
+    if ctx.rank == 0:
+        if evaluation is not None:
+            run_file.set_attrs(**{f"eval_{k}": v for k, v in evaluation.items()})
+        run_file.set_status("completed")
+        solved = solved_line(run_file.file["episodes"], run.env_id)
+        run_file.close()
+        print(f"[hpcrl] completed in {ctx.elapsed_s():.1f} s; run directory: {path}", flush=True)
+        if solved:
+            print(f"[hpcrl] {solved}", flush=True)
+    return TrainOutcome("completed", evaluation)
 
 
 def solved_line(episodes, env_id: str) -> str:
@@ -518,16 +465,17 @@ def _int_env(name: str) -> int:
 def evaluate(
     comm: MPI.Comm, run_dir: str, episodes: int, seed: int, watchdog_s: float = 300.0
 ) -> dict | None:
-    """Collective: greedy evaluation of the latest checkpoint in `run_dir` (rank 0 reads it).
+    """Collective: greedy evaluation of the latest checkpoint in `run_dir` (rank 0 reads it;
+    its layout's topology makes the policy on every rank).
 
     Raises:
         CollectiveUserError: bad `episodes`, no run there, no checkpoint, or a damaged one.
     """
-    from hpcrl.topologies.context import evaluate_greedy, evaluate_policy
+    from hpcrl.topologies import make_topology
 
     loaded: dict = {}
 
-    def load() -> tuple[str, dict, tuple[int, int] | None, str, dict]:
+    def load() -> tuple[str, dict, dict]:
         if episodes < 1:
             raise UserError(f"--episodes {episodes}: expected an integer >= 1")
         if seed < 0:
@@ -537,46 +485,19 @@ def evaluate(
         arrays, meta, path, skipped = ckpt.load_newest_intact(Path(run_dir) / "checkpoints")
         for _, reason in skipped:
             print(f"[hpcrl] warning: {reason}; using {path.name}", file=sys.stderr, flush=True)
-        options = config_from_json(json.dumps(meta["config"])).run.env_options()
-        make_env(meta["env_id"], meta.get("env_kwargs", {}), **options).close()  # clear error
-        if "q_table" in arrays:
-            loaded["q_table"] = arrays["q_table"]
-            shape = arrays["q_table"].shape
-        else:
-            shape = None
-        return meta["env_id"], meta.get("env_kwargs", {}), shape, str(path), meta, options
+        cfg = config_from_json(json.dumps(meta["config"]))
+        make_env(cfg.run.env_id, cfg.run.env_kwargs, **cfg.run.env_options()).close()
+        loaded.update(arrays)
+        shapes = {name: list(a.shape) for name, a in arrays.items() if "/" not in name}
+        return str(path), meta, shapes
 
-    env_id, env_kwargs, shape, path, meta, options = agree(comm, load, root_only=True)
-    if shape is not None:
-        q_table = loaded.get("q_table", np.zeros(shape))
-        return evaluate_greedy(comm, env_id, env_kwargs, q_table, episodes, seed, watchdog_s)
-    # A deep learner: every rank rebuilds it from the checkpoint rank 0 verified.
-    learner = _learner_from_checkpoint(Path(path), meta)
-    return evaluate_policy(
-        comm, env_id, env_kwargs, learner.greedy_actions, episodes, seed, watchdog_s, options
-    )
-
-
-def _learner_from_checkpoint(path: Path, meta: dict):
-    """The deep learner a checkpoint holds, with its parameters loaded."""
-    import importlib
-
-    from hpcrl.config import ALGOS
-
+    path, meta, shapes = agree(comm, load, root_only=True)
     cfg = config_from_json(json.dumps(meta["config"]))
-    env = make_env(cfg.run.env_id, cfg.run.env_kwargs, **cfg.run.env_options())
-    module = importlib.import_module(ALGOS[cfg.run.algo])
-    learner = getattr(module, module.LEARNER)(
-        cfg.algo,
-        env.observation_space,
-        env.action_space,
-        cfg.run.num_envs,
-        int(meta["world_size"]),
-        0,
+    policy = make_topology(cfg).checkpoint_policy(Path(path), meta, shapes, loaded)
+    run = cfg.run
+    return policy.evaluate(
+        comm, run.env_id, run.env_kwargs, run.env_options(), episodes, seed, watchdog_s
     )
-    env.close()
-    learner.load_shared(ckpt.read_shared(path))
-    return learner
 
 
 def info(run_dir: str) -> dict:

@@ -15,7 +15,7 @@ One gradient step per rollout with RMSprop (the paper's, α = 0.99, shared stati
 simply the averaged gradient here) or Adam. Hyperparameter defaults are Stable-Baselines3's
 A2C (lr 7e-4, n_steps 5, vf_coef 0.5, max_grad_norm 0.5, RMSprop eps 1e-5).
 
-This module holds the math; the loop lives in `hpcrl.topologies.gradient_allreduce`.
+This module holds the math; the loop lives in `hpcrl.topologies.data_parallel`.
 """
 
 from __future__ import annotations
@@ -29,20 +29,19 @@ from hpcrl.algos.rollout import (
     advantages_and_returns,
     check_actor_critic_spaces,
 )
+from hpcrl.contracts import Algorithm
 from hpcrl.errors import ConfigError
 from hpcrl.models import ActorCritic
 from hpcrl.schedules import set_learning_rate
 
-LEARNER = "A2C"  # the class `hpcrl.topologies.gradient_allreduce` builds on every rank
 OPTIMIZERS = ("rmsprop", "adam")
 
 
 @dataclass
-class Config:
-    """A2C hyperparameters. `batch_size` is global: env steps per update, all ranks."""
+class A2CConfig:
+    """A2C hyperparameters. `env_steps_per_update` is global: env steps per update, all ranks."""
 
-    layout: str = "data_parallel"
-    batch_size: int = 40  # SB3: 8 env copies x n_steps 5
+    env_steps_per_update: int = 40  # SB3: 8 env copies x n_steps 5
     learning_rate: float = 7e-4
     anneal_lr: bool = False  # linearly to 0 over the budget
     optimizer: str = "rmsprop"  # or adam
@@ -56,10 +55,6 @@ class Config:
     norm_adv: bool = False  # with the global batch's mean and std
     normalize_obs: bool = False  # running mean/std over all ranks (hpcrl.normalization)
     hidden_size: int = 64
-    # DD-PPO's straggler cut-off (see ppo.Config.sync_frac); A2C is synchronous by
-    # definition, so it is off by default.
-    sync_frac: float = 1.0
-    check_sync_every: int = 100  # updates between parameter-consistency checks (0: never)
 
     def validate(self) -> None:
         def check(ok: bool, key: str, expected: str) -> None:
@@ -68,8 +63,7 @@ class Config:
                     f"config key '{key}': got {getattr(self, key)!r}, expected {expected}"
                 )
 
-        check(self.layout == "data_parallel", "layout", "'data_parallel'")
-        check(self.batch_size >= 1, "batch_size", "an integer >= 1")
+        check(self.env_steps_per_update >= 1, "env_steps_per_update", "an integer >= 1")
         check(self.learning_rate > 0, "learning_rate", "a number > 0")
         check(self.optimizer in OPTIMIZERS, "optimizer", f"one of {list(OPTIMIZERS)}")
         check(0.0 <= self.rmsprop_alpha < 1.0, "rmsprop_alpha", "a decay in [0, 1)")
@@ -78,8 +72,6 @@ class Config:
         check(0.0 <= self.gae_lambda <= 1.0, "gae_lambda", "λ in [0, 1]")
         check(self.max_grad_norm > 0, "max_grad_norm", "a number > 0")
         check(self.hidden_size >= 1, "hidden_size", "an integer >= 1")
-        check(0.0 < self.sync_frac <= 1.0, "sync_frac", "a fraction of the ranks in (0, 1]")
-        check(self.check_sync_every >= 0, "check_sync_every", "an integer >= 0")
 
     def check_spaces(self, observation_space, action_space) -> None:
         """Raises UserError unless the action space is `Discrete` or `Box` (and, with
@@ -88,19 +80,19 @@ class Config:
 
     def rollout_steps(self, world_size: int, num_envs: int) -> int:
         """Vector steps per rollout on each rank (n of the n-step return):
-        batch_size / (world_size × num_envs).
+        env_steps_per_update / (world_size × num_envs).
 
         Raises:
             ConfigError: the global batch does not split into whole rollouts.
         """
         share = world_size * num_envs
-        if self.batch_size % share:
+        if self.env_steps_per_update % share:
             raise ConfigError(
-                f"batch_size {self.batch_size} must split over {world_size} ranks x "
-                f"{num_envs} env copies (num_envs): {self.batch_size} % {share} = "
-                f"{self.batch_size % share}"
+                f"env_steps_per_update {self.env_steps_per_update} must split over "
+                f"{world_size} ranks x {num_envs} env copies (num_envs): "
+                f"{self.env_steps_per_update} % {share} = {self.env_steps_per_update % share}"
             )
-        return self.batch_size // share
+        return self.env_steps_per_update // share
 
 
 class A2C(ActorCriticLearner):
@@ -114,7 +106,7 @@ class A2C(ActorCriticLearner):
 
     def __init__(
         self,
-        cfg: Config,
+        cfg: A2CConfig,
         observation_space,
         action_space,
         num_envs: int,
@@ -172,3 +164,16 @@ class A2C(ActorCriticLearner):
             "losses/entropy": entropy_loss.item(),
             "learning_rate": lr,
         }
+
+
+# A2C is synchronous by definition: no straggler cut-off unless `sync_frac` is set. Two env
+# copies per rank, so the 40 env steps of an update split over 1, 2 and 4 ranks (4 ranks:
+# SB3's n_steps 5 over 8 copies).
+ALGORITHM = Algorithm(
+    "a2c",
+    A2CConfig,
+    ("data_parallel",),
+    A2C,
+    run_defaults={"num_envs": 2},
+    renamed_keys={"batch_size": "env_steps_per_update"},
+)

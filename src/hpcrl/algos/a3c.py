@@ -10,15 +10,15 @@ its `num_envs` env copies, computes the actor-critic gradient of that unroll on 
     loss = −Σ log π(a_t|x_t; θ') (R_t − V(x_t)) + c_v (R_t − V(x_t))² − c_e H(π(·|x_t))
            (means over the unroll's steps),
 
-and sends it (`Isend`, MESSAGE "gradient"); the learner applies each gradient (or the mean
-of `batch_size` of them) with one optimizer step, by default RMSprop, whose statistics
+and sends it (`Isend`, `SendsGradients`); the learner applies each gradient (or the mean
+of `unrolls_per_update` of them) with one optimizer step, by default RMSprop, whose statistics
 live on the learner and are therefore shared by all actors (the paper's "shared RMSProp",
 §4 and Supplementary §7), and publishes fresh parameters, which each actor loads when they
 arrive (the paper's θ' ← θ). Gradients older than `max_policy_lag` updates are dropped.
 Defaults: the paper's t_max 5, entropy 0.01, RMSprop α 0.99; lr 7e-4, value
 coefficient 0.5 and gradient-norm clip 0.5 from Stable-Baselines3's A2C.
 
-This module holds the math; the loop is `hpcrl.topologies.async_actor_learner`.
+This module holds the math; the loop is `hpcrl.topologies.actor_learner`.
 """
 
 from __future__ import annotations
@@ -28,21 +28,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hpcrl.algos.async_learner import AsyncConfig, unroll_targets
+from hpcrl.algos.async_learner import AsyncConfig, SendsGradients, unroll_targets
 from hpcrl.algos.impala import ActorCriticAsync
 from hpcrl.algos.rollout import check_actor_critic_spaces
+from hpcrl.contracts import Algorithm
 from hpcrl.returns import n_step_returns
-
-LEARNER = "A3C"
 
 
 @dataclass
-class Config(AsyncConfig):
-    """A3C hyperparameters (the layout keys are `AsyncConfig`'s); `batch_size` counts
+class A3CConfig(AsyncConfig):
+    """A3C hyperparameters (the layout keys are `AsyncConfig`'s); `unrolls_per_update` counts
     actor gradients per update."""
 
     unroll_length: int = 5  # t_max
-    batch_size: int = 1
+    unrolls_per_update: int = 1
     learning_rate: float = 7e-4
     optimizer: str = "rmsprop"
     max_grad_norm: float = 0.5
@@ -54,11 +53,9 @@ class Config(AsyncConfig):
         check_actor_critic_spaces("a3c", False, observation_space, action_space)
 
 
-class A3C(ActorCriticAsync):
+class A3C(SendsGradients, ActorCriticAsync):
     """One rank's A3C: actors call `act` and `gradient`; learners `update` with the mean
     of the gradients they received."""
-
-    MESSAGE = "gradient"
 
     def loss(self, unroll: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, float]]:
         """The actor-critic loss of one unroll (see the module doc).
@@ -85,3 +82,12 @@ class A3C(ActorCriticAsync):
             "losses/value": v_loss.item(),
             "losses/entropy": entropy_mean.item(),
         }
+
+
+ALGORITHM = Algorithm(
+    "a3c",
+    A3CConfig,
+    ("actor_learner",),
+    A3C,
+    renamed_keys={"batch_size": "unrolls_per_update"},
+)

@@ -1,14 +1,17 @@
 """What the asynchronous actor-learner algorithms (IMPALA, A3C, asynchronous Q-learning)
-share: the layout keys and their checks, the optimizer, and the learner interface the loop
-in `hpcrl.topologies.async_actor_learner` calls.
+share: their common keys and checks, the optimizer, and the base of the learner interface
+(`hpcrl.contracts.AsyncLearner`) the loop in `hpcrl.topologies.actor_learner` calls.
+
+What an actor sends is the learner's choice, declared by a mixin, not a message-kind switch:
+`SendsUnrolls` (IMPALA: the unroll itself) or `SendsGradients` (A3C, asynchronous
+Q-learning: the gradient the actor computed on it). Either offers `message_schema(unroll)`,
+`pack(unroll, message)` and the `payload` fields the learner's `update` batch holds.
 
 Interface (one object per rank, learners and actors alike; algorithms never see ranks):
 
-    MESSAGE                 "unroll": actors send their experience (IMPALA);
-                            "gradient": actors send a gradient computed on it (A3C, async Q)
     act(obs, progress)      behaviour actions (B, ...) and their log-probabilities (B,)
     values(obs)             bootstrap values (B,) of final observations at a time limit
-    gradient(unroll)        (MESSAGE "gradient") the actor's flat gradient for one unroll
+    pack(unroll, message)   fill the message an actor sends (see above)
     update(batch, group, progress)   one optimizer step on the learner group's gradient
     published() / load_published(flat)   the flat float32 vector learners send to actors
     shared_arrays() / load_shared(arrays) / greedy_actions(obs) / to(device)
@@ -21,23 +24,33 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hpcrl.comm import protocol as P
 from hpcrl.errors import ConfigError
 from hpcrl.schedules import set_learning_rate
 from hpcrl.state import load_module_arrays, load_optimizer_arrays, module_arrays, optimizer_arrays
 
 OPTIMIZERS = ("adam", "rmsprop")
+# The fields of an unroll (`protocol.unroll_schema`) a loss is computed from.
+UNROLL_FIELDS = (
+    "obs",
+    "actions",
+    "behaviour_log_probs",
+    "rewards",
+    "terminated",
+    "truncated",
+    "truncation_values",
+)
 
 
 @dataclass
 class AsyncConfig:
-    """Keys of every actor-learner algorithm. `batch_size` counts actor messages (unrolls
-    or gradients of `unroll_length` × `num_envs` env steps) per update, over the whole
-    learner group."""
+    """Keys of every actor-learner algorithm. `unrolls_per_update` counts actor messages
+    (unrolls, or gradients computed on one, of `unroll_length` × `num_envs` env steps) per
+    update, over the whole learner group. The layout's own keys (`learner_ranks`,
+    `max_policy_lag`, `publish_interval`) are `hpcrl.topologies.actor_learner`'s."""
 
-    layout: str = "actor_learner"
     unroll_length: int = 20  # T, vector steps per actor message
-    batch_size: int = 1  # actor messages per learner update, all learner ranks together
-    learner_ranks: int = 1  # learner group size (IMPALA §5.3.1): ranks 0..k-1
+    unrolls_per_update: int = 1  # actor messages per learner update, all learner ranks
     learning_rate: float = 1e-3
     anneal_lr: bool = True  # linearly to 0 over the budget
     optimizer: str = "adam"  # or rmsprop
@@ -46,8 +59,6 @@ class AsyncConfig:
     gamma: float = 0.99
     max_grad_norm: float = 40.0  # on the learner group's averaged gradient
     hidden_size: int = 64
-    publish_interval: int = 1  # learner updates between parameter publications
-    max_policy_lag: int = 20  # actor messages older than this many updates are dropped
 
     def check(self, ok: bool, key: str, expected: str) -> None:
         if not ok:
@@ -57,10 +68,8 @@ class AsyncConfig:
 
     def validate(self) -> None:
         check = self.check
-        check(self.layout == "actor_learner", "layout", "'actor_learner'")
         check(self.unroll_length >= 1, "unroll_length", "an integer >= 1")
-        check(self.batch_size >= 1, "batch_size", "an integer >= 1 (actor messages per update)")
-        check(self.learner_ranks >= 1, "learner_ranks", "an integer >= 1")
+        check(self.unrolls_per_update >= 1, "unrolls_per_update", "an integer >= 1")
         check(self.learning_rate > 0, "learning_rate", "a number > 0")
         check(self.optimizer in OPTIMIZERS, "optimizer", f"one of {list(OPTIMIZERS)}")
         check(0.0 <= self.rmsprop_alpha < 1.0, "rmsprop_alpha", "a decay in [0, 1)")
@@ -68,40 +77,13 @@ class AsyncConfig:
         check(0.0 <= self.gamma <= 1.0, "gamma", "a discount γ in [0, 1]")
         check(self.max_grad_norm > 0, "max_grad_norm", "a number > 0")
         check(self.hidden_size >= 1, "hidden_size", "an integer >= 1")
-        check(self.publish_interval >= 1, "publish_interval", "an integer >= 1")
-        check(self.max_policy_lag >= 0, "max_policy_lag", "an integer >= 0 (learner updates)")
-
-    def rollout_steps(self, world_size: int, num_envs: int) -> int:
-        """Vector steps per actor message (T), after checking the layout fits the world.
-
-        Raises:
-            ConfigError: `learner_ranks` leaves no actor, or `batch_size` does not split
-                over the learner ranks.
-        """
-        k = self.learner_ranks
-        if world_size > 1 and k >= world_size:
-            raise ConfigError(
-                f"config key 'learner_ranks': got {k}, expected fewer than the world size "
-                f"{world_size} (ranks 0-{k - 1} learn, the others act)"
-            )
-        if world_size == 1 and k != 1:
-            raise ConfigError(
-                f"config key 'learner_ranks': got {k} in a one-process run, expected 1"
-            )
-        if self.batch_size % k:
-            raise ConfigError(
-                f"batch_size {self.batch_size} must split over {k} learner ranks "
-                f"(learner_ranks): {self.batch_size} % {k} = {self.batch_size % k}"
-            )
-        return self.unroll_length
 
 
-class AsyncLearner:
+class AsyncLearnerBase:
     """The parts of the interface above every algorithm shares; a subclass sets `model`
     (and, for Q-learning, more networks) before calling `_make_optimizer`, and implements
     `_backward(batch)`, which leaves this learner's gradient in `p.grad`."""
 
-    MESSAGE = "unroll"
     model: torch.nn.Module
 
     def __init__(self, cfg: AsyncConfig):
@@ -118,7 +100,7 @@ class AsyncLearner:
         else:
             self.optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.optimizer_eps)
 
-    def to(self, device: torch.device) -> AsyncLearner:
+    def to(self, device: torch.device) -> AsyncLearnerBase:
         self.device = device
         self.model.to(device)
         return self
@@ -128,7 +110,7 @@ class AsyncLearner:
         raise NotImplementedError
 
     def gradient(self, unroll: dict[str, np.ndarray]) -> np.ndarray:
-        """(MESSAGE "gradient") An actor's gradient of `loss` on its own parameters, flat
+        """(`SendsGradients`) An actor's gradient of `loss` on its own parameters, flat
         float32 in the order of `model.parameters()`."""
         self.model.zero_grad(set_to_none=True)
         loss, _ = self.loss(unroll)
@@ -136,7 +118,7 @@ class AsyncLearner:
         return self.flat_gradient()
 
     def _backward(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
-        """This learner's gradient into `p.grad`: by default (MESSAGE "gradient") the mean
+        """This learner's gradient into `p.grad`: by default (`SendsGradients`) the mean
         of the batch's actor gradients ((n_parameters, N))."""
         self.set_flat_gradient(torch.from_numpy(batch["gradient"].mean(axis=1)))
         return {}
@@ -170,6 +152,10 @@ class AsyncLearner:
 
     def _after_update(self) -> None:
         """Hook after every optimizer step (Q-learning's target network)."""
+
+    def synced_modules(self) -> list[torch.nn.Module]:
+        """The network every learner rank holds identically: the model."""
+        return [self.model]
 
     def published(self) -> np.ndarray:
         """What learners send to actors: the model's parameters, flat float32."""
@@ -208,6 +194,38 @@ class AsyncLearner:
                 for p in self.model.parameters()
             ]
         ).astype(np.float32, copy=False)
+
+
+class SendsUnrolls:
+    """Actors send their unrolls; the learner learns from them (IMPALA)."""
+
+    payload = UNROLL_FIELDS
+
+    def message_schema(self, unroll: P.Schema) -> P.Schema:
+        return unroll
+
+    def pack(self, unroll: P.Message, message: P.Message) -> None:
+        for name in UNROLL_FIELDS:
+            message[name][...] = unroll[name]
+
+
+class SendsGradients:
+    """Actors send the gradient of the loss on their unroll, computed with their own copy of
+    the parameters; the learner applies it (A3C, asynchronous Q-learning: the learner is a
+    parameter server)."""
+
+    payload = ("gradient",)
+
+    def message_schema(self, unroll: P.Schema) -> P.Schema:
+        rows = int(np.prod(unroll.fields["rewards"][1]))
+        return P.gradient_schema(sum(p.numel() for p in self.model.parameters()), rows)
+
+    def pack(self, unroll: P.Message, message: P.Message) -> None:
+        """The actor's gradient on a full unroll; zeros for its last, partial one (counted,
+        not learned from)."""
+        full = unroll["header"][P.ActorHeader.ROWS] == unroll["rewards"].size
+        fields = {name: unroll[name] for name in UNROLL_FIELDS}
+        message["gradient"][:, 0] = self.gradient(fields) if full else 0.0
 
 
 def copy_into(parameters, flat: np.ndarray) -> int:

@@ -5,15 +5,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hpcrl.algos.async_q import AsyncQ
-from hpcrl.algos.async_q import Config as _OneStepConfig
-
-LEARNER = "AsyncQ"
-__all__ = ["AsyncQ", "Config", "LEARNER"]
+from hpcrl.algos.async_q import AsyncQ, AsyncQConfig
+from hpcrl.contracts import Algorithm
 
 
 @dataclass
-class Config(_OneStepConfig):
-    """As `hpcrl.algos.async_q.Config`, with n-step targets."""
+class AsyncNStepQConfig(AsyncQConfig):
+    """As `hpcrl.algos.async_q.AsyncQConfig`, with n-step targets."""
 
     n_step: bool = True
+
+
+ALGORITHM = Algorithm(
+    "async_nstep_q",
+    AsyncNStepQConfig,
+    ("actor_learner",),
+    AsyncQ,
+    renamed_keys={"batch_size": "unrolls_per_update"},
+)

@@ -24,7 +24,7 @@ publishes θ and θ⁻ together. Each actor anneals its own ε from 1 to a final
 from {0.1, 0.01, 0.5} with probabilities {0.4, 0.3, 0.3} (the paper's §5.1), or to
 `epsilon_end` when set, over the first `exploration_fraction` of its budget.
 
-This module holds the math; the loop is `hpcrl.topologies.async_actor_learner`.
+This module holds the math; the loop is `hpcrl.topologies.actor_learner`.
 """
 
 from __future__ import annotations
@@ -35,25 +35,31 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hpcrl.algos.async_learner import AsyncConfig, AsyncLearner, copy_into, unroll_targets
+from hpcrl.algos.async_learner import (
+    AsyncConfig,
+    AsyncLearnerBase,
+    SendsGradients,
+    copy_into,
+    unroll_targets,
+)
+from hpcrl.contracts import Algorithm
 from hpcrl.errors import UserError
 from hpcrl.models import QNetwork
 from hpcrl.schedules import linear_schedule
 from hpcrl.state import load_module_arrays, module_arrays
 
-LEARNER = "AsyncQ"
 FINAL_EPSILONS = (0.1, 0.01, 0.5)  # Mnih et al. 2016, §5.1
 FINAL_EPSILON_PROBS = (0.4, 0.3, 0.3)
 
 
 @dataclass
-class Config(AsyncConfig):
+class AsyncQConfig(AsyncConfig):
     """Asynchronous Q-learning hyperparameters (the layout keys are `AsyncConfig`'s);
-    `batch_size` counts actor gradients per update."""
+    `unrolls_per_update` counts actor gradients per update."""
 
     n_step: bool = False  # False: one-step targets (Algorithm 1); True: n-step (S2)
     unroll_length: int = 5  # I_AsyncUpdate, vector steps per gradient
-    batch_size: int = 1
+    unrolls_per_update: int = 1
     learning_rate: float = 7e-4
     optimizer: str = "rmsprop"
     max_grad_norm: float = 10.0
@@ -87,15 +93,13 @@ class Config(AsyncConfig):
             raise UserError(f"async Q-learning needs a Discrete action space, got {action_space}")
 
 
-class AsyncQ(AsyncLearner):
+class AsyncQ(SendsGradients, AsyncLearnerBase):
     """One rank's asynchronous Q-learner: actors call `act` and `gradient`; learners
     `update` with the mean of the gradients they received and keep the target network."""
 
-    MESSAGE = "gradient"
-
     def __init__(
         self,
-        cfg: Config,
+        cfg: AsyncQConfig,
         observation_space,
         action_space,
         num_envs: int = 1,
@@ -197,3 +201,12 @@ class AsyncQ(AsyncLearner):
     def load_shared(self, arrays: dict[str, np.ndarray]) -> None:
         super().load_shared(arrays)
         load_module_arrays(self.target, arrays, "target")
+
+
+ALGORITHM = Algorithm(
+    "async_q",
+    AsyncQConfig,
+    ("actor_learner",),
+    AsyncQ,
+    renamed_keys={"batch_size": "unrolls_per_update"},
+)

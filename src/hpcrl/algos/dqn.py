@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hpcrl.contracts import Algorithm
 from hpcrl.errors import ConfigError, UserError
 from hpcrl.models import QNetwork
 from hpcrl.schedules import linear_schedule, set_learning_rate
@@ -36,20 +37,17 @@ from hpcrl.state import (
     set_generator_state,
 )
 
-LEARNER = "DQN"  # the class `hpcrl.topologies.gradient_allreduce` builds on every rank
-
 
 @dataclass
-class Config:
+class DQNConfig:
     """DQN hyperparameters. Sizes and intervals in env steps are global (all ranks)."""
 
-    layout: str = "data_parallel"
     # Defaults: Stable-Baselines3's DQN (its Atari-style settings), except that intervals
     # count gradient steps here: SB3's 10,000 env steps at train_freq 4 = 2,500.
     learning_rate: float = 1e-4
     anneal_lr: bool = False  # linearly to 0 over the budget
     buffer_size: int = 1_000_000  # transitions, all ranks together (each keeps its share)
-    batch_size: int = 32  # samples per gradient step, all ranks together
+    minibatch_size: int = 32  # samples per gradient step, all ranks together
     learning_starts: int = 100  # env steps (all ranks) before the first gradient step
     train_frequency: int = 4  # env steps (all ranks) between updates
     gradient_steps: int = 1  # gradient steps per update
@@ -63,7 +61,6 @@ class Config:
     dueling: bool = False
     max_grad_norm: float = 10.0  # on the rank-averaged gradient
     hidden_size: int = 64
-    check_sync_every: int = 100  # updates between parameter-consistency checks (0: never)
 
     def validate(self) -> None:
         def check(ok: bool, key: str, expected: str) -> None:
@@ -72,10 +69,9 @@ class Config:
                     f"config key '{key}': got {getattr(self, key)!r}, expected {expected}"
                 )
 
-        check(self.layout == "data_parallel", "layout", "'data_parallel'")
         check(self.learning_rate > 0, "learning_rate", "a number > 0")
         check(self.buffer_size >= 1, "buffer_size", "an integer >= 1")
-        check(self.batch_size >= 1, "batch_size", "an integer >= 1")
+        check(self.minibatch_size >= 1, "minibatch_size", "an integer >= 1")
         check(self.learning_starts >= 0, "learning_starts", "an integer >= 0")
         check(self.train_frequency >= 1, "train_frequency", "an integer >= 1")
         check(self.gradient_steps >= 1, "gradient_steps", "an integer >= 1")
@@ -87,7 +83,6 @@ class Config:
         check(0.0 <= self.exploration_fraction <= 1.0, "exploration_fraction", "in [0, 1]")
         check(self.max_grad_norm > 0, "max_grad_norm", "a number > 0")
         check(self.hidden_size >= 1, "hidden_size", "an integer >= 1")
-        check(self.check_sync_every >= 0, "check_sync_every", "an integer >= 0")
 
     def check_spaces(self, observation_space, action_space) -> None:
         """Raises UserError unless the action space is `Discrete`."""
@@ -100,16 +95,16 @@ class Config:
         """Vector steps per rank between updates: train_frequency / (world_size × num_envs).
 
         Raises:
-            ConfigError: train_frequency, batch_size or buffer_size do not split.
+            ConfigError: train_frequency, minibatch_size or buffer_size do not split.
         """
         share = world_size * num_envs
-        if self.train_frequency % share or self.batch_size % world_size:
+        if self.train_frequency % share or self.minibatch_size % world_size:
             raise ConfigError(
                 f"train_frequency {self.train_frequency} must split over {world_size} ranks "
-                f"x {num_envs} env copies (num_envs) and batch_size {self.batch_size} over "
+                f"x {num_envs} env copies (num_envs) and minibatch_size {self.minibatch_size} over "
                 f"{world_size} ranks: train_frequency % {share} = "
-                f"{self.train_frequency % share}, batch_size % {world_size} = "
-                f"{self.batch_size % world_size}"
+                f"{self.train_frequency % share}, minibatch_size % {world_size} = "
+                f"{self.minibatch_size % world_size}"
             )
         return self.train_frequency // share
 
@@ -124,7 +119,7 @@ class DQN:
 
     def __init__(
         self,
-        cfg: Config,
+        cfg: DQNConfig,
         observation_space,
         action_space,
         num_envs: int,
@@ -135,7 +130,7 @@ class DQN:
         self.world_size = world_size
         self.num_envs = num_envs
         self.rollout_steps = cfg.rollout_steps(world_size, num_envs)
-        self.minibatch_size = cfg.batch_size // world_size
+        self.rank_minibatch_size = cfg.minibatch_size // world_size
         self.capacity = max(1, cfg.buffer_size // world_size)
         self.n_actions = int(action_space.n)
         hidden = (cfg.hidden_size, cfg.hidden_size)
@@ -219,7 +214,7 @@ class DQN:
 
     def _gradient_step(self, dp) -> float:
         cfg = self.cfg
-        index = self.rng.integers(0, self.size, self.minibatch_size)
+        index = self.rng.integers(0, self.size, self.rank_minibatch_size)
         batch = {k: torch.as_tensor(v[index], device=self.device) for k, v in self.replay.items()}
         with torch.no_grad():
             next_q = self.target(batch["next_obs"])
@@ -254,6 +249,10 @@ class DQN:
     def greedy_actions(self, obs: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return self.model(torch.as_tensor(obs)).argmax(dim=1).cpu().numpy()
+
+    def synced_modules(self) -> list[torch.nn.Module]:
+        """The networks every rank holds identically: the online and target networks."""
+        return [self.model, self.target]
 
     def to(self, device: torch.device) -> DQN:
         """Put the online and target networks on `device` (the replay memory stays in host
@@ -290,3 +289,14 @@ class DQN:
         for k, v in self.replay.items():
             v[: self.size] = arrays[f"replay_{k}"]
         set_generator_state(self.rng, arrays["dqn_rng"])
+
+
+# One env copy per rank (SB3's default), so `train_frequency` 4 splits over 1, 2 and 4 ranks.
+ALGORITHM = Algorithm(
+    "dqn",
+    DQNConfig,
+    ("data_parallel",),
+    DQN,
+    run_defaults={"num_envs": 1},
+    renamed_keys={"batch_size": "minibatch_size"},
+)

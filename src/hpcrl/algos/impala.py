@@ -18,7 +18,7 @@ trace there (γ_s = 0). Defaults follow the paper's Table G.1 where CartPole all
 (unroll 20, entropy 0.01, baseline cost 0.5, gradient-norm clip 40, ρ̄ = c̄ = 1), with Adam
 instead of RMSprop and a smaller network (RMSprop is `optimizer: rmsprop`).
 
-This module holds the math; the actor-learner loop is `hpcrl.topologies.async_actor_learner`.
+This module holds the math; the actor-learner loop is `hpcrl.topologies.actor_learner`.
 """
 
 from __future__ import annotations
@@ -28,21 +28,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hpcrl.algos.async_learner import AsyncConfig, AsyncLearner, unroll_targets
+from hpcrl.algos.async_learner import AsyncConfig, AsyncLearnerBase, SendsUnrolls, unroll_targets
 from hpcrl.algos.rollout import check_actor_critic_spaces
+from hpcrl.contracts import Algorithm
 from hpcrl.models import ActorCritic
 from hpcrl.returns import vtrace
 
-LEARNER = "Impala"
-
 
 @dataclass
-class Config(AsyncConfig):
-    """IMPALA hyperparameters (the layout keys are `AsyncConfig`'s). `batch_size` counts
+class ImpalaConfig(AsyncConfig):
+    """IMPALA hyperparameters (the layout keys are `AsyncConfig`'s). `unrolls_per_update` counts
     unrolls per update over the whole learner group."""
 
     unroll_length: int = 20
-    batch_size: int = 2
+    unrolls_per_update: int = 2
     clip_rho_threshold: float | None = 1.0  # ρ̄ (null: no clipping)
     clip_pg_rho_threshold: float | None = 1.0  # ρ̄ of the policy-gradient term
     clip_c_threshold: float | None = 1.0  # c̄
@@ -62,7 +61,7 @@ class Config(AsyncConfig):
         check_actor_critic_spaces("impala", False, observation_space, action_space)
 
 
-class ActorCriticAsync(AsyncLearner):
+class ActorCriticAsync(AsyncLearnerBase):
     """An `ActorCritic` model for the actor-learner layout (IMPALA, A3C): sampling for the
     actors, the critic for time-limit bootstraps, the mode for evaluation."""
 
@@ -113,7 +112,7 @@ class ActorCriticAsync(AsyncLearner):
         return (*(x.reshape(T, N) for x in out), bootstrap)
 
 
-class Impala(ActorCriticAsync):
+class Impala(SendsUnrolls, ActorCriticAsync):
     """One rank's IMPALA: learners call `update` on batches of unrolls; actors `act`."""
 
     def loss(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -162,3 +161,12 @@ class Impala(ActorCriticAsync):
         loss, metrics = self.loss(batch)
         loss.backward()
         return metrics
+
+
+ALGORITHM = Algorithm(
+    "impala",
+    ImpalaConfig,
+    ("actor_learner",),
+    Impala,
+    renamed_keys={"batch_size": "unrolls_per_update"},
+)

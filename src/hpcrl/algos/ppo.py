@@ -12,7 +12,7 @@ Per update, with ratio r_t(θ) = π_θ(a_t|s_t) / π_old(a_t|s_t) and normalized
     loss   = L_clip + c_v L_V − c_e E[H(π_θ(·|s_t))]
 
 This module holds the math and the rollout; the loop that steps envs and calls `update` on
-every rank lives in `hpcrl.topologies.gradient_allreduce`.
+every rank lives in `hpcrl.topologies.data_parallel`.
 """
 
 from __future__ import annotations
@@ -27,19 +27,17 @@ from hpcrl.algos.rollout import (
     advantages_and_returns,
     check_actor_critic_spaces,
 )
+from hpcrl.contracts import Algorithm
 from hpcrl.errors import ConfigError
 from hpcrl.models import ActorCritic
 from hpcrl.schedules import set_learning_rate
 
-LEARNER = "PPO"  # the class `hpcrl.topologies.gradient_allreduce` builds on every rank
-
 
 @dataclass
-class Config:
+class PPOConfig:
     """PPO hyperparameters. Batch sizes are global: summed over every rank."""
 
-    layout: str = "data_parallel"
-    batch_size: int = 2048  # env steps per update, all ranks together
+    env_steps_per_update: int = 2048  # env steps per update, all ranks together
     minibatch_size: int = 512  # samples per gradient step, all ranks together
     update_epochs: int = 10
     learning_rate: float = 3e-4
@@ -55,11 +53,6 @@ class Config:
     norm_adv: bool = True  # with the global batch's mean and std
     normalize_obs: bool = False  # running mean/std over all ranks (hpcrl.normalization)
     hidden_size: int = 64
-    # DD-PPO preemption threshold: once this fraction of the ranks has a full rollout, the
-    # others stop collecting (after at least 25% of theirs); 1 turns it off (lockstep, and
-    # a run is then bit-reproducible for a fixed seed and world size).
-    sync_frac: float = 0.6
-    check_sync_every: int = 10  # updates between parameter-consistency checks (0: never)
 
     def validate(self) -> None:
         def check(ok: bool, key: str, expected: str) -> None:
@@ -68,13 +61,12 @@ class Config:
                     f"config key '{key}': got {getattr(self, key)!r}, expected {expected}"
                 )
 
-        check(self.layout == "data_parallel", "layout", "'data_parallel'")
-        check(self.batch_size >= 1, "batch_size", "an integer >= 1")
+        check(self.env_steps_per_update >= 1, "env_steps_per_update", "an integer >= 1")
         check(
-            1 <= self.minibatch_size <= self.batch_size
-            and self.batch_size % self.minibatch_size == 0,
+            1 <= self.minibatch_size <= self.env_steps_per_update
+            and self.env_steps_per_update % self.minibatch_size == 0,
             "minibatch_size",
-            f"a divisor of batch_size ({self.batch_size})",
+            f"a divisor of env_steps_per_update ({self.env_steps_per_update})",
         )
         check(self.update_epochs >= 1, "update_epochs", "an integer >= 1")
         check(self.learning_rate > 0, "learning_rate", "a number > 0")
@@ -83,8 +75,6 @@ class Config:
         check(self.clip_coef > 0, "clip_coef", "ε > 0")
         check(self.max_grad_norm > 0, "max_grad_norm", "a number > 0")
         check(self.hidden_size >= 1, "hidden_size", "an integer >= 1")
-        check(0.0 < self.sync_frac <= 1.0, "sync_frac", "a fraction of the ranks in (0, 1]")
-        check(self.check_sync_every >= 0, "check_sync_every", "an integer >= 0")
 
     def check_spaces(self, observation_space, action_space) -> None:
         """Raises UserError unless the action space is `Discrete` or `Box` (and, with
@@ -92,20 +82,21 @@ class Config:
         check_actor_critic_spaces("ppo", self.normalize_obs, observation_space, action_space)
 
     def rollout_steps(self, world_size: int, num_envs: int) -> int:
-        """Vector steps per rollout on each rank: batch_size / (world_size × num_envs).
+        """Vector steps per rollout on each rank: env_steps_per_update / (world_size × num_envs).
 
         Raises:
             ConfigError: the global batch does not split into whole rollouts.
         """
         share = world_size * num_envs
-        if self.batch_size % share or (self.minibatch_size % world_size):
+        if self.env_steps_per_update % share or (self.minibatch_size % world_size):
             raise ConfigError(
-                f"batch_size {self.batch_size} and minibatch_size {self.minibatch_size} must "
-                f"split over {world_size} ranks x {num_envs} env copies (num_envs): "
-                f"batch_size % {share} = {self.batch_size % share}, "
+                f"env_steps_per_update {self.env_steps_per_update} and minibatch_size "
+                f"{self.minibatch_size} must split over {world_size} ranks x {num_envs} env "
+                "copies (num_envs): "
+                f"env_steps_per_update % {share} = {self.env_steps_per_update % share}, "
                 f"minibatch_size % {world_size} = {self.minibatch_size % world_size}"
             )
-        return self.batch_size // share
+        return self.env_steps_per_update // share
 
 
 class PPO(ActorCriticLearner):
@@ -118,7 +109,7 @@ class PPO(ActorCriticLearner):
 
     def __init__(
         self,
-        cfg: Config,
+        cfg: PPOConfig,
         observation_space,
         action_space,
         num_envs: int,
@@ -171,7 +162,7 @@ class PPO(ActorCriticLearner):
         metrics: dict[str, float] = {}
         # The same number of minibatches on every rank (one gradient Allreduce each), even
         # when a straggler's rollout was cut short: its minibatches are just smaller.
-        num_minibatches = cfg.batch_size // cfg.minibatch_size
+        num_minibatches = cfg.env_steps_per_update // cfg.minibatch_size
         for _ in range(cfg.update_epochs):
             order = torch.randperm(T * B, generator=self.generator)
             for index in torch.tensor_split(order, num_minibatches):
@@ -222,3 +213,15 @@ class PPO(ActorCriticLearner):
             "losses/entropy": entropy_loss.item(),
             "losses/approx_kl": approx_kl,
         }
+
+
+ALGORITHM = Algorithm(
+    "ppo",
+    PPOConfig,
+    ("data_parallel",),
+    PPO,
+    # DD-PPO's preemption threshold (Wijmans et al. 2020, §3): once 60% of the ranks have
+    # a full rollout, the others stop collecting.
+    topology_defaults={"sync_frac": 0.6, "check_sync_every": 10},
+    renamed_keys={"batch_size": "env_steps_per_update"},
+)

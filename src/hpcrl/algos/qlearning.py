@@ -20,18 +20,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hpcrl.contracts import Algorithm
 from hpcrl.errors import ConfigError
 from hpcrl.schedules import linear_schedule
 
-LAYOUTS = ("ps", "allreduce")
 EXPLORATIONS = ("epsilon_greedy", "boltzmann")
 
 
 @dataclass
-class Config:
+class QLearningConfig:
     """Tabular Q-learning hyperparameters. Schedules run over the fraction of the budget."""
 
-    layout: str = "ps"  # ps: rank 0 parameter server | allreduce: replicated table
     exploration: str = "epsilon_greedy"  # or boltzmann (softmax over Q / τ)
     alpha: float = 0.1  # step size α at the start
     alpha_end: float = 0.005  # α decays linearly to this over alpha_decay_fraction
@@ -44,7 +43,6 @@ class Config:
     tau_end: float = 0.01
     tau_decay_fraction: float = 0.6
     q_init: float = 0.0  # initial value of every Q(s, a)
-    sync_interval: int = 64  # vector steps between exchanges with the learner / peers
 
     def validate(self) -> None:
         def check(ok: bool, key: str, expected: str) -> None:
@@ -52,7 +50,6 @@ class Config:
                 value = getattr(self, key)
                 raise ConfigError(f"config key '{key}': got {value!r}, expected {expected}")
 
-        check(self.layout in LAYOUTS, "layout", f"one of {list(LAYOUTS)}")
         check(self.exploration in EXPLORATIONS, "exploration", f"one of {list(EXPLORATIONS)}")
         check(0.0 < self.alpha <= 1.0, "alpha", "a step size α in (0, 1]")
         check(0.0 < self.alpha_end <= 1.0, "alpha_end", "a step size in (0, 1]")
@@ -63,7 +60,6 @@ class Config:
         check(self.tau_end > 0.0, "tau_end", "a temperature τ > 0")
         for key in ("alpha_decay_fraction", "epsilon_decay_fraction", "tau_decay_fraction"):
             check(0.0 <= getattr(self, key) <= 1.0, key, "a fraction in [0, 1]")
-        check(self.sync_interval >= 1, "sync_interval", "an integer >= 1")
 
 
 def q_learning_update(
@@ -150,7 +146,7 @@ def boltzmann(q_rows: np.ndarray, tau: float, rng: np.random.Generator) -> np.nd
 class QLearningPolicy:
     """The behaviour policy of an actor: exploration over a (possibly stale) Q-table."""
 
-    def __init__(self, cfg: Config, rng: np.random.Generator):
+    def __init__(self, cfg: QLearningConfig, rng: np.random.Generator):
         self.cfg = cfg
         self.rng = rng
 
@@ -181,10 +177,14 @@ class QLearningPolicy:
 class QLearningLearner:
     """Owns a Q-table and applies batches of transitions to it."""
 
-    def __init__(self, cfg: Config, n_states: int, n_actions: int):
+    def __init__(self, cfg: QLearningConfig, n_states: int, n_actions: int):
         self.cfg = cfg
         self.q_table = np.full((n_states, n_actions), cfg.q_init, dtype=np.float64)
         self.learner_updates = 0
+
+    def behaviour_policy(self, rng: np.random.Generator) -> QLearningPolicy:
+        """An actor's ε-greedy or Boltzmann policy, exploring with `rng`."""
+        return QLearningPolicy(self.cfg, rng)
 
     def alpha(self, progress: float) -> float:
         c = self.cfg
@@ -203,3 +203,14 @@ class QLearningLearner:
             self.cfg.gamma,
         )
         self.learner_updates += 1
+
+
+def make_learner(
+    cfg: QLearningConfig, observation_space, action_space, num_envs=1, world_size=1, seed=0
+) -> QLearningLearner:
+    """A Q-table of `observation_space.n` x `action_space.n` entries (both `Discrete`,
+    checked by the tabular layouts), every entry `q_init`."""
+    return QLearningLearner(cfg, int(observation_space.n), int(action_space.n))
+
+
+ALGORITHM = Algorithm("qlearning", QLearningConfig, ("ps", "allreduce"), make_learner)

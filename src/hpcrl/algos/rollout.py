@@ -112,6 +112,10 @@ class ActorCriticLearner:
         if normalize_obs:
             self.normalizer = ObservationNormalizer(observation_space.shape)
 
+    def synced_modules(self) -> list[torch.nn.Module]:
+        """The networks every rank holds identically: the model."""
+        return [self.model]
+
     def to(self, device: torch.device) -> ActorCriticLearner:
         """Put the model on `device` (rollouts stay in host memory; each update moves its
         batch over once)."""

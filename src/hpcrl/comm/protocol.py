@@ -58,16 +58,30 @@ class Message:
         return self.views[name]
 
 
-# Header slots of a tabular experience message (int64). EXP_FINAL: the actor's last batch
-# (budget spent or stopping); EXP_STOP: a preemption signal reached this actor.
-EXP_ROWS, EXP_POLICY_VERSION, EXP_FINAL, EXP_EPISODES, EXP_ACTOR_ENV_STEPS, EXP_STOP = range(6)
-# Header slots of a parameter snapshot (int64). PARAMS_STOP: end with the current batch.
-PARAMS_VERSION, PARAMS_FINAL, PARAMS_STOP = range(3)
+class ActorHeader(IntEnum):
+    """Header slots (int64) of every actor -> learner message (tabular batches, unrolls and
+    gradients alike), so one parameter-server exchange serves every layout."""
+
+    ROWS = 0  # env steps it counts (the budget's last vector step may count fewer copies)
+    POLICY_VERSION = 1  # version of the parameters its first step used
+    FINAL = 2  # the actor's last message (budget spent or stopping)
+    EPISODES = 3  # episodes that finished in it
+    ACTOR_ENV_STEPS = 4  # the actor's env steps in this segment after it
+    STOP = 5  # a preemption signal reached this actor
+    STEPS = 6  # vector steps filled (unrolls: < unroll_length only in an actor's last)
+
+
+class ParamsHeader(IntEnum):
+    """Header slots (int64) of a learner -> actor parameter snapshot."""
+
+    VERSION = 0  # learner updates behind these parameters (the policy version)
+    FINAL = 1  # the answer to the actor's final message: nothing follows
+    STOP = 2  # end with the current message (a preemption signal)
 
 
 def tabular_experience_schema(rows: int) -> Schema:
     """Actor -> learner batch of up to `rows` transitions (time-major: vector step, then env)
-    and of up to `rows` episodes that finished in it."""
+    and of up to `rows` episodes that finished in it (header: `ActorHeader`)."""
     return Schema(
         [
             ("header", (8,), np.int64),
@@ -76,33 +90,26 @@ def tabular_experience_schema(rows: int) -> Schema:
             ("reward", (rows,), np.float64),
             ("next_obs", (rows,), np.int64),
             ("terminated", (rows,), np.bool_),
-            ("episode_return", (rows,), np.float64),
-            ("episode_length", (rows,), np.int64),
-            ("episode_actor_env_steps", (rows,), np.int64),  # actor's own count at episode end
-            ("episode_wall_time", (rows,), np.float64),  # seconds since the run started
+            *_episode_fields(rows),
         ]
     )
 
 
 def q_table_schema(n_states: int, n_actions: int) -> Schema:
-    """Learner -> actor snapshot of the Q-table with its version."""
+    """Learner -> actor snapshot of the Q-table with its version (header: `ParamsHeader`)."""
     return Schema([("header", (3,), np.int64), ("q_table", (n_states, n_actions), np.float64)])
 
 
-# Header slots of an actor message of the deep actor-learner layout (int64). The actor's
-# timing counters travel in its `timing` field (float64, `TIMING_*`).
-(
-    UNROLL_STEPS,  # vector steps filled (< unroll_length only in an actor's last message)
-    UNROLL_ROWS,  # env steps it counts (the budget's last vector step may count fewer copies)
-    UNROLL_POLICY_VERSION,  # version of the parameters its first step used
-    UNROLL_FINAL,  # the actor's last message (budget spent or stopping)
-    UNROLL_EPISODES,  # episodes that finished in it
-    UNROLL_ACTOR_ENV_STEPS,  # the actor's env steps in this segment after it
-    UNROLL_STOP,  # a preemption signal reached this actor
-) = range(7)
 # Seconds since the actor started: total, stepping envs, policy inference, waiting for a
 # send buffer to come free, waiting for the first parameters.
-TIMING_WALL, TIMING_ENV, TIMING_INFERENCE, TIMING_SEND_WAIT, TIMING_PARAM_WAIT = range(5)
+class Timing(IntEnum):
+    """Slots of an actor message's `timing` field (float64 seconds since it started)."""
+
+    WALL = 0
+    ENV = 1  # stepping envs
+    INFERENCE = 2  # the policy, and the gradient an actor computes (`SendsGradients`)
+    SEND_WAIT = 3  # waiting for a send buffer to come free
+    PARAM_WAIT = 4  # waiting for the first parameters
 
 
 def unroll_schema(
@@ -186,5 +193,5 @@ def _episode_fields(rows: int) -> list[tuple[str, tuple[int, ...], type]]:
 
 def parameters_schema(n_parameters: int) -> Schema:
     """Learner -> actor: the model's parameters as one flat float32 vector (the order of
-    `module.parameters()`) with their version (header slots `PARAMS_*`)."""
+    `module.parameters()`) with their version (header: `ParamsHeader`)."""
     return Schema([("header", (3,), np.int64), ("parameters", (n_parameters,), np.float32)])

@@ -1,404 +1,704 @@
-"""Parameter-server (actor-learner) loop for tabular Q-learning.
+"""The `actor_learner` layout for deep learners (IMPALA, A3C, asynchronous one-step and
+n-step Q-learning): ranks 0..k-1 learn (`learner_ranks` k, a learner group), every other
+rank acts; no actor ever waits for a learner. The algorithms plug in through
+`hpcrl.contracts.AsyncLearner`: what an actor sends is the learner's `message_schema` and
+`pack` (IMPALA's actors send their unrolls; A3C's and Q-learning's the gradient they
+computed on the unroll with their own copy of the parameters, which makes the learner a
+parameter server).
 
-Rank 0 owns the Q-table; ranks 1..N-1 are actors. An actor steps its vector env on its
-latest snapshot of the table and sends every `sync_interval` vector steps a batch of
-transitions with `Isend` from one of two preallocated buffers (double buffering: it fills
-one while the other is in flight). Rank 0 keeps a receive posted for every actor, serves
-whichever completes first (`Testsome`), applies the batch one vector step at a time, and
-answers that actor with a fresh, versioned snapshot as soon as its previous snapshot has
-been delivered. Actors pick snapshots up when their non-blocking receive has completed and
-never wait on rank 0 per step. Policy lag = learner updates now - version the batch was
-collected with.
+Actor (rank a >= k, served by learner (a - k) mod k): steps its vector env with the last
+parameters it received, fills an unroll of T vector steps (`hpcrl.comm.protocol.
+unroll_schema`, stamped with the parameter version its first step used) and sends it;
+the exchange with its learner (double-buffered sends, send wait, parameters picked up
+between vector steps) is `hpcrl.topologies.serving`'s, shared with the `ps` layout.
 
-Shutdown: an actor's last batch carries `final=1`; rank 0 answers it with a final
-snapshot, so every send has a matching receive and nothing is cancelled.
+Learner: serves its actors (`serving.ActorPool`) and queues full unrolls; one older than
+`max_policy_lag` updates is dropped and counted. With a batch of `unrolls_per_update / k` unrolls
+it joins a *round* of the learner group: one small `Iallreduce` of flags (has a batch, is
+done, stop, env steps, log and checkpoint votes), during which it keeps serving its
+actors. Every learner then takes the same decisions: if any had a batch, all take one
+optimizer step on the gradient summed over the group and divided by the learners that had a
+batch (`FlatGradients.average`), so the learners' parameters stay bit-identical (IMPALA
+§5.3.1); every `publish_interval` updates each learner sends the new versioned parameters
+to each of its actors whose previous parameters have been delivered. With k = 1 a round
+costs nothing.
 
-Preemption: a rank that received `SIGUSR1`/`SIGTERM` says so in its next message (an
-actor's batch header, rank 0's snapshot header); rank 0 then stamps `stop` on every
-snapshot, and each actor ends with its current batch marked final, as at the end of its
-budget. Once every final batch is in, rank 0 writes the checkpoint and all ranks agree
-(one small allreduce) that the run was interrupted. Rank 0 checkpoints while actors run,
-so its checkpoints hold the table and counters, not the actors' env and RNG state: a
-multi-rank `ps` run resumes in a new segment (fresh actor seeds, in-progress episodes
-restarted; `ps` applies batches in arrival order and is not deterministic anyway). With
-one process the checkpoint holds the actor's state too and resumes bit-exactly.
+Budget: the run's env steps are split over the actors. An actor's last unroll (shorter, or
+with copies past the budget) is counted, not learned from. A learner is done when all its
+actors have sent their final unroll (`serving`).
 
-With one process the same actor and learner alternate in place, one vector step at a time.
+Preemption: a stop vote in a round makes every learner tell its actors to stop; each actor
+ends with its current unroll marked final. The unrolls queued but not learned then, and any
+received after, are dropped and counted (`unrolls_dropped`), and rank 0 checkpoints the
+parameters, optimizer state and counters. A resume starts a new segment (fresh actor seeds,
+episodes restarted), as for the tabular parameter server: an asynchronous run is not
+bit-reproducible anyway.
+
+One process: the same actor and learner alternate in place, one unroll at a time
+(`serving.alternate`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from dataclasses import dataclass, field
+from enum import IntEnum
 
 import numpy as np
+import torch
 from mpi4py import MPI
 
-from hpcrl.algos.qlearning import QLearningLearner, QLearningPolicy
+from hpcrl.algos import make_learner
 from hpcrl.comm import protocol as P
-from hpcrl.comm.protocol import Message, Tag
-from hpcrl.comm.waits import Backoff, WatchdogTimeout, allreduce_sum, wait_all
-from hpcrl.topologies.context import (
-    EpisodeRows,
-    LoopResult,
-    Reporter,
-    RunContext,
-    TrajectoryRecorder,
-    link_trajectories,
-    rank_state,
-    restore_rank_state,
-    save_q_table,
-)
+from hpcrl.comm.gradients import FlatGradients, broadcast_parameters, parameters_digest
+from hpcrl.comm.protocol import ActorHeader, Message, ParamsHeader, Timing
+from hpcrl.comm.waits import Backoff, WatchdogTimeout, allreduce_sum, gather_rows
+from hpcrl.contracts import AsyncLearner, LayoutError, LoopResult
+from hpcrl.errors import ConfigError
+from hpcrl.models import select_device
+from hpcrl.topologies.checkpointing import save_checkpoint
+from hpcrl.topologies.collective_eval import LearnerGreedy
+from hpcrl.topologies.deep import DeepTopology
+from hpcrl.topologies.recording import TrajectoryRecorder, link_trajectories
+from hpcrl.topologies.reporting import EpisodeRows, Reporter
+from hpcrl.topologies.run_context import RunContext
+from hpcrl.topologies.serving import ActorPool, LearnerLink, alternate
 
 
-class TabularActor:
-    """Steps a vector env with the behaviour policy and fills experience messages."""
+@dataclass
+class ActorLearnerConfig:
+    """Settings of the `actor_learner` layout."""
 
-    def __init__(self, ctx: RunContext, budget: int):
+    learner_ranks: int = 1  # learner group size k (IMPALA §5.3.1): ranks 0..k-1
+    max_policy_lag: int = 20  # actor messages older than this many updates are dropped
+    publish_interval: int = 1  # learner updates between parameter publications
+
+    def validate(self) -> None:
+        for key, value, low in (
+            ("learner_ranks", self.learner_ranks, 1),
+            ("max_policy_lag", self.max_policy_lag, 0),
+            ("publish_interval", self.publish_interval, 1),
+        ):
+            if value < low:
+                raise ConfigError(
+                    f"config key '{key}': got {value!r}, expected an integer >= {low}"
+                )
+
+
+class ActorLearner(DeepTopology):
+    """Ranks 0..k-1 learn, the others act; one process: both in turn."""
+
+    name = "actor_learner"
+    Config = ActorLearnerConfig
+
+    def min_world_size(self) -> int:
+        k = self.settings.learner_ranks
+        return 1 if k == 1 else k + 1
+
+    def check_world(self, world_size: int) -> None:
+        """Raises:
+        LayoutError: `learner_ranks` leaves no actor (or is not 1 in a one-process run)."""
+        k = self.settings.learner_ranks
+        if world_size == 1 and k != 1:
+            raise LayoutError(
+                f"config key 'learner_ranks': got {k} in a one-process run, expected 1 "
+                f"(layout 'actor_learner' with {k} learner ranks needs at least {k + 1} ranks)"
+            )
+        if world_size > 1 and k >= world_size:
+            raise LayoutError(
+                f"config key 'learner_ranks': got {k}, expected fewer than the world size "
+                f"{world_size} (ranks 0-{k - 1} learn, the others act): layout "
+                f"'actor_learner' needs at least {k + 1} ranks"
+            )
+
+    def check_env(self, env, world_size: int, shapes: dict) -> None:
+        """Also raises ConfigError when `unrolls_per_update` does not split over the
+        learner ranks."""
+        super().check_env(env, world_size, shapes)
+        k, per_update = self.settings.learner_ranks, self.cfg.algo.unrolls_per_update
+        if per_update % k:
+            raise ConfigError(
+                f"unrolls_per_update {per_update} must split over {k} learner ranks "
+                f"(learner_ranks): {per_update} % {k} = {per_update % k}"
+            )
+
+    def roles(self, world_size: int) -> str:
+        if world_size == 1:
+            return "one process: every role in turn"
+        k = self.settings.learner_ranks
+        learners = "rank 0 learner" if k == 1 else f"ranks 0-{k - 1} learners"
+        return f"{learners}, ranks {k}-{world_size - 1} actors"
+
+    def acting_ranks(self, world_size: int) -> range:
+        return range(1) if world_size == 1 else range(self.settings.learner_ranks, world_size)
+
+    def run(self, ctx: RunContext) -> LoopResult:
+        """Every rank returns the final parameters (broadcast from rank 0 at the end, for
+        the evaluation)."""
+        learner, interrupted = _run(ctx)
+        return LoopResult(interrupted, LearnerGreedy(learner))
+
+
+TOPOLOGY = ActorLearner
+
+
+class Round(IntEnum):
+    """Slots of a learner-group round's flags (summed over the learner group)."""
+
+    HAS_BATCH = 0  # learners with a batch for this update
+    DONE = 1  # learners all of whose actors are done
+    STOP = 2  # a preemption signal reached a learner or one of its actors
+    ENV_STEPS = 3  # env steps the learners' actors took since the last round
+    LOG = 4  # rank 0's log clock
+    CHECKPOINT = 5  # rank 0's wall-time checkpoint clock
+
+
+def _unroll_schema(ctx: RunContext) -> P.Schema:
+    """The unroll an actor fills (`pack` makes the message it sends from it)."""
+    observation_space, action_space = ctx.observation_space, ctx.action_space
+    act_dtype = np.int64 if action_space.shape == () else np.float32
+    return P.unroll_schema(
+        ctx.cfg.algo.unroll_length,
+        ctx.cfg.run.num_envs,
+        observation_space.shape,
+        observation_space.dtype,
+        action_space.shape,
+        act_dtype,
+    )
+
+
+class UnrollActor:
+    """Steps a vector env with the behaviour policy and fills unroll messages."""
+
+    def __init__(self, ctx: RunContext, policy: AsyncLearner, budget: int):
         self.ctx = ctx
-        self.rng, env_seed = ctx.rank_seeds()
-        self.policy = QLearningPolicy(ctx.cfg.algo, self.rng)
+        self.policy = policy
+        self.unroll = _unroll_schema(ctx).allocate()
         self.stepper = ctx.make_stepper()
+        self.recorder = TrajectoryRecorder(ctx)
         self.budget = budget
         self.env_steps = 0  # in this segment
-        self.num_envs = ctx.cfg.run.num_envs
-        self.stop = False  # end with the current batch (preemption)
-        if ctx.resume is not None:
-            state = ctx.resume.rank_state(ctx.rank)
-            if state:
-                self.env_steps, _ = restore_rank_state(state, self.rng, self.stepper, env_seed + 1)
-        self.recorder = TrajectoryRecorder(ctx)
-
-    @property
-    def finished(self) -> bool:
-        return self.env_steps >= self.budget
+        self.stop = False
+        self.timing = np.zeros(len(Timing), dtype=np.float64)  # seconds
+        self.start = time.perf_counter()
+        self.delay_s = ctx.slow_step_s()
 
     @property
     def done(self) -> bool:
-        """Its last batch is (being) sent: budget spent or told to stop."""
-        return self.finished or self.stop
+        """Its last unroll is (being) sent: budget spent or told to stop."""
+        return self.env_steps >= self.budget or self.stop
 
-    def state(self, learner_updates: int) -> dict[str, np.ndarray]:
-        """This actor's `rank_state` (for a checkpoint that holds it)."""
-        self.recorder.flush()
-        return rank_state(
-            self.rng, self.stepper, self.env_steps, learner_updates, self.recorder.rows
-        )
+    def produce(self, msg: Message, poll) -> None:
+        """Fill an unroll (`fill`) and make the message to send from it: the learner's
+        `pack` (its time counts as inference), then header, episodes and timing."""
+        self.fill(self.unroll, poll)
+        t0 = time.perf_counter()
+        self.policy.pack(self.unroll, msg)
+        self.timing[Timing.INFERENCE] += time.perf_counter() - t0
+        for name in ("header", *(f for f in msg.schema.fields if f.startswith("episode_"))):
+            msg[name][...] = self.unroll[name]
+        msg["timing"][:] = self.timing
 
-    def fill(
-        self,
-        msg: Message,
-        q_table: np.ndarray,
-        poll: Callable[[], int],
-        vector_steps: int | None = None,
-    ) -> None:
-        """Take up to `vector_steps` (default `sync_interval`) vector steps on `q_table` and
-        write them into `msg`.
-
-        `poll()` runs before every vector step: it may refresh `q_table` in place and
-        returns the policy version now in `q_table`. The batch is stamped with the version
-        its first step used, the oldest policy in it. The last vector step of the budget
-        counts only as many env copies as the budget has left, so the run ends exactly
-        at its env-step budget.
-        """
-        rows = episodes = 0
-        policy_version = -1
-        segment = self.ctx.segment
-        for _ in range(vector_steps or self.ctx.cfg.algo.sync_interval):
-            version = poll()
-            if self.finished or self.stop:
+    def fill(self, msg: Message, poll) -> None:
+        """Take up to T vector steps and write them into `msg`. `poll()` runs before every
+        vector step; it may load new parameters into the policy and returns their version."""
+        T, B = self.ctx.cfg.algo.unroll_length, self.ctx.cfg.run.num_envs
+        steps = rows = episodes = 0
+        version = -1
+        for t in range(T):
+            v = poll()
+            if self.done:
                 break
-            if policy_version < 0:
-                policy_version = version
+            version = v if version < 0 else version
             self.ctx.maybe_fail(self.env_steps)
-            actions = self.policy.select_actions(
-                q_table, self.stepper.obs, segment.progress(self.env_steps, self.budget)
-            )
+            if self.delay_s:
+                time.sleep(self.delay_s)  # test-only slow actor (`debug.slow_rank`)
+            t0 = time.perf_counter()
+            progress = self.ctx.segment.progress(self.env_steps, self.budget)
+            actions, log_probs = self.policy.act(self.stepper.obs, progress)
+            t1 = time.perf_counter()
             batch = self.stepper.step(actions)
-            n = min(self.num_envs, self.budget - self.env_steps)
-            end = rows + n
-            msg["obs"][rows:end] = batch.obs[:n]
-            msg["action"][rows:end] = batch.actions[:n]
-            msg["reward"][rows:end] = batch.rewards[:n]
-            msg["next_obs"][rows:end] = batch.next_obs[:n]
-            msg["terminated"][rows:end] = batch.terminated[:n]
+            t2 = time.perf_counter()
+            msg["obs"][t] = batch.obs
+            msg["actions"][t] = batch.actions
+            msg["behaviour_log_probs"][t] = log_probs
+            msg["rewards"][t] = batch.rewards
+            msg["terminated"][t] = batch.terminated
+            msg["truncated"][t] = batch.truncated
+            cut = np.flatnonzero(batch.truncated & ~batch.terminated)
+            msg["truncation_values"][t] = 0.0
+            if cut.size:
+                msg["truncation_values"][t, cut] = self.policy.values(batch.next_obs[cut])
+            t3 = time.perf_counter()
+            self.timing[Timing.INFERENCE] += (t1 - t0) + (t3 - t2)
+            self.timing[Timing.ENV] += t2 - t1
+            n = min(B, self.budget - self.env_steps)
             self.recorder.record(batch, n)
-            rows = end
             self.env_steps += n
+            rows += n
+            steps += 1
             episodes = P.write_episodes(
                 msg, episodes, batch, n, self.env_steps, self.ctx.elapsed_s()
             )
+        msg["obs"][steps] = self.stepper.obs
         header = msg["header"]
-        header[P.EXP_ROWS] = rows
-        header[P.EXP_POLICY_VERSION] = max(policy_version, 0)
-        header[P.EXP_FINAL] = int(self.done)
-        header[P.EXP_EPISODES] = episodes
-        header[P.EXP_ACTOR_ENV_STEPS] = self.env_steps
-        header[P.EXP_STOP] = int(self.ctx.stop_requested())
+        header[ActorHeader.STEPS] = steps
+        header[ActorHeader.ROWS] = rows
+        header[ActorHeader.POLICY_VERSION] = max(version, 0)
+        header[ActorHeader.FINAL] = int(self.done)
+        header[ActorHeader.EPISODES] = episodes
+        header[ActorHeader.ACTOR_ENV_STEPS] = self.env_steps
+        header[ActorHeader.STOP] = int(self.ctx.stop_requested())
+        self.timing[Timing.WALL] = time.perf_counter() - self.start
+        msg["timing"][:] = self.timing
 
     def close(self) -> int:
         self.stepper.close()
         return self.recorder.close()
 
 
-class TabularParameterServer:
-    """Rank 0's side: the Q-table, batch application, episodes, lag, metrics, checkpoints."""
+@dataclass
+class _Stats:
+    """What a learner counts between two log rows."""
 
-    def __init__(self, ctx: RunContext):
+    lags: list[int] = field(default_factory=list)
+    dropped_stale: int = 0
+    wait_s: float = 0.0  # waiting for a batch
+    updates: int = 0
+    timing: dict[int, np.ndarray] = field(default_factory=dict)  # actor rank -> `Timing`
+
+
+class UnrollLearner:
+    """One learner rank: its actors' unrolls, the batch queue, counters and statistics."""
+
+    def __init__(self, ctx: RunContext, learner: AsyncLearner, batch_unrolls: int):
         self.ctx = ctx
-        self.learner = QLearningLearner(ctx.cfg.algo, ctx.n_states, ctx.n_actions)
+        self.learner = learner
+        self.fields = learner.payload
+        self.batch_unrolls = batch_unrolls
+        self.queue: list[dict[str, np.ndarray]] = []
         self.episodes = EpisodeRows()
-        self.env_steps = 0  # global
-        # Rows of each traj/rank-<k>.h5 that hold consumed transitions.
-        self.traj_rows: dict[int, int] = {}
-        if ctx.resume is not None:
-            meta = ctx.resume.meta
-            self.learner.q_table[:] = ctx.resume.shared()["q_table"]
-            self.learner.learner_updates = int(meta["learner_updates"])
-            self.env_steps = int(meta["env_steps"])
-            rows = meta.get("traj_rows", [])
-            self.traj_rows = {k: int(n) for k, n in enumerate(rows) if k in ctx.recording_ranks}
-        self.reporter = Reporter(ctx)
-        self.lags: list[int] = []
-        interval = ctx.cfg.run.checkpoint_interval_env_steps
-        self.next_checkpoint = (self.env_steps // interval + 1) * interval if interval else None
-        self.checkpointed_env_steps = -1
-        self.rank_states = None  # () -> {rank: state} when the checkpoint can hold them
-        self.stop = False  # a preemption signal reached rank 0 or an actor
+        self.env_steps = 0  # global, as of the last round
+        self.local_steps = 0  # this learner's since the last round
+        self.in_round = 0  # this learner's steps in the round under way (not yet in env_steps)
+        self.unrolls_dropped = 0  # received but never learned from (stop, end, checkpoint)
+        self.traj_rows = np.zeros(ctx.world_size, dtype=np.int64)
+        self.stats = _Stats()
+        self.last_timing: dict[int, np.ndarray] = {}
+        self.stopping = False
 
     @property
     def policy_version(self) -> int:
         return self.learner.learner_updates
 
     def consume(self, msg: Message, rank: int) -> None:
-        """Apply one actor batch, one vector step (`num_envs` rows) at a time."""
+        """Count one actor message; queue it for learning if it is a full unroll that is
+        not too stale (and the run is not stopping)."""
         header = msg["header"]
-        rows = int(header[P.EXP_ROWS])
-        self.lags.append(self.policy_version - int(header[P.EXP_POLICY_VERSION]))
-        self.stop = self.stop or bool(header[P.EXP_STOP])
-        before = self.env_steps
-        total = self.ctx.cfg.run.total_env_steps
-        rows_per_update = self.ctx.cfg.run.num_envs  # one vector step
-        for start in range(0, rows, rows_per_update):
-            s = slice(start, min(start + rows_per_update, rows))
-            self.learner.update(
-                msg["obs"][s],
-                msg["action"][s],
-                msg["reward"][s],
-                msg["next_obs"][s],
-                msg["terminated"][s],
-                self.env_steps / total,
-            )
-            self.env_steps += s.stop - s.start
+        rows = int(header[ActorHeader.ROWS])
+        T, B = self.ctx.cfg.algo.unroll_length, self.ctx.cfg.run.num_envs
+        before = self.env_steps + self.in_round + self.local_steps
+        self.local_steps += rows
         if self.ctx.cfg.run.record_trajectories:
-            self.traj_rows[rank] = self.traj_rows.get(rank, 0) + rows
+            self.traj_rows[rank] += rows
         self.episodes.add_message(
             msg,
-            int(header[P.EXP_EPISODES]),
+            int(header[ActorHeader.EPISODES]),
             rows,
-            int(header[P.EXP_ACTOR_ENV_STEPS]),
+            int(header[ActorHeader.ACTOR_ENV_STEPS]),
             before,
             rank,
         )
-
-    def tick(self, force: bool = False) -> None:
-        """Log and checkpoint when due (by env steps or wall time)."""
-        if force or self.reporter.due():
-            self.log()
-        by_steps = self.next_checkpoint is not None and self.env_steps >= self.next_checkpoint
-        if by_steps or self.ctx.checkpoint_due_by_time():
-            self.checkpoint()
-        if self.next_checkpoint is not None and self.env_steps >= self.next_checkpoint:
-            interval = self.ctx.cfg.run.checkpoint_interval_env_steps
-            self.next_checkpoint = (self.env_steps // interval + 1) * interval
-
-    def log(self) -> None:
-        self.reporter.add_episodes(self.episodes.take())
-        lags = self.lags or [0]
-        self.reporter.log(
-            self.env_steps,
-            {
-                "learner_updates": int(self.learner.learner_updates),
-                "policy_lag_mean": float(np.mean(lags)),
-                "policy_lag_max": int(np.max(lags)),
-            },
-        )
-        self.lags = []
-
-    def checkpoint(self) -> None:
-        """Write every finished episode, then the checkpoint (once per env-step count)."""
-        if self.env_steps == self.checkpointed_env_steps:
+        self.stats.timing[rank] = msg["timing"].copy()
+        lag = self.policy_version - int(header[ActorHeader.POLICY_VERSION])
+        if rows < T * B:
+            return  # an actor's last, partial unroll: counted, not learned from
+        if self.stopping:
+            self.unrolls_dropped += 1
             return
-        self.checkpointed_env_steps = self.env_steps
-        self.reporter.add_episodes(self.episodes.take())
-        save_q_table(
-            self.ctx,
-            self.learner.q_table,
-            self.env_steps,
-            self.learner.learner_updates,
-            self.policy_version,
-            self.traj_rows,
-            self.rank_states() if self.rank_states is not None else None,
-        )
+        if lag > self.ctx.cfg.topology.max_policy_lag:
+            self.stats.dropped_stale += 1
+            return
+        self.stats.lags.append(lag)
+        self.queue.append({name: msg[name].copy() for name in self.fields})
 
-    def finish(self) -> np.ndarray:
-        self.log()
-        self.checkpoint()
-        self.reporter.close()
-        return self.learner.q_table
+    def ready(self) -> bool:
+        return len(self.queue) >= self.batch_unrolls and not self.stopping
+
+    def take_batch(self) -> dict[str, np.ndarray]:
+        """The oldest `batch_unrolls` unrolls side by side: (T(+1), N, ...) arrays."""
+        unrolls = self.queue[: self.batch_unrolls]
+        del self.queue[: self.batch_unrolls]
+        return {name: np.concatenate([u[name] for u in unrolls], axis=1) for name in self.fields}
+
+    def drop_queue(self) -> None:
+        self.unrolls_dropped += len(self.queue)
+        self.queue.clear()
+
+    def log_row(self) -> np.ndarray:
+        """This learner's statistics since the last row, for one `gather_rows`: [lag sum,
+        lag count, lag max, dropped stale, wait s, updates, then per actor seen: rank and
+        the `Timing` differences]."""
+        s = self.stats
+        head = [
+            float(sum(s.lags)),
+            float(len(s.lags)),
+            float(max(s.lags, default=0)),
+            float(s.dropped_stale),
+            s.wait_s,
+            float(s.updates),
+        ]
+        actors = []
+        for rank, timing in sorted(s.timing.items()):
+            delta = timing - self.last_timing.get(rank, np.zeros(5))
+            actors += [float(rank), *delta.tolist()]
+            self.last_timing[rank] = timing
+        self.stats = _Stats()
+        return np.array(head + actors, dtype=np.float64)
 
 
-def run_parameter_server(ctx: RunContext) -> LoopResult:
-    """Run the whole `ps` layout; returns the final Q-table on rank 0 (None elsewhere) and
-    whether a preemption signal stopped the run (agreed by every rank)."""
-    if ctx.world_size == 1:
-        ctx.start_segment(1, range(1))
-        return _run_embedded(ctx)
-    ctx.start_segment(ctx.world_size - 1, range(1, ctx.world_size))
-    if ctx.rank == 0:
-        q_table, interrupted = _run_learner(ctx)
+def _metrics(rows: np.ndarray, learner_count: int, elapsed: float, updates_s: float) -> dict:
+    """Rank 0: one `/metrics` row from the gathered `log_row`s of every learner."""
+    out: dict[str, float | int] = {}
+    lag_sum = lag_n = lag_max = stale = wait = updates = 0.0
+    fractions: dict[str, list[float]] = {"env": [], "inference": [], "send_wait": []}
+    per_actor = {}
+    i = 0
+    for _ in range(learner_count):
+        n = int(rows[i])  # the length of this learner's row
+        row = rows[i + 1 : i + 1 + n]
+        i += 1 + n
+        lag_sum += row[0]
+        lag_n += row[1]
+        lag_max = max(lag_max, row[2])
+        stale += row[3]
+        wait += row[4]
+        updates += row[5]
+        for rank, *t in row[6:].reshape(-1, 6):
+            wall = max(t[Timing.WALL], 1e-9)
+            per_actor[int(rank)] = {
+                "env_frac": t[Timing.ENV] / wall,
+                "inference_frac": t[Timing.INFERENCE] / wall,
+                "send_wait_frac": t[Timing.SEND_WAIT] / wall,
+                "param_wait_frac": t[Timing.PARAM_WAIT] / wall,
+            }
+    out["policy_lag_mean"] = lag_sum / lag_n if lag_n else 0.0
+    out["policy_lag_max"] = int(lag_max)
+    out["unrolls_dropped_stale"] = int(stale)
+    out["learner_wait_frac"] = wait / max(learner_count * elapsed, 1e-9)
+    out["learner_updates_per_s"] = updates_s
+    for rank, f in sorted(per_actor.items()):
+        for name, value in f.items():
+            out[f"actor_{rank}/{name}"] = float(value)
+            if name in ("env_frac", "inference_frac", "send_wait_frac"):
+                fractions[name.removesuffix("_frac")].append(float(value))
+    if per_actor:
+        eff = [e + n for e, n in zip(fractions["env"], fractions["inference"], strict=True)]
+        out["actor_efficiency"] = float(np.mean(eff))
+    return out
+
+
+class _Group:
+    """The learner group's collectives (`comm` holds only learner ranks)."""
+
+    def __init__(self, comm, model: torch.nn.Module, watchdog_s: float):
+        self.comm = comm
+        self.watchdog_s = watchdog_s
+        self.gradients = FlatGradients(list(model.parameters()))
+        self.contributors = 1
+
+    def average_gradients(self) -> None:
+        self.gradients.average(self.comm, self.watchdog_s, self.contributors)
+
+
+def _run(ctx: RunContext) -> tuple[AsyncLearner, bool]:
+    """The whole layout on every rank; returns this rank's learner, holding rank 0's final
+    parameters, and whether a preemption signal stopped the run (agreed)."""
+    cfg = ctx.cfg
+    torch.set_num_threads(cfg.run.torch_threads)
+    k = cfg.topology.learner_ranks
+    world = ctx.world_size
+    rng, _ = ctx.rank_seeds()
+    torch.manual_seed(int(rng.integers(2**62)))
+    policy = make_learner(
+        cfg, ctx.observation_space, ctx.action_space, world, int(rng.integers(2**62))
+    )
+    if world == 1:
+        return policy, _run_embedded(ctx, policy)
+    is_learner = ctx.rank < k
+    group = ctx.comm.Split(0 if is_learner else 1, ctx.rank)
+    local = ctx.comm.Split_type(MPI.COMM_TYPE_SHARED)  # collective: every rank
+    local_rank = local.Get_rank()
+    local.Free()
+    if is_learner:  # actors stay on the CPU
+        policy.to(select_device(cfg.run.device, local_rank))
+        interrupted = _run_learner(ctx, group, policy)
     else:
-        q_table, interrupted = None, _run_actor(ctx)
+        interrupted = _run_actor(ctx, policy)
+    group.Free()
     flag = np.array([float(interrupted)])
     allreduce_sum(ctx.comm, flag, ctx.watchdog_s)
-    return LoopResult(q_table, bool(flag[0] > 0))
+    policy.to(torch.device("cpu"))
+    broadcast_parameters(ctx.comm, policy.model, ctx.watchdog_s)
+    return policy, bool(flag[0] > 0)
 
 
-def _experience_schema(ctx: RunContext) -> P.Schema:
-    return P.tabular_experience_schema(ctx.cfg.algo.sync_interval * ctx.cfg.run.num_envs)
+def _actors_of(ctx: RunContext, learner_rank: int) -> list[int]:
+    k = ctx.cfg.topology.learner_ranks
+    return [a for a in range(k, ctx.world_size) if (a - k) % k == learner_rank]
 
 
-def _run_embedded(ctx: RunContext) -> LoopResult:
-    # One process: nothing to transfer, so the actor acts on the live table and hands the
-    # learner every vector step at once (no policy lag), as Watkins' online algorithm does.
-    server = TabularParameterServer(ctx)
-    actor = TabularActor(ctx, ctx.segment.budgets()[0])
-    server.rank_states = lambda: {0: actor.state(server.learner.learner_updates)}
-    msg = P.tabular_experience_schema(ctx.cfg.run.num_envs).allocate()
-    while True:
-        actor.fill(msg, server.learner.q_table, lambda: server.policy_version, vector_steps=1)
-        server.consume(msg, 0)
-        if actor.finished:
-            break
-        if ctx.stop_requested():
-            actor.stop = True
-            break
-        server.tick()
-    q_table = server.finish()  # the checkpoint holds the actor's state: before close
-    link_trajectories(ctx, actor.close())
-    return LoopResult(q_table, actor.stop)
+def _resume(ctx: RunContext, learner: AsyncLearner, server: UnrollLearner) -> None:
+    meta = ctx.resume.meta
+    learner.load_shared(ctx.resume.shared())
+    learner.learner_updates = int(meta["learner_updates"])
+    server.env_steps = int(meta["env_steps"])
+    server.unrolls_dropped = int(meta.get("unrolls_dropped", 0))
+    if ctx.rank == 0:
+        print(
+            f"[hpcrl] {int(meta.get('unrolls_in_flight', 0))} unrolls received but not yet "
+            "learned from at the checkpoint were dropped",
+            flush=True,
+        )
 
 
-def _run_actor(ctx: RunContext) -> bool:
-    comm, watchdog = ctx.comm, ctx.watchdog_s
-    actor = TabularActor(ctx, ctx.segment.budgets()[ctx.rank - 1])
-    snapshot_msg = P.q_table_schema(ctx.n_states, ctx.n_actions).allocate()
-    q_table = np.empty((ctx.n_states, ctx.n_actions))
-    state = {"version": 0}
-    recv = comm.Irecv(snapshot_msg.buffer, source=0, tag=Tag.PARAMS)
-    wait_all([recv], comm, "the first Q-table snapshot from rank 0", watchdog)
-    q_table[:] = snapshot_msg["q_table"]
-    state["version"] = int(snapshot_msg["header"][P.PARAMS_VERSION])
-    recv = comm.Irecv(snapshot_msg.buffer, source=0, tag=Tag.PARAMS)
-
-    def poll() -> int:
-        nonlocal recv
-        if recv.Test():
-            q_table[:] = snapshot_msg["q_table"]
-            state["version"] = int(snapshot_msg["header"][P.PARAMS_VERSION])
-            actor.stop = actor.stop or bool(snapshot_msg["header"][P.PARAMS_STOP])
-            recv = comm.Irecv(snapshot_msg.buffer, source=0, tag=Tag.PARAMS)
-        actor.stop = actor.stop or ctx.stop_requested()
-        return state["version"]
-
-    schema = _experience_schema(ctx)
-    buffers = [schema.allocate(), schema.allocate()]
-    sends: list[MPI.Request | None] = [None, None]
-    slot = 0
-    while True:
-        if sends[slot] is not None:
-            wait_all([sends[slot]], comm, "rank 0 to take an experience batch", watchdog)
-        actor.fill(buffers[slot], q_table, poll)
-        # On disk before rank 0 can count these rows in a checkpoint, so a resume after
-        # kill -9 finds every trajectory row the checkpoint accounts for.
-        actor.recorder.flush()
-        sends[slot] = comm.Isend(buffers[slot].buffer, dest=0, tag=Tag.EXPERIENCE)
-        slot ^= 1
-        if actor.done:
-            break
-    wait_all([r for r in sends if r is not None], comm, "rank 0 to take the last batches", watchdog)
-    # Rank 0 answers the final batch with a final snapshot; drain until it arrives.
-    while True:
-        wait_all([recv], comm, "the final snapshot from rank 0", watchdog)
-        if snapshot_msg["header"][P.PARAMS_FINAL]:
-            break
-        recv = comm.Irecv(snapshot_msg.buffer, source=0, tag=Tag.PARAMS)
-    link_trajectories(ctx, actor.close())
-    return False  # rank 0 knows whether the run as a whole was interrupted
+def _checkpoint(ctx, server: UnrollLearner, group, in_flight: int) -> None:
+    """Collective over the learner group: rank 0 writes parameters, optimizer state and
+    counters (`in_flight`: unrolls queued but not learned from, lost on a resume)."""
+    rows = server.traj_rows.copy()
+    counts = np.array([in_flight, server.unrolls_dropped], dtype=np.int64)
+    allreduce_sum(group, rows, ctx.watchdog_s)
+    allreduce_sum(group, counts, ctx.watchdog_s)
+    if ctx.rank == 0:
+        save_checkpoint(
+            ctx,
+            server.learner.shared_arrays(),
+            server.env_steps,
+            server.learner.learner_updates,
+            server.policy_version,
+            {r: int(n) for r, n in enumerate(rows) if r in ctx.recording_ranks},
+            counters={"unrolls_in_flight": int(counts[0]), "unrolls_dropped": int(counts[1])},
+        )
+    ctx.clock.written(server.env_steps)
 
 
-def _run_learner(ctx: RunContext) -> tuple[np.ndarray, bool]:
-    comm, watchdog = ctx.comm, ctx.watchdog_s
-    server = TabularParameterServer(ctx)
-    actors = list(range(1, ctx.world_size))
-    schema = _experience_schema(ctx)
-    inbox = [schema.allocate() for _ in actors]
-    receives = [
-        comm.Irecv(inbox[i].buffer, source=k, tag=Tag.EXPERIENCE) for i, k in enumerate(actors)
-    ]
-    snap_schema = P.q_table_schema(ctx.n_states, ctx.n_actions)
-    outbox = [snap_schema.allocate() for _ in actors]
-    sends: list[MPI.Request | None] = [None] * len(actors)
+def _log(ctx, server: UnrollLearner, group, reporter, metrics: dict, since: float) -> None:
+    """Collective over the learner group: episodes and one metrics row to rank 0."""
+    rows = gather_rows(group, server.episodes.take().reshape(-1), 0, ctx.watchdog_s)
+    row = server.log_row()
+    stats = gather_rows(group, np.concatenate([[row.size], row]), 0, ctx.watchdog_s)
+    if reporter is None:
+        return
+    elapsed = max(time.perf_counter() - since, 1e-9)
+    rows = rows.reshape(-1, 5)
+    reporter.add_episodes(rows[np.argsort(rows[:, 2], kind="stable")])
+    extra = {"learner_updates": int(server.learner.learner_updates)}
+    learners = group.Get_size()
+    extra |= _metrics(stats, learners, elapsed, row[5] / elapsed)
+    extra |= {k: float(v) for k, v in metrics.items()}
+    extra["unrolls_dropped"] = int(server.unrolls_dropped)
+    reporter.log(server.env_steps, extra)
 
-    def publish(i: int, final: bool = False) -> None:
-        outbox[i]["q_table"][:] = server.learner.q_table
-        outbox[i]["header"][P.PARAMS_VERSION] = server.policy_version
-        outbox[i]["header"][P.PARAMS_FINAL] = int(final)
-        outbox[i]["header"][P.PARAMS_STOP] = int(server.stop)
-        sends[i] = comm.Isend(outbox[i].buffer, dest=actors[i], tag=Tag.PARAMS)
-        if server.stop:
-            told.add(i)
 
-    told: set[int] = set()  # actors sent a snapshot that says stop
-    done: set[int] = set()
-    for i in range(len(actors)):
-        publish(i)
-    finished = 0
+def _message_schema(ctx: RunContext, learner: AsyncLearner) -> P.Schema:
+    """What this run's actors send (`AsyncLearner.message_schema`)."""
+    return learner.message_schema(_unroll_schema(ctx))
+
+
+def _params_schema(learner: AsyncLearner) -> P.Schema:
+    return P.parameters_schema(learner.published().size)
+
+
+def _run_learner(ctx: RunContext, group, learner: AsyncLearner) -> bool:
+    comm, cfg, watchdog = ctx.comm, ctx.cfg, ctx.watchdog_s
+    k = group.Get_size()
+    server = UnrollLearner(ctx, learner, cfg.algo.unrolls_per_update // k)
+    if ctx.resume is not None:
+        _resume(ctx, learner, server)
+    broadcast_parameters(group, learner.model, watchdog)
+    total = ctx.segment.total_env_steps
+    actors = _actors_of(ctx, ctx.rank)
+    n = len(actors)
+
+    def write(params: Message) -> None:
+        params["parameters"][:] = learner.published()
+        params["header"][ParamsHeader.VERSION] = server.policy_version
+
+    pool = ActorPool(
+        comm, actors, _message_schema(ctx, learner), _params_schema(learner), write, watchdog
+    )
+    stop_seen = [False]
+
+    def consume(msg: Message, rank: int) -> None:
+        server.consume(msg, rank)
+        if msg["header"][ActorHeader.STOP]:
+            stop_seen[0] = True  # a preemption signal reached the actor: vote stop
+
+    pool.publish_all()
+    reporter = Reporter(ctx) if ctx.rank == 0 else None
+    metrics: dict = {}
+    log_since = time.perf_counter()
+    flags = np.zeros(len(Round), dtype=np.float64)
+    group_ops = _Group(group, learner.model, watchdog)
     backoff = Backoff()
-    while finished < len(actors):
-        server.stop = server.stop or ctx.stop_requested()
-        if server.stop:  # tell every actor as soon as its previous snapshot is delivered
-            for i in range(len(actors)):
-                if i not in told and i not in done and sends[i].Test():
-                    publish(i)
-        ready = MPI.Request.Testsome(receives)
-        if not ready:
+    while True:
+        # Wait, serving, until this learner has something for a round.
+        wait_start = time.perf_counter()
+        while True:
+            stop = stop_seen[0] or ctx.stop_requested()
+            done = pool.finished == n and (server.stopping or not server.ready())
+            if server.ready() or done or (stop and not server.stopping):
+                break
+            if pool.serve(consume):
+                backoff.reset()
+                continue
             if backoff.waited_s > watchdog:
                 raise WatchdogTimeout(
-                    f"rank 0 received no experience for {watchdog:g} s "
-                    f"(watchdog_s); {len(actors) - finished} actors "
-                    "have not finished; aborting the job"
+                    f"rank {ctx.rank} (learner) received no unroll for {watchdog:g} s "
+                    f"(watchdog_s); {n - pool.finished} actors have not finished; aborting"
                 )
-            server.tick()
             backoff.pause()
-            continue
+        server.stats.wait_s += time.perf_counter() - wait_start
+        batch = server.take_batch() if server.ready() else None
+        flags[:] = 0
+        flags[Round.HAS_BATCH] = batch is not None
+        flags[Round.DONE] = done and batch is None
+        flags[Round.STOP] = stop
+        flags[Round.ENV_STEPS] = server.in_round = server.local_steps
+        server.local_steps = 0
+        if reporter is not None:
+            flags[Round.LOG] = reporter.due()
+            flags[Round.CHECKPOINT] = ctx.clock.due_by_time()
+        request = group.Iallreduce(MPI.IN_PLACE, flags, op=MPI.SUM) if k > 1 else None
         backoff.reset()
-        ctx.maybe_fail(server.env_steps)
-        for i in ready:
-            server.consume(inbox[i], actors[i])
-            final = bool(inbox[i]["header"][P.EXP_FINAL])
-            if final:
-                finished += 1
-                done.add(i)
-                wait_all([sends[i]], comm, f"actor {actors[i]} to take a snapshot", watchdog)
-                publish(i, final=True)
-            else:
-                receives[i] = comm.Irecv(inbox[i].buffer, source=actors[i], tag=Tag.EXPERIENCE)
-                if sends[i].Test():
-                    publish(i)
-        server.tick()
-    wait_all(
-        [r for r in sends if r is not None], comm, "actors to take the final snapshot", watchdog
+        while request is not None and not request.Test():
+            if not pool.serve(consume):
+                if backoff.waited_s > watchdog:
+                    raise WatchdogTimeout(
+                        f"rank {ctx.rank} (learner) waited more than {watchdog:g} s for the "
+                        "learner group's round (watchdog_s); aborting the job"
+                    )
+                backoff.pause()
+        backoff.reset()
+        server.env_steps += int(flags[Round.ENV_STEPS])
+        server.in_round = 0
+        if flags[Round.STOP] > 0 and not server.stopping:
+            server.stopping = True
+            if batch is not None:
+                server.unrolls_dropped += server.batch_unrolls
+                batch = None
+            server.drop_queue()
+            pool.stop()
+        elif flags[Round.HAS_BATCH] > 0:
+            group_ops.contributors = int(flags[Round.HAS_BATCH])
+            metrics = learner.update(batch, group_ops, min(1.0, server.env_steps / total))
+            server.stats.updates += 1
+            if learner.learner_updates % cfg.topology.publish_interval == 0:
+                pool.refresh()
+        all_done = flags[Round.DONE] >= k
+        if flags[Round.LOG] > 0 or all_done:
+            _log(ctx, server, group, reporter, metrics, log_since)
+            log_since = time.perf_counter()
+        by_steps = ctx.clock.due_by_env_steps(server.env_steps)
+        if all_done or by_steps or flags[Round.CHECKPOINT] > 0:
+            if all_done:
+                server.drop_queue()
+            _checkpoint(ctx, server, group, len(server.queue))
+        if all_done:
+            break
+    pool.close()
+    digests = gather_rows(
+        group, np.array([parameters_digest(learner.model)], dtype=np.int64), 0, watchdog
     )
+    if reporter is not None:
+        ctx.run_file.set_attrs(parameter_digests=digests)
+        reporter.close()
     link_trajectories(ctx, 0)
-    interrupted = server.stop and server.env_steps < ctx.cfg.run.total_env_steps
-    return server.finish(), interrupted
+    return server.stopping and server.env_steps < total
+
+
+def _run_actor(ctx: RunContext, policy: AsyncLearner) -> bool:
+    k = ctx.cfg.topology.learner_ranks
+    actor = UnrollActor(ctx, policy, ctx.segment.budgets()[ctx.rank - k])
+    link = LearnerLink(
+        ctx.comm,
+        (ctx.rank - k) % k,
+        _message_schema(ctx, policy),
+        _params_schema(policy),
+        lambda params: policy.load_published(params["parameters"]),
+        ctx.watchdog_s,
+        timing=actor.timing,
+    )
+    link.start()
+
+    def poll() -> int:
+        version = link.poll()
+        actor.stop = actor.stop or link.stop or ctx.stop_requested()
+        return version
+
+    while True:
+        actor.produce(link.buffer(), poll)
+        actor.recorder.flush()  # on disk before the learner can count it in a checkpoint
+        link.send()
+        if actor.done:
+            break
+    link.finish()
+    link_trajectories(ctx, actor.close())
+    return False  # the learners know whether the run was interrupted
+
+
+class _EmbeddedLearner:
+    """One process: the learner's side of `serving.alternate` (it learns from each batch as
+    it fills, logs and checkpoints)."""
+
+    def __init__(self, ctx: RunContext, learner: AsyncLearner):
+        self.ctx, self.learner = ctx, learner
+        self.server = UnrollLearner(ctx, learner, ctx.cfg.algo.unrolls_per_update)
+        if ctx.resume is not None:
+            _resume(ctx, learner, self.server)
+        self.group = _Group(ctx.comm, learner.model, ctx.watchdog_s)
+        self.reporter = Reporter(ctx)
+        self.metrics: dict = {}
+        self.log_since = time.perf_counter()
+        self.stopped = False  # set by `alternate` through the actor
+
+    @property
+    def policy_version(self) -> int:
+        return self.server.policy_version
+
+    def consume(self, msg: Message, rank: int) -> None:
+        server = self.server
+        server.consume(msg, rank)
+        server.env_steps += server.local_steps
+        server.local_steps = 0
+
+    def after(self, last: bool, stopped: bool) -> None:
+        ctx, server = self.ctx, self.server
+        if last:
+            server.stopping = server.stopping or stopped
+            server.drop_queue()
+        total = ctx.segment.total_env_steps
+        while server.ready():
+            self.metrics = self.learner.update(
+                server.take_batch(), self.group, server.env_steps / total
+            )
+            server.stats.updates += 1
+        if self.reporter.due() or last:
+            _log(ctx, server, ctx.comm, self.reporter, self.metrics, self.log_since)
+            self.log_since = time.perf_counter()
+        if last or ctx.clock.due_by_env_steps(server.env_steps) or ctx.clock.due_by_time():
+            _checkpoint(ctx, server, ctx.comm, len(server.queue))
+
+
+def _run_embedded(ctx: RunContext, learner: AsyncLearner) -> bool:
+    """One process: the actor acts on the learner's live parameters, one unroll at a
+    time, and the learner learns from each batch as it fills (no policy lag)."""
+    embedded = _EmbeddedLearner(ctx, learner)
+    actor = UnrollActor(ctx, learner, ctx.segment.budgets()[0])
+    stopped = alternate(ctx, actor, embedded, _message_schema(ctx, learner).allocate())
+    ctx.run_file.set_attrs(
+        parameter_digests=np.array([parameters_digest(learner.model)], dtype=np.int64)
+    )
+    embedded.reporter.close()
+    link_trajectories(ctx, actor.close())
+    return stopped and embedded.server.env_steps < ctx.segment.total_env_steps

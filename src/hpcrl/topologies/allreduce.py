@@ -1,0 +1,188 @@
+"""The `allreduce` layout: tabular Q-learning where every rank acts and learns on its own copy of
+the table; every `sync_interval` vector steps the ranks `Allreduce` what they changed.
+
+One sync is one `Allreduce` (sum) of a flat float64 buffer:
+
+    [ ΔQ (n_states * n_actions) | visited (n_states * n_actions) | votes (`Vote`) ]
+
+with ΔQ = Q_local - Q_sync and visited = 1 where this rank updated (s, a) since the last
+sync (whether or not the value changed). Each entry then moves by the mean change of the
+ranks that visited it,
+
+    Q_sync <- Q_sync + ΣΔQ / max(1, Σ visited),
+
+so an entry only one rank visited gets that rank's whole update and an entry every rank
+visited is averaged rather than stepped N times. Every rank applies the same arithmetic to
+the same reduced buffer, so all tables stay bit-identical. Finished episodes go to rank 0
+(`Gatherv`) at log points, which rank 0 asks for through its `Vote.LOG` in the same
+buffer. Everything is deterministic for a fixed seed and world size.
+
+Two more votes ride in the same buffer: rank 0's "checkpoint now" (wall-time interval)
+and every rank's "preemption signal received". Checkpoints by env steps need no flag
+(every rank knows the global step count). A sync that decides to checkpoint gathers the
+episodes, then every rank's RNG, env and counter state to rank 0, which writes one
+checkpoint; on a preemption signal the ranks then stop together, so a resume from that
+checkpoint continues bit-exactly (`topologies/segments.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hpcrl.algos import make_learner
+from hpcrl.comm.waits import allreduce_sum
+from hpcrl.contracts import LoopResult
+from hpcrl.errors import ConfigError
+from hpcrl.topologies.checkpointing import (
+    gather_rank_states,
+    rank_state,
+    restore_rank_state,
+    save_checkpoint,
+)
+from hpcrl.topologies.collective_eval import TableGreedy
+from hpcrl.topologies.recording import TrajectoryRecorder, link_trajectories
+from hpcrl.topologies.reporting import EpisodeRows, Reporter, gather_and_log
+from hpcrl.topologies.run_context import RunContext
+from hpcrl.topologies.sync_points import Vote
+from hpcrl.topologies.tabular import TabularTopology
+
+
+@dataclass
+class AllreduceConfig:
+    """Settings of the `allreduce` layout."""
+
+    sync_interval: int = 64  # vector steps between two syncs of the tables
+
+    def validate(self) -> None:
+        if self.sync_interval < 1:
+            raise ConfigError(
+                f"config key 'sync_interval': got {self.sync_interval!r}, expected an integer >= 1"
+            )
+
+
+class Allreduce(TabularTopology):
+    """Every rank acts and learns on its own copy of the table; copies averaged."""
+
+    name = "allreduce"
+    Config = AllreduceConfig
+
+    def roles(self, world_size: int) -> str:
+        if world_size == 1:
+            return "one process: every role in turn"
+        return f"ranks 0-{world_size - 1} each act and learn"
+
+    def run(self, ctx: RunContext) -> LoopResult:
+        q_table, interrupted = _run(ctx)
+        return LoopResult(interrupted, TableGreedy(q_table))
+
+
+TOPOLOGY = Allreduce
+
+
+def _run(ctx: RunContext) -> tuple[np.ndarray, bool]:
+    """The whole loop; returns the final Q-table (the same on every rank) and whether a
+    preemption signal stopped it."""
+    comm, cfg, watchdog = ctx.comm, ctx.cfg, ctx.watchdog_s
+    num_envs, sync_interval = cfg.run.num_envs, cfg.topology.sync_interval
+    segment = ctx.segment
+    budgets = np.array(segment.budgets(), dtype=np.int64)
+    budget = int(budgets[ctx.rank])
+    vector_steps = max(1, -(-int(budgets.max()) // num_envs))  # the same on every rank
+
+    def global_steps_after(t: int) -> int:
+        """Env steps of all ranks after vector step t (ranks step in lockstep)."""
+        return segment.start_env_steps + int(np.minimum(budgets, (t + 1) * num_envs).sum())
+
+    rng, env_seed = ctx.rank_seeds()
+    learner = make_learner(cfg, ctx.observation_space, ctx.action_space, ctx.world_size)
+    policy = learner.behaviour_policy(rng)
+    q_table = learner.q_table
+    stepper = ctx.make_stepper()
+    env_steps = 0  # this rank's, in this segment
+    first_step, syncs = 0, 0
+    if ctx.resume is not None:
+        q_table[:] = ctx.resume.shared()["q_table"]
+        syncs = int(ctx.resume.meta.get("syncs", 0))
+        learner.learner_updates = int(ctx.resume.meta["learner_updates"])
+        state = ctx.resume.rank_state(ctx.rank)
+        if state:
+            env_steps, learner.learner_updates = restore_rank_state(
+                state, rng, stepper, env_seed + 1
+            )
+            first_step = int(ctx.resume.meta["vector_step"]) + 1
+    q_sync = q_table.copy()
+    size = q_table.size
+    sync_buffer = np.zeros(2 * size + len(Vote), dtype=np.float64)
+    delta = sync_buffer[:size].reshape(q_table.shape)  # views into the one buffer
+    visited = sync_buffer[size : 2 * size].reshape(q_table.shape)
+    votes = sync_buffer[2 * size :]
+    recorder = TrajectoryRecorder(ctx)
+    episodes = EpisodeRows()
+    reporter = Reporter(ctx) if ctx.rank == 0 else None
+    interrupted = False
+
+    for t in range(first_step, vector_steps):
+        n = min(num_envs, budget - env_steps)
+        if n > 0:
+            ctx.maybe_fail(env_steps)
+            progress = segment.progress(env_steps, budget)
+            actions = policy.select_actions(q_table, stepper.obs, progress)
+            batch = stepper.step(actions)
+            learner.update(
+                batch.obs[:n],
+                batch.actions[:n],
+                batch.rewards[:n],
+                batch.next_obs[:n],
+                batch.terminated[:n],
+                progress,
+            )
+            visited[batch.obs[:n], batch.actions[:n]] = 1.0
+            recorder.record(batch, n)
+            env_steps += n
+            episodes.add_finished(batch, n, global_steps_after(t), ctx.elapsed_s(), ctx.rank)
+        last = t == vector_steps - 1
+        if (t + 1) % sync_interval and not last:
+            continue
+        # --- sync: one Allreduce of [ΔQ | visited | log, checkpoint, stop flags] ---
+        np.subtract(q_table, q_sync, out=delta)
+        ctx.vote(votes, reporter)
+        allreduce_sum(comm, sync_buffer, watchdog)
+        q_sync += delta / np.maximum(visited, 1.0)
+        q_table[:] = q_sync
+        visited[:] = 0.0
+        syncs += 1
+        global_steps = global_steps_after(t)
+        interrupted = votes[Vote.STOP] > 0 and not last
+        by_steps = ctx.clock.due_by_env_steps(global_steps)
+        checkpoint = last or interrupted or by_steps or votes[Vote.CHECKPOINT] > 0
+        if votes[Vote.LOG] > 0 or checkpoint:
+            exploration = policy.exploration_value(segment.progress(env_steps, max(budget, 1)))
+            gather_and_log(
+                ctx, reporter, episodes, global_steps, {"syncs": syncs, "exploration": exploration}
+            )
+        if checkpoint:
+            recorder.flush()
+            state = rank_state(rng, stepper, env_steps, learner.learner_updates, recorder.rows)
+            states = gather_rank_states(ctx, state)
+            if ctx.rank == 0:
+                save_checkpoint(
+                    ctx,
+                    {"q_table": q_table},
+                    global_steps,
+                    learner.learner_updates,
+                    syncs,
+                    {k: int(s["counters"][2]) for k, s in states.items()},
+                    states,
+                    {"vector_step": t, "syncs": syncs},
+                )
+            ctx.clock.written(global_steps)
+        if interrupted:
+            break
+
+    stepper.close()
+    link_trajectories(ctx, recorder.close())
+    if reporter is not None:
+        reporter.close()
+    return q_table, interrupted

@@ -1,0 +1,169 @@
+"""Finished episodes and metric rows: collected on every acting rank as float64 rows,
+gathered to rank 0 and written to `run.h5` (and TensorBoard event files) by the
+`Reporter`, which also prints progress."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from hpcrl.comm.waits import gather_rows
+from hpcrl.envs import StepBatch
+from hpcrl.progress import Progress
+from hpcrl.storage.runfile import EPISODE_FIELDS
+
+if TYPE_CHECKING:
+    from hpcrl.topologies.run_context import RunContext
+
+# below 2**53).
+EPISODE_COLUMNS = tuple(EPISODE_FIELDS)
+
+
+class EpisodeRows:
+    """Finished episodes not yet written, as rows of `EPISODE_COLUMNS` (float64)."""
+
+    def __init__(self):
+        self.chunks: list[np.ndarray] = []
+
+    def add(self, returns, lengths, env_steps, wall_time: float, rank: int) -> None:
+        n = len(returns)
+        if n == 0:
+            return
+        rows = np.empty((n, len(EPISODE_COLUMNS)), dtype=np.float64)
+        rows[:, 0] = returns
+        rows[:, 1] = lengths
+        rows[:, 2] = env_steps
+        rows[:, 3] = wall_time
+        rows[:, 4] = rank
+        self.chunks.append(rows)
+
+    def add_message(
+        self, msg, episodes: int, rows: int, actor_env_steps: int, before: int, rank: int
+    ) -> None:
+        """The first `episodes` episodes of an actor message (`protocol.write_episodes`),
+        stamped with the run's env steps: `before` (the count before the message's `rows`
+        env steps) plus how far into the message each ended (`actor_env_steps`: the actor's
+        count after it)."""
+        if episodes:
+            actor_start = actor_env_steps - rows
+            self.add(
+                msg["episode_return"][:episodes],
+                msg["episode_length"][:episodes],
+                before + msg["episode_actor_env_steps"][:episodes] - actor_start,
+                msg["episode_wall_time"][:episodes],
+                rank,
+            )
+
+    def add_finished(
+        self, batch: StepBatch, n: int, env_steps: int, wall_time: float, rank: int
+    ) -> None:
+        """The episodes that ended in `batch` among its first `n` (counted) env copies."""
+        counted = batch.done_envs < n
+        if counted.any():
+            self.add(
+                batch.episode_returns[counted],
+                batch.episode_lengths[counted],
+                env_steps,
+                wall_time,
+                rank,
+            )
+
+    def take(self) -> np.ndarray:
+        """All pending rows, (n, 5) float64, and forget them."""
+        rows = (
+            np.concatenate(self.chunks)
+            if self.chunks
+            else np.zeros((0, len(EPISODE_COLUMNS)), dtype=np.float64)
+        )
+        self.chunks = []
+        return rows
+
+
+def gather_and_log(
+    ctx: RunContext,
+    reporter: Reporter | None,
+    episodes: EpisodeRows,
+    global_steps: int,
+    extra: dict,
+) -> None:
+    """Collective: every rank's finished episodes to rank 0, which writes them (stably
+    sorted by env steps: rank order, then env copy, within one step) and a metrics row."""
+    rows = gather_rows(ctx.comm, episodes.take().reshape(-1), 0, ctx.watchdog_s)
+    if reporter is not None:
+        rows = rows.reshape(-1, len(EPISODE_COLUMNS))
+        reporter.add_episodes(rows[np.argsort(rows[:, 2], kind="stable")])
+        reporter.log(global_steps, extra)
+
+
+def episode_columns(rows: np.ndarray) -> dict[str, np.ndarray]:
+    """(n, 5) float64 rows -> the `/episodes` columns with their dtypes."""
+    fields = EPISODE_FIELDS.items()
+    return {name: rows[:, i].astype(dtype) for i, (name, dtype) in enumerate(fields)}
+
+
+class Reporter:
+    """Rank 0: writes episodes and metric rows to `run.h5` (and, with `tensorboard: true`,
+    to TensorBoard event files in `RUN_DIR/tb/`), flushes, prints progress."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.run_file = ctx.run_file
+        self.events = None
+        if ctx.cfg.run.tensorboard:
+            from hpcrl.storage.events import EventWriter
+
+            self.events = EventWriter(ctx.run_dir / "tb")
+        self.progress = Progress(ctx.cfg.run.total_env_steps)
+        self.recent_returns: deque[float] = deque(maxlen=100)
+        self.episodes = 0
+        self.last_time = time.perf_counter()
+        self.last_env_steps = 0
+        if ctx.resume is not None:
+            self.episodes = self.run_file.episode_rows
+            returns = self.run_file.file["episodes"]["return"]
+            self.recent_returns.extend(returns[max(0, self.episodes - 100) :].tolist())
+            self.last_env_steps = int(ctx.resume.meta["env_steps"])
+
+    def due(self) -> bool:
+        return time.perf_counter() - self.last_time >= self.ctx.cfg.run.log_interval_s
+
+    def add_episodes(self, rows: np.ndarray) -> None:
+        if len(rows):
+            self.run_file.append_episodes(**episode_columns(rows))
+            self.recent_returns.extend(rows[:, 0].tolist())
+            self.episodes += len(rows)
+            if self.events is not None:
+                self.events.episodes(rows[:, 0], rows[:, 2], rows[:, 3])
+
+    def log(self, env_steps: int, extra: dict | None = None) -> None:
+        now = time.perf_counter()
+        rate = (env_steps - self.last_env_steps) / max(now - self.last_time, 1e-9)
+        mean_return = float(np.mean(self.recent_returns)) if self.recent_returns else float("nan")
+        row = {
+            "env_steps": int(env_steps),
+            "wall_time": self.ctx.elapsed_s(),
+            "env_steps_per_s": rate,
+            "episodes": int(self.episodes),
+            "mean_return_100": mean_return,
+        }
+        row.update(extra or {})
+        self.run_file.append_metrics(row)
+        self.run_file.flush()
+        if self.events is not None:
+            self.events.metrics_row(row)
+            self.events.flush()
+        shown = ", ".join(
+            f"{k} {v:.3g}"
+            for k, v in (extra or {}).items()
+            if isinstance(v, float) and not k.startswith("actor_")  # per-actor: in run.h5
+        )
+        self.progress.update(env_steps, rate, self.episodes, mean_return, shown)
+        self.last_time, self.last_env_steps = now, env_steps
+
+    def close(self) -> None:
+        self.progress.close()
+        if self.events is not None:
+            self.events.close()

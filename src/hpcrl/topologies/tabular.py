@@ -1,0 +1,36 @@
+"""What the tabular layouts (`ps`, `allreduce`) share: the checks of a Q-table's env and
+checkpoint, and the greedy policy of a table."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hpcrl.contracts import Topology
+from hpcrl.envs import discrete_sizes
+from hpcrl.errors import UserError
+from hpcrl.topologies.collective_eval import TableGreedy
+
+
+class TabularTopology(Topology):
+    """A layout whose learner is a Q-table (`hpcrl.contracts.TabularLearner`)."""
+
+    def check_env(self, env, world_size: int, shapes: dict) -> None:
+        """Raises:
+        UserError: a device other than the CPU, spaces that are not both `Discrete`, or a
+            resumed checkpoint whose `q_table` has another shape than the env's."""
+        run = self.cfg.run
+        if run.device != "cpu":
+            raise UserError(
+                f"device {run.device!r}: {run.algo} is tabular and runs on the CPU; "
+                "the device applies to the deep learners (ppo, a2c, dqn)"
+            )
+        sizes = discrete_sizes(env)
+        if "q_table" in shapes and tuple(shapes["q_table"]) != sizes:
+            raise UserError(
+                f"the checkpoint's q_table has shape {tuple(shapes['q_table'])}, env "
+                f"{run.env_id!r} now has {sizes[0]} states x {sizes[1]} actions"
+            )
+
+    def checkpoint_policy(self, path, meta: dict, shapes: dict, arrays: dict) -> TableGreedy:
+        """The checkpoint's table (rank 0's; the evaluation broadcasts it)."""
+        return TableGreedy(arrays.get("q_table", np.zeros(tuple(shapes["q_table"]))))
