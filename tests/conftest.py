@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -122,13 +123,95 @@ def train_until_interrupted(cli_env, ranks: int, *args: str) -> None:
     assert proc.returncode == 3, out + err
 
 
-@pytest.fixture
-def cli_env():
-    """Environment for subprocesses: quiet, unbuffered, venv first on PATH."""
-    env = dict(os.environ)
+def single_line(exc: pytest.ExceptionInfo) -> str:
+    """The raised error's message, checked to be one non-empty line."""
+    message = str(exc.value)
+    assert message and "\n" not in message, message
+    return message
+
+
+def subprocess_env(drop_slurm: bool = False) -> dict[str, str]:
+    """Environment for CLI subprocesses: unbuffered, the venv first on PATH (`drop_slurm`:
+    without SLURM_* variables, so /resumes rows say -1). Usable in module fixtures."""
+    env = {k: v for k, v in os.environ.items() if not (drop_slurm and k.startswith("SLURM_"))}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@pytest.fixture
+def cli_env():
+    """Environment for subprocesses: quiet, unbuffered, venv first on PATH."""
+    return subprocess_env()
+
+
+# ------------------------------------------------------- process trees (Linux /proc)
+
+
+def proc_stat(pid: int) -> tuple[int, str, int] | None:
+    """(parent pid, state, start time in clock ticks) of a process, None when gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2 :].split()
+    return int(fields[1]), fields[0], int(fields[19])
+
+
+def descendants(pid: int) -> dict[int, int]:
+    """{pid: start time} of `pid` and every process below it, parents before children."""
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := proc_stat(int(entry))) is not None:
+            stats[int(entry)] = stat
+    children: dict[int, list[int]] = {}
+    for child, (parent, _, _) in stats.items():
+        children.setdefault(parent, []).append(child)
+    out, todo = {}, [pid]
+    while todo:
+        p = todo.pop(0)
+        if p in stats:
+            out[p] = stats[p][2]
+        todo.extend(children.get(p, []))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    stat = proc_stat(pid)
+    return stat is not None and stat[1] != "Z"
+
+
+def kill_pids(pids) -> None:
+    """SIGKILL each of these (our own) processes, leaves first."""
+    for pid in reversed(list(pids)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+# ------------------------------------------------------------------- run directories
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A copy of a run directory (symlinks such as checkpoints/latest.h5 kept as links)."""
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def one_error_line(stdout: str, stderr: str, patterns: list[str], shown: str) -> str:
+    """Exactly one non-empty stderr line, `hpcrl: error:` once at its start, every regex of
+    `patterns` found in it, nothing on stdout (`shown`: the output, for the failure).
+    Returns the line."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one error line\n{shown}"
+    assert stderr.count("hpcrl: error:") == 1, shown
+    assert lines[0].startswith("hpcrl: error:"), shown
+    for pattern in patterns:
+        assert re.search(pattern, lines[0]), f"{pattern!r} not in the error\n{shown}"
+    assert stdout.strip() == "", shown
+    return lines[0]
 
 
 def digest_tree(root: Path) -> dict[str, str]:

@@ -101,7 +101,7 @@ def test_cartpole_learns_and_learners_agree(
             "train",
             CONFIGS[algo],
             *("--run-dir", str(run_dir), "--set", f"learner_ranks={learners}"),
-            *("--set", f"batch_size={batch}", "--set", f"num_envs={num_envs}"),
+            *("--set", f"unrolls_per_update={batch}", "--set", f"num_envs={num_envs}"),
             *("--set", "eval_episodes=20"),
         )
         _check(result)
@@ -140,7 +140,7 @@ def test_shutdown_with_messages_in_flight_completes_every_request(tmp_path, cli_
         "train",
         CONFIGS[algo],
         *("--run-dir", str(run_dir), "--total-env-steps", "6001"),
-        *("--set", "unroll_length=2", "--set", "num_envs=2", "--set", "batch_size=1"),
+        *("--set", "unroll_length=2", "--set", "num_envs=2", "--set", "unrolls_per_update=1"),
         *("--set", "eval_episodes=0", "--set", "watchdog_s=60"),
         timeout=300,
     )
@@ -162,7 +162,7 @@ def test_policy_lag_bound_drops_stale_unrolls(tmp_path, cli_env):
         "train",
         CONFIG,
         *("--run-dir", str(run_dir), "--total-env-steps", "20000"),
-        *("--set", "max_policy_lag=0", "--set", "batch_size=1", "--set", "eval_episodes=0"),
+        *("--set", "max_policy_lag=0", "--set", "unrolls_per_update=1", "--set", "eval_episodes=0"),
         timeout=300,
     )
     _check(result)

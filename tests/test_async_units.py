@@ -63,7 +63,7 @@ def _returns(u, bootstrap: np.ndarray) -> np.ndarray:
 
 def _a3c(seed: int = 0) -> a3c.A3C:
     torch.manual_seed(seed)
-    return a3c.A3C(a3c.Config(gamma=GAMMA, hidden_size=16), *env_spaces())
+    return a3c.A3C(a3c.A3CConfig(gamma=GAMMA, hidden_size=16), *env_spaces())
 
 
 def test_a3c_loss_is_the_n_step_actor_critic_loss():
@@ -113,7 +113,11 @@ def test_async_q_loss_is_huber_on_target_network_targets(n_step, double_q, scale
     `reward_scale` scales r_t and not the truncation values (already Q estimates)."""
     torch.manual_seed(0)
     kw = {"gamma": GAMMA, "hidden_size": 16, "double_q": double_q, "reward_scale": scale}
-    cfg = async_nstep_q.Config(**kw) if n_step else async_q.Config(n_step=False, **kw)
+    cfg = (
+        async_nstep_q.AsyncNStepQConfig(**kw)
+        if n_step
+        else async_q.AsyncQConfig(n_step=False, **kw)
+    )
     learner, u = async_q.AsyncQ(cfg, *env_spaces()), _unroll()
     with torch.no_grad():
         # θ⁻: θ with the output layer negated, so Q(·; θ⁻) = −Q(·; θ): the two networks'
@@ -157,7 +161,7 @@ def test_async_q_loss_is_huber_on_target_network_targets(n_step, double_q, scale
 
 def _q(seed: int = 0, **kw) -> async_q.AsyncQ:
     torch.manual_seed(seed)
-    return async_q.AsyncQ(async_q.Config(hidden_size=8, **kw), *env_spaces(), seed=seed)
+    return async_q.AsyncQ(async_q.AsyncQConfig(hidden_size=8, **kw), *env_spaces(), seed=seed)
 
 
 def _flat(module: torch.nn.Module) -> np.ndarray:
@@ -219,12 +223,12 @@ def test_final_epsilons_are_drawn_with_the_papers_frequencies(monkeypatch):
     # a one-weight network: building 2000 real ones takes a minute and draws no ε
     monkeypatch.setattr(async_q, "QNetwork", lambda *args, **kw: torch.nn.Linear(1, 1))
     space = env_spaces()
-    cfg = async_q.Config(hidden_size=2)
+    cfg = async_q.AsyncQConfig(hidden_size=2)
     finals = np.array([async_q.AsyncQ(cfg, *space, seed=s).epsilon(1.0) for s in range(2000)])
     assert set(np.unique(finals)) == {0.1, 0.01, 0.5}
     for value, prob in zip((0.1, 0.01, 0.5), (0.4, 0.3, 0.3), strict=True):
         assert np.mean(finals == value) == pytest.approx(prob, abs=0.05), value
-    fixed = async_q.Config(hidden_size=2, epsilon_end=0.2)
+    fixed = async_q.AsyncQConfig(hidden_size=2, epsilon_end=0.2)
     assert {async_q.AsyncQ(fixed, *space, seed=s).epsilon(1.0) for s in range(50)} == {0.2}
 
 
@@ -256,19 +260,19 @@ def test_epsilon_schedule_and_acting():
     ],
 )
 def test_async_q_config_validation_names_the_key(key, value):
-    async_q.Config().validate()
+    async_q.AsyncQConfig().validate()
     with pytest.raises(ConfigError, match=f"'{key}': got {value!r}"):
-        async_q.Config(**{key: value}).validate()
+        async_q.AsyncQConfig(**{key: value}).validate()
 
 
 def test_async_q_needs_discrete_actions_and_a3c_defaults_are_the_papers():
     with pytest.raises(UserError, match="Discrete"):
-        async_q.Config().check_spaces(*env_spaces("Pendulum-v1"))
-    async_q.Config().check_spaces(*env_spaces())
-    cfg = a3c.Config()
+        async_q.AsyncQConfig().check_spaces(*env_spaces("Pendulum-v1"))
+    async_q.AsyncQConfig().check_spaces(*env_spaces())
+    cfg = a3c.A3CConfig()
     assert cfg.unroll_length == 5 and cfg.optimizer == "rmsprop"
     assert isinstance(_a3c().optimizer, torch.optim.RMSprop)
-    assert async_nstep_q.Config().n_step and not async_q.Config().n_step
+    assert async_nstep_q.AsyncNStepQConfig().n_step and not async_q.AsyncQConfig().n_step
 
 
 def test_unroll_targets_cut_at_episode_ends_and_fold_truncation_values():
@@ -290,8 +294,10 @@ def test_load_published_copies_out_of_the_buffer(algo):
     once: the model must own its values, not view the buffer."""
     obs_space, act_space = env_spaces()
     module = {"a3c": a3c, "async_q": async_q}[algo]
-    learner_cls = getattr(module, module.LEARNER)
-    source, actor = (learner_cls(module.Config(hidden_size=8), obs_space, act_space) for _ in "ab")
+    spec = module.ALGORITHM
+    source, actor = (
+        spec.make_learner(spec.config(hidden_size=8), obs_space, act_space) for _ in "ab"
+    )
     buffer = source.published().copy()
     actor.load_published(buffer)
     before = actor.published().copy()

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -24,7 +23,16 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import BIN, digest_tree, hpcrl_command
+from conftest import (
+    alive,
+    copy_run,
+    descendants,
+    digest_tree,
+    hpcrl_command,
+    kill_pids,
+    one_error_line,
+    subprocess_env,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -34,65 +42,11 @@ TIMEOUT_S = 120  # no single CLI call here needs more than a few seconds
 # --------------------------------------------------------------------------- helpers
 
 
-def _env() -> dict[str, str]:
-    """The same environment as conftest's `cli_env` fixture (usable in module fixtures)."""
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _proc_table() -> dict[int, tuple[int, str]]:
-    """{pid: (ppid, state)} of every process, from /proc."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            text = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = text[text.rfind(")") + 2 :].split()
-        table[int(entry)] = (int(fields[1]), fields[0])
-    return table
-
-
-def _descendants(pid: int) -> list[int]:
-    """`pid` and every process below it (deepest last), found through parent pids."""
-    children: dict[int, list[int]] = {}
-    for child, (parent, _) in _proc_table().items():
-        children.setdefault(parent, []).append(child)
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop(0)
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return text[text.rfind(")") + 2 :].split()[0] != "Z"
-
-
-def _kill_pids(pids: list[int]) -> None:
-    """SIGKILL each of these (our own) processes, leaves first."""
-    for pid in reversed(pids):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
 def _live_processes_mentioning(text: str) -> list[str]:
     """Command lines of live processes (other than this one) that mention `text`."""
     found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid() or not _alive(int(entry)):
+        if not entry.isdigit() or int(entry) == os.getpid() or not alive(int(entry)):
             continue
         try:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -128,7 +82,7 @@ def run_cli(cmd: list[str], env: dict[str, str], timeout: float = TIMEOUT_S):
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_pids(_descendants(proc.pid))
+        kill_pids(descendants(proc.pid))
         out, err = proc.communicate()
         pytest.fail(f"hang: {cmd} did not end within {timeout} s\nstdout:\n{out}\nstderr:\n{err}")
     wall = time.monotonic() - start
@@ -160,17 +114,9 @@ def _status(run_dir: Path) -> str:
 def _assert_one_error_line(
     result: subprocess.CompletedProcess, patterns: list[str], code: int = 2
 ) -> str:
-    """Exit status `code`, exactly one non-empty stderr line, `hpcrl: error:` once,
-    every regex of `patterns` found in it, nothing on stdout. Returns the line."""
+    """Exit status `code`, then `conftest.one_error_line`. Returns the line."""
     assert result.returncode == code, _show(result)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one error line\n{_show(result)}"
-    assert result.stderr.count("hpcrl: error:") == 1, _show(result)
-    assert lines[0].startswith("hpcrl: error:"), _show(result)
-    for pattern in patterns:
-        assert re.search(pattern, lines[0]), f"{pattern!r} not in the error\n{_show(result)}"
-    assert result.stdout.strip() == "", _show(result)
-    return lines[0]
+    return one_error_line(result.stdout, result.stderr, patterns, _show(result))
 
 
 def _last_json(stdout: str) -> dict:
@@ -191,7 +137,7 @@ def _train(n: int | None, run_dir: Path, *args: str, steps: int = 2000) -> tuple
         "eval_episodes=0",
         *args,
     )
-    return run_cli(cmd, _env())
+    return run_cli(cmd, subprocess_env())
 
 
 @pytest.fixture(scope="module")
@@ -202,11 +148,6 @@ def completed_run(tmp_path_factory) -> Path:
     assert result.returncode == 0, _show(result)
     assert _status(run_dir) == "completed"
     return run_dir
-
-
-def _copy_run(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst, symlinks=True)
-    return dst
 
 
 # ------------------------------------------------------------- (A) failure injection
@@ -315,14 +256,14 @@ BAD_TRAIN_CASES = [
     (
         "ppo-batch-does-not-split",
         3,
-        ["--algo", "ppo", "--env", "CartPole-v1", "--set", "batch_size=512"],
-        [r"batch_size 512", r"3 ranks", r"num_envs"],
+        ["--algo", "ppo", "--env", "CartPole-v1", "--set", "env_steps_per_update=512"],
+        [r"env_steps_per_update 512", r"3 ranks", r"num_envs"],
     ),
     (
         "a2c-batch-does-not-split",
         3,
-        ["--algo", "a2c", "--env", "CartPole-v1", "--set", "batch_size=40"],
-        [r"batch_size 40", r"3 ranks"],
+        ["--algo", "a2c", "--env", "CartPole-v1", "--set", "env_steps_per_update=40"],
+        [r"env_steps_per_update 40", r"3 ranks"],
     ),
     (
         "dqn-train-frequency-does-not-split",
@@ -371,8 +312,8 @@ BAD_TRAIN_CASES = [
     (
         "impala-batch-zero",
         2,
-        ["--algo", "impala", "--env", "CartPole-v1", "--set", "batch_size=0"],
-        [r"'batch_size'", r"got 0\b"],
+        ["--algo", "impala", "--env", "CartPole-v1", "--set", "unrolls_per_update=0"],
+        [r"'unrolls_per_update'", r"got 0\b"],
     ),
     (
         "impala-negative-lag-bound",
@@ -394,7 +335,7 @@ BAD_TRAIN_CASES = [
 )
 def test_bad_train_input_leaves_an_existing_run_alone(tmp_path, completed_run, n, args, patterns):
     """Even with --overwrite, bad input fails before the existing run is touched."""
-    run_dir = _copy_run(completed_run, tmp_path / "run")
+    run_dir = copy_run(completed_run, tmp_path / "run")
     before = digest_tree(run_dir)
     result, _ = _train(n, run_dir, "--overwrite", *args)
     _assert_one_error_line(result, patterns)
@@ -430,7 +371,7 @@ def test_bad_env_kwargs_value_is_a_user_error(tmp_path):
 def test_bad_option_syntax_exits_2_printed_once(tmp_path):
     run_dir = tmp_path / "fresh"
     cmd = hpcrl_command(2, "train", "--run-dir", str(run_dir), "--total-env-steps", "abc")
-    result, _ = run_cli(cmd, _env())
+    result, _ = run_cli(cmd, subprocess_env())
     assert result.returncode == 2, _show(result)
     assert result.stderr.count("invalid int value: 'abc'") == 1, _show(result)
     _assert_one_error_line(result, [r"--total-env-steps", r"'abc'"])
@@ -440,7 +381,7 @@ def test_bad_option_syntax_exits_2_printed_once(tmp_path):
 
 @pytest.mark.parametrize("n", [2, None], ids=["n2", "no-launcher"])
 def test_run_dir_with_a_completed_run_is_refused_without_overwrite(tmp_path, completed_run, n):
-    run_dir = _copy_run(completed_run, tmp_path / "run")
+    run_dir = copy_run(completed_run, tmp_path / "run")
     run_h5_hash = _sha256(run_dir / "run.h5")
     before = digest_tree(run_dir)
 
@@ -491,46 +432,50 @@ def _truncate(path: Path) -> None:
     ids=["data-bytes", "middle-bytes", "truncated-no-launcher", "truncated"],
 )
 def test_evaluate_refuses_a_corrupt_checkpoint(tmp_path, completed_run, n, damage):
-    run_dir = _copy_run(completed_run, tmp_path / "run")
+    run_dir = copy_run(completed_run, tmp_path / "run")
     target = (run_dir / "checkpoints" / "latest.h5").resolve()
     assert re.fullmatch(r"step-\d+\.h5", target.name), target
     damage(target)
     before = digest_tree(run_dir)
-    result, _ = run_cli(hpcrl_command(n, "evaluate", str(run_dir), "--episodes", "10"), _env())
+    result, _ = run_cli(
+        hpcrl_command(n, "evaluate", str(run_dir), "--episodes", "10"), subprocess_env()
+    )
     _assert_one_error_line(result, [r"checkpoint", re.escape(target.name)])
     assert digest_tree(run_dir) == before
 
 
 def test_evaluate_refuses_a_missing_run_dir(tmp_path):
     missing = tmp_path / "no-such-run"
-    result, _ = run_cli(hpcrl_command(2, "evaluate", str(missing)), _env())
+    result, _ = run_cli(hpcrl_command(2, "evaluate", str(missing)), subprocess_env())
     _assert_one_error_line(result, [re.escape(str(missing))])
     assert not missing.exists()
 
 
 @pytest.mark.parametrize("n", [2, None], ids=["n2", "no-launcher"])
 def test_evaluate_refuses_a_run_dir_without_checkpoint(tmp_path, completed_run, n):
-    run_dir = _copy_run(completed_run, tmp_path / "run")
+    run_dir = copy_run(completed_run, tmp_path / "run")
     for path in (run_dir / "checkpoints").iterdir():
         path.unlink()
-    result, _ = run_cli(hpcrl_command(n, "evaluate", str(run_dir)), _env())
+    result, _ = run_cli(hpcrl_command(n, "evaluate", str(run_dir)), subprocess_env())
     _assert_one_error_line(result, [r"no checkpoint", re.escape(str(run_dir))])
 
 
 def test_evaluate_refuses_zero_episodes(tmp_path, completed_run):
-    result, _ = run_cli(hpcrl_command(2, "evaluate", str(completed_run), "--episodes", "0"), _env())
+    result, _ = run_cli(
+        hpcrl_command(2, "evaluate", str(completed_run), "--episodes", "0"), subprocess_env()
+    )
     _assert_one_error_line(result, [r"--episodes 0\b"])
 
 
 def test_evaluate_refuses_a_negative_seed(tmp_path, completed_run):
     cmd = hpcrl_command(2, "evaluate", str(completed_run), "--seed", "-1")
-    result, _ = run_cli(cmd, _env())
+    result, _ = run_cli(cmd, subprocess_env())
     _assert_one_error_line(result, [r"--seed -1\b"])
 
 
 def test_info_refuses_a_missing_run_dir(tmp_path):
     missing = tmp_path / "no-such-run"
-    result, _ = run_cli(hpcrl_command(None, "info", str(missing)), _env())
+    result, _ = run_cli(hpcrl_command(None, "info", str(missing)), subprocess_env())
     _assert_one_error_line(result, [re.escape(str(missing))])
 
 
@@ -564,7 +509,7 @@ def trained(request, tmp_path_factory) -> dict:
         "--set",
         "log_interval_s=0.05",
     )
-    result, _ = run_cli(cmd, _env())
+    result, _ = run_cli(cmd, subprocess_env())
     assert result.returncode == 0, _show(result)
     return {
         "n": n,
@@ -690,7 +635,7 @@ def test_trajectories_match_the_budget_and_the_episodes(trained):
 
 
 def test_info_prints_a_summary(trained):
-    result, _ = run_cli(hpcrl_command(None, "info", str(trained["dir"])), _env())
+    result, _ = run_cli(hpcrl_command(None, "info", str(trained["dir"])), subprocess_env())
     assert result.returncode == 0, _show(result)
     fields = dict(line.split(None, 1) for line in result.stdout.splitlines() if line.strip())
     assert fields["algo"].strip() == "qlearning"
@@ -708,7 +653,7 @@ def test_evaluate_is_deterministic_across_calls_and_world_sizes(trained):
     args = ("evaluate", str(trained["dir"]), "--episodes", "50", "--seed", "3")
     outputs = []
     for n in (None, None, 2):
-        result, _ = run_cli(hpcrl_command(n, *args), _env())
+        result, _ = run_cli(hpcrl_command(n, *args), subprocess_env())
         assert result.returncode == 0, _show(result)
         lines = [line for line in result.stdout.splitlines() if line.strip()]
         assert len(lines) == 1, _show(result)
@@ -790,7 +735,7 @@ def test_kill_9_leaves_readable_files_and_a_loadable_checkpoint(tmp_path):
     )
     with open(tmp_path / "stdout", "w") as log_out, open(tmp_path / "stderr", "w") as log_err:
         proc = subprocess.Popen(
-            cmd, env=_env(), stdout=log_out, stderr=log_err, start_new_session=True
+            cmd, env=subprocess_env(), stdout=log_out, stderr=log_err, start_new_session=True
         )
     pids: list[int] = []
     try:
@@ -805,17 +750,17 @@ def test_kill_9_leaves_readable_files_and_a_loadable_checkpoint(tmp_path):
             time.sleep(0.05)
         # kill -9 every process of the job at once: launcher, proxy and all ranks (the
         # ranks run in sessions of their own, so the process group alone is not enough).
-        pids = _descendants(proc.pid)
+        pids = descendants(proc.pid)
         assert len(pids) >= 6, f"expected mpiexec, a proxy and 4 ranks, found {pids}"
-        _kill_pids(pids)
+        kill_pids(pids)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         end = time.monotonic() + 10
-        while any(_alive(p) for p in pids) and time.monotonic() < end:
+        while any(alive(p) for p in pids) and time.monotonic() < end:
             time.sleep(0.05)
-        assert not [p for p in pids if _alive(p)], "processes survived SIGKILL"
+        assert not [p for p in pids if alive(p)], "processes survived SIGKILL"
     finally:
-        _kill_pids(pids or _descendants(proc.pid))
+        kill_pids(pids or descendants(proc.pid))
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -848,11 +793,13 @@ def test_kill_9_leaves_readable_files_and_a_loadable_checkpoint(tmp_path):
     assert arrays["q_table"].shape == (64, 4)
     assert np.all(np.isfinite(arrays["q_table"]))
 
-    result, _ = run_cli(hpcrl_command(2, "evaluate", str(run_dir), "--episodes", "20"), _env())
+    result, _ = run_cli(
+        hpcrl_command(2, "evaluate", str(run_dir), "--episodes", "20"), subprocess_env()
+    )
     assert result.returncode == 0, _show(result)
     assert _last_json(result.stdout)["episodes"] == 20
 
-    result, _ = run_cli(hpcrl_command(None, "info", str(run_dir)), _env())
+    result, _ = run_cli(hpcrl_command(None, "info", str(run_dir)), subprocess_env())
     assert result.returncode == 0, _show(result)
     assert re.search(r"^status\s+running$", result.stdout, re.MULTILINE), _show(result)
 
@@ -880,7 +827,7 @@ def test_allreduce_is_deterministic_for_a_fixed_seed_and_world_size(tmp_path):
             "--set",
             "eval_episodes=0",
         )
-        result, _ = run_cli(cmd, _env())
+        result, _ = run_cli(cmd, subprocess_env())
         assert result.returncode == 0, _show(result)
         with h5py.File(run_dir / "checkpoints" / "latest.h5", "r") as f:
             tables.append(f["q_table"][()])
@@ -910,7 +857,7 @@ def test_missing_extra_is_named_in_one_error_line(tmp_path, env_id, module, extr
     shadow = tmp_path / "shadow"
     shadow.mkdir()
     (shadow / f"{module}.py").write_text(f"raise ImportError('simulated: no {module}')\n")
-    env = _env()
+    env = subprocess_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shadow), env.get("PYTHONPATH")]))
     run_dir = tmp_path / "fresh"
     cmd = hpcrl_command(

@@ -46,11 +46,21 @@ def test_rollout_stacks_time_major_and_empties():
 @pytest.mark.parametrize(
     "config,world,num_envs,match",
     [
-        (ppo.Config(batch_size=512, minibatch_size=256), 3, 2, r"batch_size 512.*3 ranks"),
-        (ppo.Config(batch_size=512, minibatch_size=2), 4, 1, r"minibatch_size 2"),
-        (a2c.Config(batch_size=40), 3, 1, r"batch_size 40.*3 ranks"),
-        (dqn.Config(train_frequency=16, batch_size=64), 3, 1, r"train_frequency 16.*3 ranks"),
-        (dqn.Config(train_frequency=16, batch_size=63), 2, 1, r"batch_size 63"),
+        (
+            ppo.PPOConfig(env_steps_per_update=512, minibatch_size=256),
+            3,
+            2,
+            r"env_steps_per_update 512.*3 ranks",
+        ),
+        (ppo.PPOConfig(env_steps_per_update=512, minibatch_size=2), 4, 1, r"minibatch_size 2"),
+        (a2c.A2CConfig(env_steps_per_update=40), 3, 1, r"env_steps_per_update 40.*3 ranks"),
+        (
+            dqn.DQNConfig(train_frequency=16, minibatch_size=64),
+            3,
+            1,
+            r"train_frequency 16.*3 ranks",
+        ),
+        (dqn.DQNConfig(train_frequency=16, minibatch_size=63), 2, 1, r"minibatch_size 63"),
     ],
 )
 def test_a_global_batch_that_does_not_split_is_refused(config, world, num_envs, match):
@@ -60,7 +70,7 @@ def test_a_global_batch_that_does_not_split_is_refused(config, world, num_envs, 
 
 @pytest.mark.parametrize(
     "config,global_steps",
-    [(ppo.Config(), 2048), (a2c.Config(), 40), (dqn.Config(train_frequency=16), 16)],
+    [(ppo.PPOConfig(), 2048), (a2c.A2CConfig(), 40), (dqn.DQNConfig(train_frequency=16), 16)],
 )
 def test_global_batch_splits_into_per_rank_rollouts(config, global_steps):
     """2 ranks x 2 env copies: each rank's rollout is a quarter of the global batch."""
@@ -68,7 +78,7 @@ def test_global_batch_splits_into_per_rank_rollouts(config, global_steps):
     assert config.rollout_steps(1, 1) == global_steps
 
 
-def _dqn(cfg: dqn.Config, seed: int):
+def _dqn(cfg: dqn.DQNConfig, seed: int):
     torch.manual_seed(seed)
     envs = make_vector_env("CartPole-v1", None, 1)
     learner = dqn.DQN(cfg, envs.single_observation_space, envs.single_action_space, 1, 1, seed)
@@ -85,7 +95,7 @@ def _run(learner, stepper, steps: int, start: int, budget: int = 100_000) -> Non
 
 
 def test_dqn_polyak_target_update():
-    learner, _ = _dqn(dqn.Config(tau=0.25), 0)
+    learner, _ = _dqn(dqn.DQNConfig(tau=0.25), 0)
     online = [p.detach().clone() for p in learner.model.parameters()]
     with torch.no_grad():
         for p in learner.target.parameters():
@@ -98,7 +108,7 @@ def test_dqn_polyak_target_update():
 def test_dqn_target_starts_as_the_online_network_at_the_first_gradient_step():
     """Made at the first gradient step (after the topology's broadcast), so it is the same
     on every rank, whatever each rank's random init was."""
-    cfg = dqn.Config(learning_starts=8, train_frequency=8, tau=0.01, target_update_interval=1)
+    cfg = dqn.DQNConfig(learning_starts=8, train_frequency=8, tau=0.01, target_update_interval=1)
     learner, stepper = _dqn(cfg, 0)
     with torch.no_grad():
         for p in learner.model.parameters():
@@ -114,11 +124,11 @@ def test_dqn_target_starts_as_the_online_network_at_the_first_gradient_step():
 
 @pytest.mark.parametrize("double_dqn", [False, True])
 def test_dqn_checkpoint_round_trip_continues_identically(double_dqn):
-    cfg = dqn.Config(
+    cfg = dqn.DQNConfig(
         learning_starts=64,
         train_frequency=8,
         gradient_steps=2,
-        batch_size=16,
+        minibatch_size=16,
         buffer_size=300,  # wraps around within the run
         tau=0.1,
         target_update_interval=1,

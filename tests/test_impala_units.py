@@ -14,12 +14,19 @@ import torch
 from mpi4py import MPI
 
 from conftest import env_spaces
-from hpcrl.algos.impala import Config, Impala
+from hpcrl.algos.impala import Impala, ImpalaConfig
 from hpcrl.comm import protocol as P
 from hpcrl.config import build_config
+from hpcrl.envs import make_env
 from hpcrl.errors import ConfigError
 from hpcrl.returns import n_step_returns
-from hpcrl.topologies.actor_learner import UnrollLearner, _Group, _metrics, _schema
+from hpcrl.topologies.actor_learner import (
+    ActorLearner,
+    UnrollLearner,
+    _Group,
+    _metrics,
+    _unroll_schema,
+)
 
 T, B = 3, 2  # the UnrollLearner tests' unroll: vector steps, env copies
 
@@ -37,7 +44,7 @@ class NoGroup:
     "key,value",
     [
         ("unroll_length", 0),
-        ("batch_size", 0),
+        ("unrolls_per_update", 0),
         ("learner_ranks", 0),
         ("max_policy_lag", -1),
         ("publish_interval", 0),
@@ -47,13 +54,16 @@ class NoGroup:
     ],
 )
 def test_validate_names_the_bad_key_and_value(key, value):
-    Config().validate()
+    """The algorithm's keys and the layout's (`ActorLearnerConfig`) alike."""
+    build_config({"algo": "impala"})
     with pytest.raises(ConfigError, match=rf"'{key}': got {re.escape(repr(value))}"):
-        Config(**{key: value}).validate()
+        build_config({"algo": "impala", key: value})
 
 
 def test_null_thresholds_mean_no_clipping():
-    Config(clip_rho_threshold=None, clip_pg_rho_threshold=None, clip_c_threshold=None).validate()
+    ImpalaConfig(
+        clip_rho_threshold=None, clip_pg_rho_threshold=None, clip_c_threshold=None
+    ).validate()
 
 
 @pytest.mark.parametrize(
@@ -62,18 +72,38 @@ def test_null_thresholds_mean_no_clipping():
         ({"learner_ranks": 4}, 4, r"'learner_ranks': got 4, .*world size 4"),
         ({"learner_ranks": 6}, 4, r"'learner_ranks': got 6, .*world size 4"),
         ({"learner_ranks": 2}, 1, r"'learner_ranks': got 2 in a one-process run"),
-        ({"learner_ranks": 2, "batch_size": 3}, 4, r"batch_size 3 .*2 learner ranks"),
+        (
+            {"learner_ranks": 2, "unrolls_per_update": 3},
+            4,
+            r"unrolls_per_update 3 .*2 learner ranks",
+        ),
     ],
 )
 def test_a_layout_that_does_not_fit_the_world_is_refused(kw, world, match):
+    """The topology's checks (`check_world`, then `check_env`), before any communication."""
+    topology = ActorLearner(build_config({"algo": "impala", "num_envs": 2, **kw}))
     with pytest.raises(ConfigError, match=match):
-        Config(**kw).rollout_steps(world, 2)
+        topology.check_world(world)
+        topology.check_env(make_env("CartPole-v1"), world, {})
+
+
+def _fits(kw: dict, world: int, num_envs: int) -> int:
+    """Run the topology's checks; returns the vector steps of an actor's unroll."""
+    cfg = build_config({"algo": "impala", "num_envs": num_envs, **kw})
+    topology = ActorLearner(cfg)
+    env = make_env("CartPole-v1")
+    topology.check_world(world)
+    topology.check_env(env, world, {})
+    ctx = types.SimpleNamespace(
+        cfg=cfg, observation_space=env.observation_space, action_space=env.action_space
+    )
+    return _unroll_schema(ctx).fields["rewards"][1][0]
 
 
 def test_rollout_steps_is_the_unroll_length():
-    assert Config(unroll_length=7).rollout_steps(1, 8) == 7
-    assert Config(unroll_length=5, learner_ranks=2, batch_size=4).rollout_steps(4, 2) == 5
-    assert Config(learner_ranks=3, batch_size=3).rollout_steps(4, 1) == 20
+    assert _fits({"unroll_length": 7}, 1, 8) == 7
+    assert _fits({"unroll_length": 5, "learner_ranks": 2, "unrolls_per_update": 4}, 4, 2) == 5
+    assert _fits({"learner_ranks": 3, "unrolls_per_update": 3}, 4, 1) == 20
 
 
 def _on_policy_batch(learner: Impala, T: int = 5, N: int = 3) -> dict[str, np.ndarray]:
@@ -107,7 +137,7 @@ def test_on_policy_loss_is_the_n_step_return_regression():
     """With π = μ and ρ̄ = c̄ = λ = 1, V-trace targets are the n-step returns and the
     policy-gradient advantages are G - V."""
     torch.manual_seed(0)
-    cfg = Config(gamma=0.9, hidden_size=16)
+    cfg = ImpalaConfig(gamma=0.9, hidden_size=16)
     learner = Impala(cfg, *env_spaces())
     batch = _on_policy_batch(learner)
     T, N = batch["rewards"].shape
@@ -142,7 +172,7 @@ def test_on_policy_loss_is_the_n_step_return_regression():
 
 def test_update_steps_the_optimizer_and_anneals_the_learning_rate():
     torch.manual_seed(0)
-    learner = Impala(Config(hidden_size=16, learning_rate=1e-3), *env_spaces())
+    learner = Impala(ImpalaConfig(hidden_size=16, learning_rate=1e-3), *env_spaces())
     before = [p.detach().clone() for p in learner.model.parameters()]
     group = NoGroup()
     metrics = learner.update(_on_policy_batch(learner), group, progress=0.25)
@@ -158,7 +188,7 @@ def test_update_without_a_batch_on_a_fresh_learner_moves_nothing(group_kind):
     """A learner with no batch still steps (the group's gradient; here nothing or, through
     the real `_Group` of one rank, zeros), and a fresh Adam does not move on zeros."""
     torch.manual_seed(0)
-    learner = Impala(Config(hidden_size=16), *env_spaces())
+    learner = Impala(ImpalaConfig(hidden_size=16), *env_spaces())
     before = [p.detach().clone() for p in learner.model.parameters()]
     group = NoGroup() if group_kind == "stub" else _Group(MPI.COMM_WORLD, learner.model, 10.0)
     assert learner.update(None, group, progress=0.0) == {"learning_rate": 1e-3}
@@ -181,7 +211,10 @@ def _server(batch_unrolls: int = 2, max_policy_lag: int = 2, record: bool = True
             "record_trajectories": record,
         }
     )
-    ctx = types.SimpleNamespace(cfg=cfg, world_size=4)
+    obs_space, act_space = env_spaces()
+    ctx = types.SimpleNamespace(
+        cfg=cfg, world_size=4, observation_space=obs_space, action_space=act_space
+    )
     return UnrollLearner(ctx, Impala(cfg.algo, *env_spaces()), batch_unrolls), ctx
 
 
@@ -191,16 +224,16 @@ def _fill(msg: P.Message, marker: float, version: int, rows: int = T * B, actor_
         msg[name][...] = marker
     header = msg["header"]
     header[:] = 0
-    header[P.UNROLL_STEPS] = -(-rows // B)
-    header[P.UNROLL_ROWS] = rows
-    header[P.UNROLL_POLICY_VERSION] = version
-    header[P.UNROLL_ACTOR_ENV_STEPS] = rows if actor_steps is None else actor_steps
+    header[P.ActorHeader.STEPS] = -(-rows // B)
+    header[P.ActorHeader.ROWS] = rows
+    header[P.ActorHeader.POLICY_VERSION] = version
+    header[P.ActorHeader.ACTOR_ENV_STEPS] = rows if actor_steps is None else actor_steps
     return msg
 
 
 def test_unroll_learner_queues_counts_and_drops():
     server, ctx = _server(max_policy_lag=2)
-    msg = _schema(ctx, *env_spaces()).allocate()
+    msg = _unroll_schema(ctx).allocate()
     server.learner.learner_updates = 5
     server.consume(_fill(msg, 1.0, version=3), 2)  # lag 2: the bound, kept
     assert len(server.queue) == 1 and server.stats.lags == [2]
@@ -221,10 +254,10 @@ def test_unroll_learner_queues_counts_and_drops():
 
 def test_unroll_learner_stamps_episodes_with_learner_env_steps():
     server, ctx = _server(record=False)
-    msg = _schema(ctx, *env_spaces()).allocate()
+    msg = _unroll_schema(ctx).allocate()
     server.env_steps, server.local_steps = 100, 6
     _fill(msg, 0.0, version=0, actor_steps=50)  # this unroll: the actor's steps 44..50
-    msg["header"][P.UNROLL_EPISODES] = 2
+    msg["header"][P.ActorHeader.EPISODES] = 2
     msg["episode_return"][:2] = [10.0, 20.0]
     msg["episode_length"][:2] = [10, 20]
     msg["episode_actor_env_steps"][:2] = [46, 50]
@@ -239,7 +272,7 @@ def test_unroll_learner_stamps_episodes_with_learner_env_steps():
 
 def test_take_batch_is_the_oldest_unrolls_side_by_side():
     server, ctx = _server(batch_unrolls=2)
-    msg = _schema(ctx, *env_spaces()).allocate()  # one buffer, reused as the receives do
+    msg = _unroll_schema(ctx).allocate()  # one buffer, reused as the receives do
     for k in range(3):
         server.consume(_fill(msg, float(k), version=0), 1)
         assert server.ready() == (k >= 1), k  # two unrolls make a batch
@@ -294,9 +327,9 @@ def test_parameters_schema():
     assert msg["parameters"].shape == (5,) and msg["parameters"].dtype == np.float32
     assert schema.nbytes == 24 + 24  # 20 bytes of parameters padded to 8
     msg["parameters"][:] = np.arange(5)
-    msg["header"][P.PARAMS_VERSION] = 7
+    msg["header"][P.ParamsHeader.VERSION] = 7
     copy = P.Message(schema, msg.buffer.copy())  # what the receiving rank sees
-    assert copy["header"][P.PARAMS_VERSION] == 7
+    assert copy["header"][P.ParamsHeader.VERSION] == 7
     np.testing.assert_array_equal(copy["parameters"], np.arange(5))
 
 
@@ -312,8 +345,9 @@ def test_unroll_schema_follows_the_env_spaces(
     env_id, obs_shape, obs_dtype, action_shape, action_dtype
 ):
     cfg = build_config({"algo": "impala", "num_envs": 1, "unroll_length": 3})
-    ctx = types.SimpleNamespace(cfg=cfg)
-    schema = _schema(ctx, *env_spaces(env_id))
+    obs_space, act_space = env_spaces(env_id)
+    ctx = types.SimpleNamespace(cfg=cfg, observation_space=obs_space, action_space=act_space)
+    schema = _unroll_schema(ctx)
     msg = schema.allocate()
     assert msg["obs"].shape == (4, 1, *obs_shape) and msg["obs"].dtype == obs_dtype
     assert msg["actions"].shape == (3, 1, *action_shape) and msg["actions"].dtype == action_dtype
@@ -336,7 +370,7 @@ def test_messages_are_consumed_in_each_actors_send_order():
     """An actor's two receive slots alternate; when both complete in one `Testsome`, or
     its later message completes first, they are still consumed in send order (once a
     final unroll made the learner cancel the other slot before consuming it)."""
-    from hpcrl.topologies.actor_learner import _in_send_order
+    from hpcrl.topologies.serving import _in_send_order
 
     next_slot = [1, 0]  # actor 0 expects slot 1 next, actor 1 slot 0
     arrived = {0, 1, 3}  # actor 0: both slots; actor 1: only its later slot

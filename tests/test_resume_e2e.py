@@ -29,7 +29,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -41,7 +40,16 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import BIN, digest_tree, hpcrl_command
+from conftest import (
+    BIN,
+    copy_run,
+    descendants,
+    digest_tree,
+    hpcrl_command,
+    one_error_line,
+    proc_stat,
+    subprocess_env,
+)
 from hpcrl.storage.checkpoints import _checksum
 
 pytestmark = pytest.mark.e2e
@@ -81,42 +89,6 @@ sys.exit(code)
 # --------------------------------------------------------------------------- processes
 
 
-def _env() -> dict[str, str]:
-    """conftest's `cli_env`, minus SLURM variables (the /resumes rows must say -1)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _proc_stat(pid: int) -> tuple[int, str, int] | None:
-    """(parent pid, state, start time in clock ticks) of a process, None when gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rfind(")") + 2 :].split()
-    return int(fields[1]), fields[0], int(fields[19])
-
-
-def _descendants(pid: int) -> dict[int, int]:
-    """{pid: start time} of `pid` and every process below it, parents before children."""
-    stats = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (stat := _proc_stat(int(entry))) is not None:
-            stats[int(entry)] = stat
-    children: dict[int, list[int]] = {}
-    for child, (parent, _, _) in stats.items():
-        children.setdefault(parent, []).append(child)
-    out, todo = {}, [pid]
-    while todo:
-        p = todo.pop(0)
-        if p in stats:
-            out[p] = stats[p][2]
-        todo.extend(children.get(p, []))
-    return out
-
-
 @dataclass
 class Result:
     rc: int
@@ -141,7 +113,7 @@ class Job:
         self.err_path = logs / f"{index:03d}.err"
         self.rc_dir = logs / f"{index:03d}.rc"
         self.rc_dir.mkdir()
-        env = _env()
+        env = subprocess_env(drop_slurm=True)
         env["HPCRL_TEST_RC_DIR"] = str(self.rc_dir)
         self.cmd = cmd
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
@@ -150,7 +122,7 @@ class Job:
             )
         # Every process seen in the job, with its start time: a pid the kernel hands to
         # someone else later is never signalled.
-        self.known: dict[int, int] = _descendants(self.proc.pid)
+        self.known: dict[int, int] = descendants(self.proc.pid)
 
     def stdout(self) -> str:
         return self.out_path.read_text()
@@ -160,13 +132,13 @@ class Job:
 
     def _track(self) -> None:
         if self.proc.poll() is None:
-            self.known.update(_descendants(self.proc.pid))
+            self.known.update(descendants(self.proc.pid))
 
     def live(self) -> list[int]:
         """The job's processes still running (not gone, not zombies), parents first."""
         out = []
         for pid, start in self.known.items():
-            stat = _proc_stat(pid)
+            stat = proc_stat(pid)
             if stat is not None and stat[2] == start and stat[1] != "Z":
                 out.append(pid)
         return out
@@ -380,24 +352,12 @@ def assert_completed(run_dir: Path, budget: int, traj_gap_max: int = 0) -> dict:
     return data
 
 
-def copy_run(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst, symlinks=True)
-    return dst
-
-
 def assert_one_error_line(result: Result, patterns: list[str], ranks: int = 2) -> str:
     """Exit status 2 from mpiexec and from every rank, exactly one non-empty stderr line,
     `hpcrl: error:` once, every regex in it, nothing on stdout."""
     assert result.rc == 2, result.show()
     assert result.ranks == dict.fromkeys(range(ranks), 2), result.show()
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one error line\n{result.show()}"
-    assert result.stderr.count("hpcrl: error:") == 1, result.show()
-    assert lines[0].startswith("hpcrl: error:"), result.show()
-    for pattern in patterns:
-        assert re.search(pattern, lines[0]), f"{pattern!r} not in the error\n{result.show()}"
-    assert result.stdout.strip() == "", result.show()
-    return lines[0]
+    return one_error_line(result.stdout, result.stderr, patterns, result.show())
 
 
 def assert_interrupted(result: Result, run_dir: Path, sig: str, ranks: int) -> int:

@@ -100,7 +100,7 @@ def test_uncaptured_state_resets_with_the_fallback_seed():
 
 
 def test_segment_progress_and_budgets():
-    from hpcrl.topologies.context import Segment
+    from hpcrl.topologies.segments import Segment
 
     first = Segment(0, 0, 1000, 4)
     assert first.budgets() == [250, 250, 250, 250]

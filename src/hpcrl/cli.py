@@ -1,7 +1,8 @@
 """Command line: argv -> config -> subcommand (train, evaluate, info, slurm, analyse).
 
-`python -m hpcrl` with no arguments runs the default job (`hpcrl.config.DEFAULT_JOB`:
-IMPALA on CartPole-v1).
+`python -m hpcrl` and `python -m hpcrl train`, with nothing else, run the default job
+(`hpcrl.config.DEFAULT_JOB`: IMPALA on CartPole-v1). A `train` with options but no config
+file and no `--algo` starts from the shared defaults (tabular Q-learning on FrozenLake8x8).
 """
 
 from __future__ import annotations
@@ -26,13 +27,18 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="hpcrl",
-        description="MPI-native distributed reinforcement "
-        "learning. Launch with mpirun/srun, or run as one process.",
+        description="MPI-native distributed reinforcement learning. Launch with mpirun/srun, "
+        "or run as one process. With no arguments (or `train` alone) it trains the default "
+        "job: IMPALA on CartPole-v1 (configs/cartpole-impala.yaml), rank 0 learning and the "
+        "other ranks acting, into runs/.",
     )
     parser.add_argument("--version", action="version", version=f"hpcrl {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
-    train = sub.add_parser("train", help="train an agent and write a run directory")
+    train = sub.add_parser(
+        "train",
+        help="train an agent and write a run directory (alone: the default job)",
+    )
     train.add_argument("config", nargs="?", help="YAML config file (flat keys, see configs/)")
     train.add_argument(
         "--algo",
@@ -157,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         if comm.Get_rank() == 0:
             print(f"hpcrl: error: {usage_error}", file=sys.stderr, flush=True)
         return 2
-    return runner.guarded(lambda: _dispatch(comm, args, default_job=not argv), comm)
+    # `python -m hpcrl` and `python -m hpcrl train` alone: the default job.
+    default_job = argv in ([], ["train"])
+    return runner.guarded(lambda: _dispatch(comm, args, default_job), comm)
 
 
 def _dispatch(comm, args: argparse.Namespace, default_job: bool = False) -> int:

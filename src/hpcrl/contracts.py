@@ -243,6 +243,7 @@ class Topology(ABC):
 
     name: ClassVar[str]
     Config: ClassVar[type]
+    ROLES: ClassVar[str] = ""  # `rank_roles` in words; {last} is the last rank
 
     def __init__(self, cfg: Any):
         self.cfg = cfg  # the whole run's `hpcrl.config.Config`
@@ -272,9 +273,13 @@ class Topology(ABC):
         checkpoint this run cannot use (`shapes`: {name: shape} of the resumed
         checkpoint's shared arrays, or {})."""
 
-    @abstractmethod
     def roles(self, world_size: int) -> str:
         """Who does what, in words, for the start-up line."""
+        return "one process: every role in turn" if world_size == 1 else self.rank_roles(world_size)
+
+    def rank_roles(self, world_size: int) -> str:
+        """`roles` on two or more ranks (by default `ROLES`)."""
+        return self.ROLES.format(last=world_size - 1)
 
     def acting_ranks(self, world_size: int) -> range:
         """The ranks that step envs (the run's budget is split over them)."""

@@ -511,7 +511,7 @@ def info(run_dir: str) -> dict:
         if "metrics" not in f or "episodes" not in f:
             raise UserError(f"{run_dir!r}: run.h5 has no /metrics or /episodes: not an hpcrl run")
         out = {k: f.attrs[k] for k in ("algo", "env_id", "world_size", "status") if k in f.attrs}
-        out = {k: (v.item() if hasattr(v, "item") else v) for k, v in out.items()}
+        out = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in out.items()}
         out["layout"] = str(f.attrs.get("layout", ""))
         metrics = f["metrics"]
         episodes = f["episodes"]

@@ -161,6 +161,28 @@ def gradient_schema(n_parameters: int, rows: int) -> Schema:
     )
 
 
+def write_actor_header(
+    msg: Message,
+    rows: int,
+    policy_version: int,
+    final: bool,
+    episodes: int,
+    actor_env_steps: int,
+    stop: bool,
+    steps: int = 0,
+) -> None:
+    """Stamp an actor message's header (`ActorHeader`); `policy_version` < 0 (no step
+    taken) is written as 0."""
+    header = msg["header"]
+    header[ActorHeader.ROWS] = rows
+    header[ActorHeader.POLICY_VERSION] = max(policy_version, 0)
+    header[ActorHeader.FINAL] = int(final)
+    header[ActorHeader.EPISODES] = episodes
+    header[ActorHeader.ACTOR_ENV_STEPS] = actor_env_steps
+    header[ActorHeader.STOP] = int(stop)
+    header[ActorHeader.STEPS] = steps
+
+
 def write_episodes(
     msg: Message, start: int, batch, n: int, actor_env_steps: int, wall_time: float
 ) -> int:

@@ -59,10 +59,10 @@ from hpcrl.models import select_device
 from hpcrl.topologies.checkpointing import save_checkpoint
 from hpcrl.topologies.collective_eval import LearnerGreedy
 from hpcrl.topologies.deep import DeepTopology
-from hpcrl.topologies.recording import TrajectoryRecorder, link_trajectories
+from hpcrl.topologies.recording import link_trajectories
 from hpcrl.topologies.reporting import EpisodeRows, Reporter
 from hpcrl.topologies.run_context import RunContext
-from hpcrl.topologies.serving import ActorPool, LearnerLink, alternate
+from hpcrl.topologies.serving import Actor, ActorPool, LearnerLink, alternate, run_actor
 
 
 @dataclass
@@ -122,9 +122,7 @@ class ActorLearner(DeepTopology):
                 f"(learner_ranks): {per_update} % {k} = {per_update % k}"
             )
 
-    def roles(self, world_size: int) -> str:
-        if world_size == 1:
-            return "one process: every role in turn"
+    def rank_roles(self, world_size: int) -> str:
         k = self.settings.learner_ranks
         learners = "rank 0 learner" if k == 1 else f"ranks 0-{k - 1} learners"
         return f"{learners}, ranks {k}-{world_size - 1} actors"
@@ -167,26 +165,16 @@ def _unroll_schema(ctx: RunContext) -> P.Schema:
     )
 
 
-class UnrollActor:
+class UnrollActor(Actor):
     """Steps a vector env with the behaviour policy and fills unroll messages."""
 
     def __init__(self, ctx: RunContext, policy: AsyncLearner, budget: int):
-        self.ctx = ctx
+        super().__init__(ctx, budget)
         self.policy = policy
         self.unroll = _unroll_schema(ctx).allocate()
-        self.stepper = ctx.make_stepper()
-        self.recorder = TrajectoryRecorder(ctx)
-        self.budget = budget
-        self.env_steps = 0  # in this segment
-        self.stop = False
         self.timing = np.zeros(len(Timing), dtype=np.float64)  # seconds
         self.start = time.perf_counter()
         self.delay_s = ctx.slow_step_s()
-
-    @property
-    def done(self) -> bool:
-        """Its last unroll is (being) sent: budget spent or told to stop."""
-        return self.env_steps >= self.budget or self.stop
 
     def produce(self, msg: Message, poll) -> None:
         """Fill an unroll (`fill`) and make the message to send from it: the learner's
@@ -241,20 +229,9 @@ class UnrollActor:
                 msg, episodes, batch, n, self.env_steps, self.ctx.elapsed_s()
             )
         msg["obs"][steps] = self.stepper.obs
-        header = msg["header"]
-        header[ActorHeader.STEPS] = steps
-        header[ActorHeader.ROWS] = rows
-        header[ActorHeader.POLICY_VERSION] = max(version, 0)
-        header[ActorHeader.FINAL] = int(self.done)
-        header[ActorHeader.EPISODES] = episodes
-        header[ActorHeader.ACTOR_ENV_STEPS] = self.env_steps
-        header[ActorHeader.STOP] = int(self.ctx.stop_requested())
+        self.stamp(msg, rows, version, episodes, steps)
         self.timing[Timing.WALL] = time.perf_counter() - self.start
         msg["timing"][:] = self.timing
-
-    def close(self) -> int:
-        self.stepper.close()
-        return self.recorder.close()
 
 
 @dataclass
@@ -301,14 +278,7 @@ class UnrollLearner:
         self.local_steps += rows
         if self.ctx.cfg.run.record_trajectories:
             self.traj_rows[rank] += rows
-        self.episodes.add_message(
-            msg,
-            int(header[ActorHeader.EPISODES]),
-            rows,
-            int(header[ActorHeader.ACTOR_ENV_STEPS]),
-            before,
-            rank,
-        )
+        self.episodes.add_message(msg, before, rank)
         self.stats.timing[rank] = msg["timing"].copy()
         lag = self.policy_version - int(header[ActorHeader.POLICY_VERSION])
         if rows < T * B:
@@ -629,21 +599,7 @@ def _run_actor(ctx: RunContext, policy: AsyncLearner) -> bool:
         ctx.watchdog_s,
         timing=actor.timing,
     )
-    link.start()
-
-    def poll() -> int:
-        version = link.poll()
-        actor.stop = actor.stop or link.stop or ctx.stop_requested()
-        return version
-
-    while True:
-        actor.produce(link.buffer(), poll)
-        actor.recorder.flush()  # on disk before the learner can count it in a checkpoint
-        link.send()
-        if actor.done:
-            break
-    link.finish()
-    link_trajectories(ctx, actor.close())
+    run_actor(ctx, actor, link)
     return False  # the learners know whether the run was interrupted
 
 

@@ -34,7 +34,6 @@ import numpy as np
 from hpcrl.algos import make_learner
 from hpcrl.comm.waits import allreduce_sum
 from hpcrl.contracts import LoopResult
-from hpcrl.errors import ConfigError
 from hpcrl.topologies.checkpointing import (
     gather_rank_states,
     rank_state,
@@ -46,20 +45,13 @@ from hpcrl.topologies.recording import TrajectoryRecorder, link_trajectories
 from hpcrl.topologies.reporting import EpisodeRows, Reporter, gather_and_log
 from hpcrl.topologies.run_context import RunContext
 from hpcrl.topologies.sync_points import Vote
-from hpcrl.topologies.tabular import TabularTopology
+from hpcrl.topologies.tabular import TabularConfig, TabularTopology
 
 
 @dataclass
-class AllreduceConfig:
-    """Settings of the `allreduce` layout."""
-
-    sync_interval: int = 64  # vector steps between two syncs of the tables
-
-    def validate(self) -> None:
-        if self.sync_interval < 1:
-            raise ConfigError(
-                f"config key 'sync_interval': got {self.sync_interval!r}, expected an integer >= 1"
-            )
+class AllreduceConfig(TabularConfig):
+    """Settings of the `allreduce` layout: `sync_interval` is the vector steps between two
+    syncs of the tables."""
 
 
 class Allreduce(TabularTopology):
@@ -67,11 +59,7 @@ class Allreduce(TabularTopology):
 
     name = "allreduce"
     Config = AllreduceConfig
-
-    def roles(self, world_size: int) -> str:
-        if world_size == 1:
-            return "one process: every role in turn"
-        return f"ranks 0-{world_size - 1} each act and learn"
+    ROLES = "ranks 0-{last} each act and learn"
 
     def run(self, ctx: RunContext) -> LoopResult:
         q_table, interrupted = _run(ctx)

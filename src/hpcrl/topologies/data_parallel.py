@@ -83,11 +83,7 @@ class GradientAllreduce(DeepTopology):
 
     name = "data_parallel"
     Config = DataParallelConfig
-
-    def roles(self, world_size: int) -> str:
-        if world_size == 1:
-            return "one process: every role in turn"
-        return f"ranks 0-{world_size - 1} each act and learn, gradients averaged"
+    ROLES = "ranks 0-{last} each act and learn, gradients averaged"
 
     def check_env(self, env, world_size: int, shapes: dict) -> None:
         """Also raises ConfigError when the global batch does not split over the ranks."""

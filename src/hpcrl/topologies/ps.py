@@ -35,27 +35,19 @@ from hpcrl.comm import protocol as P
 from hpcrl.comm.protocol import ActorHeader, Message, ParamsHeader
 from hpcrl.comm.waits import Backoff, WatchdogTimeout, allreduce_sum
 from hpcrl.contracts import LoopResult, TabularLearner
-from hpcrl.errors import ConfigError
 from hpcrl.topologies.checkpointing import rank_state, restore_rank_state, save_checkpoint
 from hpcrl.topologies.collective_eval import TableGreedy
-from hpcrl.topologies.recording import TrajectoryRecorder, link_trajectories
+from hpcrl.topologies.recording import link_trajectories
 from hpcrl.topologies.reporting import EpisodeRows, Reporter
 from hpcrl.topologies.run_context import RunContext
-from hpcrl.topologies.serving import ActorPool, LearnerLink, alternate
-from hpcrl.topologies.tabular import TabularTopology
+from hpcrl.topologies.serving import Actor, ActorPool, LearnerLink, alternate, run_actor
+from hpcrl.topologies.tabular import TabularConfig, TabularTopology
 
 
 @dataclass
-class PSConfig:
-    """Settings of the `ps` layout."""
-
-    sync_interval: int = 64  # vector steps per actor batch (one message to rank 0)
-
-    def validate(self) -> None:
-        if self.sync_interval < 1:
-            raise ConfigError(
-                f"config key 'sync_interval': got {self.sync_interval!r}, expected an integer >= 1"
-            )
+class PSConfig(TabularConfig):
+    """Settings of the `ps` layout: `sync_interval` is the vector steps of one actor batch
+    (one message to rank 0)."""
 
 
 class ParameterServer(TabularTopology):
@@ -63,11 +55,7 @@ class ParameterServer(TabularTopology):
 
     name = "ps"
     Config = PSConfig
-
-    def roles(self, world_size: int) -> str:
-        if world_size == 1:
-            return "one process: every role in turn"
-        return f"rank 0 parameter server, ranks 1-{world_size - 1} actors"
+    ROLES = "rank 0 parameter server, ranks 1-{last} actors"
 
     def acting_ranks(self, world_size: int) -> range:
         return range(1) if world_size == 1 else range(1, world_size)
@@ -94,34 +82,20 @@ def _learner(ctx: RunContext):
     return make_learner(ctx.cfg, ctx.observation_space, ctx.action_space, ctx.world_size)
 
 
-class TabularActor:
+class TabularActor(Actor):
     """Steps a vector env with the behaviour policy and fills experience messages."""
 
     def __init__(self, ctx: RunContext, learner: TabularLearner, budget: int, vector_steps: int):
-        self.ctx = ctx
+        super().__init__(ctx, budget)
         self.vector_steps = vector_steps  # per message
         self.learner = learner  # its table: the live one (one process) or a snapshot
         self.rng, env_seed = ctx.rank_seeds()
         self.policy = learner.behaviour_policy(self.rng)
-        self.stepper = ctx.make_stepper()
-        self.budget = budget
-        self.env_steps = 0  # in this segment
         self.num_envs = ctx.cfg.run.num_envs
-        self.stop = False  # end with the current batch (preemption)
         if ctx.resume is not None:
             state = ctx.resume.rank_state(ctx.rank)
             if state:
                 self.env_steps, _ = restore_rank_state(state, self.rng, self.stepper, env_seed + 1)
-        self.recorder = TrajectoryRecorder(ctx)
-
-    @property
-    def finished(self) -> bool:
-        return self.env_steps >= self.budget
-
-    @property
-    def done(self) -> bool:
-        """Its last batch is (being) sent: budget spent or told to stop."""
-        return self.finished or self.stop
 
     def state(self, learner_updates: int) -> dict[str, np.ndarray]:
         """This actor's `rank_state` (for a checkpoint that holds it)."""
@@ -140,7 +114,7 @@ class TabularActor:
         counts only as many env copies as the budget has left, so the run ends exactly
         at its env-step budget.
         """
-        rows = episodes = 0
+        rows = episodes = vector_steps = 0
         policy_version = -1
         segment = self.ctx.segment
         q_table = self.learner.q_table
@@ -164,21 +138,12 @@ class TabularActor:
             msg["terminated"][rows:end] = batch.terminated[:n]
             self.recorder.record(batch, n)
             rows = end
+            vector_steps += 1
             self.env_steps += n
             episodes = P.write_episodes(
                 msg, episodes, batch, n, self.env_steps, self.ctx.elapsed_s()
             )
-        header = msg["header"]
-        header[ActorHeader.ROWS] = rows
-        header[ActorHeader.POLICY_VERSION] = max(policy_version, 0)
-        header[ActorHeader.FINAL] = int(self.done)
-        header[ActorHeader.EPISODES] = episodes
-        header[ActorHeader.ACTOR_ENV_STEPS] = self.env_steps
-        header[ActorHeader.STOP] = int(self.ctx.stop_requested())
-
-    def close(self) -> int:
-        self.stepper.close()
-        return self.recorder.close()
+        self.stamp(msg, rows, policy_version, episodes, vector_steps)
 
 
 class TabularParameterServer:
@@ -230,14 +195,7 @@ class TabularParameterServer:
             self.env_steps += s.stop - s.start
         if self.ctx.cfg.run.record_trajectories:
             self.traj_rows[rank] = self.traj_rows.get(rank, 0) + rows
-        self.episodes.add_message(
-            msg,
-            int(header[ActorHeader.EPISODES]),
-            rows,
-            int(header[ActorHeader.ACTOR_ENV_STEPS]),
-            before,
-            rank,
-        )
+        self.episodes.add_message(msg, before, rank)
 
     def after(self, last: bool, stopped: bool) -> None:
         """One process: after each message, log and checkpoint when due (`finish` ends)."""
@@ -316,31 +274,9 @@ def _run_actor(ctx: RunContext) -> bool:
     def load(snapshot: Message) -> None:
         learner.q_table[:] = snapshot["q_table"]
 
-    link = LearnerLink(
-        ctx.comm,
-        0,
-        _experience_schema(ctx),
-        P.q_table_schema(ctx.n_states, ctx.n_actions),
-        load,
-        ctx.watchdog_s,
-    )
-    link.start()
-
-    def poll() -> int:
-        version = link.poll()
-        actor.stop = actor.stop or link.stop or ctx.stop_requested()
-        return version
-
-    while True:  # the last message, final, may hold no rows (a budget already spent)
-        actor.produce(link.buffer(), poll)
-        # On disk before rank 0 can count these rows in a checkpoint, so a resume after
-        # kill -9 finds every trajectory row the checkpoint accounts for.
-        actor.recorder.flush()
-        link.send()
-        if actor.done:
-            break
-    link.finish()
-    link_trajectories(ctx, actor.close())
+    snapshots = P.q_table_schema(ctx.n_states, ctx.n_actions)
+    link = LearnerLink(ctx.comm, 0, _experience_schema(ctx), snapshots, load, ctx.watchdog_s)
+    run_actor(ctx, actor, link)
     return False  # rank 0 knows whether the run as a whole was interrupted
 
 

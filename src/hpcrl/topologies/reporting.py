@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hpcrl.comm.protocol import ActorHeader
 from hpcrl.comm.waits import gather_rows
 from hpcrl.envs import StepBatch
 from hpcrl.progress import Progress
@@ -40,15 +41,15 @@ class EpisodeRows:
         rows[:, 4] = rank
         self.chunks.append(rows)
 
-    def add_message(
-        self, msg, episodes: int, rows: int, actor_env_steps: int, before: int, rank: int
-    ) -> None:
-        """The first `episodes` episodes of an actor message (`protocol.write_episodes`),
-        stamped with the run's env steps: `before` (the count before the message's `rows`
-        env steps) plus how far into the message each ended (`actor_env_steps`: the actor's
-        count after it)."""
+    def add_message(self, msg, before: int, rank: int) -> None:
+        """The episodes of an actor message (`protocol.write_episodes`; how many: its
+        `ActorHeader.EPISODES`), stamped with the run's env steps: `before` (the count
+        before the message's rows) plus how far into the message each ended (from the
+        actor's count after it, `ActorHeader.ACTOR_ENV_STEPS`)."""
+        header = msg["header"]
+        episodes = int(header[ActorHeader.EPISODES])
         if episodes:
-            actor_start = actor_env_steps - rows
+            actor_start = int(header[ActorHeader.ACTOR_ENV_STEPS]) - int(header[ActorHeader.ROWS])
             self.add(
                 msg["episode_return"][:episodes],
                 msg["episode_length"][:episodes],

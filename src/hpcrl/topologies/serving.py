@@ -30,8 +30,81 @@ from collections.abc import Callable, Iterator
 import numpy as np
 from mpi4py import MPI
 
-from hpcrl.comm.protocol import ActorHeader, Message, ParamsHeader, Schema, Tag, Timing
+from hpcrl.comm.protocol import (
+    ActorHeader,
+    Message,
+    ParamsHeader,
+    Schema,
+    Tag,
+    Timing,
+    write_actor_header,
+)
 from hpcrl.comm.waits import wait_all
+from hpcrl.topologies.recording import TrajectoryRecorder, link_trajectories
+
+
+class Actor:
+    """An acting rank: its env copies, its share of the budget and its trajectory file. A
+    layout's actor adds `produce(message, poll)`, which fills one message (calling
+    `poll()`, which returns the policy version now loaded, before every vector step) and
+    stamps it (`stamp`)."""
+
+    def __init__(self, ctx, budget: int):
+        self.ctx = ctx
+        self.stepper = ctx.make_stepper()
+        self.recorder = TrajectoryRecorder(ctx)
+        self.budget = budget
+        self.env_steps = 0  # in this segment
+        self.stop = False  # end with the current message (preemption)
+
+    @property
+    def finished(self) -> bool:
+        return self.env_steps >= self.budget
+
+    @property
+    def done(self) -> bool:
+        """Its last message is (being) sent: budget spent or told to stop."""
+        return self.finished or self.stop
+
+    def stamp(self, msg: Message, rows: int, policy_version: int, episodes: int, steps: int):
+        """Write the message's `ActorHeader` (final when `done`)."""
+        write_actor_header(
+            msg,
+            rows,
+            policy_version,
+            self.done,
+            episodes,
+            self.env_steps,
+            self.ctx.stop_requested(),
+            steps,
+        )
+
+    def close(self) -> int:
+        """Close the envs and the trajectory file; returns its rows."""
+        self.stepper.close()
+        return self.recorder.close()
+
+
+def run_actor(ctx, actor: Actor, link: LearnerLink) -> None:
+    """An actor rank's whole loop: messages until its last (final, perhaps empty: a budget
+    already spent), then the final handshake and the trajectory link."""
+    link.start()
+
+    def poll() -> int:
+        version = link.poll()
+        actor.stop = actor.stop or link.stop or ctx.stop_requested()
+        return version
+
+    while True:
+        actor.produce(link.buffer(), poll)
+        # On disk before the learner can count these rows in a checkpoint, so a resume
+        # after kill -9 finds every trajectory row the checkpoint accounts for.
+        actor.recorder.flush()
+        link.send()
+        if actor.done:
+            break
+    link.finish()
+    link_trajectories(ctx, actor.close())
 
 
 class LearnerLink:

@@ -3,12 +3,27 @@ checkpoint, and the greedy policy of a table."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from hpcrl.contracts import Topology
 from hpcrl.envs import discrete_sizes
-from hpcrl.errors import UserError
+from hpcrl.errors import ConfigError, UserError
 from hpcrl.topologies.collective_eval import TableGreedy
+
+
+@dataclass
+class TabularConfig:
+    """What the tabular layouts' settings share."""
+
+    sync_interval: int = 64  # vector steps between exchanges with the learner / peers
+
+    def validate(self) -> None:
+        if self.sync_interval < 1:
+            raise ConfigError(
+                f"config key 'sync_interval': got {self.sync_interval!r}, expected an integer >= 1"
+            )
 
 
 class TabularTopology(Topology):
