@@ -9,7 +9,7 @@ steps. For each seed, one after the other so machine noise hits all alike (`--ru
   process, `--sb3-threads` torch threads (default 1), in benchmarks/.sb3-venv (made on first
   use: stable-baselines3, our torch pinned, our gymnasium);
 - `hpcrl2`: `mpiexec -n 2 python -m hpcrl train configs/cartpole-ppo.yaml --set num_envs=4
-  --set batch_size=256 --set minibatch_size=256 --set update_epochs=20 --set
+  --set env_steps_per_update=256 --set minibatch_size=256 --set update_epochs=20 --set
   learning_rate=0.001 --set eval_episodes=0` (2 ranks x 4 env copies, 1 torch thread each);
 - `hpcrl1`: the same on 1 rank with `num_envs=8`;
 - `hpcrl2-sb3loss` (not by default): `hpcrl2` with SB3's value loss, `clip_vloss=false`
@@ -49,7 +49,7 @@ from learning import TARGET, WINDOW, median_or_none  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SB3_VENV = REPO / "benchmarks" / ".sb3-venv"
-HPCRL_SETS = ["batch_size=256", "minibatch_size=256", "update_epochs=20",
+HPCRL_SETS = ["env_steps_per_update=256", "minibatch_size=256", "update_epochs=20",
               "learning_rate=0.001", "eval_episodes=0"]  # fmt: skip
 RUNS = {  # --runs name: (table label, ranks, extra --set for hpcrl; None: SB3)
     "sb3": ("SB3 PPO, 1 process", 1, None),

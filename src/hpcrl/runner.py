@@ -266,19 +266,19 @@ def train(
     # run.h5 and traj/ exist before any rank writes; one shared start time.
     wait_all([comm.Ibarrier()], comm, "the start barrier", cfg.run.watchdog_s)
 
-    # ... run ...
-    ctx = RunContext.create(
-        comm,
-        cfg,
-        path,
-        spaces,
-        run_file,
-        resume_point,
-        preemption.requested,
-        topology.acting_ranks(world_size),
-        topology.recording_ranks(world_size),
-    )
     try:
+        # ... run ...
+        ctx = RunContext.create(
+            comm,
+            cfg,
+            path,
+            spaces,
+            run_file,
+            resume_point,
+            preemption.requested,
+            topology.acting_ranks(world_size),
+            topology.recording_ranks(world_size),
+        )
         result = topology.run(ctx)
         # ... and evaluate.
         return _finish(ctx, result)

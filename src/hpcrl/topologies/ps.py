@@ -304,6 +304,8 @@ def _run_learner(ctx: RunContext) -> tuple[np.ndarray, bool]:
     def consume(msg: Message, rank: int) -> None:
         ctx.maybe_fail(server.env_steps)
         server.consume(msg, rank)
+        if server.stop and not pool.stopping:
+            pool.stop()  # the reply to this message already says stop
 
     while pool.finished < len(actors):
         server.stop = server.stop or ctx.stop_requested()

@@ -216,8 +216,9 @@ class ActorPool:
     Args:
         write: fills a parameters message's payload and `ParamsHeader.VERSION` (the pool
             sets FINAL and STOP).
-        reply: answer every message with new parameters (tabular `ps`: each batch is an
-            update); otherwise parameters go out after `refresh()`.
+        reply: answer each message with new parameters right away if the actor's previous
+            ones have been delivered (tabular `ps`: each batch is an update; no answer is
+            queued otherwise); without it parameters go out after `refresh()`.
     """
 
     def __init__(
@@ -305,9 +306,8 @@ class ActorPool:
                 self.receives[j] = self.comm.Irecv(
                     msg.buffer, source=self.actors[i], tag=Tag.EXPERIENCE
                 )
-                if self.reply:
-                    self.pending.add(i)
-        self._publish_pending()
+                if self.reply and self.sends[i].Test():
+                    self.publish(i)
         return bool(ready)
 
     def _publish_pending(self) -> None:
