@@ -7,8 +7,9 @@ learners) and `hpcrl.topologies` (the loops and collectives). In the spirit of A
 Algorithms never see ranks: a learner is given the collectives it may use (`DataParallel`,
 `LearnerGroup`) and nothing else, so the same learner runs on one process or on many.
 
-    runner:    algorithm = algos.algorithm(cfg.run.algo)      # `Algorithm`: config class,
-               topology = topologies.make_topology(cfg)       #   layouts, make_learner
+    config:    cfg = build_config(values)                     # algos.algorithm(name): its
+                                                              #   `Algorithm`; the layout's Config
+    runner:    topology = topologies.make_topology(cfg)
                topology.check_world(world_size)               # LayoutError before any MPI call
                topology.check_env(probe_env, world_size, checkpoint_shapes)
                ctx = RunContext.create(..., topology.acting_ranks(world_size), ...)

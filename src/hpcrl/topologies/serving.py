@@ -9,9 +9,11 @@ completed (`Test`), never by waiting, except for the very first ones.
 
 Learner side (`ActorPool`): two receives are posted per actor, so both of an actor's
 buffers can be in flight; whichever complete are served (`Testsome`) in each actor's send
-order. An actor gets new parameters, stamped with their version (learner updates), as soon
-as its previous ones were delivered. Policy lag = learner updates now - the version a
-message was collected with.
+order. New parameters are stamped with their version (learner updates) and go to an actor
+only once its previous ones were delivered: after every learner update that publishes
+(`refresh`, `actor_learner`), or in answer to each of its messages when the previous send
+has completed (`reply`, tabular `ps`: otherwise that answer is skipped). Policy lag =
+learner updates now - the version a message was collected with.
 
 Shutdown: an actor's last message says `ActorHeader.FINAL`; its learner answers with final
 parameters (`ParamsHeader.FINAL`), so every send has a matching receive and nothing is
