@@ -426,11 +426,11 @@ def solved_line(episodes, env_id: str) -> str:
     if end is None:
         return (
             f"did not reach {env_id}'s reward threshold {threshold:g}: best mean return over "
-            f"{SOLVED_WINDOW} training episodes {best_window_mean(returns):.1f}"
+            f"{SOLVED_WINDOW} training episodes {best_window_mean(returns):.4g}"
         )
     mean = float(np.mean(returns[end - SOLVED_WINDOW + 1 : end + 1]))
     return (
-        f"reached a mean return of {mean:.1f} >= {threshold:g} ({env_id}'s reward "
+        f"reached a mean return of {mean:.4g} >= {threshold:g} ({env_id}'s reward "
         f"threshold) over {SOLVED_WINDOW} training episodes at "
         f"{int(episodes['env_steps'][end]):,} env steps, {float(episodes['wall_time'][end]):.1f} s "
         "into training"
