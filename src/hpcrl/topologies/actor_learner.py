@@ -616,7 +616,6 @@ class _EmbeddedLearner:
         self.reporter = Reporter(ctx)
         self.metrics: dict = {}
         self.log_since = time.perf_counter()
-        self.stopped = False  # set by `alternate` through the actor
 
     @property
     def policy_version(self) -> int:
