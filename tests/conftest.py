@@ -85,6 +85,15 @@ def env_spaces(env_id: str = "CartPole-v1") -> tuple:
     return spaces
 
 
+def tabular_fields() -> dict:
+    """The trajectory fields of a run over Discrete spaces (FrozenLake's)."""
+    import gymnasium as gym
+
+    from hpcrl.storage.trajectories import space_fields
+
+    return space_fields(gym.spaces.Discrete(16), gym.spaces.Discrete(4))
+
+
 def hpcrl_command(n: int | None, *args: str) -> list[str]:
     """`mpiexec -n N python -m hpcrl ARGS` with the venv's launcher (n=None: no launcher)."""
     base = [sys.executable, "-m", "hpcrl", *args]

@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import tabular_fields
 from hpcrl import preemption
 from hpcrl.config import build_config, resume_conflicts
 from hpcrl.envs import EnvStepper, capture_env_state, make_env, make_vector_env
@@ -25,7 +26,7 @@ from hpcrl.storage.checkpoints import (
     write_checkpoint,
 )
 from hpcrl.storage.runfile import RunFile, probe_writable
-from hpcrl.storage.trajectories import TrajectoryWriter, tabular_fields
+from hpcrl.storage.trajectories import TrajectoryWriter
 
 CAPTURED_ENVS = [
     "FrozenLake8x8-v1",

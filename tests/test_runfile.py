@@ -9,10 +9,10 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import single_line
+from conftest import single_line, tabular_fields
 from hpcrl.errors import UserError
 from hpcrl.storage.runfile import RUN_FILE, RunFile, prepare_run_dir, read_status
-from hpcrl.storage.trajectories import CHUNK_ROWS, TrajectoryWriter, tabular_fields
+from hpcrl.storage.trajectories import CHUNK_ROWS, TrajectoryWriter
 
 
 def write_rank_trajectories(path: Path, first_obs: int, chunks: list[int]) -> dict:

@@ -349,7 +349,7 @@ def build_config(values: dict[str, Any]) -> Config:
     valid += [f"debug.{k}" for k in debug_types]
 
     kw: dict[str, dict[str, Any]] = {
-        "run": {k: v for k, v in spec.run_defaults.items()},
+        "run": dict(spec.run_defaults),
         "topology": {k: v for k, v in spec.topology_defaults.items() if k in parts["topology"]},
         "algo": {},
     }

@@ -116,22 +116,10 @@ class TrajectoryWriter:
             self.file.close()
 
 
-def tabular_fields() -> dict[str, tuple[tuple[int, ...], type]]:
-    """Trajectory fields of a run over Discrete spaces."""
-    return {
-        "obs": ((), np.int64),
-        "action": ((), np.int64),
-        "reward": ((), np.float64),
-        "next_obs": ((), np.int64),
-        "terminated": ((), np.bool_),
-        "truncated": ((), np.bool_),
-        "env": ((), np.int32),  # index of the env copy within the acting rank
-    }
-
-
 def space_fields(observation_space, action_space) -> dict[str, tuple[tuple[int, ...], type]]:
     """Trajectory fields for any gymnasium spaces with array observations and actions
-    (`Box` or `Discrete`), e.g. CartPole: obs (4,) float32, action () int64."""
+    (`Box` or `Discrete`), e.g. CartPole: obs (4,) float32, action () int64; a tabular run's
+    Discrete spaces give obs and action () int64."""
 
     def row(space) -> tuple[tuple[int, ...], type]:
         if space.shape == () or space.shape is None:  # Discrete
