@@ -106,6 +106,20 @@ def test_rollout_steps_is_the_unroll_length():
     assert _fits({"learner_ranks": 3, "unrolls_per_update": 3}, 4, 1) == 20
 
 
+def test_a_batch_the_unrolls_in_flight_cannot_fill_is_refused():
+    # 3 actors x 2 unrolls in flight fill a batch of 6, not one of 7: it would deadlock
+    assert _fits({"unrolls_per_update": 6}, 4, 1) == 20
+    with pytest.raises(ConfigError, match=r"unrolls_per_update 7 cannot be filled.* <= 6"):
+        _fits({"unrolls_per_update": 7}, 4, 1)
+    assert _fits({"unrolls_per_update": 7, "max_unrolls_in_flight": 3}, 4, 1) == 20
+    assert _fits({"unrolls_per_update": 7}, 1, 1) == 20  # one process: no flow control
+    # learner_ranks 2 on 5 ranks: each learner serves at least one actor
+    with pytest.raises(ConfigError, match=r"each of the 2 learner ranks needs 3"):
+        _fits({"unrolls_per_update": 6, "learner_ranks": 2}, 5, 1)
+    with pytest.raises(ConfigError, match=r"'max_unrolls_per_update': got 1"):
+        _fits({"unrolls_per_update": 2, "max_unrolls_per_update": 1}, 4, 1)
+
+
 def _on_policy_batch(learner: Impala, T: int = 5, N: int = 3) -> dict[str, np.ndarray]:
     """A CartPole batch whose behaviour log-probs are the learner's own, with a terminal
     step (t=1, copy 0) and a time-limit cut (t=3, copy 1) inside the unroll."""
@@ -199,7 +213,9 @@ def test_update_without_a_batch_on_a_fresh_learner_moves_nothing(group_kind):
             assert p.grad is not None and not p.grad.any()
 
 
-def _server(batch_unrolls: int = 2, max_policy_lag: int = 2, record: bool = True):
+def _server(
+    batch_unrolls: int = 2, max_policy_lag: int = 2, record: bool = True, max_unrolls: int = 0
+):
     cfg = build_config(
         {
             "algo": "impala",
@@ -215,7 +231,11 @@ def _server(batch_unrolls: int = 2, max_policy_lag: int = 2, record: bool = True
     ctx = types.SimpleNamespace(
         cfg=cfg, world_size=4, observation_space=obs_space, action_space=act_space
     )
-    return UnrollLearner(ctx, Impala(cfg.algo, *env_spaces()), batch_unrolls), ctx
+    learner = Impala(cfg.algo, *env_spaces())
+    server = UnrollLearner(ctx, learner, batch_unrolls, max_unrolls or batch_unrolls)
+    server.retired = []  # (actor rank, count) per `retire` call
+    server.retire = lambda rank, count: server.retired.append((rank, count))
+    return server, ctx
 
 
 def _fill(msg: P.Message, marker: float, version: int, rows: int = T * B, actor_steps=None):
@@ -235,21 +255,23 @@ def test_unroll_learner_queues_counts_and_drops():
     server, ctx = _server(max_policy_lag=2)
     msg = _unroll_schema(ctx).allocate()
     server.learner.learner_updates = 5
-    server.consume(_fill(msg, 1.0, version=3), 2)  # lag 2: the bound, kept
+    assert not server.consume(_fill(msg, 1.0, version=3), 2)  # lag 2: the bound, kept
     assert len(server.queue) == 1 and server.stats.lags == [2]
     assert server.local_steps == T * B and server.traj_rows[2] == T * B
-    server.consume(_fill(msg, 2.0, version=2), 2)  # lag 3: stale
+    assert server.consume(_fill(msg, 2.0, version=2), 2)  # lag 3: stale, retired at once
     assert len(server.queue) == 1 and server.stats.dropped_stale == 1
-    server.consume(_fill(msg, 3.0, version=5, rows=T * B - 1), 3)  # partial
+    assert server.stats.dropped_steps == T * B
+    assert server.consume(_fill(msg, 3.0, version=5, rows=T * B - 1), 3)  # partial
     assert len(server.queue) == 1 and server.stats.dropped_stale == 1
     assert server.local_steps == 3 * T * B - 1 and server.unrolls_dropped == 0
     server.stopping = True
-    server.consume(_fill(msg, 4.0, version=5), 3)
+    assert server.consume(_fill(msg, 4.0, version=5), 3)
     assert len(server.queue) == 1 and server.unrolls_dropped == 1
     assert server.local_steps == 4 * T * B - 1
-    assert not server.ready()
+    assert not server.ready() and server.retired == []  # consume's answer says it
     server.drop_queue()
     assert server.queue == [] and server.unrolls_dropped == 2
+    assert server.retired == [(2, 1)]  # the queued unroll's credit goes back to its actor
 
 
 def test_unroll_learner_stamps_episodes_with_learner_env_steps():
@@ -276,7 +298,8 @@ def test_take_batch_is_the_oldest_unrolls_side_by_side():
     for k in range(3):
         server.consume(_fill(msg, float(k), version=0), 1)
         assert server.ready() == (k >= 1), k  # two unrolls make a batch
-    batch = server.take_batch()
+    batch, taken = server.take_batch()
+    assert taken == 2 and server.retired == [(1, 1), (1, 1)]
     assert batch["obs"].shape == (T + 1, 2 * B, 4) and batch["obs"].dtype == np.float32
     assert batch["actions"].shape == (T, 2 * B) and batch["actions"].dtype == np.int64
     for name in ("behaviour_log_probs", "rewards", "terminated", "truncated"):
@@ -284,7 +307,21 @@ def test_take_batch_is_the_oldest_unrolls_side_by_side():
     for name in ("obs", "actions", "rewards"):
         assert (batch[name][:, :B] == 0).all() and (batch[name][:, B:] == 1).all(), name
     assert len(server.queue) == 1 and not server.ready()
-    assert (server.queue[0]["obs"] == 2).all()
+    assert server.queue[0][0] == 1 and (server.queue[0][1]["obs"] == 2).all()
+
+
+def test_take_batch_takes_what_is_queued_up_to_the_maximum():
+    server, ctx = _server(batch_unrolls=2, max_unrolls=3)
+    msg = _unroll_schema(ctx).allocate()
+    for k in range(5):
+        server.consume(_fill(msg, float(k), version=0), 1 + k % 2)
+    batch, taken = server.take_batch()  # five queued: the oldest three
+    assert taken == 3 and batch["obs"].shape == (T + 1, 3 * B, 4)
+    assert server.retired == [(1, 1), (2, 1), (1, 1)]
+    assert (batch["rewards"][:, 2 * B :] == 2).all()
+    assert server.ready()  # two left: a batch
+    batch, taken = server.take_batch()
+    assert taken == 2 and not server.queue
 
 
 def test_metrics_merge_the_learners_rows():
@@ -293,13 +330,16 @@ def test_metrics_merge_the_learners_rows():
     a.stats.timing[2] = np.array([10.0, 4.0, 2.0, 1.0, 0.5])
     a.log_row()  # the next row holds differences from this one
     a.stats.lags, a.stats.dropped_stale, a.stats.wait_s, a.stats.updates = [0, 2, 1], 1, 0.5, 3
+    a.stats.dropped_steps, a.stats.batch_unrolls = 64, [1, 2, 3]
     a.stats.timing[2] = np.array([20.0, 10.0, 4.0, 1.0, 0.5])
     b.stats.lags, b.stats.dropped_stale, b.stats.wait_s, b.stats.updates = [3], 2, 1.5, 3
+    b.stats.dropped_steps, b.stats.batch_unrolls = 128, [2, 2, 2]
     b.stats.timing[3] = np.array([5.0, 1.0, 1.5, 2.0, 0.5])
     rows = np.concatenate([np.concatenate([[r.size], r]) for r in (a.log_row(), b.log_row())])
     out = _metrics(rows, 2, elapsed=4.0, updates_s=0.75)
     assert out["policy_lag_mean"] == pytest.approx(1.5) and out["policy_lag_max"] == 3
-    assert out["unrolls_dropped_stale"] == 3
+    assert out["unrolls_dropped_stale"] == 3 and out["env_steps_dropped_stale"] == 192
+    assert out["unrolls_per_update"] == pytest.approx(2.0)  # 12 unrolls, 6 updates
     assert out["learner_wait_frac"] == pytest.approx(2.0 / 8.0)
     assert out["learner_updates_per_s"] == 0.75
     expected = {
@@ -310,7 +350,7 @@ def test_metrics_merge_the_learners_rows():
         for name, value in fractions.items():
             assert out[f"actor_{rank}/{name}"] == pytest.approx(value), (rank, name)
     assert out["actor_efficiency"] == pytest.approx((0.8 + 0.5) / 2)
-    assert a.log_row().tolist() == [0.0] * 6  # the statistics restart after each row
+    assert a.log_row().tolist() == [0.0] * 8  # the statistics restart after each row
 
 
 def test_metrics_of_a_learner_that_saw_nothing():
@@ -323,9 +363,9 @@ def test_metrics_of_a_learner_that_saw_nothing():
 def test_parameters_schema():
     schema = P.parameters_schema(5)
     msg = schema.allocate()
-    assert msg["header"].shape == (3,) and msg["header"].dtype == np.int64
+    assert msg["header"].shape == (4,) and msg["header"].dtype == np.int64
     assert msg["parameters"].shape == (5,) and msg["parameters"].dtype == np.float32
-    assert schema.nbytes == 24 + 24  # 20 bytes of parameters padded to 8
+    assert schema.nbytes == 32 + 24  # 20 bytes of parameters padded to 8
     msg["parameters"][:] = np.arange(5)
     msg["header"][P.ParamsHeader.VERSION] = 7
     copy = P.Message(schema, msg.buffer.copy())  # what the receiving rank sees

@@ -51,6 +51,9 @@ class AsyncConfig:
 
     unroll_length: int = 20  # T, vector steps per actor message
     unrolls_per_update: int = 1  # actor messages per learner update, all learner ranks
+    # The most per update when more are queued (a learner that is behind takes larger
+    # batches); null: everything queued.
+    max_unrolls_per_update: int | None = None
     learning_rate: float = 1e-3
     anneal_lr: bool = True  # linearly to 0 over the budget
     optimizer: str = "adam"  # or rmsprop
@@ -70,6 +73,12 @@ class AsyncConfig:
         check = self.check
         check(self.unroll_length >= 1, "unroll_length", "an integer >= 1")
         check(self.unrolls_per_update >= 1, "unrolls_per_update", "an integer >= 1")
+        check(
+            self.max_unrolls_per_update is None
+            or self.max_unrolls_per_update >= self.unrolls_per_update,
+            "max_unrolls_per_update",
+            f"null or an integer >= unrolls_per_update ({self.unrolls_per_update})",
+        )
         check(self.learning_rate > 0, "learning_rate", "a number > 0")
         check(self.optimizer in OPTIMIZERS, "optimizer", f"one of {list(OPTIMIZERS)}")
         check(0.0 <= self.rmsprop_alpha < 1.0, "rmsprop_alpha", "a decay in [0, 1)")

@@ -77,6 +77,7 @@ class ParamsHeader(IntEnum):
     VERSION = 0  # learner updates behind these parameters (the policy version)
     FINAL = 1  # the answer to the actor's final message: nothing follows
     STOP = 2  # end with the current message (a preemption signal)
+    RETIRED = 3  # this actor's messages the learner is done with (flow-control credit)
 
 
 def tabular_experience_schema(rows: int) -> Schema:
@@ -97,7 +98,9 @@ def tabular_experience_schema(rows: int) -> Schema:
 
 def q_table_schema(n_states: int, n_actions: int) -> Schema:
     """Learner -> actor snapshot of the Q-table with its version (header: `ParamsHeader`)."""
-    return Schema([("header", (3,), np.int64), ("q_table", (n_states, n_actions), np.float64)])
+    return Schema(
+        [("header", (len(ParamsHeader),), np.int64), ("q_table", (n_states, n_actions), np.float64)]
+    )
 
 
 # Seconds since the actor started: total, stepping envs, policy inference, waiting for a
@@ -216,4 +219,6 @@ def _episode_fields(rows: int) -> list[tuple[str, tuple[int, ...], type]]:
 def parameters_schema(n_parameters: int) -> Schema:
     """Learner -> actor: the model's parameters as one flat float32 vector (the order of
     `module.parameters()`) with their version (header: `ParamsHeader`)."""
-    return Schema([("header", (3,), np.int64), ("parameters", (n_parameters,), np.float32)])
+    return Schema(
+        [("header", (len(ParamsHeader),), np.int64), ("parameters", (n_parameters,), np.float32)]
+    )

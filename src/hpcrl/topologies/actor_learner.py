@@ -12,9 +12,14 @@ unroll_schema`, stamped with the parameter version its first step used) and send
 the exchange with its learner (double-buffered sends, send wait, parameters picked up
 between vector steps) is `hpcrl.topologies.serving`'s, shared with the `ps` layout.
 
-Learner: serves its actors (`serving.ActorPool`) and queues full unrolls; one older than
-`max_policy_lag` updates is dropped and counted. With a batch of `unrolls_per_update / k` unrolls
-it joins a *round* of the learner group: one small `Iallreduce` of flags (has a batch, is
+Learner: serves its actors (`serving.ActorPool`) and queues full unrolls. Flow control keeps
+the queue bounded: each actor has at most `max_unrolls_in_flight` unrolls its learner has
+not learned from (or dropped), and waits for credit beyond that (`serving`), so a learner
+that falls behind slows its actors down instead of discarding their env steps. An unroll
+older than `max_policy_lag` updates is still dropped and counted, as the exception. With at
+least `unrolls_per_update / k` unrolls queued, a learner takes everything queued up to
+`max_unrolls_per_update / k` (larger batches when it is behind) and joins a *round* of the
+learner group: one small `Iallreduce` of flags (has a batch, is
 done, stop, env steps, log and checkpoint votes), during which it keeps serving its
 actors. Every learner then takes the same decisions: if any had a batch, all take one
 optimizer step on the gradient summed over the group and divided by the learners that had a
@@ -41,6 +46,7 @@ One process: the same actor and learner alternate in place, one unroll at a time
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -72,12 +78,14 @@ class ActorLearnerConfig:
     learner_ranks: int = 1  # learner group size k (IMPALA §5.3.1): ranks 0..k-1
     max_policy_lag: int = 20  # actor messages older than this many updates are dropped
     publish_interval: int = 1  # learner updates between parameter publications
+    max_unrolls_in_flight: int = 2  # per actor, sent but not yet learned from (flow control)
 
     def validate(self) -> None:
         for key, value, low in (
             ("learner_ranks", self.learner_ranks, 1),
             ("max_policy_lag", self.max_policy_lag, 0),
             ("publish_interval", self.publish_interval, 1),
+            ("max_unrolls_in_flight", self.max_unrolls_in_flight, 1),
         ):
             if value < low:
                 raise ConfigError(
@@ -113,13 +121,24 @@ class ActorLearner(DeepTopology):
 
     def check_env(self, env, world_size: int, shapes: dict) -> None:
         """Also raises ConfigError when `unrolls_per_update` does not split over the
-        learner ranks."""
+        learner ranks, or when the unrolls flow control lets in flight cannot fill one
+        learner's batch (the run would deadlock)."""
         super().check_env(env, world_size, shapes)
         k, per_update = self.settings.learner_ranks, self.cfg.algo.unrolls_per_update
         if per_update % k:
             raise ConfigError(
                 f"unrolls_per_update {per_update} must split over {k} learner ranks "
                 f"(learner_ranks): {per_update} % {k} = {per_update % k}"
+            )
+        in_flight = self.settings.max_unrolls_in_flight
+        actors = max(1, (world_size - k) // k)  # the fewest a learner with actors serves
+        if world_size > 1 and per_update // k > in_flight * actors:
+            raise ConfigError(
+                f"unrolls_per_update {per_update} cannot be filled: each of the {k} learner "
+                f"ranks needs {per_update // k} unrolls per update, but its {actors} actors "
+                f"may have only max_unrolls_in_flight={in_flight} each in flight; expected "
+                f"unrolls_per_update <= {in_flight * actors * k} or a larger "
+                "max_unrolls_in_flight"
             )
 
     def rank_roles(self, world_size: int) -> str:
@@ -240,6 +259,8 @@ class _Stats:
 
     lags: list[int] = field(default_factory=list)
     dropped_stale: int = 0
+    dropped_steps: int = 0  # env steps in the stale unrolls
+    batch_unrolls: list[int] = field(default_factory=list)  # per update
     wait_s: float = 0.0  # waiting for a batch
     updates: int = 0
     timing: dict[int, np.ndarray] = field(default_factory=dict)  # actor rank -> `Timing`
@@ -248,12 +269,18 @@ class _Stats:
 class UnrollLearner:
     """One learner rank: its actors' unrolls, the batch queue, counters and statistics."""
 
-    def __init__(self, ctx: RunContext, learner: AsyncLearner, batch_unrolls: int):
+    def __init__(
+        self, ctx: RunContext, learner: AsyncLearner, batch_unrolls: int, max_unrolls: int
+    ):
         self.ctx = ctx
         self.learner = learner
         self.fields = learner.payload
-        self.batch_unrolls = batch_unrolls
-        self.queue: list[dict[str, np.ndarray]] = []
+        self.batch_unrolls = batch_unrolls  # the fewest per update
+        self.max_unrolls = max(max_unrolls, batch_unrolls)  # the most, when more are queued
+        self.queue: list[tuple[int, dict[str, np.ndarray]]] = []  # (actor rank, unroll)
+        # Called with (actor rank, count) when unrolls are learned from or dropped (the
+        # flow-control credit, `serving.ActorPool.retire`).
+        self.retire: Callable[[int, int], None] = lambda rank, count: None
         self.episodes = EpisodeRows()
         self.env_steps = 0  # global, as of the last round
         self.local_steps = 0  # this learner's since the last round
@@ -268,9 +295,10 @@ class UnrollLearner:
     def policy_version(self) -> int:
         return self.learner.learner_updates
 
-    def consume(self, msg: Message, rank: int) -> None:
+    def consume(self, msg: Message, rank: int) -> bool:
         """Count one actor message; queue it for learning if it is a full unroll that is
-        not too stale (and the run is not stopping)."""
+        not too stale (and the run is not stopping). Returns whether it is done with it
+        (not queued)."""
         header = msg["header"]
         rows = int(header[ActorHeader.ROWS])
         T, B = self.ctx.cfg.algo.unroll_length, self.ctx.cfg.run.num_envs
@@ -282,33 +310,42 @@ class UnrollLearner:
         self.stats.timing[rank] = msg["timing"].copy()
         lag = self.policy_version - int(header[ActorHeader.POLICY_VERSION])
         if rows < T * B:
-            return  # an actor's last, partial unroll: counted, not learned from
+            return True  # an actor's last, partial unroll: counted, not learned from
         if self.stopping:
             self.unrolls_dropped += 1
-            return
+            return True
         if lag > self.ctx.cfg.topology.max_policy_lag:
             self.stats.dropped_stale += 1
-            return
+            self.stats.dropped_steps += rows
+            return True
         self.stats.lags.append(lag)
-        self.queue.append({name: msg[name].copy() for name in self.fields})
+        self.queue.append((rank, {name: msg[name].copy() for name in self.fields}))
+        return False
 
     def ready(self) -> bool:
         return len(self.queue) >= self.batch_unrolls and not self.stopping
 
-    def take_batch(self) -> dict[str, np.ndarray]:
-        """The oldest `batch_unrolls` unrolls side by side: (T(+1), N, ...) arrays."""
-        unrolls = self.queue[: self.batch_unrolls]
-        del self.queue[: self.batch_unrolls]
-        return {name: np.concatenate([u[name] for u in unrolls], axis=1) for name in self.fields}
+    def take_batch(self) -> tuple[dict[str, np.ndarray], int]:
+        """The oldest queued unrolls, at least `batch_unrolls` and at most `max_unrolls`,
+        side by side: (T(+1), N, ...) arrays; and how many unrolls that is."""
+        taken = self.queue[: self.max_unrolls]
+        del self.queue[: self.max_unrolls]
+        for rank, _ in taken:
+            self.retire(rank, 1)
+        unrolls = [u for _, u in taken]
+        batch = {name: np.concatenate([u[name] for u in unrolls], axis=1) for name in self.fields}
+        return batch, len(unrolls)
 
     def drop_queue(self) -> None:
         self.unrolls_dropped += len(self.queue)
+        for rank, _ in self.queue:
+            self.retire(rank, 1)
         self.queue.clear()
 
     def log_row(self) -> np.ndarray:
         """This learner's statistics since the last row, for one `gather_rows`: [lag sum,
-        lag count, lag max, dropped stale, wait s, updates, then per actor seen: rank and
-        the `Timing` differences]."""
+        lag count, lag max, dropped stale, wait s, updates, env steps dropped stale,
+        unrolls learned from, then per actor seen: rank and the `Timing` differences]."""
         s = self.stats
         head = [
             float(sum(s.lags)),
@@ -317,6 +354,8 @@ class UnrollLearner:
             float(s.dropped_stale),
             s.wait_s,
             float(s.updates),
+            float(s.dropped_steps),
+            float(sum(s.batch_unrolls)),
         ]
         actors = []
         for rank, timing in sorted(s.timing.items()):
@@ -330,7 +369,7 @@ class UnrollLearner:
 def _metrics(rows: np.ndarray, learner_count: int, elapsed: float, updates_s: float) -> dict:
     """Rank 0: one `/metrics` row from the gathered `log_row`s of every learner."""
     out: dict[str, float | int] = {}
-    lag_sum = lag_n = lag_max = stale = wait = updates = 0.0
+    lag_sum = lag_n = lag_max = stale = wait = updates = stale_steps = learned = 0.0
     fractions: dict[str, list[float]] = {"env": [], "inference": [], "send_wait": []}
     per_actor = {}
     i = 0
@@ -344,7 +383,9 @@ def _metrics(rows: np.ndarray, learner_count: int, elapsed: float, updates_s: fl
         stale += row[3]
         wait += row[4]
         updates += row[5]
-        for rank, *t in row[6:].reshape(-1, 6):
+        stale_steps += row[6]
+        learned += row[7]
+        for rank, *t in row[8:].reshape(-1, 6):
             wall = max(t[Timing.WALL], 1e-9)
             per_actor[int(rank)] = {
                 "env_frac": t[Timing.ENV] / wall,
@@ -355,6 +396,8 @@ def _metrics(rows: np.ndarray, learner_count: int, elapsed: float, updates_s: fl
     out["policy_lag_mean"] = lag_sum / lag_n if lag_n else 0.0
     out["policy_lag_max"] = int(lag_max)
     out["unrolls_dropped_stale"] = int(stale)
+    out["env_steps_dropped_stale"] = int(stale_steps)
+    out["unrolls_per_update"] = learned / updates if updates else 0.0
     out["learner_wait_frac"] = wait / max(learner_count * elapsed, 1e-9)
     out["learner_updates_per_s"] = updates_s
     for rank, f in sorted(per_actor.items()):
@@ -482,7 +525,10 @@ def _params_schema(learner: AsyncLearner) -> P.Schema:
 def _run_learner(ctx: RunContext, group, learner: AsyncLearner) -> bool:
     comm, cfg, watchdog = ctx.comm, ctx.cfg, ctx.watchdog_s
     k = group.Get_size()
-    server = UnrollLearner(ctx, learner, cfg.algo.unrolls_per_update // k)
+    most = cfg.algo.max_unrolls_per_update
+    server = UnrollLearner(
+        ctx, learner, cfg.algo.unrolls_per_update // k, most // k if most else 1 << 62
+    )
     if ctx.resume is not None:
         _resume(ctx, learner, server)
     broadcast_parameters(group, learner.model, watchdog)
@@ -495,14 +541,21 @@ def _run_learner(ctx: RunContext, group, learner: AsyncLearner) -> bool:
         params["header"][ParamsHeader.VERSION] = server.policy_version
 
     pool = ActorPool(
-        comm, actors, _message_schema(ctx, learner), _params_schema(learner), write, watchdog
+        comm,
+        actors,
+        _message_schema(ctx, learner),
+        _params_schema(learner),
+        write,
+        watchdog,
+        max_in_flight=cfg.topology.max_unrolls_in_flight,
     )
+    server.retire = pool.retire
     stop_seen = [False]
 
-    def consume(msg: Message, rank: int) -> None:
-        server.consume(msg, rank)
+    def consume(msg: Message, rank: int) -> bool:
         if msg["header"][ActorHeader.STOP]:
             stop_seen[0] = True  # a preemption signal reached the actor: vote stop
+        return server.consume(msg, rank)
 
     pool.publish_all()
     reporter = Reporter(ctx) if ctx.rank == 0 else None
@@ -529,7 +582,7 @@ def _run_learner(ctx: RunContext, group, learner: AsyncLearner) -> bool:
                 )
             backoff.pause()
         server.stats.wait_s += time.perf_counter() - wait_start
-        batch = server.take_batch() if server.ready() else None
+        batch, taken = server.take_batch() if server.ready() else (None, 0)
         flags[:] = 0
         flags[Round.HAS_BATCH] = batch is not None
         flags[Round.DONE] = done and batch is None
@@ -555,7 +608,7 @@ def _run_learner(ctx: RunContext, group, learner: AsyncLearner) -> bool:
         if flags[Round.STOP] > 0 and not server.stopping:
             server.stopping = True
             if batch is not None:
-                server.unrolls_dropped += server.batch_unrolls
+                server.unrolls_dropped += taken
                 batch = None
             server.drop_queue()
             pool.stop()
@@ -563,6 +616,7 @@ def _run_learner(ctx: RunContext, group, learner: AsyncLearner) -> bool:
             group_ops.contributors = int(flags[Round.HAS_BATCH])
             metrics = learner.update(batch, group_ops, min(1.0, server.env_steps / total))
             server.stats.updates += 1
+            server.stats.batch_unrolls.append(taken)
             if learner.learner_updates % cfg.topology.publish_interval == 0:
                 pool.refresh()
         all_done = flags[Round.DONE] >= k
@@ -598,6 +652,7 @@ def _run_actor(ctx: RunContext, policy: AsyncLearner) -> bool:
         lambda params: policy.load_published(params["parameters"]),
         ctx.watchdog_s,
         timing=actor.timing,
+        max_in_flight=ctx.cfg.topology.max_unrolls_in_flight,
     )
     run_actor(ctx, actor, link)
     return False  # the learners know whether the run was interrupted
@@ -609,7 +664,8 @@ class _EmbeddedLearner:
 
     def __init__(self, ctx: RunContext, learner: AsyncLearner):
         self.ctx, self.learner = ctx, learner
-        self.server = UnrollLearner(ctx, learner, ctx.cfg.algo.unrolls_per_update)
+        per_update = ctx.cfg.algo.unrolls_per_update
+        self.server = UnrollLearner(ctx, learner, per_update, per_update)
         if ctx.resume is not None:
             _resume(ctx, learner, self.server)
         self.group = _Group(ctx.comm, learner.model, ctx.watchdog_s)
@@ -634,10 +690,10 @@ class _EmbeddedLearner:
             server.drop_queue()
         total = ctx.segment.total_env_steps
         while server.ready():
-            self.metrics = self.learner.update(
-                server.take_batch(), self.group, server.env_steps / total
-            )
+            batch, taken = server.take_batch()
+            self.metrics = self.learner.update(batch, self.group, server.env_steps / total)
             server.stats.updates += 1
+            server.stats.batch_unrolls.append(taken)
         if self.reporter.due() or last:
             _log(ctx, server, ctx.comm, self.reporter, self.metrics, self.log_since)
             self.log_since = time.perf_counter()

@@ -301,11 +301,12 @@ def _run_learner(ctx: RunContext) -> tuple[np.ndarray, bool]:
     pool.publish_all()
     backoff = Backoff()
 
-    def consume(msg: Message, rank: int) -> None:
+    def consume(msg: Message, rank: int) -> bool:
         ctx.maybe_fail(server.env_steps)
         server.consume(msg, rank)
         if server.stop and not pool.stopping:
             pool.stop()  # the reply to this message already says stop
+        return True  # applied: retired at once
 
     while pool.finished < len(actors):
         server.stop = server.stop or ctx.stop_requested()

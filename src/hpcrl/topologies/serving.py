@@ -15,6 +15,16 @@ only once its previous ones were delivered: after every learner update that publ
 has completed (`reply`, tabular `ps`: otherwise that answer is skipped). Policy lag =
 learner updates now - the version a message was collected with.
 
+Flow control (`max_in_flight` M): an actor may have at most M messages the learner is not
+done with; the learner says how many of an actor's messages it has *retired* (learned from,
+or counted and dropped) in every parameters message (`ParamsHeader.RETIRED`), and an actor
+at its limit waits for new parameters before filling the next message (counted as send
+wait), as IMPALA's and Sample Factory's bounded queues make actors wait. Withholding
+receives would not do it: MPICH completes small `Isend`s eagerly, without a matching
+receive. The pool sends parameters to an actor at its limit as soon as one of its messages
+is retired (`retire`), whether or not new parameters are due. The learner must be able to
+fill a batch from what M lets in flight, or the run deadlocks: the layouts check this.
+
 Shutdown: an actor's last message says `ActorHeader.FINAL`; its learner answers with final
 parameters (`ParamsHeader.FINAL`), so every send has a matching receive and nothing is
 cancelled except the second posted receive of an actor that has finished.
@@ -124,6 +134,8 @@ class LearnerLink:
     Args:
         load: called with the parameters message whenever new parameters arrived.
         timing: the actor's `Timing` counters (send and parameter waits are added), or None.
+        max_in_flight: flow control (see the module doc): at most this many sent messages
+            the learner has not retired; None for none.
     """
 
     def __init__(
@@ -135,6 +147,7 @@ class LearnerLink:
         load: Callable[[Message], None],
         watchdog_s: float,
         timing: np.ndarray | None = None,
+        max_in_flight: int | None = None,
     ):
         self.comm, self.learner_rank, self.watchdog_s = comm, learner_rank, watchdog_s
         self.load = load
@@ -146,6 +159,9 @@ class LearnerLink:
         self.recv: MPI.Request | None = None
         self.version = 0  # of the parameters loaded last
         self.stop = False  # the learner said stop
+        self.max_in_flight = max_in_flight
+        self.sent = 0  # messages sent
+        self.retired = 0  # of them, those the learner said it is done with
 
     def _post(self) -> None:
         self.recv = self.comm.Irecv(self.params.buffer, source=self.learner_rank, tag=Tag.PARAMS)
@@ -155,6 +171,7 @@ class LearnerLink:
         self.load(self.params)
         self.version = int(header[ParamsHeader.VERSION])
         self.stop = self.stop or bool(header[ParamsHeader.STOP])
+        self.retired = int(header[ParamsHeader.RETIRED])
 
     def start(self) -> None:
         """Wait for the first parameters (parameter wait) and load them."""
@@ -174,7 +191,17 @@ class LearnerLink:
         return self.version
 
     def buffer(self) -> Message:
-        """The send buffer to fill next, once its previous send has completed."""
+        """The send buffer to fill next, once the learner has retired enough messages (flow
+        control) and the buffer's previous send has completed; both waits are send wait."""
+        limit = self.max_in_flight
+        if limit is not None and self.sent - self.retired >= limit and not self.stop:
+            t0 = time.perf_counter()
+            what = f"rank {self.learner_rank} to retire one of our {limit} messages in flight"
+            while self.sent - self.retired >= limit and not self.stop:
+                wait_all([self.recv], self.comm, what, self.watchdog_s)
+                self._loaded()
+                self._post()
+            self.timing[Timing.SEND_WAIT] += time.perf_counter() - t0
         send = self.sends[self.slot]
         if send is not None:
             t0 = time.perf_counter()
@@ -189,6 +216,7 @@ class LearnerLink:
         self.sends[self.slot] = self.comm.Isend(
             msg.buffer, dest=self.learner_rank, tag=Tag.EXPERIENCE
         )
+        self.sent += 1
         self.slot ^= 1
 
     def finish(self) -> None:
@@ -212,7 +240,8 @@ class ActorPool:
         pool.publish_all()                     # the first parameters
         while pool.finished < len(actors):
             pool.serve(consume)                # consume(msg, actor_rank) per message
-            ... learn; pool.refresh() when new parameters should go out ...
+            ... learn; pool.retire(actor_rank) per message learned from or dropped;
+                pool.refresh() when new parameters should go out ...
         pool.close()
 
     Args:
@@ -221,6 +250,7 @@ class ActorPool:
         reply: answer each message with new parameters right away if the actor's previous
             ones have been delivered (tabular `ps`: each batch is an update; no answer is
             queued otherwise); without it parameters go out after `refresh()`.
+        max_in_flight: the actors' flow-control limit (`LearnerLink`), or None.
     """
 
     def __init__(
@@ -232,10 +262,16 @@ class ActorPool:
         write: Callable[[Message], None],
         watchdog_s: float,
         reply: bool = False,
+        max_in_flight: int | None = None,
     ):
         self.comm, self.actors, self.watchdog_s, self.write = comm, actors, watchdog_s, write
-        self.reply = reply
+        self.reply, self.max_in_flight = reply, max_in_flight
         n = len(actors)
+        self.index = {a: i for i, a in enumerate(actors)}
+        # Flow control, per actor: messages received, retired, and retired as last told.
+        self.received = [0] * n
+        self.retired = [0] * n
+        self.credited = [0] * n
         self.inbox = [[message_schema.allocate(), message_schema.allocate()] for _ in actors]
         self.receives = [
             comm.Irecv(self.inbox[i][s].buffer, source=a, tag=Tag.EXPERIENCE)
@@ -265,6 +301,7 @@ class ActorPool:
         self.write(msg)
         msg["header"][ParamsHeader.FINAL] = int(final)
         msg["header"][ParamsHeader.STOP] = int(self.stopping)
+        msg["header"][ParamsHeader.RETIRED] = self.credited[i] = self.retired[i]
         self.sends[i] = self.comm.Isend(msg.buffer, dest=self.actors[i], tag=Tag.PARAMS)
         self.pending.discard(i)
         if self.stopping:
@@ -285,17 +322,38 @@ class ActorPool:
             i for i in range(len(self.actors)) if i not in self.done and i not in self.told
         )
 
-    def serve(self, consume: Callable[[Message, int], None]) -> bool:
+    def retire(self, rank: int, count: int = 1) -> None:
+        """The learner is done with `count` more messages of actor `rank` (learned from or
+        dropped); an actor that may be waiting for this credit gets parameters next."""
+        i = self.index[rank]
+        self.retired[i] += count
+        self._credit(i)
+
+    def _credit(self, i: int) -> None:
+        if (
+            self.max_in_flight is not None
+            and self.retired[i] > self.credited[i]
+            and self.received[i] - self.credited[i] >= self.max_in_flight
+            and i not in self.done
+        ):
+            self.pending.add(i)
+
+    def serve(self, consume: Callable[[Message, int], bool]) -> bool:
         """Send pending parameters whose previous send completed, then consume every
         message that arrived, in each actor's send order; an actor's final message is
-        answered with final parameters. Returns True if any message arrived."""
+        answered with final parameters. `consume(msg, rank)` returns True when it is done
+        with the message (retired), False when it keeps it for `retire` later. Returns
+        True if any message arrived."""
         self._publish_pending()
         ready = MPI.Request.Testsome(self.receives) or []
         self.arrived.update(ready)
         for j in _in_send_order(self.arrived, self.next_slot):
             i, slot = divmod(j, 2)
             msg = self.inbox[i][slot]
-            consume(msg, self.actors[i])
+            self.received[i] += 1
+            if consume(msg, self.actors[i]):
+                self.retired[i] += 1
+            self._credit(i)
             if msg["header"][ActorHeader.FINAL]:
                 self.done.add(i)
                 other = self.receives[2 * i + (1 - slot)]  # nothing follows a final message
