@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -224,3 +225,74 @@ def test_interrupted_run_resumes_and_finishes(tmp_path, cli_env, algo):
         assert int(f["metrics/env_steps"][-1]) == 150_000
         assert len(f["resumes/env_steps"]) == 1
         assert int(f["metrics/learner_updates"][-1]) > 0
+
+
+def test_periodic_evaluation_keeps_the_best_checkpoint(tmp_path, cli_env):
+    """`eval_interval`: rank 0 evaluates greedily every so many env steps, logs it, keeps
+    the best parameters as checkpoints/best.h5 (never a resume point), which `evaluate
+    --checkpoint best` reads; `train` prints both the final and the best evaluation."""
+    run_dir = tmp_path / "run"
+    result = run_hpcrl(
+        cli_env,
+        3,
+        "train",
+        CONFIG,
+        *("--run-dir", str(run_dir), "--total-env-steps", "30000"),
+        *("--set", "eval_interval=10000", "--set", "periodic_eval_episodes=3"),
+        *("--set", "eval_episodes=5"),
+        timeout=300,
+    )
+    _check(result)
+    final = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "final greedy evaluation: mean return" in result.stdout
+    assert "best periodic evaluation: mean return" in result.stdout
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        evals = f["metrics/eval/mean_return"][()]
+        best = f["metrics/eval/best_mean_return"][()]
+    done = evals[~np.isnan(evals)]
+    assert done.size >= 3, evals  # at 10k, 20k and 30k env steps (more rows may be NaN)
+    assert final["best_eval_mean_return"] == best[~np.isnan(best)][-1] == done.max()
+    assert 10_000 <= final["best_eval_env_steps"] <= 30_000
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "best.h5").is_file()
+    assert (checkpoints / "latest.h5").resolve().name == "step-30000.h5"
+    best_run = run_hpcrl(
+        cli_env, 2, "evaluate", str(run_dir), "--checkpoint", "best", "--episodes", "3"
+    )
+    assert best_run.returncode == 0, best_run.stderr[-2000:]
+    again = json.loads(best_run.stdout.strip().splitlines()[-1])
+    assert again["episodes"] == 3
+    missing = run_hpcrl(cli_env, 1, "evaluate", str(run_dir), "--checkpoint", "step-7")
+    assert missing.returncode == 2
+    assert "no " in missing.stderr and "step-30000.h5, best.h5" in missing.stderr
+
+
+def test_numpy_actors_never_import_torch(tmp_path, cli_env):
+    """IMPALA's MLP actors act with `hpcrl.numpy_policy` on the published parameters: no
+    actor rank imports torch (the learner does), and the run still learns and evaluates."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import sys\n"
+        "from hpcrl.cli import main\n"
+        "rc = main(sys.argv[1:])\n"
+        "from mpi4py import MPI\n"
+        "print(f'PROBE rank={MPI.COMM_WORLD.rank} torch={\"torch\" in sys.modules} rc={rc}')\n"
+    )
+    from conftest import BIN
+
+    result = subprocess.run(
+        [str(BIN / "mpiexec"), "-n", "3", sys.executable, str(script), "train", CONFIG]
+        + ["--run-dir", str(tmp_path / "run"), "--total-env-steps", "20000"]
+        + ["--set", "eval_episodes=6"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=cli_env,
+    )
+    _check(result)
+    probes = sorted(line for line in result.stdout.splitlines() if line.startswith("PROBE"))
+    assert probes == [
+        "PROBE rank=0 torch=True rc=0",
+        "PROBE rank=1 torch=False rc=0",
+        "PROBE rank=2 torch=False rc=0",
+    ], result.stdout[-2000:]

@@ -14,7 +14,8 @@ import torch
 from mpi4py import MPI
 
 from conftest import env_spaces
-from hpcrl.algos.impala import Impala, ImpalaConfig
+from hpcrl.algos.impala import ImpalaConfig
+from hpcrl.algos.impala_learner import Impala
 from hpcrl.comm import protocol as P
 from hpcrl.config import build_config
 from hpcrl.envs import make_env

@@ -78,8 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
         "status 3 means a signal (SIGUSR1/SIGTERM) stopped the run after a checkpoint",
     )
 
-    evaluate = sub.add_parser("evaluate", help="run the greedy policy of the latest checkpoint")
+    evaluate = sub.add_parser("evaluate", help="run the greedy policy of a checkpoint")
     evaluate.add_argument("run_dir", help="a run directory written by `train`")
+    evaluate.add_argument(
+        "--checkpoint",
+        default="latest",
+        metavar="latest|best|step-N",
+        help="latest (default: the newest intact step file), best (checkpoints/best.h5, "
+        "kept by the periodic evaluation, eval_interval) or step-N (checkpoints/step-N.h5)",
+    )
     evaluate.add_argument("--episodes", type=int, default=100, help="episodes (default 100)")
     evaluate.add_argument(
         "--seed", type=int, default=0, help="episode i resets with seed S+i (default 0)"
@@ -180,7 +187,7 @@ def _dispatch(comm, args: argparse.Namespace, default_job: bool = False) -> int:
             runner.print_json(outcome.result)
         return outcome.exit_code
     if args.command == "evaluate":
-        result = runner.evaluate(comm, args.run_dir, args.episodes, args.seed)
+        result = runner.evaluate(comm, args.run_dir, args.episodes, args.seed, args.checkpoint)
         if result is not None:
             runner.print_json(result)
         return 0

@@ -87,6 +87,10 @@ class RunConfig:
     record_trajectories: bool = True
     tensorboard: bool = False  # rank 0 also writes /metrics and returns to RUN_DIR/tb/
     eval_episodes: int = 1000  # greedy evaluation printed at the end of `train` (0: none)
+    # Deep layouts: a greedy evaluation on rank 0 every this many env steps, the best kept
+    # as checkpoints/best.h5 (0: none), of this many episodes.
+    eval_interval: int = 0
+    periodic_eval_episodes: int = 10
     watchdog_s: float = 300.0  # a blocking wait longer than this aborts the job
     torch_threads: int = 1
     device: str = "cpu"  # deep learners: "cuda" puts each rank's model on a GPU of its node
@@ -131,6 +135,13 @@ class RunConfig:
             self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "an integer >= 1"
         )
         _check(self.eval_episodes >= 0, "eval_episodes", self.eval_episodes, "an integer >= 0")
+        _check(self.eval_interval >= 0, "eval_interval", self.eval_interval, "env steps >= 0")
+        _check(
+            self.periodic_eval_episodes >= 1,
+            "periodic_eval_episodes",
+            self.periodic_eval_episodes,
+            "an integer >= 1",
+        )
         _check(self.watchdog_s > 0, "watchdog_s", self.watchdog_s, "a number > 0")
         _check(self.torch_threads >= 1, "torch_threads", self.torch_threads, "an integer >= 1")
         _check(self.device in ("cpu", "cuda"), "device", self.device, "'cpu' or 'cuda'")
@@ -152,6 +163,8 @@ RESUMABLE_KEYS = frozenset(
         "checkpoint_interval_s",
         "keep_checkpoints",
         "eval_episodes",
+        "eval_interval",
+        "periodic_eval_episodes",
         "watchdog_s",
         "torch_threads",
         "tensorboard",

@@ -142,16 +142,17 @@ class DataParallelLearner(DeepLearner, Protocol):
     def load_rank(self, arrays: dict[str, np.ndarray]) -> None: ...
 
 
-class AsyncLearner(DeepLearner, Protocol):
-    """One object per rank, learners and actors alike; the `actor_learner` layout.
+class AsyncActor(Protocol):
+    """What an actor rank of the `actor_learner` layout acts with: the learner itself, or
+    (`Algorithm.make_actor`) a policy over the learner's published parameters that needs
+    no torch (`hpcrl.numpy_policy`).
 
     Call sequence:
-        actor:   actions, log_probs = act(obs, progress)          # per vector step
-                 values(final_obs)                               # bootstrap at a time limit
-                 pack(unroll, message)                           # per unroll, then Isend
-                 load_published(flat)                            # when new parameters came
-        learner: update(batch, group, progress)                  # batch: the `payload`
-                 published()                                     #   fields, side by side
+        actions, log_probs = act(obs, progress)          # per vector step
+        values(final_obs)                               # bootstrap at a time limit
+        pack(unroll, message)                           # per unroll, then Isend
+        load_published(flat)                            # when new parameters came
+        greedy_actions(obs)                             # the final evaluation
     """
 
     def act(self, obs: np.ndarray, progress: float) -> tuple[np.ndarray, np.ndarray]:
@@ -172,13 +173,26 @@ class AsyncLearner(DeepLearner, Protocol):
         """Fill `payload` of `message` from a filled unroll (an actor's last, partial
         unroll is only counted: its payload may be zeros)."""
 
-    def update(self, batch: dict[str, np.ndarray], group: LearnerGroup, progress: float) -> dict:
-        """One optimizer step on the learner group's gradient; returns loss metrics."""
-
     def published(self) -> np.ndarray:
         """The flat float32 vector learners send to actors."""
 
     def load_published(self, flat: np.ndarray) -> None: ...
+
+    def greedy_actions(self, obs: np.ndarray) -> np.ndarray:
+        """(N, *obs_shape) observations -> (N, ...) deterministic actions."""
+
+
+class AsyncLearner(AsyncActor, DeepLearner, Protocol):
+    """One object per learner rank (and per actor rank where the algorithm has no
+    `make_actor`); the `actor_learner` layout. An `AsyncActor`, and:
+
+    Call sequence:
+        learner: update(batch, group, progress)                  # batch: the `payload`
+                 published()                                     #   fields, side by side
+    """
+
+    def update(self, batch: dict[str, np.ndarray], group: LearnerGroup, progress: float) -> dict:
+        """One optimizer step on the learner group's gradient; returns loss metrics."""
 
 
 # --------------------------------------------------------------------------------------
@@ -194,6 +208,9 @@ class Algorithm:
     layouts: tuple[str, ...]  # the layouts it runs in; the first is the default
     make_learner: Callable[..., Any]  # (config, observation_space, action_space,
     #                                    num_envs, world_size, seed) -> learner
+    # (config, observation_space, action_space, seed) -> an `AsyncActor` that needs no
+    # torch, or None where the actor must keep the learner's model; None: always the learner
+    make_actor: Callable[..., Any] | None = None
     topology_defaults: dict = field(default_factory=dict)  # e.g. DD-PPO's sync_frac 0.6
     run_defaults: dict = field(default_factory=dict)  # shared keys, e.g. DQN's num_envs 1
     renamed_keys: dict = field(default_factory=dict)  # {old key: new key}, for old runs
@@ -245,6 +262,9 @@ class Topology(ABC):
     name: ClassVar[str]
     Config: ClassVar[type]
     ROLES: ClassVar[str] = ""  # `rank_roles` in words; {last} is the last rank
+    # Whether its loop runs the periodic greedy evaluation (`eval_interval`,
+    # `topologies.periodic_eval`); the runner refuses the key for one that does not.
+    periodic_eval: ClassVar[bool] = False
 
     def __init__(self, cfg: Any):
         self.cfg = cfg  # the whole run's `hpcrl.config.Config`

@@ -68,3 +68,41 @@ def policy_episode_returns(
                 break
     env.close()
     return returns
+
+
+def batched_policy_returns(
+    env_id: str,
+    env_kwargs: dict,
+    policy: Callable[[np.ndarray], np.ndarray],
+    episodes: int,
+    seed: int,
+    env_options: dict | None = None,
+    max_episode_steps: int = 10_000,
+) -> np.ndarray:
+    """`policy_episode_returns` of episodes 0..episodes-1, run side by side: one call of a
+    batched deterministic `policy` ((n, *obs_shape) -> (n, ...) actions) per step for every
+    episode still running. Episode i starts from `env.reset(seed=seed + i)`.
+
+    Returns:
+        (episodes,) float64 undiscounted returns.
+    """
+    envs = [make_env(env_id, env_kwargs, **(env_options or {})) for _ in range(episodes)]
+    spec = envs[0].spec
+    limit = (spec.max_episode_steps if spec else None) or max_episode_steps
+    obs = [env.reset(seed=int(seed + i))[0] for i, env in enumerate(envs)]
+    returns = np.zeros(episodes, dtype=np.float64)
+    running = list(range(episodes))
+    for _ in range(limit):
+        if not running:
+            break
+        actions = policy(np.stack([obs[i] for i in running]))
+        still = []
+        for action, i in zip(actions, running, strict=True):
+            obs[i], reward, terminated, truncated, _ = envs[i].step(action)
+            returns[i] += reward
+            if not (terminated or truncated):
+                still.append(i)
+        running = still
+    for env in envs:
+        env.close()
+    return returns

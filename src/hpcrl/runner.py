@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -28,7 +29,7 @@ from hpcrl.comm.agreement import CollectiveUserError, agree
 from hpcrl.comm.waits import wait_all
 from hpcrl.config import build_config, config_from_json, resume_conflicts
 from hpcrl.envs import make_env
-from hpcrl.errors import UserError
+from hpcrl.errors import CheckpointError, ConfigError, UserError
 from hpcrl.storage import checkpoints as ckpt
 from hpcrl.storage.runfile import (
     RunFile,
@@ -250,11 +251,21 @@ def train(
     def check_world():
         topology = make_topology(cfg)
         topology.check_world(world_size)
+        if cfg.run.eval_interval and not topology.periodic_eval:
+            raise ConfigError(
+                f"config key 'eval_interval': got {cfg.run.eval_interval}, expected 0: layout "
+                f"'{topology.name}' does not evaluate during training"
+            )
         return topology
 
     topology = agree(comm, check_world)
     _limit_threads(cfg.run.torch_threads)
-    spaces = agree(comm, lambda: _check_env(cfg, topology, world_size, plan.get("shapes", {})))
+    # Rank 0 alone probes the env (an actor rank need not import what the checks use).
+    spaces = agree(
+        comm,
+        lambda: _check_env(cfg, topology, world_size, plan.get("shapes", {})),
+        root_only=True,
+    )
     resume_point = None
     if plan["mode"] == "resume":
         meta = plan["meta"]
@@ -394,15 +405,44 @@ def _finish(ctx, result) -> TrainOutcome:
             ctx.watchdog_s,
         )
     if ctx.rank == 0:
+        best = _best_evaluation(path) if run.eval_interval > 0 else None
         if evaluation is not None:
             run_file.set_attrs(**{f"eval_{k}": v for k, v in evaluation.items()})
+            if best is not None:
+                evaluation.update(best)
         run_file.set_status("completed")
         solved = solved_line(run_file.file["episodes"], run.env_id)
         run_file.close()
         print(f"[hpcrl] completed in {ctx.elapsed_s():.1f} s; run directory: {path}", flush=True)
         if solved:
             print(f"[hpcrl] {solved}", flush=True)
+        if evaluation is not None:
+            print(
+                f"[hpcrl] final greedy evaluation: mean return {evaluation['mean_return']:.4g} "
+                f"over {evaluation['episodes']} episodes",
+                flush=True,
+            )
+        if best is not None:
+            print(
+                f"[hpcrl] best periodic evaluation: mean return "
+                f"{best['best_eval_mean_return']:.4g} over {run.periodic_eval_episodes} "
+                f"episodes at {best['best_eval_env_steps']:,} env steps, kept as "
+                f"{path / 'checkpoints' / ckpt.BEST} (hpcrl evaluate {path} --checkpoint best)",
+                flush=True,
+            )
     return TrainOutcome("completed", evaluation)
+
+
+def _best_evaluation(run_dir: Path) -> dict | None:
+    """The mean return and env steps recorded in `checkpoints/best.h5`, if there is one."""
+    try:
+        _, meta = ckpt.load_checkpoint(run_dir / "checkpoints" / ckpt.BEST)
+    except (CheckpointError, OSError):
+        return None
+    return {
+        "best_eval_mean_return": float(meta["eval_mean_return"]),
+        "best_eval_env_steps": int(meta["env_steps"]),
+    }
 
 
 def solved_line(episodes, env_id: str) -> str:
@@ -463,13 +503,23 @@ def _int_env(name: str) -> int:
 
 
 def evaluate(
-    comm: MPI.Comm, run_dir: str, episodes: int, seed: int, watchdog_s: float = 300.0
+    comm: MPI.Comm,
+    run_dir: str,
+    episodes: int,
+    seed: int,
+    checkpoint: str = "latest",
+    watchdog_s: float = 300.0,
 ) -> dict | None:
-    """Collective: greedy evaluation of the latest checkpoint in `run_dir` (rank 0 reads it;
-    its layout's topology makes the policy on every rank).
+    """Collective: greedy evaluation of a checkpoint in `run_dir` (rank 0 reads it; its
+    layout's topology makes the policy on every rank).
+
+    Args:
+        checkpoint: "latest" (the newest intact step file), "best" (`best.h5`, kept by the
+            periodic evaluation) or "step-N" (`step-N.h5`).
 
     Raises:
-        CollectiveUserError: bad `episodes`, no run there, no checkpoint, or a damaged one.
+        CollectiveUserError: bad `episodes` or `checkpoint`, no run there, no such
+            checkpoint, or a damaged one.
     """
     from hpcrl.topologies import make_topology
 
@@ -482,9 +532,7 @@ def evaluate(
             raise UserError(f"--seed {seed}: expected an integer >= 0")
         if not Path(run_dir).is_dir():
             raise UserError(f"run directory {run_dir!r} does not exist")
-        arrays, meta, path, skipped = ckpt.load_newest_intact(Path(run_dir) / "checkpoints")
-        for _, reason in skipped:
-            print(f"[hpcrl] warning: {reason}; using {path.name}", file=sys.stderr, flush=True)
+        arrays, meta, path = _load_for_evaluation(Path(run_dir) / "checkpoints", checkpoint)
         cfg = config_from_json(json.dumps(meta["config"]))
         make_env(cfg.run.env_id, cfg.run.env_kwargs, **cfg.run.env_options()).close()
         loaded.update(arrays)
@@ -498,6 +546,34 @@ def evaluate(
     return policy.evaluate(
         comm, run.env_id, run.env_kwargs, run.env_options(), episodes, seed, watchdog_s
     )
+
+
+def _load_for_evaluation(ckpt_dir: Path, checkpoint: str) -> tuple[dict, dict, Path]:
+    """Rank 0: the arrays, meta and path of the checkpoint `evaluate` was asked for.
+
+    Raises:
+        UserError: `checkpoint` is not latest, best or step-N, or that file is missing
+            (the message lists what there is).
+        CheckpointError: the file is damaged (`latest`: no intact step file).
+    """
+    if checkpoint == "latest":
+        arrays, meta, path, skipped = ckpt.load_newest_intact(ckpt_dir)
+        for _, reason in skipped:
+            print(f"[hpcrl] warning: {reason}; using {path.name}", file=sys.stderr, flush=True)
+        return arrays, meta, path
+    if checkpoint != "best" and not re.fullmatch(r"step-\d+", checkpoint):
+        raise UserError(f"--checkpoint {checkpoint!r}: expected latest, best or step-N")
+    path = ckpt_dir / f"{checkpoint}.h5"
+    if not path.exists():
+        there = [p.name for p in ckpt.list_checkpoints(ckpt_dir)]
+        if (ckpt_dir / ckpt.BEST).exists():
+            there.append(ckpt.BEST)
+        hint = " (best.h5 is written only with eval_interval > 0)" if checkpoint == "best" else ""
+        raise UserError(
+            f"--checkpoint {checkpoint}: no {path}{hint}; there are: {', '.join(there) or 'none'}"
+        )
+    arrays, meta = ckpt.load_checkpoint(path)
+    return arrays, meta, path
 
 
 def info(run_dir: str) -> dict:

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hpcrl.algos.async_learner import AsyncConfig, SendsGradients, unroll_targets
-from hpcrl.algos.impala import ActorCriticAsync
+from hpcrl.algos.async_base import AsyncConfig
+from hpcrl.algos.async_learner import SendsGradients, unroll_targets
+from hpcrl.algos.impala_learner import ActorCriticAsync
 from hpcrl.algos.rollout import check_actor_critic_spaces
 from hpcrl.contracts import Algorithm
 from hpcrl.returns import n_step_returns

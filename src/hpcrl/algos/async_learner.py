@@ -1,6 +1,7 @@
-"""What the asynchronous actor-learner algorithms (IMPALA, A3C, asynchronous Q-learning)
-share: their common keys and checks, the optimizer, and the base of the learner interface
-(`hpcrl.contracts.AsyncLearner`) the loop in `hpcrl.topologies.actor_learner` calls.
+"""What the asynchronous actor-learner algorithms' torch learners (IMPALA, A3C,
+asynchronous Q-learning) share: the optimizer and the base of the learner interface
+(`hpcrl.contracts.AsyncLearner`) the loop in `hpcrl.topologies.actor_learner` calls. Their
+common keys (`AsyncConfig`) and the torch-free `SendsUnrolls` are in `async_base`.
 
 What an actor sends is the learner's choice, declared by a mixin, not a message-kind switch:
 `SendsUnrolls` (IMPALA: the unroll itself) or `SendsGradients` (A3C, asynchronous
@@ -19,73 +20,13 @@ Interface (one object per rank, learners and actors alike; algorithms never see 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
+from hpcrl.algos.async_base import UNROLL_FIELDS, AsyncConfig
 from hpcrl.comm import protocol as P
-from hpcrl.errors import ConfigError
 from hpcrl.schedules import set_learning_rate
 from hpcrl.state import load_module_arrays, load_optimizer_arrays, module_arrays, optimizer_arrays
-
-OPTIMIZERS = ("adam", "rmsprop")
-# The fields of an unroll (`protocol.unroll_schema`) a loss is computed from.
-UNROLL_FIELDS = (
-    "obs",
-    "actions",
-    "behaviour_log_probs",
-    "rewards",
-    "terminated",
-    "truncated",
-    "truncation_values",
-)
-
-
-@dataclass
-class AsyncConfig:
-    """Keys of every actor-learner algorithm. `unrolls_per_update` counts actor messages
-    (unrolls, or gradients computed on one, of `unroll_length` × `num_envs` env steps) per
-    update, over the whole learner group. The layout's own keys (`learner_ranks`,
-    `max_policy_lag`, `publish_interval`) are `hpcrl.topologies.actor_learner`'s."""
-
-    unroll_length: int = 20  # T, vector steps per actor message
-    unrolls_per_update: int = 1  # actor messages per learner update, all learner ranks
-    # The most per update when more are queued (a learner that is behind takes larger
-    # batches); null: everything queued.
-    max_unrolls_per_update: int | None = None
-    learning_rate: float = 1e-3
-    anneal_lr: bool = True  # linearly to 0 over the budget
-    optimizer: str = "adam"  # or rmsprop
-    rmsprop_alpha: float = 0.99
-    optimizer_eps: float = 1e-5
-    gamma: float = 0.99
-    max_grad_norm: float = 40.0  # on the learner group's averaged gradient
-    hidden_size: int = 64
-
-    def check(self, ok: bool, key: str, expected: str) -> None:
-        if not ok:
-            raise ConfigError(
-                f"config key '{key}': got {getattr(self, key)!r}, expected {expected}"
-            )
-
-    def validate(self) -> None:
-        check = self.check
-        check(self.unroll_length >= 1, "unroll_length", "an integer >= 1")
-        check(self.unrolls_per_update >= 1, "unrolls_per_update", "an integer >= 1")
-        check(
-            self.max_unrolls_per_update is None
-            or self.max_unrolls_per_update >= self.unrolls_per_update,
-            "max_unrolls_per_update",
-            f"null or an integer >= unrolls_per_update ({self.unrolls_per_update})",
-        )
-        check(self.learning_rate > 0, "learning_rate", "a number > 0")
-        check(self.optimizer in OPTIMIZERS, "optimizer", f"one of {list(OPTIMIZERS)}")
-        check(0.0 <= self.rmsprop_alpha < 1.0, "rmsprop_alpha", "a decay in [0, 1)")
-        check(self.optimizer_eps > 0, "optimizer_eps", "a number > 0")
-        check(0.0 <= self.gamma <= 1.0, "gamma", "a discount γ in [0, 1]")
-        check(self.max_grad_norm > 0, "max_grad_norm", "a number > 0")
-        check(self.hidden_size >= 1, "hidden_size", "an integer >= 1")
 
 
 class AsyncLearnerBase:
@@ -203,19 +144,6 @@ class AsyncLearnerBase:
                 for p in self.model.parameters()
             ]
         ).astype(np.float32, copy=False)
-
-
-class SendsUnrolls:
-    """Actors send their unrolls; the learner learns from them (IMPALA)."""
-
-    payload = UNROLL_FIELDS
-
-    def message_schema(self, unroll: P.Schema) -> P.Schema:
-        return unroll
-
-    def pack(self, unroll: P.Message, message: P.Message) -> None:
-        for name in UNROLL_FIELDS:
-            message[name][...] = unroll[name]
 
 
 class SendsGradients:

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hpcrl.algos.async_base import AsyncConfig
 from hpcrl.algos.async_learner import (
-    AsyncConfig,
     AsyncLearnerBase,
     SendsGradients,
     copy_into,

@@ -30,7 +30,8 @@ class Backoff:
     """The pause between two polls: yield the core for the first `_SPIN_S` seconds of a
     wait, then sleep, doubling up to `_MAX_SLEEP_S`. `waited_s` feeds the watchdog."""
 
-    def __init__(self):
+    def __init__(self, spin_s: float = _SPIN_S, max_sleep_s: float = _MAX_SLEEP_S):
+        self.spin_s, self.max_sleep_s = spin_s, max_sleep_s
         self.reset()
 
     def reset(self) -> None:
@@ -43,15 +44,25 @@ class Backoff:
         return time.monotonic() - self.start
 
     def pause(self) -> None:
-        if self.waited_s < _SPIN_S:
+        if self.waited_s < self.spin_s:
             time.sleep(0)
             return
         time.sleep(self.sleep_s)
-        self.sleep_s = min(2 * self.sleep_s + 5e-5, _MAX_SLEEP_S)
+        self.sleep_s = min(2 * self.sleep_s + 5e-5, self.max_sleep_s)
 
 
-def wait_all(requests: list[MPI.Request], comm: MPI.Comm, what: str, watchdog_s: float) -> None:
-    """Wait for every request, polling.
+def wait_all(
+    requests: list[MPI.Request],
+    comm: MPI.Comm,
+    what: str,
+    watchdog_s: float,
+    spin_s: float = _SPIN_S,
+    max_sleep_s: float = _MAX_SLEEP_S,
+) -> None:
+    """Wait for every request, polling: yield-spinning for the first `spin_s` seconds,
+    then sleeping up to `max_sleep_s` between polls. A wait expected to be long (an actor
+    its learner is behind on) passes spin_s 0 and a longer sleep, leaving the cores to the
+    ranks it waits for.
 
     Raises:
         WatchdogTimeout: not complete after `watchdog_s` seconds; the message names the rank
@@ -59,7 +70,7 @@ def wait_all(requests: list[MPI.Request], comm: MPI.Comm, what: str, watchdog_s:
     """
     if not requests:
         return
-    backoff = Backoff()
+    backoff = Backoff(spin_s, max_sleep_s)
     while not MPI.Request.Testall(requests):
         if backoff.waited_s > watchdog_s:
             raise WatchdogTimeout(

@@ -1,4 +1,5 @@
-"""Atomic, checksummed checkpoints: `checkpoints/step-<N>.h5` and `checkpoints/latest.h5`.
+"""Atomic, checksummed checkpoints: `checkpoints/step-<N>.h5`, `checkpoints/latest.h5`, and
+`checkpoints/best.h5` (the parameters of the best periodic evaluation; never resumed from).
 
 A checkpoint holds numeric datasets (nested names such as `ranks/3/env_rng` become groups)
 and one JSON attribute (`meta`, which carries `format_version`), never pickles. It is
@@ -22,6 +23,7 @@ import numpy as np
 from hpcrl.errors import CheckpointError
 
 LATEST = "latest.h5"
+BEST = "best.h5"  # the best periodic evaluation's parameters (`write_best`)
 FORMAT_VERSION = 1  # bump when a reader of the old layout would misread the new one
 _STEP_FILE = re.compile(r"^step-(\d+)\.h5$")
 
@@ -66,16 +68,7 @@ def write_checkpoint(
     """
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / f"step-{env_steps}.h5"
-    tmp = ckpt_dir / f"{final.name}.tmp.{os.getpid()}"
-    meta_json = json.dumps({"format_version": FORMAT_VERSION, **meta}, sort_keys=True)
-    with h5py.File(tmp, "w") as f:
-        for name, array in arrays.items():
-            f.create_dataset(name, data=np.asarray(array))
-        f.attrs["meta"] = meta_json
-        f.attrs["checksum"] = _checksum(arrays, meta_json)
-        f.attrs["complete"] = True
-    _fsync_path(tmp)
-    os.replace(tmp, final)
+    _write_atomic(final, arrays, meta)
     link_tmp = ckpt_dir / f"{LATEST}.tmp.{os.getpid()}"
     if link_tmp.is_symlink() or link_tmp.exists():
         link_tmp.unlink()
@@ -85,6 +78,31 @@ def write_checkpoint(
     for old in list_checkpoints(ckpt_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return final
+
+
+def write_best(ckpt_dir: str | Path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
+    """Write `best.h5` atomically (the format of a step file): the parameters of the best
+    periodic evaluation so far, for `hpcrl evaluate --checkpoint best`. It is never a
+    resume point (`list_checkpoints` and `latest.h5` ignore it), so it holds no optimizer
+    or rank state unless `arrays` does."""
+    path = Path(ckpt_dir) / BEST
+    _write_atomic(path, arrays, meta)
+    _fsync_path(path.parent)
+    return path
+
+
+def _write_atomic(final: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    """`final` written as `<name>.tmp.<pid>`, checksummed, fsynced, moved into place."""
+    tmp = final.parent / f"{final.name}.tmp.{os.getpid()}"
+    meta_json = json.dumps({"format_version": FORMAT_VERSION, **meta}, sort_keys=True)
+    with h5py.File(tmp, "w") as f:
+        for name, array in arrays.items():
+            f.create_dataset(name, data=np.asarray(array))
+        f.attrs["meta"] = meta_json
+        f.attrs["checksum"] = _checksum(arrays, meta_json)
+        f.attrs["complete"] = True
+    _fsync_path(tmp)
+    os.replace(tmp, final)
 
 
 def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:

@@ -49,26 +49,35 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from mpi4py import MPI
 
-from hpcrl.algos import make_learner
+from hpcrl.algos import algorithm, make_learner
 from hpcrl.comm import protocol as P
-from hpcrl.comm.gradients import FlatGradients, broadcast_parameters, parameters_digest
 from hpcrl.comm.protocol import ActorHeader, Message, ParamsHeader, Timing
-from hpcrl.comm.waits import Backoff, WatchdogTimeout, allreduce_sum, gather_rows
-from hpcrl.contracts import AsyncLearner, LayoutError, LoopResult
+from hpcrl.comm.waits import (
+    Backoff,
+    WatchdogTimeout,
+    allreduce_sum,
+    bcast,
+    gather_rows,
+    wait_all,
+)
+from hpcrl.contracts import AsyncActor, AsyncLearner, LayoutError, LoopResult
 from hpcrl.errors import ConfigError
-from hpcrl.models import select_device
 from hpcrl.topologies.checkpointing import save_checkpoint
 from hpcrl.topologies.collective_eval import LearnerGreedy
 from hpcrl.topologies.deep import DeepTopology
+from hpcrl.topologies.periodic_eval import PeriodicEval
 from hpcrl.topologies.recording import link_trajectories
 from hpcrl.topologies.reporting import EpisodeRows, Reporter
 from hpcrl.topologies.run_context import RunContext
 from hpcrl.topologies.serving import Actor, ActorPool, LearnerLink, alternate, run_actor
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -98,6 +107,7 @@ class ActorLearner(DeepTopology):
 
     name = "actor_learner"
     Config = ActorLearnerConfig
+    periodic_eval = True
 
     def min_world_size(self) -> int:
         k = self.settings.learner_ranks
@@ -166,7 +176,7 @@ class Round(IntEnum):
     DONE = 1  # learners all of whose actors are done
     STOP = 2  # a preemption signal reached a learner or one of its actors
     ENV_STEPS = 3  # env steps the learners' actors took since the last round
-    LOG = 4  # rank 0's log clock
+    LOG = 4  # rank 0's log clock (or a periodic evaluation to log)
     CHECKPOINT = 5  # rank 0's wall-time checkpoint clock
 
 
@@ -187,7 +197,7 @@ def _unroll_schema(ctx: RunContext) -> P.Schema:
 class UnrollActor(Actor):
     """Steps a vector env with the behaviour policy and fills unroll messages."""
 
-    def __init__(self, ctx: RunContext, policy: AsyncLearner, budget: int):
+    def __init__(self, ctx: RunContext, policy: AsyncActor, budget: int):
         super().__init__(ctx, budget)
         self.policy = policy
         self.unroll = _unroll_schema(ctx).allocate()
@@ -415,6 +425,8 @@ class _Group:
     """The learner group's collectives (`comm` holds only learner ranks)."""
 
     def __init__(self, comm, model: torch.nn.Module, watchdog_s: float):
+        from hpcrl.comm.gradients import FlatGradients  # torch: learner ranks only
+
         self.comm = comm
         self.watchdog_s = watchdog_s
         self.gradients = FlatGradients(list(model.parameters()))
@@ -424,36 +436,58 @@ class _Group:
         self.gradients.average(self.comm, self.watchdog_s, self.contributors)
 
 
-def _run(ctx: RunContext) -> tuple[AsyncLearner, bool]:
-    """The whole layout on every rank; returns this rank's learner, holding rank 0's final
-    parameters, and whether a preemption signal stopped the run (agreed)."""
+def _run(ctx: RunContext) -> tuple[AsyncActor, bool]:
+    """The whole layout on every rank; returns this rank's policy (its learner, or an
+    actor's `AsyncActor`) holding rank 0's final parameters, and whether a preemption
+    signal stopped the run (agreed). Actors of an algorithm with a torch-free policy
+    (`Algorithm.make_actor`) never import torch."""
     cfg = ctx.cfg
-    torch.set_num_threads(cfg.run.torch_threads)
     k = cfg.topology.learner_ranks
     world = ctx.world_size
     rng, _ = ctx.rank_seeds()
-    torch.manual_seed(int(rng.integers(2**62)))
-    policy = make_learner(
-        cfg, ctx.observation_space, ctx.action_space, world, int(rng.integers(2**62))
-    )
+    torch_seed, seed = int(rng.integers(2**62)), int(rng.integers(2**62))
+    is_learner = world == 1 or ctx.rank < k
+    if world > 1:
+        # The blocking collectives first, once every rank is here (a sleeping wait): MPICH
+        # busy-polls in them, which starved rank 0 building its learner (importing torch)
+        # for ~30 s with 63 actors on 2 cores.
+        wait_all([ctx.comm.Ibarrier()], ctx.comm, "every rank to start", ctx.watchdog_s)
+        group = ctx.comm.Split(0 if is_learner else 1, ctx.rank)
+        local = ctx.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        local_rank = local.Get_rank()
+        local.Free()
+    make_actor = algorithm(cfg.run.algo).make_actor
+    policy = None
+    if not is_learner and make_actor is not None:
+        policy = make_actor(cfg.algo, ctx.observation_space, ctx.action_space, seed)
+    if policy is None:
+        policy = _torch_learner(ctx, torch_seed, seed)
     if world == 1:
         return policy, _run_embedded(ctx, policy)
-    is_learner = ctx.rank < k
-    group = ctx.comm.Split(0 if is_learner else 1, ctx.rank)
-    local = ctx.comm.Split_type(MPI.COMM_TYPE_SHARED)  # collective: every rank
-    local_rank = local.Get_rank()
-    local.Free()
     if is_learner:  # actors stay on the CPU
+        from hpcrl.models import select_device
+
         policy.to(select_device(cfg.run.device, local_rank))
         interrupted = _run_learner(ctx, group, policy)
+        policy.to(select_device("cpu"))
     else:
         interrupted = _run_actor(ctx, policy)
     group.Free()
     flag = np.array([float(interrupted)])
     allreduce_sum(ctx.comm, flag, ctx.watchdog_s)
-    policy.to(torch.device("cpu"))
-    broadcast_parameters(ctx.comm, policy.model, ctx.watchdog_s)
+    final = policy.published()  # rank 0's, on every rank, for the evaluation
+    bcast(ctx.comm, final, 0, ctx.watchdog_s)
+    policy.load_published(final)
     return policy, bool(flag[0] > 0)
+
+
+def _torch_learner(ctx: RunContext, torch_seed: int, seed: int) -> AsyncLearner:
+    """The algorithm's torch learner, with torch's threads and seed set."""
+    import torch
+
+    torch.set_num_threads(ctx.cfg.run.torch_threads)
+    torch.manual_seed(torch_seed)
+    return make_learner(ctx.cfg, ctx.observation_space, ctx.action_space, ctx.world_size, seed)
 
 
 def _actors_of(ctx: RunContext, learner_rank: int) -> list[int]:
@@ -513,6 +547,20 @@ def _log(ctx, server: UnrollLearner, group, reporter, metrics: dict, since: floa
     reporter.log(server.env_steps, extra)
 
 
+def _maybe_evaluate(peval: PeriodicEval | None, server: UnrollLearner, final: bool = False):
+    """Rank 0: the periodic greedy evaluation, when due (`periodic_eval`); `final`: the
+    end of training."""
+    if peval is not None and peval.due(server.env_steps, final) and not server.stopping:
+        learner = server.learner
+        peval.run(
+            server.env_steps, learner.greedy_actions, learner.shared_arrays, learner.learner_updates
+        )
+
+
+def _evaluated(peval: PeriodicEval | None) -> dict:
+    return peval.take() if peval is not None else {}
+
+
 def _message_schema(ctx: RunContext, learner: AsyncLearner) -> P.Schema:
     """What this run's actors send (`AsyncLearner.message_schema`)."""
     return learner.message_schema(_unroll_schema(ctx))
@@ -531,6 +579,8 @@ def _run_learner(ctx: RunContext, group, learner: AsyncLearner) -> bool:
     )
     if ctx.resume is not None:
         _resume(ctx, learner, server)
+    from hpcrl.comm.gradients import broadcast_parameters, parameters_digest
+
     broadcast_parameters(group, learner.model, watchdog)
     total = ctx.segment.total_env_steps
     actors = _actors_of(ctx, ctx.rank)
@@ -559,6 +609,7 @@ def _run_learner(ctx: RunContext, group, learner: AsyncLearner) -> bool:
 
     pool.publish_all()
     reporter = Reporter(ctx) if ctx.rank == 0 else None
+    peval = PeriodicEval(ctx, server.env_steps) if ctx.rank == 0 else None
     metrics: dict = {}
     log_since = time.perf_counter()
     flags = np.zeros(len(Round), dtype=np.float64)
@@ -590,7 +641,8 @@ def _run_learner(ctx: RunContext, group, learner: AsyncLearner) -> bool:
         flags[Round.ENV_STEPS] = server.in_round = server.local_steps
         server.local_steps = 0
         if reporter is not None:
-            flags[Round.LOG] = reporter.due()
+            # An evaluation's result is logged in the round after it.
+            flags[Round.LOG] = reporter.due() or bool(peval.pending)
             flags[Round.CHECKPOINT] = ctx.clock.due_by_time()
         request = group.Iallreduce(MPI.IN_PLACE, flags, op=MPI.SUM) if k > 1 else None
         backoff.reset()
@@ -619,9 +671,12 @@ def _run_learner(ctx: RunContext, group, learner: AsyncLearner) -> bool:
             server.stats.batch_unrolls.append(taken)
             if learner.learner_updates % cfg.topology.publish_interval == 0:
                 pool.refresh()
+            _maybe_evaluate(peval, server)
         all_done = flags[Round.DONE] >= k
+        if all_done:
+            _maybe_evaluate(peval, server, final=True)
         if flags[Round.LOG] > 0 or all_done:
-            _log(ctx, server, group, reporter, metrics, log_since)
+            _log(ctx, server, group, reporter, metrics | _evaluated(peval), log_since)
             log_since = time.perf_counter()
         by_steps = ctx.clock.due_by_env_steps(server.env_steps)
         if all_done or by_steps or flags[Round.CHECKPOINT] > 0:
@@ -641,7 +696,7 @@ def _run_learner(ctx: RunContext, group, learner: AsyncLearner) -> bool:
     return server.stopping and server.env_steps < total
 
 
-def _run_actor(ctx: RunContext, policy: AsyncLearner) -> bool:
+def _run_actor(ctx: RunContext, policy: AsyncActor) -> bool:
     k = ctx.cfg.topology.learner_ranks
     actor = UnrollActor(ctx, policy, ctx.segment.budgets()[ctx.rank - k])
     link = LearnerLink(
@@ -670,6 +725,7 @@ class _EmbeddedLearner:
             _resume(ctx, learner, self.server)
         self.group = _Group(ctx.comm, learner.model, ctx.watchdog_s)
         self.reporter = Reporter(ctx)
+        self.peval = PeriodicEval(ctx, self.server.env_steps)
         self.metrics: dict = {}
         self.log_since = time.perf_counter()
 
@@ -694,8 +750,12 @@ class _EmbeddedLearner:
             self.metrics = self.learner.update(batch, self.group, server.env_steps / total)
             server.stats.updates += 1
             server.stats.batch_unrolls.append(taken)
-        if self.reporter.due() or last:
-            _log(ctx, server, ctx.comm, self.reporter, self.metrics, self.log_since)
+            _maybe_evaluate(self.peval, server)
+        if last:
+            _maybe_evaluate(self.peval, server, final=True)
+        if self.reporter.due() or last or self.peval.pending:
+            metrics = self.metrics | _evaluated(self.peval)
+            _log(ctx, server, ctx.comm, self.reporter, metrics, self.log_since)
             self.log_since = time.perf_counter()
         if last or ctx.clock.due_by_env_steps(server.env_steps) or ctx.clock.due_by_time():
             _checkpoint(ctx, server, ctx.comm, len(server.queue))
@@ -704,6 +764,8 @@ class _EmbeddedLearner:
 def _run_embedded(ctx: RunContext, learner: AsyncLearner) -> bool:
     """One process: the actor acts on the learner's live parameters, one unroll at a
     time, and the learner learns from each batch as it fills (no policy lag)."""
+    from hpcrl.comm.gradients import parameters_digest
+
     embedded = _EmbeddedLearner(ctx, learner)
     actor = UnrollActor(ctx, learner, ctx.segment.budgets()[0])
     stopped = alternate(ctx, actor, embedded, _message_schema(ctx, learner).allocate())

@@ -54,6 +54,11 @@ from hpcrl.comm.protocol import (
 from hpcrl.comm.waits import wait_all
 from hpcrl.topologies.recording import TrajectoryRecorder, link_trajectories
 
+# How an actor waits for its learner where the learner is the one with work to do (its
+# first parameters, flow-control credit): sleeping between polls from the start, up to
+# 5 ms, so the cores go to the learner (63 actors polling every 1 ms cost ~30% of 2 cores).
+_POLITE = {"spin_s": 0.0, "max_sleep_s": 5e-3}
+
 
 class Actor:
     """An acting rank: its env copies, its share of the budget and its trajectory file. A
@@ -178,7 +183,7 @@ class LearnerLink:
         t0 = time.perf_counter()
         self._post()
         what = f"the first parameters from rank {self.learner_rank}"
-        wait_all([self.recv], self.comm, what, self.watchdog_s)
+        wait_all([self.recv], self.comm, what, self.watchdog_s, **_POLITE)
         self.timing[Timing.PARAM_WAIT] += time.perf_counter() - t0
         self._loaded()
         self._post()
@@ -198,7 +203,7 @@ class LearnerLink:
             t0 = time.perf_counter()
             what = f"rank {self.learner_rank} to retire one of our {limit} messages in flight"
             while self.sent - self.retired >= limit and not self.stop:
-                wait_all([self.recv], self.comm, what, self.watchdog_s)
+                wait_all([self.recv], self.comm, what, self.watchdog_s, **_POLITE)
                 self._loaded()
                 self._post()
             self.timing[Timing.SEND_WAIT] += time.perf_counter() - t0

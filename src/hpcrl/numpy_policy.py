@@ -1,0 +1,162 @@
+"""An actor's policy in numpy: the forward pass of `hpcrl.models.ActorCritic` (vector
+observations, separate tanh MLP trunks) on the flat float32 parameter vector its learner
+publishes, without importing torch.
+
+Why: an actor rank only runs the forward pass of a small MLP, and torch costs ~1 s of import
+and ~190 MB of resident memory per process (measured here), which at 64 ranks on one node
+is most of the job's start-up and memory; and `torch.distributions.Categorical` sampling
+costs ~10x the arithmetic for a batch of 8 CartPole observations. Sampling is Gumbel-max
+(Gumbel 1954; Maddison et al. 2014, "A* Sampling", §2): a = argmax_i (logits_i + g_i) with
+g_i ~ Gumbel(0, 1) i.i.d. is an exact draw from softmax(logits), one vectorized argmax
+for the whole batch. Box actions are drawn from the diagonal Gaussian N(mean, exp(log_std)²)
+as `ActorCritic` defines it.
+
+The parameter layout is `ActorCritic.parameters()`'s order, each weight (out, in) row-major
+as torch stores it: `log_std` first for Box actions (a module's own parameters come before
+its submodules'), then the actor trunk (W, b per hidden layer), the critic trunk (the same),
+the actor head (W, b) and the critic head (W, b). `tests/test_numpy_policy.py`
+checks probabilities, values and log-probabilities against the torch model to 1e-6.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import gymnasium as gym
+import numpy as np
+
+from hpcrl.algos.async_base import SendsUnrolls
+
+
+class NumpyActorCritic(SendsUnrolls):
+    """`ActorCritic`'s policy and value function for an actor rank (`contracts.AsyncActor`).
+
+    Observations: (B, *observation_space.shape) of a `Box` (flattened to (B, obs_dim)
+    float32) or (B,) integers of a `Discrete(n, start)` (one-hot). Actions: (B,) int64 for
+    `Discrete(n)`, (B, action_dim) float32 for a 1-D `Box`. Log-probabilities and values:
+    (B,) float32.
+
+    Args:
+        hidden: the trunks' layer widths (`ActorCritic`'s `hidden`).
+        seed: of this actor's sampling generator (numpy `PCG64`).
+    """
+
+    def __init__(
+        self,
+        observation_space: gym.Space,
+        action_space: gym.Space,
+        hidden: Sequence[int],
+        seed: int,
+    ):
+        if not self.supports(observation_space, action_space):
+            raise ValueError(f"no numpy policy for {observation_space} -> {action_space}")
+        self.rng = np.random.default_rng(seed)
+        self.one_hot_start: int | None = None
+        if isinstance(observation_space, gym.spaces.Discrete):
+            obs_dim = int(observation_space.n)
+            self.one_hot_start = int(observation_space.start)
+        else:
+            obs_dim = int(np.prod(observation_space.shape))
+        self.obs_dim = obs_dim
+        self.continuous = isinstance(action_space, gym.spaces.Box)
+        n_out = action_space.shape[0] if self.continuous else int(action_space.n)
+        shapes: list[tuple[int, ...]] = [(n_out,)] if self.continuous else []
+        for _trunk in ("actor", "critic"):
+            width = obs_dim
+            for h in hidden:
+                shapes += [(h, width), (h,)]
+                width = h
+        shapes += [(n_out, width), (n_out,), (1, width), (1,)]
+        self.size = sum(math.prod(s) for s in shapes)
+        self.flat = np.zeros(self.size, dtype=np.float32)
+        views, offset = [], 0
+        for shape in shapes:
+            n = math.prod(shape)
+            views.append(self.flat[offset : offset + n].reshape(shape))
+            offset += n
+        self.log_std = views.pop(0) if self.continuous else None
+        layers = 2 * len(hidden)
+        self.actor_trunk = [(views[i], views[i + 1]) for i in range(0, layers, 2)]
+        self.critic_trunk = [(views[i], views[i + 1]) for i in range(layers, 2 * layers, 2)]
+        self.actor_head = (views[2 * layers], views[2 * layers + 1])
+        self.critic_head = (views[2 * layers + 2], views[2 * layers + 3])
+
+    @staticmethod
+    def supports(observation_space: gym.Space, action_space: gym.Space) -> bool:
+        """Vector (not image) or Discrete observations, and Discrete(n) or 1-D Box actions:
+        the spaces `ActorCritic` gives separate MLP trunks."""
+        image = (
+            isinstance(observation_space, gym.spaces.Box)
+            and observation_space.dtype == np.uint8
+            and len(observation_space.shape) >= 2
+        )
+        obs_ok = isinstance(observation_space, gym.spaces.Discrete) or (
+            isinstance(observation_space, gym.spaces.Box) and not image
+        )
+        act_ok = (
+            isinstance(action_space, gym.spaces.Discrete) and int(action_space.start) == 0
+        ) or (isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1)
+        return obs_ok and act_ok
+
+    # -- parameters -------------------------------------------------------------------
+
+    def published(self) -> np.ndarray:
+        """The flat float32 parameter vector (a copy), `(size,)`."""
+        return self.flat.copy()
+
+    def load_published(self, flat: np.ndarray) -> None:
+        """Copy a learner's `published()` vector in (nothing aliases `flat` afterwards)."""
+        self.flat[:] = flat
+
+    # -- forward pass -----------------------------------------------------------------
+
+    def _features(self, obs: np.ndarray) -> np.ndarray:
+        obs = np.asarray(obs)
+        if self.one_hot_start is not None:
+            index = obs.reshape(-1).astype(np.int64) - self.one_hot_start
+            x = np.zeros((index.size, self.obs_dim), dtype=np.float32)
+            x[np.arange(index.size), index] = 1.0
+            return x
+        return obs.reshape(obs.shape[0], -1).astype(np.float32, copy=False)
+
+    @staticmethod
+    def _mlp(x: np.ndarray, trunk, head) -> np.ndarray:
+        for weight, bias in trunk:
+            x = np.tanh(x @ weight.T + bias)
+        weight, bias = head
+        return x @ weight.T + bias
+
+    def _policy_out(self, obs: np.ndarray) -> np.ndarray:
+        """Logits (B, n), or the Gaussian mean (B, action_dim)."""
+        return self._mlp(self._features(obs), self.actor_trunk, self.actor_head)
+
+    def log_probabilities(self, obs: np.ndarray) -> np.ndarray:
+        """log π(·|s), (B, n) float32 (Discrete actions)."""
+        logits = self._policy_out(obs)
+        top = logits.max(axis=1, keepdims=True)
+        shifted = logits - top
+        return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+    def values(self, obs: np.ndarray) -> np.ndarray:
+        """V(s): (B,) float32."""
+        return self._mlp(self._features(obs), self.critic_trunk, self.critic_head)[:, 0]
+
+    def act(self, obs: np.ndarray, progress: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """The behaviour policy μ: sampled actions and their log μ(a|s), (B,) float32."""
+        if self.continuous:
+            mean = self._policy_out(obs)
+            std = np.exp(self.log_std)
+            noise = self.rng.standard_normal(mean.shape).astype(np.float32)
+            actions = mean + std * noise
+            log_probs = (-0.5 * noise**2 - self.log_std - 0.5 * math.log(2 * math.pi)).sum(1)
+            return actions.astype(np.float32), log_probs.astype(np.float32)
+        log_pi = self.log_probabilities(obs)
+        actions = np.argmax(log_pi + self.rng.gumbel(size=log_pi.shape), axis=1)
+        log_probs = np.take_along_axis(log_pi, actions[:, None], axis=1)[:, 0]
+        return actions.astype(np.int64), log_probs.astype(np.float32)
+
+    def greedy_actions(self, obs: np.ndarray) -> np.ndarray:
+        """The mode: argmax of the logits ((B,) int64) or the Gaussian mean."""
+        out = self._policy_out(obs)
+        return out.astype(np.float32) if self.continuous else np.argmax(out, axis=1)
