@@ -10,8 +10,10 @@ configs/cartpole-impala.yaml`, no evaluation, no trajectories) and reads run.h5:
   cores);
 - the learner's wait fraction and the mean policy lag.
 
-Next to it, the raw stepping rate of the same vector env (`num_envs` CartPole-v1 copies in a
-gymnasium `SyncVectorEnv`, random actions, one process): the ceiling of one actor.
+Next to it, the raw stepping rate of the same vector env (the config's `num_envs`
+CartPole-v1 copies in a gymnasium `SyncVectorEnv`, random actions, one process): the
+ceiling of one actor. "ratio to raw" is the job's rate over it; "per actor / raw" divides
+by the actors too (on 2 cores, 3 actors and a learner share what one process would get).
 
 Usage: python benchmarks/actor_learner.py [--ranks 2,4] [--budget 200000]
            [--algo impala] [--out benchmarks/actor_learner.json]
@@ -90,19 +92,22 @@ def run_one(algo: str, ranks: int, budget: int, root: Path) -> dict:
         }
 
 
-def table(raw: float, results: list[dict]) -> str:
+def table(raw: float, results: list[dict], num_envs: int) -> str:
     lines = [
-        f"Raw vector env (8 CartPole-v1 copies, random actions, 1 process): {raw:,.0f} env steps/s",
+        f"Raw vector env ({num_envs} CartPole-v1 copies, random actions, 1 process): "
+        f"{raw:,.0f} env steps/s",
         "",
-        "| algo | ranks | actors | env steps/s | ratio to raw | actor efficiency (each) "
-        "| env frac | send wait | learner wait | policy lag |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| algo | ranks | actors | env steps/s | ratio to raw | per actor / raw "
+        "| actor efficiency (each) | env frac | send wait | learner wait | policy lag |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         each = ", ".join(f"{e:.2f}" for e in r["actor_efficiency_each"])
+        per_actor = r["env_steps_per_s"] / (r["ranks"] - 1) / raw
         lines.append(
             f"| {r['algo']} | {r['ranks']} | {r['ranks'] - 1} | {r['env_steps_per_s']:,} | "
-            f"{r['env_steps_per_s'] / raw:.2f} | {r['actor_efficiency']:.2f} ({each}) | "
+            f"{r['env_steps_per_s'] / raw:.2f} | {per_actor:.2f} | "
+            f"{r['actor_efficiency']:.2f} ({each}) | "
             f"{r['env_frac']:.2f} | {r['send_wait_frac']:.3f} | {r['learner_wait_frac']:.2f} | "
             f"{r['policy_lag_mean']:.1f} |"
         )
@@ -116,7 +121,11 @@ def main() -> None:
     parser.add_argument("--algo", default="impala")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "actor_learner.json"))
     opts = parser.parse_args()
-    raw = raw_vector_env_rate(8)
+    from hpcrl.config import load_yaml
+
+    config = REPO / "configs" / f"cartpole-{opts.algo.replace('_', '-')}.yaml"
+    num_envs = int(load_yaml(config).get("num_envs", 8))
+    raw = raw_vector_env_rate(num_envs)
     results = []
     with tempfile.TemporaryDirectory(prefix="hpcrl-al-") as tmp:
         for ranks in (int(n) for n in opts.ranks.split(",")):
@@ -124,7 +133,7 @@ def main() -> None:
             print(json.dumps(result), flush=True)
             results.append(result)
     Path(opts.out).write_text(json.dumps({"raw_env_steps_per_s": raw, "runs": results}, indent=1))
-    print(table(raw, results))
+    print(table(raw, results, num_envs))
 
 
 if __name__ == "__main__":

@@ -47,10 +47,9 @@ def _best_mean_of_20(returns: np.ndarray) -> float:
 @pytest.mark.timeout(600)
 def test_default_job_is_impala_and_learns_cartpole(tmp_path, cli_env):
     """The README's first command, `mpirun -n 4 python -m hpcrl` (no arguments): IMPALA on
-    CartPole-v1 reaches 475, says so, and ends with its greedy evaluation. (Its time, about
-    a minute here against the 3-minute goal, and how often the final greedy policy scores
-    >= 475 over repeated launches are in benchmarks/RESULTS.md: the arrival order of
-    unrolls differs from launch to launch, so one run's final score is not asserted.)"""
+    CartPole-v1 reaches 475, says so, and its final greedy evaluation scores >= 475 too
+    (how often over repeated launches, and at 16 and 64 ranks: benchmarks/default_job.py,
+    recorded in benchmarks/RESULTS.md)."""
     result = subprocess.run(
         hpcrl_command(4), capture_output=True, text=True, timeout=600, env=cli_env, cwd=tmp_path
     )
@@ -59,7 +58,8 @@ def test_default_job_is_impala_and_learns_cartpole(tmp_path, cli_env):
     assert "reached a mean return of" in result.stdout, result.stdout[-2000:]
     evaluation = json.loads(result.stdout.strip().splitlines()[-1])
     assert evaluation["episodes"] == DEFAULT_JOB["eval_episodes"], evaluation
-    assert 9 <= evaluation["mean_return"] <= 500, evaluation
+    assert evaluation["mean_return"] >= 475, evaluation  # the final policy holds
+    assert "best periodic evaluation" in result.stdout, result.stdout[-2000:]
     (run_h5,) = (tmp_path / "runs").glob("impala-CartPole-v1-*/run.h5")
     with h5py.File(run_h5, "r") as f:
         assert json.loads(f.attrs["config"]) == json.loads(f.attrs["config"]) | DEFAULT_JOB
@@ -296,3 +296,38 @@ def test_numpy_actors_never_import_torch(tmp_path, cli_env):
         "PROBE rank=1 torch=False rc=0",
         "PROBE rank=2 torch=False rc=0",
     ], result.stdout[-2000:]
+
+
+@pytest.mark.timeout(900)
+def test_default_job_learns_on_16_ranks_without_dropping_env_steps(tmp_path, cli_env):
+    """`mpirun -n 16 python -m hpcrl` on this machine's cores: 15 actors against one learner.
+    Flow control makes the actors wait instead of the learner dropping their unrolls, so the
+    run reaches 475 with (almost) every env step learned from."""
+    result = subprocess.run(
+        hpcrl_command(16), capture_output=True, text=True, timeout=900, env=cli_env, cwd=tmp_path
+    )
+    _check(result)
+    assert "reached a mean return of" in result.stdout, result.stdout[-3000:]
+    (run_h5,) = (tmp_path / "runs").glob("impala-CartPole-v1-*/run.h5")
+    with h5py.File(run_h5, "r") as f:
+        m = f["metrics"]
+        total = int(m["env_steps"][-1])
+        dropped = float(np.nansum(m["env_steps_dropped_stale"][()]))
+        assert total == DEFAULT_JOB["total_env_steps"]
+        assert set(f["episodes/rank"][()].tolist()) == set(range(1, 16))
+    assert dropped < 0.01 * total, (dropped, total)
+
+
+def test_eval_interval_is_refused_where_the_layout_has_no_periodic_evaluation(tmp_path, cli_env):
+    run_dir = tmp_path / "run"
+    result = run_hpcrl(
+        cli_env,
+        2,
+        "train",
+        *("--algo", "qlearning", "--run-dir", str(run_dir), "--set", "eval_interval=1000"),
+        timeout=120,
+    )
+    assert result.returncode == 2
+    line = "config key 'eval_interval': got 1000, expected 0: layout"
+    assert line in result.stderr and "does not evaluate during training" in result.stderr
+    assert not run_dir.exists()

@@ -1,7 +1,8 @@
 """The parameter-server exchange's flow control (`hpcrl.topologies.serving`) on COMM_WORLD:
 rank 0 serves, the other ranks act. An actor may have at most `max_in_flight` messages its
 learner has not retired; beyond that it waits (counted as send wait) until the learner
-retires one, whether or not new parameters are due."""
+retires one, whether or not new parameters are due; `all_waiting` tells the learner that
+every running actor is blocked on it."""
 
 from __future__ import annotations
 
@@ -48,13 +49,16 @@ def test_actors_wait_at_the_limit_until_the_learner_retires_their_messages():
             pool.serve(hold)
             time.sleep(1e-3)
         at_limit = dict(seen)
+        all_waiting = pool.all_waiting()  # every actor blocked on this learner
         for rank in held:
             pool.retire(rank)
+        assert not pool.all_waiting()
         while pool.finished < len(actors):
             pool.serve(take)
             time.sleep(1e-4)
         pool.close()
         assert at_limit == dict.fromkeys(actors, LIMIT)  # nobody got past its limit
+        assert all_waiting and pool.all_waiting()  # at the end: every actor is done
         assert seen == dict.fromkeys(actors, SENDS)
         waited = None
     else:

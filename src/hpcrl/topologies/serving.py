@@ -23,7 +23,8 @@ wait), as IMPALA's and Sample Factory's bounded queues make actors wait. Withhol
 receives would not do it: MPICH completes small `Isend`s eagerly, without a matching
 receive. The pool sends parameters to an actor at its limit as soon as one of its messages
 is retired (`retire`), whether or not new parameters are due. The learner must be able to
-fill a batch from what M lets in flight, or the run deadlocks: the layouts check this.
+fill a batch from what M lets in flight; when it cannot (few actors, or the end of a run),
+`all_waiting` says so and the learner takes what it has.
 
 Shutdown: an actor's last message says `ActorHeader.FINAL`; its learner answers with final
 parameters (`ParamsHeader.FINAL`), so every send has a matching receive and nothing is
@@ -333,6 +334,17 @@ class ActorPool:
         i = self.index[rank]
         self.retired[i] += count
         self._credit(i)
+
+    def all_waiting(self) -> bool:
+        """Flow control: every actor still running has `max_in_flight` messages received
+        and not retired, so none can send more until the learner retires some (near the
+        end of a run, when too few actors are left to fill a batch)."""
+        if self.max_in_flight is None:
+            return False
+        return all(
+            i in self.done or self.received[i] - self.retired[i] >= self.max_in_flight
+            for i in range(len(self.actors))
+        )
 
     def _credit(self, i: int) -> None:
         if (
