@@ -16,7 +16,7 @@ ceiling of one actor. "ratio to raw" is the job's rate over it; "per actor / raw
 by the actors too (on 2 cores, 3 actors and a learner share what one process would get).
 
 Usage: python benchmarks/actor_learner.py [--ranks 2,4] [--budget 200000]
-           [--algo impala] [--out benchmarks/actor_learner.json]
+           [--algo impala] [--out benchmarks/actor_learner.json] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -52,14 +52,14 @@ def raw_vector_env_rate(num_envs: int, steps: int = 20_000) -> float:
     return rate
 
 
-def run_one(algo: str, ranks: int, budget: int, root: Path) -> dict:
+def run_one(algo: str, ranks: int, budget: int, root: Path, extra: list[str]) -> dict:
     run_dir = root / f"{algo}-n{ranks}"
     cmd = [
         str(BIN / "mpiexec"), "-n", str(ranks), sys.executable, "-m", "hpcrl", "train",
         str(REPO / "configs" / f"cartpole-{algo.replace('_', '-')}.yaml"),
         "--run-dir", str(run_dir), "--total-env-steps", str(budget),
         "--set", "eval_episodes=0", "--set", "record_trajectories=false",
-        "--set", "log_interval_s=1",
+        "--set", "log_interval_s=1", *extra,
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -120,16 +120,19 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=200_000)
     parser.add_argument("--algo", default="impala")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "actor_learner.json"))
+    parser.add_argument("--set", action="append", default=[], help="KEY=VALUE for train")
     opts = parser.parse_args()
     from hpcrl.config import load_yaml
 
     config = REPO / "configs" / f"cartpole-{opts.algo.replace('_', '-')}.yaml"
-    num_envs = int(load_yaml(config).get("num_envs", 8))
+    overrides = dict(kv.split("=", 1) for kv in opts.set)
+    num_envs = int(overrides.get("num_envs", load_yaml(config).get("num_envs", 8)))
     raw = raw_vector_env_rate(num_envs)
     results = []
     with tempfile.TemporaryDirectory(prefix="hpcrl-al-") as tmp:
         for ranks in (int(n) for n in opts.ranks.split(",")):
-            result = run_one(opts.algo, ranks, opts.budget, Path(tmp))
+            extra = [arg for kv in opts.set for arg in ("--set", kv)]
+            result = run_one(opts.algo, ranks, opts.budget, Path(tmp), extra)
             print(json.dumps(result), flush=True)
             results.append(result)
     Path(opts.out).write_text(json.dumps({"raw_env_steps_per_s": raw, "runs": results}, indent=1))

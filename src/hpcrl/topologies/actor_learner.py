@@ -333,8 +333,9 @@ class UnrollLearner:
         return len(self.queue) >= self.batch_unrolls and not self.stopping
 
     def take_batch(self) -> tuple[dict[str, np.ndarray], int]:
-        """The oldest queued unrolls, at least `batch_unrolls` and at most `max_unrolls`,
-        side by side: (T(+1), N, ...) arrays; and how many unrolls that is."""
+        """The oldest queued unrolls, at most `max_unrolls` (at least `batch_unrolls`
+        unless every actor waits on this learner), side by side: (T(+1), N, ...) arrays;
+        and how many unrolls that is. Their actors get the credit back (`retire`)."""
         taken = self.queue[: self.max_unrolls]
         del self.queue[: self.max_unrolls]
         for rank, _ in taken:
