@@ -334,7 +334,8 @@ def test_metrics_merge_the_learners_rows():
     out = _metrics(rows, 2, elapsed=4.0, updates_s=0.75)
     assert out["policy_lag_mean"] == pytest.approx(1.5) and out["policy_lag_max"] == 3
     assert out["unrolls_dropped_stale"] == 3 and out["env_steps_dropped_stale"] == 192
-    assert out["unrolls_per_update"] == pytest.approx(2.0)  # 12 unrolls, 6 updates
+    # 12 unrolls in 3 group updates (each learner counts each one: 6)
+    assert out["unrolls_per_update"] == pytest.approx(4.0)
     assert out["learner_wait_frac"] == pytest.approx(2.0 / 8.0)
     assert out["learner_updates_per_s"] == 0.75
     expected = {

@@ -168,6 +168,7 @@ RESUMABLE_KEYS = frozenset(
         "eval_episodes",
         "eval_interval",
         "periodic_eval_episodes",
+        "actor_nice",
         "watchdog_s",
         "torch_threads",
         "tensorboard",

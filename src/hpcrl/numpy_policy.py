@@ -15,7 +15,8 @@ The parameter layout is `ActorCritic.parameters()`'s order, each weight (out, in
 as torch stores it: `log_std` first for Box actions (a module's own parameters come before
 its submodules'), then the actor trunk (W, b per hidden layer), the critic trunk (the same),
 the actor head (W, b) and the critic head (W, b). `tests/test_numpy_policy.py`
-checks probabilities, values and log-probabilities against the torch model to 1e-6.
+checks them against the torch model: probabilities to 1e-6, values and log-probabilities
+to 1e-5.
 """
 
 from __future__ import annotations

@@ -409,7 +409,7 @@ def _finish(ctx, result) -> TrainOutcome:
         if evaluation is not None:
             run_file.set_attrs(**{f"eval_{k}": v for k, v in evaluation.items()})
             if best is not None:
-                evaluation.update(best)
+                evaluation.update({k: v for k, v in best.items() if k.startswith("best_")})
         run_file.set_status("completed")
         solved = solved_line(run_file.file["episodes"], run.env_id)
         run_file.close()
@@ -425,7 +425,7 @@ def _finish(ctx, result) -> TrainOutcome:
         if best is not None:
             print(
                 f"[hpcrl] best periodic evaluation: mean return "
-                f"{best['best_eval_mean_return']:.4g} over {run.periodic_eval_episodes} "
+                f"{best['best_eval_mean_return']:.4g} over {best['episodes']} "
                 f"episodes at {best['best_eval_env_steps']:,} env steps, kept as "
                 f"{path / 'checkpoints' / ckpt.BEST} (hpcrl evaluate {path} --checkpoint best)",
                 flush=True,
@@ -442,6 +442,7 @@ def _best_evaluation(run_dir: Path) -> dict | None:
     return {
         "best_eval_mean_return": float(meta["eval_mean_return"]),
         "best_eval_env_steps": int(meta["env_steps"]),
+        "episodes": int(meta["eval_episodes"]),
     }
 
 

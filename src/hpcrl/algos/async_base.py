@@ -29,12 +29,13 @@ class AsyncConfig:
     """Keys of every actor-learner algorithm. `unrolls_per_update` counts actor messages
     (unrolls, or gradients computed on one, of `unroll_length` × `num_envs` env steps) per
     update, over the whole learner group. The layout's own keys (`learner_ranks`,
-    `max_policy_lag`, `publish_interval`) are `hpcrl.topologies.actor_learner`'s."""
+    `max_policy_lag`, `publish_interval`, `max_unrolls_in_flight`, `actor_nice`) are
+    `hpcrl.topologies.actor_learner`'s."""
 
     unroll_length: int = 20  # T, vector steps per actor message
     unrolls_per_update: int = 1  # actor messages per learner update, all learner ranks
     # The most per update when more are queued (a learner that is behind takes larger
-    # batches); null: everything queued.
+    # batches); null: unrolls_per_update (fixed batches).
     max_unrolls_per_update: int | None = None
     learning_rate: float = 1e-3
     anneal_lr: bool = True  # linearly to 0 over the budget

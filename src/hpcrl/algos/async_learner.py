@@ -8,7 +8,8 @@ What an actor sends is the learner's choice, declared by a mixin, not a message-
 Q-learning: the gradient the actor computed on it). Either offers `message_schema(unroll)`,
 `pack(unroll, message)` and the `payload` fields the learner's `update` batch holds.
 
-Interface (one object per rank, learners and actors alike; algorithms never see ranks):
+Interface (one object per learner rank, and per actor rank where the algorithm has no
+torch-free actor, `Algorithm.make_actor`; algorithms never see ranks):
 
     act(obs, progress)      behaviour actions (B, ...) and their log-probabilities (B,)
     values(obs)             bootstrap values (B,) of final observations at a time limit

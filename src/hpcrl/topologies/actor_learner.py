@@ -1,10 +1,10 @@
 """The `actor_learner` layout for deep learners (IMPALA, A3C, asynchronous one-step and
 n-step Q-learning): ranks 0..k-1 learn (`learner_ranks` k, a learner group), every other
-rank acts; no actor ever waits for a learner. The algorithms plug in through
-`hpcrl.contracts.AsyncLearner`: what an actor sends is the learner's `message_schema` and
-`pack` (IMPALA's actors send their unrolls; A3C's and Q-learning's the gradient they
-computed on the unroll with their own copy of the parameters, which makes the learner a
-parameter server).
+rank acts; an actor waits for its learner only when flow control says so. The algorithms
+plug in through `hpcrl.contracts.AsyncLearner`: what an actor sends is the learner's
+`message_schema` and `pack` (IMPALA's actors send their unrolls; A3C's and Q-learning's
+the gradient they computed on the unroll with their own copy of the parameters, which
+makes the learner a parameter server).
 
 Actor (rank a >= k, served by learner (a - k) mod k): steps its vector env with the last
 parameters it received, fills an unroll of T vector steps (`hpcrl.comm.protocol.
@@ -18,8 +18,8 @@ not learned from (or dropped), and waits for credit beyond that (`serving`), so 
 that falls behind slows its actors down instead of discarding their env steps. An unroll
 older than `max_policy_lag` updates is still dropped and counted, as the exception. With at
 least `unrolls_per_update / k` unrolls queued, a learner takes everything queued up to
-`max_unrolls_per_update / k` (larger batches when it is behind) and joins a *round* of the
-learner group: one small `Iallreduce` of flags (has a batch, is
+`max_unrolls_per_update / k` (larger batches when it is behind; by default the same) and
+joins a *round* of the learner group: one small `Iallreduce` of flags (has a batch, is
 done, stop, env steps, log and checkpoint votes), during which it keeps serving its
 actors. Every learner then takes the same decisions: if any had a batch, all take one
 optimizer step on the gradient summed over the group and divided by the learners that had a
@@ -405,7 +405,9 @@ def _metrics(rows: np.ndarray, learner_count: int, elapsed: float, updates_s: fl
     out["policy_lag_max"] = int(lag_max)
     out["unrolls_dropped_stale"] = int(stale)
     out["env_steps_dropped_stale"] = int(stale_steps)
-    out["unrolls_per_update"] = learned / updates if updates else 0.0
+    # Every learner counts each group update: unrolls per group update = learned / updates
+    # per learner.
+    out["unrolls_per_update"] = learned * learner_count / updates if updates else 0.0
     out["learner_wait_frac"] = wait / max(learner_count * elapsed, 1e-9)
     out["learner_updates_per_s"] = updates_s
     for rank, f in sorted(per_actor.items()):
@@ -571,10 +573,9 @@ def _params_schema(learner: AsyncLearner) -> P.Schema:
 def _run_learner(ctx: RunContext, group, learner: AsyncLearner) -> bool:
     comm, cfg, watchdog = ctx.comm, ctx.cfg, ctx.watchdog_s
     k = group.Get_size()
-    most = cfg.algo.max_unrolls_per_update
-    server = UnrollLearner(
-        ctx, learner, cfg.algo.unrolls_per_update // k, most // k if most else 1 << 62
-    )
+    fewest = cfg.algo.unrolls_per_update
+    most = cfg.algo.max_unrolls_per_update or fewest
+    server = UnrollLearner(ctx, learner, fewest // k, most // k)
     if ctx.resume is not None:
         _resume(ctx, learner, server)
     from hpcrl.comm.gradients import broadcast_parameters, parameters_digest

@@ -12,8 +12,8 @@ earlier one writes the learner's arrays to `checkpoints/best.h5`
 `eval/seconds` in the next row, which the layout logs right after an evaluation. A resumed
 run continues from the best mean recorded in `best.h5`.
 
-The evaluation pauses this rank's learning (its actors keep acting, within flow control):
-with 10 CartPole episodes and a 64x64 MLP it takes ~0.1-0.5 s.
+The evaluation pauses this rank's learning, and its actors once they reach their
+flow-control limit: with 10 CartPole episodes and a 64x64 MLP it takes ~0.1-0.5 s.
 """
 
 from __future__ import annotations

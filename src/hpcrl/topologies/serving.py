@@ -4,8 +4,9 @@ answers with versioned parameters, and nobody waits per step.
 
 Actor side (`LearnerLink`): it fills one of two preallocated message buffers while the
 other is in flight (`Isend`, double buffering); it waits only when both are still in flight
-(send wait). New parameters are picked up between vector steps when the posted `Irecv` has
-completed (`Test`), never by waiting, except for the very first ones.
+or when flow control says so (below; both are send wait). New parameters are picked up
+between vector steps when the posted `Irecv` has completed (`Test`), not by waiting, except
+for the very first ones and for flow-control credit.
 
 Learner side (`ActorPool`): two receives are posted per actor, so both of an actor's
 buffers can be in flight; whichever complete are served (`Testsome`) in each actor's send
@@ -21,10 +22,12 @@ or counted and dropped) in every parameters message (`ParamsHeader.RETIRED`), an
 at its limit waits for new parameters before filling the next message (counted as send
 wait), as IMPALA's and Sample Factory's bounded queues make actors wait. Withholding
 receives would not do it: MPICH completes small `Isend`s eagerly, without a matching
-receive. The pool sends parameters to an actor at its limit as soon as one of its messages
-is retired (`retire`), whether or not new parameters are due. The learner must be able to
-fill a batch from what M lets in flight; when it cannot (few actors, or the end of a run),
-`all_waiting` says so and the learner takes what it has.
+receive. Once one of its messages is retired (`retire`), an actor at its limit gets
+parameters at the pool's next `serve`, whether or not new parameters are due (in
+`actor_learner` with one learner: after the update, evaluation, log and checkpoint that
+follow taking the batch; sending the credit before them is a known next step). The learner
+must be able to fill a batch from what M lets in flight; when it cannot (few actors, or the
+end of a run), `all_waiting` says so and the learner takes what it has.
 
 Shutdown: an actor's last message says `ActorHeader.FINAL`; its learner answers with final
 parameters (`ParamsHeader.FINAL`), so every send has a matching receive and nothing is
@@ -252,7 +255,7 @@ class ActorPool:
 
     Args:
         write: fills a parameters message's payload and `ParamsHeader.VERSION` (the pool
-            sets FINAL and STOP).
+            sets FINAL, STOP and RETIRED).
         reply: answer each message with new parameters right away if the actor's previous
             ones have been delivered (tabular `ps`: each batch is an update; no answer is
             queued otherwise); without it parameters go out after `refresh()`.
