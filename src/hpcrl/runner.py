@@ -71,6 +71,9 @@ def guarded(fn, comm: MPI.Comm) -> int:
         sys.stderr.write(text)
         sys.stderr.flush()
         if size > 1:
+            # Let the launcher forward the traceback first: once in a CI run under load,
+            # the abort ended the job with exit 1 and an empty stderr.
+            time.sleep(0.5)
             MPI.COMM_WORLD.Abort(1)
         return 1
 
