@@ -86,6 +86,22 @@ def gather_rank_states(
     return states
 
 
+def checkpoint_identity(ctx: RunContext, env_steps: int, learner_updates: int) -> dict:
+    """The `meta` every checkpoint file carries (step files and `best.h5`): what run and
+    policy it holds, enough for `Topology.checkpoint_policy` to rebuild it."""
+    cfg = ctx.cfg
+    return {
+        "algo": cfg.run.algo,
+        "env_id": cfg.run.env_id,
+        "env_kwargs": cfg.run.env_kwargs,
+        "layout": cfg.layout,
+        "world_size": ctx.world_size,
+        "env_steps": int(env_steps),
+        "learner_updates": int(learner_updates),
+        "config": cfg.to_dict(),
+    }
+
+
 def save_checkpoint(
     ctx: RunContext,
     shared: dict[str, np.ndarray],
@@ -113,15 +129,8 @@ def save_checkpoint(
     rows = dict(ctx.orphan_traj)
     rows.update(traj_rows)
     meta = {
-        "algo": cfg.run.algo,
-        "env_id": cfg.run.env_id,
-        "env_kwargs": cfg.run.env_kwargs,
-        "layout": cfg.layout,
-        "world_size": ctx.world_size,
-        "env_steps": int(env_steps),
-        "learner_updates": int(learner_updates),
+        **checkpoint_identity(ctx, env_steps, learner_updates),
         "policy_version": int(policy_version),
-        "config": cfg.to_dict(),
         "segment": ctx.segment.to_dict(),
         "episodes_rows": run_file.episode_rows,
         "metrics_rows": run_file.metric_rows,

@@ -27,6 +27,7 @@ import numpy as np
 from hpcrl.errors import CheckpointError
 from hpcrl.evaluation import batched_policy_returns
 from hpcrl.storage.checkpoints import BEST, load_checkpoint, write_best
+from hpcrl.topologies.checkpointing import checkpoint_identity
 
 SEED_OFFSET = 2_000_003  # periodic evaluation episodes' seeds: seed + this + i
 
@@ -106,21 +107,13 @@ class PeriodicEval:
         return mean
 
     def _write(self, arrays, env_steps: int, learner_updates: int, returns) -> None:
-        ctx, cfg = self.ctx, self.ctx.cfg
         meta = {
-            "algo": cfg.run.algo,
-            "env_id": cfg.run.env_id,
-            "env_kwargs": cfg.run.env_kwargs,
-            "layout": cfg.layout,
-            "world_size": ctx.world_size,
-            "env_steps": int(env_steps),
-            "learner_updates": int(learner_updates),
-            "config": cfg.to_dict(),
+            **checkpoint_identity(self.ctx, env_steps, learner_updates),
             "eval_mean_return": float(returns.mean()),
             "eval_std_return": float(returns.std()),
             "eval_episodes": int(returns.size),
         }
-        write_best(ctx.run_dir / "checkpoints", arrays, meta)
+        write_best(self.ctx.run_dir / "checkpoints", arrays, meta)
 
     def take(self) -> dict[str, float]:
         """The last evaluation's metrics, once (for the next `/metrics` row)."""
