@@ -91,7 +91,13 @@ def test_straggler_is_cut_and_the_budget_stays_exact(tmp_path, cli_env):
 
 @pytest.mark.parametrize(
     "algo,steps,extra",
-    [("ppo", 30_000, []), ("a2c", 20_000, ["--set", "normalize_obs=true"]), ("dqn", 8_000, [])],
+    [
+        ("ppo", 30_000, []),
+        ("ppo", 30_000, ["--set", "vector_env=native"]),  # the native env's state too
+        ("a2c", 20_000, ["--set", "normalize_obs=true"]),
+        ("dqn", 8_000, []),
+    ],
+    ids=["ppo", "ppo-native", "a2c", "dqn"],
 )
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, cli_env, algo, steps, extra):
     """The issue-3 rule for every later algorithm: parameters, optimizer state, every

@@ -20,6 +20,8 @@ import yaml
 from hpcrl.algos import ALGOS, algorithm
 from hpcrl.errors import ConfigError
 
+VECTOR_ENVS = ("sync", "async", "native")  # `RunConfig.vector_env`; hpcrl.envs.make_vector_env
+
 _EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 MAX_ENV_STEPS = 10**15  # far beyond any run; keeps every counter exact in int64 and float64
@@ -79,7 +81,9 @@ class RunConfig:
     total_env_steps: int = 3_000_000  # summed over every acting rank
     seed: int = 0
     num_envs: int = 32  # gymnasium vector env copies per acting rank
-    vector_env: str = "sync"  # sync: copies stepped in turn; async: a subprocess per copy
+    # sync: copies stepped in turn; async: a subprocess per copy; native: gymnasium's numpy
+    # implementation of all copies at once (CartPole), hpcrl.native_vector
+    vector_env: str = "sync"
     atari_preprocessing: bool = True  # ALE ids: AtariPreprocessing (84x84 gray, skip 4)
     frame_stack: int = 4  # ALE ids with atari_preprocessing: frames stacked (1: none)
     run_dir: str = ""  # "" -> runs/<algo>-<env_id>-<UTC time>
@@ -119,7 +123,9 @@ class RunConfig:
         )
         _check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
         _check(self.num_envs >= 1, "num_envs", self.num_envs, "an integer >= 1")
-        _check(self.vector_env in ("sync", "async"), "vector_env", self.vector_env, "sync or async")
+        _check(
+            self.vector_env in VECTOR_ENVS, "vector_env", self.vector_env, " or ".join(VECTOR_ENVS)
+        )
         _check(self.frame_stack >= 1, "frame_stack", self.frame_stack, "an integer >= 1")
         _check(self.log_interval_s > 0, "log_interval_s", self.log_interval_s, "a number > 0")
         _check(

@@ -33,11 +33,14 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv, VectorEnv
 
+from hpcrl.config import VECTOR_ENVS
 from hpcrl.errors import UserError
 from hpcrl.state import generator_state, set_generator_state
 
 ATARI_FRAME_SKIP = 4  # emulator frames per agent step under AtariPreprocessing
-VECTOR_ENVS = ("sync", "async")
+# `EnvStepper.state_dict()["env_captured"]`: 0 not captured, 1 per copy (SyncVectorEnv),
+# NATIVE_CAPTURED the whole native vector env (its generator in row 0 of env_rng).
+NATIVE_CAPTURED = 2
 
 # Entry-point prefix -> (what is missing, extra that installs it) for gymnasium's optional
 # dependencies, named in the one-line error instead of gymnasium's own advice.
@@ -181,16 +184,22 @@ def make_vector_env(
     transition per copy and the final observation is in `info["final_obs"]`.
 
     Args:
-        vector_env: "sync" (`SyncVectorEnv`, copies stepped in turn in this process) or
+        vector_env: "sync" (`SyncVectorEnv`, copies stepped in turn in this process),
             "async" (`AsyncVectorEnv`, one forked subprocess per copy; its env state is not
-            captured in checkpoints, see the module docstring).
+            captured in checkpoints, see the module docstring) or "native" (gymnasium's
+            numpy implementation of all copies at once, `hpcrl.native_vector`).
 
     Raises:
-        UserError: as `make_env`.
-        ValueError: `vector_env` is neither "sync" nor "async".
+        UserError: as `make_env`; "native" for an env without a native implementation.
+        ValueError: `vector_env` is not one of `VECTOR_ENVS`.
     """
     if vector_env not in VECTOR_ENVS:
         raise ValueError(f"vector_env {vector_env!r}: expected one of {VECTOR_ENVS}")
+    if vector_env == "native":
+        from hpcrl.native_vector import make_native_vector_env
+
+        make_env(env_id, env_kwargs).close()  # the same one-line errors as the other backends
+        return make_native_vector_env(env_id, env_kwargs, num_envs)
     options = {"atari_preprocessing": atari_preprocessing, "frame_stack": frame_stack}
     make_env(env_id, env_kwargs, **options).close()  # one clear error, not num_envs tracebacks
     kwargs = dict(env_kwargs or {})
@@ -269,6 +278,8 @@ class EnvStepper:
             and, for emulators (ALE) and wrappers that keep frames, "env_blob": (B, L) uint8
             with "env_blob_len": (B,) int64 (each copy's bytes, zero-padded to the longest).
         """
+        if hasattr(self.envs, "capture_state"):  # a native vector env: one shared state
+            return self._native_state_dict()
         copies = getattr(self.envs, "envs", None)  # None for AsyncVectorEnv (subprocesses)
         captured = [capture_env_state(env) for env in copies] if copies else [None]
         ok = all(c is not None for c in captured)
@@ -290,6 +301,20 @@ class EnvStepper:
             "env_state": np.stack([c[1] for c in captured]) if ok else np.zeros((self.num_envs, 0)),
         }
 
+    def _native_state_dict(self) -> dict[str, np.ndarray]:
+        # The shared generator goes in row 0 of env_rng (the other rows are zero).
+        rng, values = self.envs.capture_state()
+        env_rng = np.zeros((self.num_envs, 6), dtype=np.uint64)
+        env_rng[0] = rng
+        return {
+            "obs": np.asarray(self.obs).copy(),
+            "episode_return": self.returns.copy(),
+            "episode_length": self.lengths.copy(),
+            "env_captured": np.array([NATIVE_CAPTURED], dtype=np.int8),
+            "env_rng": env_rng,
+            "env_state": values,
+        }
+
     def load_state_dict(self, state: dict[str, np.ndarray], fallback_seed: int) -> bool:
         """Continue from `state_dict()` output. When the env state was not captured (or this
         vector env's copies are out of reach, as an AsyncVectorEnv's are), the copies are
@@ -304,17 +329,22 @@ class EnvStepper:
                 f"env state for {len(state['episode_return'])} copies, this rank has "
                 f"{self.num_envs}"
             )
-        if not int(state["env_captured"][0]) or not hasattr(self.envs, "envs"):
+        captured = int(state["env_captured"][0])
+        if captured == NATIVE_CAPTURED and hasattr(self.envs, "restore_state"):
+            self.envs.reset(seed=fallback_seed)
+            self.envs.restore_state(state["env_rng"][0], state["env_state"])
+        elif captured == 1 and hasattr(self.envs, "envs"):
+            for i, env in enumerate(self.envs.envs):  # a SyncVectorEnv's copies
+                blob = None
+                if "env_blob" in state:
+                    blob = state["env_blob"][i, : int(state["env_blob_len"][i])].tobytes()
+                restore_env_state(env, state["env_rng"][i], state["env_state"][i], blob)
+        else:  # not captured, or by another backend
             obs, _ = self.envs.reset(seed=fallback_seed)
             self.obs = np.asarray(obs)
             self.returns[:] = 0.0
             self.lengths[:] = 0
             return False
-        for i, env in enumerate(self.envs.envs):  # captured: a SyncVectorEnv's copies
-            blob = None
-            if "env_blob" in state:
-                blob = state["env_blob"][i, : int(state["env_blob_len"][i])].tobytes()
-            restore_env_state(env, state["env_rng"][i], state["env_state"][i], blob)
         self.obs = np.asarray(state["obs"]).copy()
         self.returns[:] = state["episode_return"]
         self.lengths[:] = state["episode_length"]

@@ -28,7 +28,7 @@ from hpcrl.analysis.stats import SOLVED_WINDOW, best_window_mean, threshold_cros
 from hpcrl.comm.agreement import CollectiveUserError, agree
 from hpcrl.comm.waits import wait_all
 from hpcrl.config import build_config, config_from_json, resume_conflicts
-from hpcrl.envs import make_env
+from hpcrl.envs import make_env, make_vector_env
 from hpcrl.errors import CheckpointError, ConfigError, UserError
 from hpcrl.storage import checkpoints as ckpt
 from hpcrl.storage.runfile import (
@@ -315,6 +315,8 @@ def _check_env(cfg, topology, world_size: int, shapes: dict) -> tuple:
     run = cfg.run
     env = make_env(run.env_id, run.env_kwargs, **run.env_options())
     try:
+        if run.vector_env == "native":
+            make_vector_env(run.env_id, run.env_kwargs, 1, vector_env="native").close()
         topology.check_env(env, world_size, shapes)
         return env.observation_space, env.action_space
     finally:
