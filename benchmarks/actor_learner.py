@@ -13,7 +13,10 @@ configs/cartpole-impala.yaml`, no evaluation, no trajectories) and reads run.h5:
 Next to it, the raw stepping rate of the same vector env (the config's `num_envs`
 CartPole-v1 copies in a gymnasium `SyncVectorEnv`, random actions, one process): the
 ceiling of one actor. "ratio to raw" is the job's rate over it; "per actor / raw" divides
-by the actors too (on 2 cores, 3 actors and a learner share what one process would get).
+by the actors too (on 2 cores, 3 actors and a learner share what one process would get);
+"per actor CPU-s / raw" divides each actor's env steps by its CPU seconds instead of wall
+seconds (`actor_<rank>/cpu_frac`): what one of its cores yields, without the time it
+waits for the learner (flow control) or for a core.
 
 Usage: python benchmarks/actor_learner.py [--ranks 2,4] [--budget 200000]
            [--algo impala] [--out benchmarks/actor_learner.json] [--set KEY=VALUE ...]
@@ -36,17 +39,18 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def raw_vector_env_rate(num_envs: int, steps: int = 20_000) -> float:
-    """Env steps/s of `num_envs` CartPole-v1 copies stepped with random actions."""
+def raw_vector_env_rate(num_envs: int, vector_env: str = "sync", steps: int = 40_000) -> float:
+    """Env steps/s of `num_envs` CartPole-v1 copies in the `vector_env` backend, stepped
+    with random actions drawn beforehand."""
     from hpcrl.envs import make_vector_env
 
-    envs = make_vector_env("CartPole-v1", {}, num_envs)
+    envs = make_vector_env("CartPole-v1", {}, num_envs, vector_env=vector_env)
     envs.reset(seed=0)
-    rng = np.random.default_rng(0)
     vector_steps = steps // num_envs
+    actions = np.random.default_rng(0).integers(2, size=(vector_steps, num_envs))
     start = time.perf_counter()
-    for _ in range(vector_steps):
-        envs.step(rng.integers(2, size=num_envs))
+    for t in range(vector_steps):
+        envs.step(actions[t])
     rate = vector_steps * num_envs / (time.perf_counter() - start)
     envs.close()
     return rate
@@ -58,7 +62,8 @@ def run_one(algo: str, ranks: int, budget: int, root: Path, extra: list[str]) ->
         str(BIN / "mpiexec"), "-n", str(ranks), sys.executable, "-m", "hpcrl", "train",
         str(REPO / "configs" / f"cartpole-{algo.replace('_', '-')}.yaml"),
         "--run-dir", str(run_dir), "--total-env-steps", str(budget),
-        "--set", "eval_episodes=0", "--set", "record_trajectories=false",
+        "--set", "eval_episodes=0", "--set", "eval_interval=0",
+        "--set", "record_trajectories=false",
         "--set", "log_interval_s=1", *extra,
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -86,27 +91,33 @@ def run_one(algo: str, ranks: int, budget: int, root: Path, extra: list[str]) ->
             "send_wait_frac": round(
                 float(np.mean([np.nanmean(m[a]["send_wait_frac"][late]) for a in actors])), 3
             ),
+            "actor_cpu_frac": round(
+                float(np.mean([np.nanmean(m[a]["cpu_frac"][late]) for a in actors])), 3
+            ),
             "learner_wait_frac": round(float(np.nanmean(m["learner_wait_frac"][late])), 3),
             "policy_lag_mean": round(float(np.nanmean(m["policy_lag_mean"][late])), 2),
             "learner_updates": int(m["learner_updates"][-1]),
         }
 
 
-def table(raw: float, results: list[dict], num_envs: int) -> str:
+def table(raw: float, results: list[dict], num_envs: int, vector_env: str) -> str:
     lines = [
-        f"Raw vector env ({num_envs} CartPole-v1 copies, random actions, 1 process): "
+        f"Raw vector env ({num_envs} CartPole-v1 copies, {vector_env}, random actions, "
+        "1 process): "
         f"{raw:,.0f} env steps/s",
         "",
         "| algo | ranks | actors | env steps/s | ratio to raw | per actor / raw "
-        "| actor efficiency (each) | env frac | send wait | learner wait | policy lag |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| per actor CPU-s / raw | actor efficiency (each) | env frac | send wait "
+        "| learner wait | policy lag |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         each = ", ".join(f"{e:.2f}" for e in r["actor_efficiency_each"])
         per_actor = r["env_steps_per_s"] / (r["ranks"] - 1) / raw
+        per_cpu = per_actor / max(r["actor_cpu_frac"], 1e-9)
         lines.append(
             f"| {r['algo']} | {r['ranks']} | {r['ranks'] - 1} | {r['env_steps_per_s']:,} | "
-            f"{r['env_steps_per_s'] / raw:.2f} | {per_actor:.2f} | "
+            f"{r['env_steps_per_s'] / raw:.2f} | {per_actor:.2f} | {per_cpu:.2f} | "
             f"{r['actor_efficiency']:.2f} ({each}) | "
             f"{r['env_frac']:.2f} | {r['send_wait_frac']:.3f} | {r['learner_wait_frac']:.2f} | "
             f"{r['policy_lag_mean']:.1f} |"
@@ -126,8 +137,10 @@ def main() -> None:
 
     config = REPO / "configs" / f"cartpole-{opts.algo.replace('_', '-')}.yaml"
     overrides = dict(kv.split("=", 1) for kv in opts.set)
-    num_envs = int(overrides.get("num_envs", load_yaml(config).get("num_envs", 8)))
-    raw = raw_vector_env_rate(num_envs)
+    defaults = load_yaml(config)
+    num_envs = int(overrides.get("num_envs", defaults.get("num_envs", 8)))
+    vector_env = overrides.get("vector_env", defaults.get("vector_env", "sync"))
+    raw = raw_vector_env_rate(num_envs, vector_env)
     results = []
     with tempfile.TemporaryDirectory(prefix="hpcrl-al-") as tmp:
         for ranks in (int(n) for n in opts.ranks.split(",")):
@@ -135,8 +148,9 @@ def main() -> None:
             result = run_one(opts.algo, ranks, opts.budget, Path(tmp), extra)
             print(json.dumps(result), flush=True)
             results.append(result)
-    Path(opts.out).write_text(json.dumps({"raw_env_steps_per_s": raw, "runs": results}, indent=1))
-    print(table(raw, results, num_envs))
+    record = {"raw_env_steps_per_s": raw, "vector_env": vector_env, "runs": results}
+    Path(opts.out).write_text(json.dumps(record, indent=1))
+    print(table(raw, results, num_envs, vector_env))
 
 
 if __name__ == "__main__":

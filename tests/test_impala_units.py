@@ -279,7 +279,7 @@ def test_unroll_learner_stamps_episodes_with_learner_env_steps():
     msg["episode_length"][:2] = [10, 20]
     msg["episode_actor_env_steps"][:2] = [46, 50]
     msg["episode_wall_time"][:2] = [1.5, 2.5]
-    msg["timing"][:] = [9.0, 4.0, 2.0, 1.0, 0.5]
+    msg["timing"][:] = [9.0, 4.0, 2.0, 1.0, 0.5, 8.0]
     server.consume(msg, 3)
     expected = [[10.0, 10, 108, 1.5, 3], [20.0, 20, 112, 2.5, 3]]
     np.testing.assert_array_equal(server.episodes.take(), expected)
@@ -322,14 +322,14 @@ def test_take_batch_takes_what_is_queued_up_to_the_maximum():
 def test_metrics_merge_the_learners_rows():
     a, _ = _server()
     b, _ = _server()
-    a.stats.timing[2] = np.array([10.0, 4.0, 2.0, 1.0, 0.5])
+    a.stats.timing[2] = np.array([10.0, 4.0, 2.0, 1.0, 0.5, 5.0])
     a.log_row()  # the next row holds differences from this one
     a.stats.lags, a.stats.dropped_stale, a.stats.wait_s, a.stats.updates = [0, 2, 1], 1, 0.5, 3
     a.stats.dropped_steps, a.stats.batch_unrolls = 64, [1, 2, 3]
-    a.stats.timing[2] = np.array([20.0, 10.0, 4.0, 1.0, 0.5])
+    a.stats.timing[2] = np.array([20.0, 10.0, 4.0, 1.0, 0.5, 14.0])
     b.stats.lags, b.stats.dropped_stale, b.stats.wait_s, b.stats.updates = [3], 2, 1.5, 3
     b.stats.dropped_steps, b.stats.batch_unrolls = 128, [2, 2, 2]
-    b.stats.timing[3] = np.array([5.0, 1.0, 1.5, 2.0, 0.5])
+    b.stats.timing[3] = np.array([5.0, 1.0, 1.5, 2.0, 0.5, 2.5])
     rows = np.concatenate([np.concatenate([[r.size], r]) for r in (a.log_row(), b.log_row())])
     out = _metrics(rows, 2, elapsed=4.0, updates_s=0.75)
     assert out["policy_lag_mean"] == pytest.approx(1.5) and out["policy_lag_max"] == 3
@@ -339,8 +339,10 @@ def test_metrics_merge_the_learners_rows():
     assert out["learner_wait_frac"] == pytest.approx(2.0 / 8.0)
     assert out["learner_updates_per_s"] == 0.75
     expected = {
-        2: {"env_frac": 0.6, "inference_frac": 0.2, "send_wait_frac": 0.0, "param_wait_frac": 0.0},
-        3: {"env_frac": 0.2, "inference_frac": 0.3, "send_wait_frac": 0.4, "param_wait_frac": 0.1},
+        2: {"env_frac": 0.6, "inference_frac": 0.2, "send_wait_frac": 0.0, "param_wait_frac": 0.0,
+            "cpu_frac": 0.9},
+        3: {"env_frac": 0.2, "inference_frac": 0.3, "send_wait_frac": 0.4, "param_wait_frac": 0.1,
+            "cpu_frac": 0.5},
     }
     for rank, fractions in expected.items():
         for name, value in fractions.items():
@@ -387,7 +389,7 @@ def test_unroll_schema_follows_the_env_spaces(
     msg = schema.allocate()
     assert msg["obs"].shape == (4, 1, *obs_shape) and msg["obs"].dtype == obs_dtype
     assert msg["actions"].shape == (3, 1, *action_shape) and msg["actions"].dtype == action_dtype
-    assert msg["header"].shape == (8,) and msg["timing"].shape == (5,)
+    assert msg["header"].shape == (8,) and msg["timing"].shape == (6,)
     for name in ("behaviour_log_probs", "rewards", "terminated", "truncated"):
         assert msg[name].shape == (3, 1) and msg[name].dtype == np.float32
     for name in ("episode_return", "episode_length", "episode_actor_env_steps"):

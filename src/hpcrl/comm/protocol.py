@@ -113,6 +113,7 @@ class Timing(IntEnum):
     INFERENCE = 2  # the policy, and the gradient an actor computes (`SendsGradients`)
     SEND_WAIT = 3  # waiting for a send buffer to come free
     PARAM_WAIT = 4  # waiting for the first parameters
+    CPU = 5  # CPU time of the actor's process (`time.process_time`)
 
 
 def unroll_schema(
@@ -136,7 +137,7 @@ def unroll_schema(
     return Schema(
         [
             ("header", (8,), np.int64),
-            ("timing", (5,), np.float64),
+            ("timing", (len(Timing),), np.float64),
             ("obs", (T + 1, B, *obs_shape), obs_dtype),
             ("actions", (T, B, *action_shape), action_dtype),
             ("behaviour_log_probs", (T, B), np.float32),
@@ -157,7 +158,7 @@ def gradient_schema(n_parameters: int, rows: int) -> Schema:
     return Schema(
         [
             ("header", (8,), np.int64),
-            ("timing", (5,), np.float64),
+            ("timing", (len(Timing),), np.float64),
             ("gradient", (n_parameters, 1), np.float32),
             *_episode_fields(rows),
         ]

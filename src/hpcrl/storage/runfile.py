@@ -437,6 +437,7 @@ ACTOR_FRACTIONS = {
     "inference_frac": "in policy inference",
     "send_wait_frac": "waiting to send unrolls",
     "param_wait_frac": "waiting for parameters",
+    "cpu_frac": "on a CPU (process time)",
 }
 
 

@@ -200,6 +200,7 @@ class UnrollActor(Actor):
         self.unroll = _unroll_schema(ctx).allocate()
         self.timing = np.zeros(len(Timing), dtype=np.float64)  # seconds
         self.start = time.perf_counter()
+        self.cpu_start = time.process_time()
         self.delay_s = ctx.slow_step_s()
 
     def produce(self, msg: Message, poll) -> None:
@@ -257,6 +258,7 @@ class UnrollActor(Actor):
         msg["obs"][steps] = self.stepper.obs
         self.stamp(msg, rows, version, episodes, steps)
         self.timing[Timing.WALL] = time.perf_counter() - self.start
+        self.timing[Timing.CPU] = time.process_time() - self.cpu_start
         msg["timing"][:] = self.timing
 
 
@@ -367,7 +369,7 @@ class UnrollLearner:
         ]
         actors = []
         for rank, timing in sorted(s.timing.items()):
-            delta = timing - self.last_timing.get(rank, np.zeros(5))
+            delta = timing - self.last_timing.get(rank, np.zeros(len(Timing)))
             actors += [float(rank), *delta.tolist()]
             self.last_timing[rank] = timing
         self.stats = _Stats()
@@ -393,13 +395,14 @@ def _metrics(rows: np.ndarray, learner_count: int, elapsed: float, updates_s: fl
         updates += row[5]
         stale_steps += row[6]
         learned += row[7]
-        for rank, *t in row[8:].reshape(-1, 6):
+        for rank, *t in row[8:].reshape(-1, 1 + len(Timing)):
             wall = max(t[Timing.WALL], 1e-9)
             per_actor[int(rank)] = {
                 "env_frac": t[Timing.ENV] / wall,
                 "inference_frac": t[Timing.INFERENCE] / wall,
                 "send_wait_frac": t[Timing.SEND_WAIT] / wall,
                 "param_wait_frac": t[Timing.PARAM_WAIT] / wall,
+                "cpu_frac": t[Timing.CPU] / wall,
             }
     out["policy_lag_mean"] = lag_sum / lag_n if lag_n else 0.0
     out["policy_lag_max"] = int(lag_max)
@@ -637,6 +640,8 @@ def _run_learner(ctx: RunContext, group, learner: AsyncLearner) -> bool:
             backoff.pause()
         server.stats.wait_s += time.perf_counter() - wait_start
         batch, taken = server.take_batch() if ready else (None, 0)
+        if taken:
+            pool.publish_pending()  # the credit out now: actors step during the update
         flags[:] = 0
         flags[Round.HAS_BATCH] = batch is not None
         flags[Round.DONE] = done and batch is None

@@ -23,9 +23,10 @@ at its limit waits for new parameters before filling the next message (counted a
 wait), as IMPALA's and Sample Factory's bounded queues make actors wait. Withholding
 receives would not do it: MPICH completes small `Isend`s eagerly, without a matching
 receive. Once one of its messages is retired (`retire`), an actor at its limit gets
-parameters at the pool's next `serve`, whether or not new parameters are due (in
-`actor_learner` with one learner: after the update, evaluation, log and checkpoint that
-follow taking the batch; sending the credit before them is a known next step). The learner
+parameters at the pool's next `publish_pending` (which every `serve` starts with), whether
+or not new parameters are due: `actor_learner` calls it right after taking a batch, so the
+actor steps during the update (measured in benchmarks/RESULTS.md: 0.18 -> 0.29 of the raw
+rate at 2 ranks, when the credit waited for the update to end). The learner
 must be able to fill a batch from what M lets in flight; when it cannot (few actors, or the
 end of a run), `all_waiting` says so and the learner takes what it has.
 
@@ -364,7 +365,7 @@ class ActorPool:
         answered with final parameters. `consume(msg, rank)` returns True when it is done
         with the message (retired), False when it keeps it for `retire` later. Returns
         True if any message arrived."""
-        self._publish_pending()
+        self.publish_pending()
         ready = MPI.Request.Testsome(self.receives) or []
         self.arrived.update(ready)
         for j in _in_send_order(self.arrived, self.next_slot):
@@ -390,7 +391,11 @@ class ActorPool:
                     self.publish(i)
         return bool(ready)
 
-    def _publish_pending(self) -> None:
+    def publish_pending(self) -> None:
+        """Send every pending actor (new parameters, or credit it waits for) whose
+        previous send has completed. `serve` starts with this; a learner also calls it
+        right after taking a batch, so that the actors it credited step during its update
+        instead of after it."""
         for i in list(self.pending):
             if i not in self.done and self.sends[i].Test():
                 self.publish(i)
