@@ -401,7 +401,7 @@ def test_unroll_schema_follows_the_env_spaces(
     ends, starts = [end for _, end in spans], [off for off, _ in spans[1:]] + [schema.nbytes]
     assert all(end <= nxt for end, nxt in zip(ends, starts, strict=True))  # no overlap
     if env_id == "CartPole-v1":  # 64 + 40 + 64 + 24 + 5 x 16 (12 padded) + 4 x 24
-        assert schema.nbytes == 368
+        assert schema.nbytes == 376
 
 
 def test_messages_are_consumed_in_each_actors_send_order():
