@@ -127,6 +127,17 @@ def test_stepper_bootstraps_from_the_final_obs_and_counts_episodes():
     assert len(returns) > 100 and min(returns) >= 8
 
 
+def test_observations_are_c_ordered():
+    """gymnasium's are Fortran-ordered; torch's matmul rounds differently on the two
+    layouts, and a resumed run's first observations are a C-ordered copy."""
+    envs = make_vector_env("CartPole-v1", {}, 3, vector_env="native")
+    obs, _ = envs.reset(seed=0)
+    assert obs.flags.c_contiguous
+    for _ in range(30):
+        obs, _, _, _, info = envs.step(np.zeros(3, dtype=np.int64))
+        assert obs.flags.c_contiguous
+
+
 def test_time_limit_truncates_at_max_episode_steps():
     envs = make_vector_env("CartPole-v1", {"max_episode_steps": 5}, 2, vector_env="native")
     envs.reset(seed=0)

@@ -4,8 +4,9 @@ of single-env copies, with hpcrl's episode semantics kept exactly.
 
 gymnasium 1.4 ships one numpy implementation, `CartPoleVectorEnv` (CartPole-v0/v1): every
 copy's physics in one set of array operations, with no per-copy wrapper stack
-(`TimeLimit`, `OrderEnforcing`, `PassiveEnvChecker`). Measured here at 1.6-1.8x a
-`SyncVectorEnv` with 8 copies and 10-13x with 64 (`benchmarks/RESULTS.md`). Its own
+(`TimeLimit`, `OrderEnforcing`, `PassiveEnvChecker`). Through hpcrl's `EnvStepper`,
+measured here at 1.06x a `SyncVectorEnv` with 4 copies, 1.7x with 8, 8.7x with 64 and 26x
+with 256 (`benchmarks/vector_envs.py`, `benchmarks/RESULTS.md`). Its own
 autoreset is `AutoresetMode.NEXT_STEP`: the step after an episode ends ignores that copy's
 action, returns its reset observation with reward 0, and is no transition. hpcrl's
 steppers and unrolls assume `SAME_STEP` (every call is one real transition per copy, the
@@ -56,6 +57,10 @@ class SameStepCartPoleVectorEnv(CartPoleVectorEnv):
 
     metadata = {**CartPoleVectorEnv.metadata, "autoreset_mode": AutoresetMode.SAME_STEP}
 
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        obs, info = super().reset(seed=seed, options=options)
+        return np.ascontiguousarray(obs), info
+
     def step(self, action):
         obs, rewards, terminated, truncated, _ = super().step(action)
         done = self.prev_done  # terminated | truncated of this step
@@ -69,7 +74,10 @@ class SameStepCartPoleVectorEnv(CartPoleVectorEnv):
             self.steps[done] = 0
             self.prev_done = np.zeros(self.num_envs, dtype=np.bool_)
             obs = self.state.T.astype(np.float32)
-        return obs, rewards, terminated, truncated, info
+        # gymnasium's `state.T.astype` is Fortran-ordered; a resumed run's observations come
+        # from a C-ordered copy, and torch's matmul rounds differently on the two layouts,
+        # which broke bit-exact resume. Always C order.
+        return np.ascontiguousarray(obs), rewards, terminated, truncated, info
 
     def capture_state(self) -> tuple[np.ndarray, np.ndarray]:
         """The whole vector env: (generator (6,) uint64 as `hpcrl.state.generator_state`,
