@@ -417,3 +417,11 @@ def test_messages_are_consumed_in_each_actors_send_order():
     arrived.add(2)
     assert list(_in_send_order(arrived, next_slot)) == [2, 3]
     assert arrived == set() and next_slot == [1, 0]
+
+
+def test_adam_beta2_reaches_the_optimizer_and_is_validated():
+    learner = Impala(ImpalaConfig(hidden_size=16, adam_beta2=0.99), *env_spaces())
+    assert learner.optimizer.param_groups[0]["betas"] == (0.9, 0.99)
+    for bad in (0.0, 1.0):
+        with pytest.raises(ConfigError, match=f"'adam_beta2': got {bad!r}"):
+            ImpalaConfig(adam_beta2=bad).validate()

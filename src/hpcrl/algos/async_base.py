@@ -42,6 +42,10 @@ class AsyncConfig:
     optimizer: str = "adam"  # or rmsprop
     rmsprop_alpha: float = 0.99
     optimizer_eps: float = 1e-5
+    # Adam's β2 (torch's 0.999). A smaller one bounds the step after a quiet phase: once the
+    # losses have been ~0 for long, the first large gradient makes a step of up to
+    # (1 - β1^k)/sqrt(1 - β2^k) learning rates (~6.5 with 0.999, ~2.1 with 0.99).
+    adam_beta2: float = 0.999
     gamma: float = 0.99
     max_grad_norm: float = 40.0  # on the learner group's averaged gradient
     hidden_size: int = 64
@@ -66,6 +70,7 @@ class AsyncConfig:
         check(self.optimizer in OPTIMIZERS, "optimizer", f"one of {list(OPTIMIZERS)}")
         check(0.0 <= self.rmsprop_alpha < 1.0, "rmsprop_alpha", "a decay in [0, 1)")
         check(self.optimizer_eps > 0, "optimizer_eps", "a number > 0")
+        check(0.0 < self.adam_beta2 < 1.0, "adam_beta2", "a decay in (0, 1)")
         check(0.0 <= self.gamma <= 1.0, "gamma", "a discount γ in [0, 1]")
         check(self.max_grad_norm > 0, "max_grad_norm", "a number > 0")
         check(self.hidden_size >= 1, "hidden_size", "an integer >= 1")

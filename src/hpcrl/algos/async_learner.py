@@ -49,7 +49,9 @@ class AsyncLearnerBase:
                 params, lr=cfg.learning_rate, alpha=cfg.rmsprop_alpha, eps=cfg.optimizer_eps
             )
         else:
-            self.optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.optimizer_eps)
+            self.optimizer = torch.optim.Adam(
+                params, lr=cfg.learning_rate, betas=(0.9, cfg.adam_beta2), eps=cfg.optimizer_eps
+            )
 
     def to(self, device: torch.device) -> AsyncLearnerBase:
         self.device = device
