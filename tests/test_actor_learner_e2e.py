@@ -48,9 +48,10 @@ def _best_mean_of_20(returns: np.ndarray) -> float:
 def test_default_job_is_impala_and_learns_cartpole(tmp_path, cli_env):
     """The README's first command, `mpirun -n 4 python -m hpcrl` (no arguments): IMPALA on
     CartPole-v1 reaches 475, says so, and keeps the parameters of its best periodic greedy
-    evaluation (>= 475) in checkpoints/best.h5. The final policy is not asserted: it fell
-    back below 475 in 3 of 5 launches measured at 4 ranks (benchmarks/default_job.py,
-    benchmarks/RESULTS.md; issue 14's acceptance 2 is still open)."""
+    evaluation (>= 475) in checkpoints/best.h5, and halves its learning rate once solved
+    (`solved_lr_decay`). The final evaluation is asserted only to be a policy: it held
+    >= 475 in 9 of 10 launches measured at 4 ranks (benchmarks/default_job.py,
+    benchmarks/RESULTS.md), so asserting 475 here would fail one CI run in ten."""
     result = subprocess.run(
         hpcrl_command(4), capture_output=True, text=True, timeout=600, env=cli_env, cwd=tmp_path
     )
@@ -68,6 +69,11 @@ def test_default_job_is_impala_and_learns_cartpole(tmp_path, cli_env):
         assert json.loads(f.attrs["config"]) == json.loads(f.attrs["config"]) | DEFAULT_JOB
         assert set(f["episodes/rank"][()].tolist()) == {1, 2, 3}
         assert f["metrics/policy_lag_max"][()].max() <= DEFAULT_JOB["max_policy_lag"]
+        # Solved, then the learning rate was halved: below the linear anneal at the end.
+        lr = f["metrics/learning_rate"][()]
+        progress = f["metrics/env_steps"][()] / DEFAULT_JOB["total_env_steps"]
+        anneal = DEFAULT_JOB["learning_rate"] * (1 - progress)
+        assert (lr[-5:-1] < 0.6 * anneal[-5:-1]).all(), (lr, anneal)
 
 
 LAUNCHES = 2  # learning tests: launches allowed to reach 475 (see the test's docstring)

@@ -84,10 +84,13 @@ def _eval_ctx(tmp_path, interval: int, resume=None):
 
 
 def test_periodic_eval_keeps_the_best_and_resumes_from_it(tmp_path):
+    import types
+
     from hpcrl.storage.checkpoints import list_checkpoints, load_checkpoint
     from hpcrl.topologies.periodic_eval import PeriodicEval
 
     peval = PeriodicEval(_eval_ctx(tmp_path, 1000))
+    assert peval.threshold == 475.0 and peval.solved == 0
     assert [peval.due(s) for s in (0, 999, 1000)] == [False, False, True]
     left = lambda obs: np.zeros(len(obs), dtype=np.int64)  # noqa: E731 - falls in ~10 steps
     steer = lambda obs: (np.asarray(obs)[:, 2] + np.asarray(obs)[:, 3] > 0).astype(np.int64)  # noqa: E731
@@ -97,6 +100,15 @@ def test_periodic_eval_keeps_the_best_and_resumes_from_it(tmp_path):
     good = peval.run(2100, steer, lambda: {"params/w": np.ones(2)}, 7)
     worse = peval.run(3000, left, lambda: {"params/w": np.full(2, 5.0)}, 9)
     assert good > bad == worse
+    assert peval.solved == int(good >= 475)  # the evaluations that reached the threshold
+    # ... while the training episodes did too: a lucky greedy evaluation does not count.
+    (tmp_path / "lucky").mkdir()
+    lucky = PeriodicEval(_eval_ctx(tmp_path / "lucky", 1000))
+    steady = lambda obs: (np.asarray(obs)[:, 2] * 10 + np.asarray(obs)[:, 3] > 0).astype(np.int64)  # noqa: E731
+    assert lucky.run(1000, steady, lambda: {"w": np.zeros(1)}, 1, training_mean=242.0) >= 475
+    assert lucky.solved == 0
+    lucky.run(2000, steady, lambda: {"w": np.zeros(1)}, 2, training_mean=490.0)
+    assert lucky.solved == 1
     arrays, meta = load_checkpoint(tmp_path / "checkpoints" / "best.h5")
     np.testing.assert_array_equal(arrays["params/w"], np.ones(2))  # the best, not the last
     assert meta["env_steps"] == 2100 and meta["eval_mean_return"] == good
@@ -105,8 +117,9 @@ def test_periodic_eval_keeps_the_best_and_resumes_from_it(tmp_path):
     assert peval.summary() == {"best_eval_mean_return": good, "best_eval_env_steps": 2100}
     assert peval.due(3000, final=False) is False and peval.due(3500, final=True)
     # A resumed run starts from the recorded best: only a better mean replaces best.h5.
-    again = PeriodicEval(_eval_ctx(tmp_path, 1000, resume=object()), env_steps=3500)
-    assert again.best_mean == good and again.next_at == 4000
+    resume = types.SimpleNamespace(meta={"solved_evaluations": 2})
+    again = PeriodicEval(_eval_ctx(tmp_path, 1000, resume=resume), env_steps=3500)
+    assert again.best_mean == good and again.next_at == 4000 and again.solved == 2
     again.run(4000, left, lambda: {"params/w": np.zeros(2)}, 11)
     assert load_checkpoint(tmp_path / "checkpoints" / "best.h5")[1]["env_steps"] == 2100
     assert not PeriodicEval(_eval_ctx(tmp_path, 0)).due(10**9, final=True)

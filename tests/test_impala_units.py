@@ -339,10 +339,20 @@ def test_metrics_merge_the_learners_rows():
     assert out["learner_wait_frac"] == pytest.approx(2.0 / 8.0)
     assert out["learner_updates_per_s"] == 0.75
     expected = {
-        2: {"env_frac": 0.6, "inference_frac": 0.2, "send_wait_frac": 0.0, "param_wait_frac": 0.0,
-            "cpu_frac": 0.9},
-        3: {"env_frac": 0.2, "inference_frac": 0.3, "send_wait_frac": 0.4, "param_wait_frac": 0.1,
-            "cpu_frac": 0.5},
+        2: {
+            "env_frac": 0.6,
+            "inference_frac": 0.2,
+            "send_wait_frac": 0.0,
+            "param_wait_frac": 0.0,
+            "cpu_frac": 0.9,
+        },
+        3: {
+            "env_frac": 0.2,
+            "inference_frac": 0.3,
+            "send_wait_frac": 0.4,
+            "param_wait_frac": 0.1,
+            "cpu_frac": 0.5,
+        },
     }
     for rank, fractions in expected.items():
         for name, value in fractions.items():
@@ -425,3 +435,33 @@ def test_adam_beta2_reaches_the_optimizer_and_is_validated():
     for bad in (0.0, 1.0):
         with pytest.raises(ConfigError, match=f"'adam_beta2': got {bad!r}"):
             ImpalaConfig(adam_beta2=bad).validate()
+
+
+def test_solved_lr_decay_scales_the_annealed_learning_rate_and_is_checked():
+    learner = Impala(ImpalaConfig(hidden_size=16, learning_rate=1e-3), *env_spaces())
+    learner.lr_scale = 0.25  # two evaluations reached the threshold with decay 0.5
+    metrics = learner.update(_on_policy_batch(learner), NoGroup(), progress=0.5)
+    assert metrics["learning_rate"] == pytest.approx(0.125e-3)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match=f"'solved_lr_decay': got {bad!r}"):
+            ImpalaConfig(solved_lr_decay=bad).validate()
+
+
+@pytest.mark.parametrize(
+    "values,match",
+    [
+        ({"eval_interval": 0}, "with eval_interval 0"),
+        ({"env_id": "Pendulum-v1", "eval_interval": 1000}, "Pendulum-v1 has no reward threshold"),
+    ],
+)
+def test_solved_lr_decay_needs_evaluations_and_a_threshold(values, match):
+    import gymnasium as gym
+
+    from hpcrl.config import build_config
+    from hpcrl.topologies import actor_learner
+
+    cfg = build_config({"algo": "impala", "solved_lr_decay": 0.5} | values)
+    topology = actor_learner.ActorLearner(cfg)
+    env = gym.make(cfg.run.env_id)
+    with pytest.raises(ConfigError, match=match):
+        topology.check_env(env, 4, {})

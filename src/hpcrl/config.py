@@ -47,6 +47,7 @@ DEFAULT_JOB: dict = {
     "vf_coef": 0.5,
     "max_policy_lag": 20,
     "eval_interval": 50_000,
+    "solved_lr_decay": 0.5,
     "eval_episodes": 100,
     "record_trajectories": True,
 }

@@ -46,6 +46,10 @@ class AsyncConfig:
     # losses have been ~0 for long, the first large gradient makes a step of up to
     # (1 - β1^k)/sqrt(1 - β2^k) learning rates (~6.5 with 0.999, ~2.1 with 0.99).
     adam_beta2: float = 0.999
+    # Each periodic greedy evaluation (`eval_interval`) whose mean return reaches the env's
+    # reward threshold multiplies the learning rate by this, on top of `anneal_lr`
+    # (1: off): a policy that solved keeps what it reached (RESULTS.md, issue 14).
+    solved_lr_decay: float = 1.0
     gamma: float = 0.99
     max_grad_norm: float = 40.0  # on the learner group's averaged gradient
     hidden_size: int = 64
@@ -71,6 +75,7 @@ class AsyncConfig:
         check(0.0 <= self.rmsprop_alpha < 1.0, "rmsprop_alpha", "a decay in [0, 1)")
         check(self.optimizer_eps > 0, "optimizer_eps", "a number > 0")
         check(0.0 < self.adam_beta2 < 1.0, "adam_beta2", "a decay in (0, 1)")
+        check(0.0 < self.solved_lr_decay <= 1.0, "solved_lr_decay", "a factor in (0, 1]")
         check(0.0 <= self.gamma <= 1.0, "gamma", "a discount γ in [0, 1]")
         check(self.max_grad_norm > 0, "max_grad_norm", "a number > 0")
         check(self.hidden_size >= 1, "hidden_size", "an integer >= 1")

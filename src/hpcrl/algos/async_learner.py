@@ -40,6 +40,8 @@ class AsyncLearnerBase:
     def __init__(self, cfg: AsyncConfig):
         self.cfg = cfg
         self.learner_updates = 0
+        # `solved_lr_decay` ** (evaluations that reached the threshold); set by the layout.
+        self.lr_scale = 1.0
         self.device = torch.device("cpu")
 
     def _make_optimizer(self) -> None:
@@ -96,7 +98,7 @@ class AsyncLearnerBase:
         group.average_gradients()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         metrics["learning_rate"] = set_learning_rate(
-            self.optimizer, self.cfg.learning_rate, self.cfg.anneal_lr, progress
+            self.optimizer, self.cfg.learning_rate * self.lr_scale, self.cfg.anneal_lr, progress
         )
         self.optimizer.step()
         self.learner_updates += 1

@@ -59,6 +59,7 @@ import numpy as np
 from mpi4py import MPI
 
 from hpcrl.algos import algorithm, make_learner
+from hpcrl.analysis.stats import SOLVED_WINDOW
 from hpcrl.comm import protocol as P
 from hpcrl.comm.protocol import ActorHeader, Message, ParamsHeader, Timing
 from hpcrl.comm.waits import (
@@ -74,7 +75,7 @@ from hpcrl.errors import ConfigError
 from hpcrl.topologies.checkpointing import save_checkpoint
 from hpcrl.topologies.collective_eval import LearnerGreedy
 from hpcrl.topologies.deep import DeepTopology
-from hpcrl.topologies.periodic_eval import PeriodicEval
+from hpcrl.topologies.periodic_eval import PeriodicEval, reward_threshold
 from hpcrl.topologies.recording import link_trajectories
 from hpcrl.topologies.reporting import EpisodeRows, Reporter
 from hpcrl.topologies.run_context import RunContext
@@ -139,13 +140,25 @@ class ActorLearner(DeepTopology):
 
     def check_env(self, env, world_size: int, shapes: dict) -> None:
         """Also raises ConfigError when `unrolls_per_update` does not split over the
-        learner ranks."""
+        learner ranks, or `solved_lr_decay` has no periodic evaluation or no reward
+        threshold to act on."""
         super().check_env(env, world_size, shapes)
         k, per_update = self.settings.learner_ranks, self.cfg.algo.unrolls_per_update
         if per_update % k:
             raise ConfigError(
                 f"unrolls_per_update {per_update} must split over {k} learner ranks "
                 f"(learner_ranks): {per_update} % {k} = {per_update % k}"
+            )
+        decay = self.cfg.algo.solved_lr_decay  # AsyncConfig's, as every algorithm here
+        if decay != 1.0 and not self.cfg.run.eval_interval:
+            raise ConfigError(
+                f"config key 'solved_lr_decay': got {decay!r} with eval_interval 0, expected "
+                "1 (it acts on periodic evaluations: set eval_interval)"
+            )
+        if decay != 1.0 and reward_threshold(self.cfg.run.env_id) is None:
+            raise ConfigError(
+                f"config key 'solved_lr_decay': got {decay!r}, expected 1: "
+                f"{self.cfg.run.env_id} has no reward threshold to reach"
             )
 
     def rank_roles(self, world_size: int) -> str:
@@ -175,6 +188,7 @@ class Round(IntEnum):
     ENV_STEPS = 3  # env steps the learners' actors took since the last round
     LOG = 4  # rank 0's log clock (or a periodic evaluation to log)
     CHECKPOINT = 5  # rank 0's wall-time checkpoint clock
+    SOLVED = 6  # rank 0's periodic evaluations that reached the threshold (lr scale)
 
 
 def _unroll_schema(ctx: RunContext) -> P.Schema:
@@ -512,9 +526,10 @@ def _resume(ctx: RunContext, learner: AsyncLearner, server: UnrollLearner) -> No
         )
 
 
-def _checkpoint(ctx, server: UnrollLearner, group, in_flight: int) -> None:
+def _checkpoint(ctx, server: UnrollLearner, group, in_flight: int, solved: int) -> None:
     """Collective over the learner group: rank 0 writes parameters, optimizer state and
-    counters (`in_flight`: unrolls queued but not learned from, lost on a resume)."""
+    counters (`in_flight`: unrolls queued but not learned from, lost on a resume;
+    `solved`: `PeriodicEval.solved`)."""
     rows = server.traj_rows.copy()
     counts = np.array([in_flight, server.unrolls_dropped], dtype=np.int64)
     allreduce_sum(group, rows, ctx.watchdog_s)
@@ -527,7 +542,11 @@ def _checkpoint(ctx, server: UnrollLearner, group, in_flight: int) -> None:
             server.learner.learner_updates,
             server.policy_version,
             {r: int(n) for r, n in enumerate(rows) if r in ctx.recording_ranks},
-            counters={"unrolls_in_flight": int(counts[0]), "unrolls_dropped": int(counts[1])},
+            counters={
+                "unrolls_in_flight": int(counts[0]),
+                "unrolls_dropped": int(counts[1]),
+                "solved_evaluations": solved,
+            },
         )
     ctx.clock.written(server.env_steps)
 
@@ -550,13 +569,25 @@ def _log(ctx, server: UnrollLearner, group, reporter, metrics: dict, since: floa
     reporter.log(server.env_steps, extra)
 
 
-def _maybe_evaluate(peval: PeriodicEval | None, server: UnrollLearner, final: bool = False):
+def _lr_scale(ctx: RunContext, solved: int) -> float:
+    """The learning rate's factor after `solved` periodic evaluations reached the env's
+    reward threshold (`AsyncConfig.solved_lr_decay`)."""
+    return ctx.cfg.algo.solved_lr_decay**solved
+
+
+def _maybe_evaluate(
+    peval: PeriodicEval | None, server: UnrollLearner, reporter, final: bool = False
+) -> None:
     """Rank 0: the periodic greedy evaluation, when due (`periodic_eval`); `final`: the
-    end of training."""
+    end of training. The training episodes' mean over `SOLVED_WINDOW` goes with it."""
     if peval is not None and peval.due(server.env_steps, final) and not server.stopping:
         learner = server.learner
         peval.run(
-            server.env_steps, learner.greedy_actions, learner.shared_arrays, learner.learner_updates
+            server.env_steps,
+            learner.greedy_actions,
+            learner.shared_arrays,
+            learner.learner_updates,
+            reporter.recent_mean(SOLVED_WINDOW),
         )
 
 
@@ -652,6 +683,7 @@ def _run_learner(ctx: RunContext, group, learner: AsyncLearner) -> bool:
             # An evaluation's result is logged in the round after it.
             flags[Round.LOG] = reporter.due() or bool(peval.pending)
             flags[Round.CHECKPOINT] = ctx.clock.due_by_time()
+            flags[Round.SOLVED] = peval.solved
         request = group.Iallreduce(MPI.IN_PLACE, flags, op=MPI.SUM) if k > 1 else None
         backoff.reset()
         while request is not None and not request.Test():
@@ -674,15 +706,16 @@ def _run_learner(ctx: RunContext, group, learner: AsyncLearner) -> bool:
             pool.stop()
         elif flags[Round.HAS_BATCH] > 0:
             group_ops.contributors = int(flags[Round.HAS_BATCH])
+            learner.lr_scale = _lr_scale(ctx, int(flags[Round.SOLVED]))
             metrics = learner.update(batch, group_ops, min(1.0, server.env_steps / total))
             server.stats.updates += 1
             server.stats.batch_unrolls.append(taken)
             if learner.learner_updates % cfg.topology.publish_interval == 0:
                 pool.refresh()
-            _maybe_evaluate(peval, server)
+            _maybe_evaluate(peval, server, reporter)
         all_done = flags[Round.DONE] >= k
         if all_done:
-            _maybe_evaluate(peval, server, final=True)
+            _maybe_evaluate(peval, server, reporter, final=True)
         if flags[Round.LOG] > 0 or all_done:
             _log(ctx, server, group, reporter, metrics | _evaluated(peval), log_since)
             log_since = time.perf_counter()
@@ -690,7 +723,7 @@ def _run_learner(ctx: RunContext, group, learner: AsyncLearner) -> bool:
         if all_done or by_steps or flags[Round.CHECKPOINT] > 0:
             if all_done:
                 server.drop_queue()
-            _checkpoint(ctx, server, group, len(server.queue))
+            _checkpoint(ctx, server, group, len(server.queue), peval.solved if peval else 0)
         if all_done:
             break
     pool.close()
@@ -759,18 +792,19 @@ class _EmbeddedLearner:
         total = ctx.segment.total_env_steps
         while server.ready():
             batch, taken = server.take_batch()
+            self.learner.lr_scale = _lr_scale(ctx, self.peval.solved)
             self.metrics = self.learner.update(batch, self.group, server.env_steps / total)
             server.stats.updates += 1
             server.stats.batch_unrolls.append(taken)
-            _maybe_evaluate(self.peval, server)
+            _maybe_evaluate(self.peval, server, self.reporter)
         if last:
-            _maybe_evaluate(self.peval, server, final=True)
+            _maybe_evaluate(self.peval, server, self.reporter, final=True)
         if self.reporter.due() or last or self.peval.pending:
             metrics = self.metrics | _evaluated(self.peval)
             _log(ctx, server, ctx.comm, self.reporter, metrics, self.log_since)
             self.log_since = time.perf_counter()
         if last or ctx.clock.due_by_env_steps(server.env_steps) or ctx.clock.due_by_time():
-            _checkpoint(ctx, server, ctx.comm, len(server.queue))
+            _checkpoint(ctx, server, ctx.comm, len(server.queue), self.peval.solved)
 
 
 def _run_embedded(ctx: RunContext, learner: AsyncLearner) -> bool:

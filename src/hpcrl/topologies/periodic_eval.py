@@ -10,7 +10,11 @@ earlier one writes the learner's arrays to `checkpoints/best.h5`
 (`storage.checkpoints.write_best`), which `hpcrl evaluate --checkpoint best` reads.
 `/metrics` gets `eval/mean_return`, `eval/std_return`, `eval/best_mean_return` and
 `eval/seconds` in the next row, which the layout logs right after an evaluation. A resumed
-run continues from the best mean recorded in `best.h5`.
+run continues from the best mean recorded in `best.h5`. `solved` counts the evaluations
+whose mean reached the env's reward threshold while the training episodes' mean did too
+(the layout scales the learning rate by `solved_lr_decay` ** solved; checkpointed by the
+layout). Both, because 10 greedy episodes reach 475 on CartPole by luck long before the
+policy holds it: counting those froze runs at returns ~280.
 
 The evaluation pauses this rank's learning, and its actors once they reach their
 flow-control limit: with 10 CartPole episodes and a 64x64 MLP it takes ~0.1-0.5 s.
@@ -30,6 +34,14 @@ from hpcrl.storage.checkpoints import BEST, load_checkpoint, write_best
 from hpcrl.topologies.checkpointing import checkpoint_identity
 
 SEED_OFFSET = 2_000_003  # periodic evaluation episodes' seeds: seed + this + i
+
+
+def reward_threshold(env_id: str) -> float | None:
+    """The registered env's `reward_threshold` (CartPole-v1: 475), or None."""
+    import gymnasium as gym
+
+    spec = gym.registry.get(env_id)
+    return None if spec is None else spec.reward_threshold
 
 
 class PeriodicEval:
@@ -52,6 +64,10 @@ class PeriodicEval:
         self.pending: dict[str, float] = {}
         self.next_at = self._next(env_steps)
         self.last_at = env_steps  # env steps of the last evaluation (or the start)
+        self.threshold = reward_threshold(run.env_id)
+        self.solved = 0  # evaluations whose mean reached `threshold`
+        if ctx.resume is not None:
+            self.solved = int(ctx.resume.meta.get("solved_evaluations", 0))
         best = ctx.run_dir / "checkpoints" / BEST
         if self.active and ctx.resume is not None and best.exists():
             try:
@@ -81,8 +97,10 @@ class PeriodicEval:
         greedy_actions: Callable[[np.ndarray], np.ndarray],
         arrays: Callable[[], dict[str, np.ndarray]],
         learner_updates: int,
+        training_mean: float = float("inf"),
     ) -> float:
-        """Evaluate now; write `best.h5` if this is the best mean so far. Returns the mean."""
+        """Evaluate now; write `best.h5` if this is the best mean so far. Returns the mean.
+        `training_mean`: the training episodes' recent mean return (for `solved`)."""
         run = self.ctx.cfg.run
         t0 = time.perf_counter()
         returns = batched_policy_returns(
@@ -95,6 +113,8 @@ class PeriodicEval:
         )
         mean = float(returns.mean())
         self.next_at, self.last_at = self._next(env_steps), env_steps
+        if self.threshold is not None and min(mean, training_mean) >= self.threshold:
+            self.solved += 1
         if mean > self.best_mean:
             self.best_mean, self.best_env_steps = mean, int(env_steps)
             self._write(arrays(), env_steps, learner_updates, returns)

@@ -131,6 +131,12 @@ class Reporter:
     def due(self) -> bool:
         return time.perf_counter() - self.last_time >= self.ctx.cfg.run.log_interval_s
 
+    def recent_mean(self, n: int) -> float:
+        """The mean return of the last `n` training episodes logged, -inf before n."""
+        if len(self.recent_returns) < n:
+            return -float("inf")
+        return float(np.mean(list(self.recent_returns)[-n:]))
+
     def add_episodes(self, rows: np.ndarray) -> None:
         if len(rows):
             self.run_file.append_episodes(**episode_columns(rows))
