@@ -20,7 +20,8 @@ older than `max_policy_lag` updates is still dropped and counted, as the excepti
 least `unrolls_per_update / k` unrolls queued, a learner takes everything queued up to
 `max_unrolls_per_update / k` (larger batches when it is behind; by default the same) and
 joins a *round* of the learner group: one small `Iallreduce` of flags (has a batch, is
-done, stop, env steps, log and checkpoint votes), during which it keeps serving its
+done, stop, env steps, log and checkpoint votes, rank 0's count of solved periodic
+evaluations for `solved_lr_decay`), during which it keeps serving its
 actors. Every learner then takes the same decisions: if any had a batch, all take one
 optimizer step on the gradient summed over the group and divided by the learners that had a
 batch (`FlatGradients.average`), so the learners' parameters stay bit-identical (IMPALA
