@@ -263,6 +263,12 @@ class ActorCritic(nn.Module):
     def _features(self, obs: ObsBatch) -> torch.Tensor:
         return self.encoder(_as_batch(obs, self))
 
+    def _log_pi(self, features: torch.Tensor) -> torch.Tensor:
+        """Discrete actions: log π(·|s), (B, n) float32. `act` and `evaluate_actions` use
+        it rather than a `Categorical`, whose construction and argument checks cost more
+        than the network on CartPole-sized inputs (same sampling rule and values)."""
+        return F.log_softmax(self.actor_head(self.actor_trunk(features)), dim=-1)
+
     def _policy(self, features: torch.Tensor) -> Distribution:
         out = self.actor_head(self.actor_trunk(features))
         if self.continuous:
@@ -312,11 +318,16 @@ class ActorCritic(nn.Module):
             values: (B,) float32, V(s).
         """
         features = self._features(obs)
-        dist, values = self._policy(features), self._value(features)
-        if deterministic:
-            actions = dist.mean if self.continuous else dist.logits.argmax(-1)
-        else:
-            actions = dist.sample()
+        values = self._value(features)
+        if not self.continuous:
+            log_pi = self._log_pi(features)
+            if deterministic:
+                actions = log_pi.argmax(-1)
+            else:  # what `Categorical.sample` does, without building the distribution
+                actions = torch.multinomial(log_pi.exp(), 1, True).squeeze(-1)
+            return actions, log_pi.gather(-1, actions.unsqueeze(-1)).squeeze(-1), values
+        dist = self._policy(features)
+        actions = dist.mean if deterministic else dist.sample()
         return actions, self._log_prob(dist, actions), values
 
     def evaluate_actions(
@@ -334,8 +345,13 @@ class ActorCritic(nn.Module):
             values: (B,) float32.
         """
         features = self._features(obs)
-        dist, values = self._policy(features), self._value(features)
+        values = self._value(features)
         actions = torch.as_tensor(actions, device=values.device)
+        if not self.continuous:
+            log_pi = self._log_pi(features)
+            log_probs = log_pi.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+            return log_probs, -(log_pi.exp() * log_pi).sum(-1), values
+        dist = self._policy(features)
         return self._log_prob(dist, actions), self._entropy(dist), values
 
 
