@@ -124,7 +124,9 @@ class A2C(ActorCriticLearner):
                 params, lr=cfg.learning_rate, alpha=cfg.rmsprop_alpha, eps=cfg.optimizer_eps
             )
         else:
-            self.optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.optimizer_eps)
+            self.optimizer = torch.optim.Adam(
+                params, lr=cfg.learning_rate, eps=cfg.optimizer_eps, fused=True
+            )
 
     def update(self, dp, progress: float) -> dict[str, float]:
         """One A2C gradient step on this rank's rollout, averaged over the ranks by `dp`.

@@ -52,7 +52,11 @@ class AsyncLearnerBase:
             )
         else:
             self.optimizer = torch.optim.Adam(
-                params, lr=cfg.learning_rate, betas=(0.9, cfg.adam_beta2), eps=cfg.optimizer_eps
+                params,
+                lr=cfg.learning_rate,
+                betas=(0.9, cfg.adam_beta2),
+                eps=cfg.optimizer_eps,
+                fused=True,
             )
 
     def to(self, device: torch.device) -> AsyncLearnerBase:

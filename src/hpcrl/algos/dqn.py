@@ -137,7 +137,7 @@ class DQN:
         self.model = QNetwork(observation_space, action_space, hidden=hidden, dueling=cfg.dueling)
         self.target = QNetwork(observation_space, action_space, hidden=hidden, dueling=cfg.dueling)
         self.target.load_state_dict(self.model.state_dict())
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate, fused=True)
         self.device = torch.device("cpu")
         self.rng = np.random.default_rng(seed)  # exploration and replay sampling
         obs_shape = observation_space.shape or ()

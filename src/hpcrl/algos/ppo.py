@@ -121,7 +121,9 @@ class PPO(ActorCriticLearner):
         self.num_envs = num_envs
         self.rollout_steps = cfg.rollout_steps(world_size, num_envs)
         self.model = ActorCritic(observation_space, action_space, hidden=(cfg.hidden_size,) * 2)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate, eps=1e-5)
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=cfg.learning_rate, eps=1e-5, fused=True
+        )
         self.generator = torch.Generator().manual_seed(seed)  # minibatch shuffling
 
     def rank_arrays(self) -> dict[str, np.ndarray]:
