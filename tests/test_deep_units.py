@@ -21,6 +21,9 @@ class OneRank:
     def average_gradients(self) -> None:
         pass
 
+    def clip_gradients(self, max_norm: float) -> None:
+        pass  # FlatGradients.clip is tested in test_deep_units
+
     def mean_std(self, values):
         return float(np.mean(values)), float(np.std(values))
 
@@ -195,3 +198,50 @@ def test_normalize_obs_refuses_image_observations():
     with pytest.raises(UserError, match="normalize_obs needs a float Box"):
         check_actor_critic_spaces("ppo", True, image, gym.spaces.Discrete(2))
     check_actor_critic_spaces("ppo", False, image, gym.spaces.Discrete(2))
+
+
+def _two_layer(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+
+
+def test_flat_gradients_are_views_that_backward_fills_and_clip_matches_torch():
+    from mpi4py import MPI
+
+    from hpcrl.comm.gradients import FlatGradients
+
+    model, reference = _two_layer(0), _two_layer(0)
+    flat = FlatGradients(list(model.parameters()))
+    x = torch.randn(11, 5)
+    for m in (model, reference):
+        m.zero_grad(set_to_none=False)
+        (m(x).pow(2).sum() * 10).backward()  # a norm well above 0.5
+    # backward accumulated into the flat buffer: the views are still there
+    views = zip(model.parameters(), flat.chunks, strict=True)
+    assert all(p.grad.data_ptr() == c.data_ptr() for p, c in views)
+    flat.average(MPI.COMM_SELF, watchdog_s=60)
+    flat.clip(0.5)
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+    assert float(torch.linalg.vector_norm(flat.view)) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_flat_gradients_copy_replaced_gradients_and_reattach():
+    from mpi4py import MPI
+
+    from hpcrl.comm.gradients import FlatGradients
+
+    model = _two_layer(1)
+    flat = FlatGradients(list(model.parameters()))
+    grads = [torch.full_like(p, 0.01 * (i + 1)) for i, p in enumerate(model.parameters())]
+    for p, g in zip(model.parameters(), grads, strict=True):
+        p.grad = g.clone()  # a learner that sets p.grad itself (A3C's actor gradients)
+    flat.clip(1e6)  # not attached: torch's clip, a no-op at this bound
+    flat.average(MPI.COMM_SELF, watchdog_s=60)
+    for p, c, g in zip(model.parameters(), flat.chunks, grads, strict=True):
+        assert p.grad.data_ptr() == c.data_ptr()
+        torch.testing.assert_close(p.grad, g)
+    model.zero_grad(set_to_none=True)  # None counts as zeros
+    flat.average(MPI.COMM_SELF, watchdog_s=60)
+    assert float(flat.view.abs().sum()) == 0.0

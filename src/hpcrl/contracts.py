@@ -45,7 +45,12 @@ class DataParallel(Protocol):
     """The collectives of the `data_parallel` layout, over every rank."""
 
     def average_gradients(self) -> None:
-        """Every `p.grad` of the model becomes its mean over the ranks (one `Allreduce`)."""
+        """Every `p.grad` of the model becomes its mean over the ranks (one `Allreduce`).
+        The gradients stay views into one flat buffer if the learner zeroes them with
+        `zero_grad(set_to_none=False)` (no copies)."""
+
+    def clip_gradients(self, max_norm: float) -> None:
+        """Scale the averaged gradient to a global L2 norm of at most `max_norm`."""
 
     def sum(self, buffer: np.ndarray) -> None:
         """Sum a float64 `buffer` over every rank, in place (one `Allreduce`)."""
@@ -61,6 +66,9 @@ class LearnerGroup(Protocol):
 
     def average_gradients(self) -> None:
         """Every `p.grad` becomes the group's sum divided by `contributors`."""
+
+    def clip_gradients(self, max_norm: float) -> None:
+        """Scale the averaged gradient to a global L2 norm of at most `max_norm`."""
 
 
 # --------------------------------------------------------------------------------------

@@ -153,10 +153,10 @@ class A2C(ActorCriticLearner):
         entropy_loss = entropy.mean()
         loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy_loss
         lr = set_learning_rate(self.optimizer, cfg.learning_rate, cfg.anneal_lr, progress)
-        self.optimizer.zero_grad()
+        self.optimizer.zero_grad(set_to_none=False)  # keeps `dp`'s flat gradient views
         loss.backward()
         dp.average_gradients()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        dp.clip_gradients(cfg.max_grad_norm)
         self.optimizer.step()
         self.learner_updates += 1
         self.merge_statistics(dp)

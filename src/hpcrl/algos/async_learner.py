@@ -96,11 +96,11 @@ class AsyncLearnerBase:
             This learner's losses ({} without a batch) and the learning rate.
         """
         metrics: dict[str, float] = {}
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=False)  # keeps `group`'s flat gradient views
         if batch is not None:
             metrics = self._backward(batch)
         group.average_gradients()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        group.clip_gradients(self.cfg.max_grad_norm)
         metrics["learning_rate"] = set_learning_rate(
             self.optimizer, self.cfg.learning_rate * self.lr_scale, self.cfg.anneal_lr, progress
         )

@@ -226,10 +226,10 @@ class DQN:
             target = batch["reward"] + cfg.gamma * (1.0 - batch["terminated"]) * next_value
         q = self.model(batch["obs"]).gather(1, batch["action"].unsqueeze(1)).squeeze(1)
         loss = F.smooth_l1_loss(q, target)
-        self.optimizer.zero_grad()
+        self.optimizer.zero_grad(set_to_none=False)  # keeps `dp`'s flat gradient views
         loss.backward()
         dp.average_gradients()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        dp.clip_gradients(cfg.max_grad_norm)
         self.optimizer.step()
         self.gradient_steps += 1
         if self.gradient_steps % cfg.target_update_interval == 0:

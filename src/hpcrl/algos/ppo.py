@@ -165,24 +165,28 @@ class PPO(ActorCriticLearner):
         # The same number of minibatches on every rank (one gradient Allreduce each), even
         # when a straggler's rollout was cut short: its minibatches are just smaller.
         num_minibatches = cfg.env_steps_per_update // cfg.minibatch_size
-        for _ in range(cfg.update_epochs):
+        for epoch in range(cfg.update_epochs):
             order = torch.randperm(T * B, generator=self.generator)
-            for index in torch.tensor_split(order, num_minibatches):
+            for i, index in enumerate(torch.tensor_split(order, num_minibatches)):
                 mb = {k: v[index] for k, v in flat.items()}
-                metrics = self._minibatch_step(dp, mb, clip) or metrics
+                last = epoch == cfg.update_epochs - 1 and i == num_minibatches - 1
+                metrics = self._minibatch_step(dp, mb, clip, last) or metrics
         self.learner_updates += 1
         self.merge_statistics(dp)
         metrics["learning_rate"] = lr
         return metrics
 
-    def _minibatch_step(self, dp, mb: dict[str, torch.Tensor], clip: float) -> dict[str, float]:
-        """One gradient step; an empty minibatch (a rollout cut very short) adds zero
-        gradients to the average and returns no metrics."""
+    def _minibatch_step(
+        self, dp, mb: dict[str, torch.Tensor], clip: float, with_metrics: bool = True
+    ) -> dict[str, float]:
+        """One gradient step, returning its losses if `with_metrics` (the update's last);
+        an empty minibatch (a rollout cut very short) adds zero gradients to the average
+        and returns no metrics."""
         cfg = self.cfg
         if len(mb["advantages"]) == 0:
-            self.optimizer.zero_grad(set_to_none=True)  # counted as zeros by the average
+            self.optimizer.zero_grad(set_to_none=False)  # zeros in the average
             dp.average_gradients()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            dp.clip_gradients(cfg.max_grad_norm)
             self.optimizer.step()
             return {}
         log_probs, entropy, new_values = self.model.evaluate_actions(mb["obs"], mb["actions"])
@@ -202,11 +206,13 @@ class PPO(ActorCriticLearner):
             v_loss = 0.5 * ((new_values - mb["returns"]) ** 2).mean()
         entropy_loss = entropy.mean()
         loss = pg_loss - cfg.ent_coef * entropy_loss + cfg.vf_coef * v_loss
-        self.optimizer.zero_grad()
+        self.optimizer.zero_grad(set_to_none=False)  # keeps `dp`'s flat gradient views
         loss.backward()
         dp.average_gradients()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        dp.clip_gradients(cfg.max_grad_norm)
         self.optimizer.step()
+        if not with_metrics:
+            return {}
         with torch.no_grad():
             approx_kl = ((ratio - 1) - log_ratio).mean().item()  # Schulman's k3 estimator
         return {

@@ -19,7 +19,15 @@ from hpcrl.comm.waits import allreduce_sum, bcast
 
 
 class FlatGradients:
-    """Averages the gradients of `parameters` over `comm` with one `Allreduce`.
+    """Averages the gradients of `parameters` over `comm` with one `Allreduce`, and clips
+    their global norm.
+
+    The gradients of CPU parameters are views into the flat buffer, as DDP's
+    `gradient_as_bucket_view`: `backward` accumulates into the buffer in place, so neither
+    the average nor the clip copies anything. A learner keeps them attached by zeroing
+    with `zero_grad(set_to_none=False)`; a gradient that is None or was replaced (a learner
+    that sets `p.grad` itself, a GPU model) is copied in and out, and the view re-attached
+    where the parameter is on the CPU.
 
     Args:
         parameters: the model's parameters, in a fixed order (the same on every rank).
@@ -30,6 +38,23 @@ class FlatGradients:
         self.sizes = [p.numel() for p in self.parameters]
         self.buffer = np.zeros(sum(self.sizes), dtype=np.float32)
         self.view = torch.from_numpy(self.buffer)  # shares memory with `buffer`
+        offsets = np.cumsum([0, *self.sizes])
+        self.chunks = [
+            self.view[offsets[i] : offsets[i + 1]].view_as(p) for i, p in enumerate(self.parameters)
+        ]
+        for p, chunk in zip(self.parameters, self.chunks, strict=True):
+            if p.grad is None and self._can_attach(p):
+                p.grad = chunk
+
+    @staticmethod
+    def _can_attach(p: torch.nn.Parameter) -> bool:
+        return p.device.type == "cpu" and p.dtype == torch.float32
+
+    def _attached(self) -> list[bool]:
+        return [
+            p.grad is not None and p.grad.data_ptr() == chunk.data_ptr()
+            for p, chunk in zip(self.parameters, self.chunks, strict=True)
+        ]
 
     def average(self, comm: MPI.Comm, watchdog_s: float, contributors: int = 0) -> None:
         """Replace every `p.grad` by its mean over the ranks of `comm` (a missing gradient
@@ -40,25 +65,36 @@ class FlatGradients:
                 learner group where only some ranks had a batch: the others pass
                 `p.grad = None`, i.e. zeros).
         """
-        offset = 0
-        for p, n in zip(self.parameters, self.sizes, strict=True):
-            chunk = self.view[offset : offset + n]
+        attached = self._attached()
+        for p, chunk, done in zip(self.parameters, self.chunks, attached, strict=True):
+            if done:
+                continue
             if p.grad is None:
                 chunk.zero_()
             else:
-                chunk.copy_(p.grad.detach().reshape(-1))
-            offset += n
+                chunk.copy_(p.grad.detach().reshape(chunk.shape))
         if comm.Get_size() > 1:
             allreduce_sum(comm, self.buffer, watchdog_s)
             self.view.div_(contributors or comm.Get_size())
-        offset = 0
-        for p, n in zip(self.parameters, self.sizes, strict=True):
-            chunk = self.view[offset : offset + n].view_as(p)
-            if p.grad is None:
+        for p, chunk, done in zip(self.parameters, self.chunks, attached, strict=True):
+            if done:
+                continue
+            if self._can_attach(p):
+                p.grad = chunk
+            elif p.grad is None:
                 p.grad = chunk.to(p.device).clone()
             else:
                 p.grad.copy_(chunk)
-            offset += n
+
+    def clip(self, max_norm: float) -> None:
+        """Scale the gradients so that their global L2 norm is at most `max_norm` (torch's
+        `clip_grad_norm_` rule, coefficient max_norm / (norm + 1e-6) capped at 1): in
+        place on the flat buffer when every gradient is a view into it."""
+        if not all(self._attached()):
+            torch.nn.utils.clip_grad_norm_(self.parameters, max_norm)
+            return
+        norm = torch.linalg.vector_norm(self.view)
+        self.view.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
 
 
 def broadcast_parameters(

@@ -455,6 +455,9 @@ class _Group:
     def average_gradients(self) -> None:
         self.gradients.average(self.comm, self.watchdog_s, self.contributors)
 
+    def clip_gradients(self, max_norm: float) -> None:
+        self.gradients.clip(max_norm)
+
 
 def _run(ctx: RunContext) -> tuple[AsyncActor, bool]:
     """The whole layout on every rank; returns this rank's policy (its learner, or an

@@ -111,6 +111,10 @@ class DataParallel:
         """Every `p.grad` becomes its mean over the ranks (one `Allreduce`)."""
         self.gradients.average(self.comm, self.watchdog_s)
 
+    def clip_gradients(self, max_norm: float) -> None:
+        """Scale the averaged gradient to a global L2 norm of at most `max_norm`."""
+        self.gradients.clip(max_norm)
+
     def sum(self, buffer: np.ndarray) -> None:
         """Sum `buffer` over every rank, in place (one `Allreduce`)."""
         allreduce_sum(self.comm, buffer, self.watchdog_s)
