@@ -13,7 +13,10 @@ steps. For each seed, one after the other so machine noise hits all alike (`--ru
   learning_rate=0.001 --set eval_episodes=0` (2 ranks x 4 env copies, 1 torch thread each);
 - `hpcrl1`: the same on 1 rank with `num_envs=8`;
 - `hpcrl2-sb3loss` (not by default): `hpcrl2` with SB3's value loss, `clip_vloss=false`
-  (SB3's `clip_range_vf=None`) and `vf_coef=1.0` (SB3's 0.5 x MSE = our 1.0 x 0.5 MSE).
+  (SB3's `clip_range_vf=None`) and `vf_coef=1.0` (SB3's 0.5 x MSE = our 1.0 x 0.5 MSE),
+  which is the Zoo's value loss in our convention; `hpcrl1-sb3loss` the same on 1 rank;
+- `hpcrl1-native`: `hpcrl1-sb3loss` with `vector_env=native` (gymnasium's numpy
+  CartPole vector env, `hpcrl.native_vector`): hpcrl's fastest setting here.
 
 Per run: env steps and seconds (hpcrl: run.h5's `episodes/wall_time`; SB3: the same
 clock, from before `make_vec_env`: both include env, model and optimizer setup, ~1.5 s
@@ -24,7 +27,7 @@ CPU seconds over all its processes (imports and MPI start included; CPU is less 
 to other load). Ratio = SB3's median seconds to 475 / hpcrl's (and per seed).
 
 Usage: python benchmarks/sb3_compare.py [--seeds 5] [--budget 100000] [--sb3-threads 1]
-           [--runs sb3,hpcrl2,hpcrl1] [--out benchmarks/sb3_compare.json]
+           [--runs sb3,hpcrl1-native,hpcrl1] [--out benchmarks/sb3_compare.json]
 Prints a Markdown table for benchmarks/RESULTS.md and writes every run's figures as JSON.
 """
 
@@ -57,6 +60,10 @@ RUNS = {  # --runs name: (table label, ranks, extra --set for hpcrl; None: SB3)
     "hpcrl1": ("hpcrl PPO, 1 rank", 1, []),
     "hpcrl2-sb3loss": ("hpcrl PPO, 2 ranks, SB3's value loss", 2,
                        ["clip_vloss=false", "vf_coef=1.0"]),
+    "hpcrl1-sb3loss": ("hpcrl PPO, 1 rank, SB3's value loss", 1,
+                       ["clip_vloss=false", "vf_coef=1.0"]),
+    "hpcrl1-native": ("hpcrl PPO, 1 rank, native env, SB3's value loss", 1,
+                      ["vector_env=native", "clip_vloss=false", "vf_coef=1.0"]),
 }  # fmt: skip
 COLUMNS = {"steps_to_475": "{:,.0f}", "seconds_to_475": "{:.1f}", "final_return_20": "{:.0f}",
            "train_seconds": "{:.1f}", "env_steps_per_s": "{:,.0f}", "process_seconds": "{:.1f}",
@@ -230,7 +237,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=100_000, help="env steps per run")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "sb3_compare.json"))
     parser.add_argument("--sb3-threads", type=int, default=1, help="torch threads for SB3")
-    parser.add_argument("--runs", default="sb3,hpcrl2,hpcrl1", help=",".join(RUNS))
+    parser.add_argument("--runs", default="sb3,hpcrl1-native,hpcrl1", help=",".join(RUNS))
     opts = parser.parse_args()
     if set(opts.runs.split(",")) - RUNS.keys():
         parser.error(f"--runs: names from {', '.join(RUNS)}")
