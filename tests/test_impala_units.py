@@ -468,22 +468,3 @@ def test_solved_lr_decay_needs_evaluations_and_a_threshold(values, match):
     env = gym.make(cfg.run.env_id)
     with pytest.raises(ConfigError, match=match):
         topology.check_env(env, 4, {})
-
-
-def test_lr_batch_scaling_sqrt_scales_with_the_batch_on_top_of_the_solved_decay():
-    from types import SimpleNamespace
-
-    from hpcrl.topologies.actor_learner import _lr_scale
-
-    def scale(scaling: str, solved: int, unrolls: int) -> float:
-        algo = ImpalaConfig(unrolls_per_update=2, lr_batch_scaling=scaling, solved_lr_decay=0.5)
-        algo.validate()
-        return _lr_scale(SimpleNamespace(cfg=SimpleNamespace(algo=algo)), solved, unrolls)
-
-    assert scale("none", 0, 8) == 1.0
-    assert scale("sqrt", 0, 2) == 1.0
-    assert scale("sqrt", 0, 8) == pytest.approx(2.0)  # 4x the batch: 2x the rate
-    assert scale("sqrt", 1, 8) == pytest.approx(1.0)
-    assert scale("sqrt", 0, 1) == pytest.approx(0.5**0.5)  # a starved batch near the end
-    with pytest.raises(ConfigError, match="'lr_batch_scaling': got 'linear'"):
-        ImpalaConfig(lr_batch_scaling="linear").validate()

@@ -12,7 +12,6 @@ from hpcrl.comm import protocol as P
 from hpcrl.errors import ConfigError
 
 OPTIMIZERS = ("adam", "rmsprop")
-LR_BATCH_SCALINGS = ("none", "sqrt")
 # The fields of an unroll (`protocol.unroll_schema`) a loss is computed from.
 UNROLL_FIELDS = (
     "obs",
@@ -51,12 +50,6 @@ class AsyncConfig:
     # reward threshold multiplies the learning rate by this, on top of `anneal_lr`
     # (1: off): a policy that solved keeps what it reached (RESULTS.md, issue 14).
     solved_lr_decay: float = 1.0
-    # "sqrt": an update on a batch of b unrolls (all learners together) scales the learning
-    # rate by sqrt(b / unrolls_per_update), Adam's square-root scaling rule (Malladi et
-    # al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms", Def. 4.2):
-    # a learner that is behind takes larger batches, hence fewer updates per env step, and
-    # each then moves further. "none": the rate does not depend on the batch.
-    lr_batch_scaling: str = "none"
     gamma: float = 0.99
     max_grad_norm: float = 40.0  # on the learner group's averaged gradient
     hidden_size: int = 64
@@ -83,11 +76,6 @@ class AsyncConfig:
         check(self.optimizer_eps > 0, "optimizer_eps", "a number > 0")
         check(0.0 < self.adam_beta2 < 1.0, "adam_beta2", "a decay in (0, 1)")
         check(0.0 < self.solved_lr_decay <= 1.0, "solved_lr_decay", "a factor in (0, 1]")
-        check(
-            self.lr_batch_scaling in LR_BATCH_SCALINGS,
-            "lr_batch_scaling",
-            f"one of {list(LR_BATCH_SCALINGS)}",
-        )
         check(0.0 <= self.gamma <= 1.0, "gamma", "a discount γ in [0, 1]")
         check(self.max_grad_norm > 0, "max_grad_norm", "a number > 0")
         check(self.hidden_size >= 1, "hidden_size", "an integer >= 1")

@@ -49,7 +49,6 @@ One process: the same actor and learner alternate in place, one unroll at a time
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable
@@ -191,7 +190,6 @@ class Round(IntEnum):
     LOG = 4  # rank 0's log clock (or a periodic evaluation to log)
     CHECKPOINT = 5  # rank 0's wall-time checkpoint clock
     SOLVED = 6  # rank 0's periodic evaluations that reached the threshold (lr scale)
-    UNROLLS = 7  # unrolls the learners take for this update (lr scale)
 
 
 def _unroll_schema(ctx: RunContext) -> P.Schema:
@@ -575,15 +573,10 @@ def _log(ctx, server: UnrollLearner, group, reporter, metrics: dict, since: floa
     reporter.log(server.env_steps, extra)
 
 
-def _lr_scale(ctx: RunContext, solved: int, unrolls: int) -> float:
-    """The learning rate's factor for an update on `unrolls` unrolls (all learners
-    together; `AsyncConfig.lr_batch_scaling`) after `solved` periodic evaluations reached
-    the env's reward threshold (`AsyncConfig.solved_lr_decay`)."""
-    algo = ctx.cfg.algo
-    scale = algo.solved_lr_decay**solved
-    if algo.lr_batch_scaling == "sqrt":
-        scale *= math.sqrt(unrolls / algo.unrolls_per_update)
-    return scale
+def _lr_scale(ctx: RunContext, solved: int) -> float:
+    """The learning rate's factor after `solved` periodic evaluations reached the env's
+    reward threshold (`AsyncConfig.solved_lr_decay`)."""
+    return ctx.cfg.algo.solved_lr_decay**solved
 
 
 def _maybe_evaluate(
@@ -689,7 +682,6 @@ def _run_learner(ctx: RunContext, group, learner: AsyncLearner) -> bool:
         flags[Round.DONE] = done and batch is None
         flags[Round.STOP] = stop
         flags[Round.ENV_STEPS] = server.in_round = server.local_steps
-        flags[Round.UNROLLS] = taken
         server.local_steps = 0
         if reporter is not None:
             # An evaluation's result is logged in the round after it.
@@ -718,7 +710,7 @@ def _run_learner(ctx: RunContext, group, learner: AsyncLearner) -> bool:
             pool.stop()
         elif flags[Round.HAS_BATCH] > 0:
             group_ops.contributors = int(flags[Round.HAS_BATCH])
-            learner.lr_scale = _lr_scale(ctx, int(flags[Round.SOLVED]), int(flags[Round.UNROLLS]))
+            learner.lr_scale = _lr_scale(ctx, int(flags[Round.SOLVED]))
             metrics = learner.update(batch, group_ops, min(1.0, server.env_steps / total))
             server.stats.updates += 1
             server.stats.batch_unrolls.append(taken)
@@ -804,7 +796,7 @@ class _EmbeddedLearner:
         total = ctx.segment.total_env_steps
         while server.ready():
             batch, taken = server.take_batch()
-            self.learner.lr_scale = _lr_scale(ctx, self.peval.solved, taken)
+            self.learner.lr_scale = _lr_scale(ctx, self.peval.solved)
             self.metrics = self.learner.update(batch, self.group, server.env_steps / total)
             server.stats.updates += 1
             server.stats.batch_unrolls.append(taken)
