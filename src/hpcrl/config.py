@@ -39,7 +39,7 @@ DEFAULT_JOB: dict = {
     "max_unrolls_per_update": 8,
     "max_unrolls_in_flight": 1,
     "learner_ranks": 1,
-    "learning_rate": 0.001,
+    "learning_rate": 0.002,
     "anneal_lr": True,
     "max_grad_norm": 0.5,
     "gamma": 0.99,
