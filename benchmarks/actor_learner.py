@@ -62,7 +62,7 @@ def run_one(algo: str, ranks: int, budget: int, root: Path, extra: list[str]) ->
         str(BIN / "mpiexec"), "-n", str(ranks), sys.executable, "-m", "hpcrl", "train",
         str(REPO / "configs" / f"cartpole-{algo.replace('_', '-')}.yaml"),
         "--run-dir", str(run_dir), "--total-env-steps", str(budget),
-        "--set", "eval_episodes=0", "--set", "eval_interval=0",
+        "--set", "eval_episodes=0", "--set", "eval_interval=0", "--set", "solved_lr_decay=1.0",
         "--set", "record_trajectories=false",
         "--set", "log_interval_s=1", *extra,
     ]  # fmt: skip
