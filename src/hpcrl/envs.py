@@ -38,9 +38,9 @@ from hpcrl.errors import UserError
 from hpcrl.state import generator_state, set_generator_state
 
 ATARI_FRAME_SKIP = 4  # emulator frames per agent step under AtariPreprocessing
-# `EnvStepper.state_dict()["env_captured"]`: 0 not captured, 1 per copy (SyncVectorEnv),
-# NATIVE_CAPTURED the whole native vector env (its generator in row 0 of env_rng).
-NATIVE_CAPTURED = 2
+# `EnvStepper.state_dict()["env_captured"]`: not captured, each copy (a SyncVectorEnv's), or
+# the whole native vector env (its generator in row 0 of env_rng).
+NOT_CAPTURED, COPIES_CAPTURED, NATIVE_CAPTURED = 0, 1, 2
 
 # Entry-point prefix -> (what is missing, extra that installs it) for gymnasium's optional
 # dependencies, named in the one-line error instead of gymnasium's own advice.
@@ -294,7 +294,7 @@ class EnvStepper:
             "obs": np.asarray(self.obs).copy(),
             "episode_return": self.returns.copy(),
             "episode_length": self.lengths.copy(),
-            "env_captured": np.array([int(ok)], dtype=np.int8),
+            "env_captured": np.array([COPIES_CAPTURED if ok else NOT_CAPTURED], dtype=np.int8),
             "env_rng": np.stack([c[0] for c in captured])
             if ok
             else np.zeros((self.num_envs, 6), np.uint64),
@@ -333,7 +333,7 @@ class EnvStepper:
         if captured == NATIVE_CAPTURED and hasattr(self.envs, "restore_state"):
             self.envs.reset(seed=fallback_seed)
             self.envs.restore_state(state["env_rng"][0], state["env_state"])
-        elif captured == 1 and hasattr(self.envs, "envs"):
+        elif captured == COPIES_CAPTURED and hasattr(self.envs, "envs"):
             for i, env in enumerate(self.envs.envs):  # a SyncVectorEnv's copies
                 blob = None
                 if "env_blob" in state:
