@@ -44,7 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--algo",
         help="algorithm: qlearning (tabular), ppo, a2c, dqn, impala, a3c, async_q or async_nstep_q",
     )
-    train.add_argument("--env", dest="env_id", help="gymnasium env id, e.g. FrozenLake8x8-v1")
+    train.add_argument(
+        "--env",
+        dest="env_id",
+        help="gymnasium env id, e.g. FrozenLake8x8-v1, or pkg.module:MyEnv-v0 (imports "
+        "pkg.module on every rank, which registers MyEnv-v0)",
+    )
+    train.add_argument(
+        "--env-module",
+        dest="env_module",
+        help="a module to import on every rank before the env is made (registers your envs)",
+    )
     train.add_argument(
         "--env-kwargs",
         help="JSON keyword arguments for gymnasium.make, e.g. '{\"is_slippery\": false}'",
@@ -114,7 +124,7 @@ def config_values(args: argparse.Namespace) -> dict:
     values: dict = {}
     if getattr(args, "config", None):
         values.update(load_yaml(args.config))
-    for key in ("algo", "env_id", "total_env_steps", "seed", "device"):
+    for key in ("algo", "env_id", "env_module", "total_env_steps", "seed", "device"):
         if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
     if getattr(args, "env_kwargs", None) is not None:

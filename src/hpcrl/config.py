@@ -78,6 +78,9 @@ class RunConfig:
 
     algo: str = "qlearning"
     env_id: str = "FrozenLake8x8-v1"
+    # A module imported on every rank before the env is made, for a package that registers
+    # its envs on import; gymnasium's "pkg.mod:Env-v0" form of env_id sets it.
+    env_module: str = ""
     env_kwargs: dict = field(default_factory=dict)
     total_env_steps: int = 3_000_000  # summed over every acting rank
     seed: int = 0
@@ -395,13 +398,49 @@ def build_config(values: dict[str, Any]) -> Config:
             hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
             near = f"; did you mean '{hint[0]}'?" if hint else ""
             raise ConfigError(f"unknown config key '{key}' for algo '{algo_name}'{near}")
+    _split_env_module(kw["run"])
     run = RunConfig(**kw["run"], debug=DebugConfig(**debug_kw))
     topology = topology_cls(**kw["topology"])
     algo = spec.config(**kw["algo"])
     run.validate()
     topology.validate()
     algo.validate()
+    import_env_module(run.env_module)
     return Config(run=run, layout=layout, topology=topology, algo=algo)
+
+
+def _split_env_module(run: dict[str, Any]) -> None:
+    """gymnasium's `"pkg.mod:Env-v0"` env id: `env_id` "Env-v0", `env_module` "pkg.mod"."""
+    env_id = run.get("env_id")
+    if not isinstance(env_id, str) or ":" not in env_id:
+        return
+    module, _, name = env_id.partition(":")
+    given = run.get("env_module") or ""
+    if not module or not name or (given and given != module):
+        expected = "'package.module:EnvId'"
+        if given and given != module:
+            expected += f" whose module is env_module {given!r}, or env_module alone"
+        raise ConfigError(f"config key 'env_id': got {env_id!r}, expected {expected}")
+    run["env_id"], run["env_module"] = name, module
+
+
+def import_env_module(name: str) -> None:
+    """Import `name` (a module that registers gymnasium envs on import); "" does nothing.
+
+    Raises:
+        ConfigError: the module, or something it imports, fails to import; one line naming
+            it and the first line of the error.
+    """
+    if not name:
+        return
+    try:
+        importlib.import_module(name)
+    except Exception as exc:  # noqa: BLE001 - any failure inside the user's module
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(
+            f"config key 'env_module': {name!r} could not be imported "
+            f"({type(exc).__name__}: {first})"
+        ) from None
 
 
 def upgrade_keys(flat: dict) -> dict:
