@@ -71,6 +71,10 @@ class ActorCriticAsync(AsyncLearnerBase):
         actions, _, _ = self.model.act(obs_t, deterministic=True)
         return actions.cpu().numpy()
 
+    def sample_actions(self, obs: np.ndarray) -> np.ndarray:
+        """Actions sampled from the policy (torch's global RNG)."""
+        return self.act(obs)[0]
+
     def _evaluate(self, batch: dict[str, np.ndarray]):
         """log π(a_t|x_t), entropy and V(x_t), each (T, N) with gradients, and V(x_T) (N,)
         without, for a batch of unrolls."""

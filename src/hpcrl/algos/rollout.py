@@ -186,6 +186,12 @@ class ActorCriticLearner:
             actions, _, _ = self.model.act(self._input(obs), deterministic=True)
         return actions.cpu().numpy()
 
+    def sample_actions(self, obs: np.ndarray) -> np.ndarray:
+        """Actions sampled from the policy (torch's global RNG), recording nothing."""
+        with torch.no_grad():
+            actions, _, _ = self.model.act(self._input(obs))
+        return actions.cpu().numpy()
+
 
 def advantages_and_returns(
     model, steps: dict[str, torch.Tensor], gamma: float, gae_lambda: float

@@ -1,0 +1,113 @@
+"""A trained policy in your own code: `hpcrl.load_policy(run_dir)` (issue 15).
+
+It reads a checkpoint of a run directory in a plain `python` process (no `mpirun`): the
+run's config is stored in the checkpoint, so the config file may be gone. The policy is
+what `hpcrl evaluate` runs: the greedy action of the Q-table (tabular Q-learning) or of
+the network (argmax of the logits, the Gaussian mean, argmax of Q); actor-critic policies
+can also be sampled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from hpcrl.errors import UserError
+
+
+class Policy:
+    """A policy loaded from a checkpoint.
+
+    Attributes:
+        algo: the run's algorithm, e.g. "ppo".
+        env_id: the gymnasium id it was trained on (its module already imported).
+        observation_space, action_space: the env's spaces.
+        checkpoint: the checkpoint file it was loaded from.
+    """
+
+    def __init__(self, algo, env_id, observation_space, action_space, checkpoint, greedy):
+        self.algo, self.env_id = algo, env_id
+        self.observation_space, self.action_space = observation_space, action_space
+        self.checkpoint = checkpoint
+        self._greedy = greedy  # TableGreedy or LearnerGreedy
+
+    def act(self, obs, deterministic: bool = True) -> np.ndarray:
+        """Actions for one observation or a batch.
+
+        Args:
+            obs: one observation, shaped as `observation_space` (an int for Discrete), or a
+                batch (B, *observation_space.shape).
+            deterministic: the greedy action (what `evaluate` takes; a Q-table's ties go
+                to the lowest action, where `evaluate` breaks them at random); False
+                samples from the policy (actor-critic algorithms only: PPO, A2C, IMPALA,
+                A3C).
+
+        Returns:
+            The action (a numpy scalar or array shaped as `action_space`) for one
+            observation, or (B, *action_shape) actions for a batch: int64 for Discrete,
+            float32 for Box.
+
+        Raises:
+            UserError: an observation of the wrong shape, or `deterministic=False` for a
+                policy that is a Q-function (tabular Q-learning, DQN, asynchronous Q).
+        """
+        obs = np.asarray(obs)
+        shape = self.observation_space.shape or ()
+        single = obs.shape == shape
+        if not single and obs.shape[1:] != shape:
+            raise UserError(
+                f"observation of shape {obs.shape}: expected {shape} (one) or "
+                f"(B, *{shape}) (a batch) for {self.env_id}"
+            )
+        batch = obs[None] if single else obs
+        actions = self._actions(batch, deterministic)
+        return actions[0] if single else actions
+
+    def _actions(self, batch: np.ndarray, deterministic: bool) -> np.ndarray:
+        learner = getattr(self._greedy, "learner", None)
+        if learner is None:  # a Q-table
+            if not deterministic:
+                raise UserError(f"{self.algo}: a Q-table has no stochastic policy")
+            # argmax, ties to the lowest action (evaluate breaks them at random)
+            return np.argmax(self._greedy.q_table[batch.astype(np.int64).reshape(-1)], axis=1)
+        if deterministic:
+            return np.asarray(learner.greedy_actions(batch))
+        sample = getattr(learner, "sample_actions", None)
+        if sample is None:
+            raise UserError(
+                f"{self.algo}: a Q-function has no stochastic policy; use deterministic=True"
+            )
+        return np.asarray(sample(batch))
+
+
+def load_policy(run_dir: str | Path, checkpoint: str = "latest") -> Policy:
+    """The policy of a checkpoint in `run_dir`, for use in your own code.
+
+    Args:
+        run_dir: a run directory written by `train`.
+        checkpoint: "latest" (the newest intact step file), "best" (`best.h5`, kept by the
+            periodic evaluation) or "step-N" (`checkpoints/step-N.h5`).
+
+    Raises:
+        UserError: no run directory there, a bad `checkpoint`, a missing file or an env
+            module that no longer imports. `hpcrl.storage.checkpoints.CheckpointError`:
+            a damaged checkpoint.
+    """
+    from hpcrl.config import config_from_json
+    from hpcrl.envs import make_env
+    from hpcrl.runner import _load_for_evaluation
+    from hpcrl.topologies import make_topology
+
+    if not Path(run_dir).is_dir():
+        raise UserError(f"run directory {str(run_dir)!r} does not exist")
+    arrays, meta, path = _load_for_evaluation(Path(run_dir) / "checkpoints", checkpoint)
+    cfg = config_from_json(json.dumps(meta["config"]))  # imports env_module
+    run = cfg.run
+    env = make_env(run.env_id, run.env_kwargs, **run.env_options())
+    spaces = env.observation_space, env.action_space
+    env.close()
+    shapes = {name: list(a.shape) for name, a in arrays.items() if "/" not in name}
+    greedy = make_topology(cfg).checkpoint_policy(path, meta, shapes, arrays)
+    return Policy(run.algo, run.env_id, *spaces, path, greedy)
