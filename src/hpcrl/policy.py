@@ -97,17 +97,14 @@ def load_policy(run_dir: str | Path, checkpoint: str = "latest") -> Policy:
     """
     from hpcrl.config import config_from_json
     from hpcrl.envs import make_env
-    from hpcrl.runner import _load_for_evaluation
+    from hpcrl.runner import read_policy_checkpoint
     from hpcrl.topologies import make_topology
 
-    if not Path(run_dir).is_dir():
-        raise UserError(f"run directory {str(run_dir)!r} does not exist")
-    arrays, meta, path = _load_for_evaluation(Path(run_dir) / "checkpoints", checkpoint)
+    arrays, meta, path, shapes = read_policy_checkpoint(run_dir, checkpoint)
     cfg = config_from_json(json.dumps(meta["config"]))  # imports env_module
     run = cfg.run
     env = make_env(run.env_id, run.env_kwargs, **run.env_options())
     spaces = env.observation_space, env.action_space
     env.close()
-    shapes = {name: list(a.shape) for name, a in arrays.items() if "/" not in name}
     greedy = make_topology(cfg).checkpoint_policy(path, meta, shapes, arrays)
     return Policy(run.algo, run.env_id, *spaces, path, greedy)

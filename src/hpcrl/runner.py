@@ -536,13 +536,10 @@ def evaluate(
             raise UserError(f"--episodes {episodes}: expected an integer >= 1")
         if seed < 0:
             raise UserError(f"--seed {seed}: expected an integer >= 0")
-        if not Path(run_dir).is_dir():
-            raise UserError(f"run directory {run_dir!r} does not exist")
-        arrays, meta, path = _load_for_evaluation(Path(run_dir) / "checkpoints", checkpoint)
+        arrays, meta, path, shapes = read_policy_checkpoint(run_dir, checkpoint)
         cfg = config_from_json(json.dumps(meta["config"]))
         make_env(cfg.run.env_id, cfg.run.env_kwargs, **cfg.run.env_options()).close()
         loaded.update(arrays)
-        shapes = {name: list(a.shape) for name, a in arrays.items() if "/" not in name}
         return str(path), meta, shapes
 
     path, meta, shapes = agree(comm, load, root_only=True)
@@ -552,6 +549,20 @@ def evaluate(
     return policy.evaluate(
         comm, run.env_id, run.env_kwargs, run.env_options(), episodes, seed, watchdog_s
     )
+
+
+def read_policy_checkpoint(run_dir: str | Path, checkpoint: str) -> tuple[dict, dict, Path, dict]:
+    """The checkpoint `evaluate` and `load_policy` act from: its arrays, meta and path, and
+    the shapes of its top-level arrays ({name: shape}, what `checkpoint_policy` takes).
+
+    Raises:
+        UserError: no run directory, or as `_load_for_evaluation`.
+    """
+    if not Path(run_dir).is_dir():
+        raise UserError(f"run directory {str(run_dir)!r} does not exist")
+    arrays, meta, path = _load_for_evaluation(Path(run_dir) / "checkpoints", checkpoint)
+    shapes = {name: list(a.shape) for name, a in arrays.items() if "/" not in name}
+    return arrays, meta, path, shapes
 
 
 def _load_for_evaluation(ckpt_dir: Path, checkpoint: str) -> tuple[dict, dict, Path]:
