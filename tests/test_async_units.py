@@ -224,7 +224,7 @@ def test_shared_arrays_round_trip_includes_the_target():
 
 def test_final_epsilons_are_drawn_with_the_papers_frequencies(monkeypatch):
     # a one-weight network: building 2000 real ones takes a minute and draws no ε
-    monkeypatch.setattr(async_q, "QNetwork", lambda *args, **kw: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(async_q, "q_network", lambda *args, **kw: torch.nn.Linear(1, 1))
     space = env_spaces()
     cfg = async_q.AsyncQConfig(hidden_size=2)
     finals = np.array([async_q.AsyncQ(cfg, *space, seed=s).epsilon(1.0) for s in range(2000)])

@@ -212,7 +212,10 @@ class Algorithm:
     """One algorithm module's entry: what the config builder and the runner need."""
 
     name: str
-    config: type  # its hyperparameter dataclass (`PPOConfig`)
+    # its hyperparameter dataclass (`PPOConfig`): `validate()`, `check_spaces(obs, act)`;
+    # for the data_parallel layout also `rollout_steps(world_size, num_envs)` and
+    # `first_update_env_steps(world_size, num_envs)`; deep ones derive `NetworkConfig`
+    config: type
     layouts: tuple[str, ...]  # the layouts it runs in; the first is the default
     make_learner: Callable[..., Any]  # (config, observation_space, action_space,
     #                                    num_envs, world_size, seed) -> learner

@@ -218,12 +218,13 @@ def _num_discrete_actions(action_space: gym.Space, network: str) -> int | None:
 class ActorCritic(nn.Module):
     """Policy and state-value networks for on-policy learners (CleanRL `ppo.py` layout).
 
-    Vector observations: separate policy and value MLP trunks (tanh) by default, one shared
-    trunk when `shared`. Images: one shared `NatureCNN` (CleanRL `ppo_atari.py`), `hidden`
-    unused. Heads: logits for `Discrete(n)` actions (a categorical policy), the mean for
-    1-D `Box` actions with a state-independent learnable `log_std` initialised to 0 (a diagonal
-    Gaussian; actions are not squashed or clipped here, clip in the env as CleanRL does).
-    Policy head init std 0.01, value head 1.0.
+    Vector observations: separate policy and value MLP trunks (`hidden` widths, tanh by
+    default), one shared trunk when `shared`. Images: one shared `NatureCNN` (CleanRL
+    `ppo_atari.py`), `hidden` unused. `encoder` (a module with `out_dim`, e.g. from
+    `custom_encoder`) replaces either as the shared trunk. Heads: logits for `Discrete(n)`
+    actions (a categorical policy), the mean for 1-D `Box` actions with a state-independent
+    learnable `log_std` initialised to 0 (a diagonal Gaussian; actions are not squashed or
+    clipped here, clip in the env as CleanRL does). Policy head init std 0.01, value head 1.0.
 
     Observations `obs` below are (B, *observation_space.shape) tensors or numpy arrays.
     Actions are (B,) int64 for Discrete and (B, action_dim) float32 for Box.
@@ -235,6 +236,8 @@ class ActorCritic(nn.Module):
         action_space: gym.Space,
         hidden: Sequence[int] = (64, 64),
         shared: bool = False,
+        activation: type[nn.Module] = nn.Tanh,
+        encoder: nn.Module | None = None,
     ):
         super().__init__()
         n_actions = _num_discrete_actions(action_space, "ActorCritic")
@@ -246,14 +249,16 @@ class ActorCritic(nn.Module):
                 )
             n_actions = action_space.shape[0]
 
-        if shared or _image_layout(observation_space) is not None:
-            self.encoder = make_encoder(observation_space, hidden)
+        if encoder is not None or shared or _image_layout(observation_space) is not None:
+            self.encoder = (
+                make_encoder(observation_space, hidden, activation) if encoder is None else encoder
+            )
             self.actor_trunk, self.critic_trunk = nn.Identity(), nn.Identity()
             actor_dim = critic_dim = self.encoder.out_dim
         else:
             self.encoder = nn.Identity()
-            self.actor_trunk = make_encoder(observation_space, hidden)
-            self.critic_trunk = make_encoder(observation_space, hidden)
+            self.actor_trunk = make_encoder(observation_space, hidden, activation)
+            self.critic_trunk = make_encoder(observation_space, hidden, activation)
             actor_dim, critic_dim = self.actor_trunk.out_dim, self.critic_trunk.out_dim
         self.actor_head = layer_init(nn.Linear(actor_dim, n_actions), std=0.01)
         self.critic_head = layer_init(nn.Linear(critic_dim, 1), std=1.0)
@@ -358,8 +363,9 @@ class ActorCritic(nn.Module):
 class QNetwork(nn.Module):
     """Action values Q(s, ·) for `Discrete(n)` actions (CleanRL `dqn.py` / `dqn_atari.py`).
 
-    Vector observations: a ReLU MLP (`hidden`, CleanRL's (120, 84) by default); images:
-    `NatureCNN`, `hidden` unused. Weights: PyTorch's default initialization. With
+    Vector observations: an MLP (`hidden`, CleanRL's (120, 84) by default, ReLU by
+    default); images: `NatureCNN`, `hidden` unused; `encoder` (a module with `out_dim`,
+    e.g. from `custom_encoder`) replaces either. Weights: PyTorch's default initialization. With
     `dueling`, a value stream V(s) and an advantage stream A(s, ·), each one linear layer on
     the shared features, are combined as Q = V + A - mean_a A (Wang et al. 2016, Eq. 9).
     """
@@ -370,12 +376,15 @@ class QNetwork(nn.Module):
         action_space: gym.Space,
         hidden: Sequence[int] = (120, 84),
         dueling: bool = False,
+        activation: type[nn.Module] = nn.ReLU,
+        encoder: nn.Module | None = None,
     ):
         super().__init__()
         n_actions = _num_discrete_actions(action_space, "QNetwork")
         if n_actions is None:
             raise UserError(f"QNetwork needs Discrete actions, got {action_space}")
-        self.encoder = make_encoder(observation_space, hidden, activation=nn.ReLU)
+        custom = encoder is not None
+        self.encoder = encoder if custom else make_encoder(observation_space, hidden, activation)
         features = self.encoder.out_dim
         self.dueling = dueling
         # Q(s, ·), or the advantage stream A(s, ·) when dueling
@@ -384,7 +393,8 @@ class QNetwork(nn.Module):
         # PyTorch's default initialization everywhere, as CleanRL's and SB3's DQN: on
         # CartPole the orthogonal init of the actor-critic (gain √2) made DQN less stable
         # (best 20-episode mean 300 vs 450 in 60k steps with RL Zoo's hyperparameters).
-        for module in self.modules():
+        # A user's encoder keeps the initialization it was made with.
+        for module in (self.head, self.value_head) if custom else self.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 module.reset_parameters()
 
@@ -395,3 +405,110 @@ class QNetwork(nn.Module):
         if self.value_head is not None:
             q_values = self.value_head(features) + q_values - q_values.mean(-1, keepdim=True)
         return q_values
+
+
+# -- networks from an algorithm's config (`hpcrl.algos.network.NetworkConfig`) -------------
+
+_network_fn = None  # hpcrl.train(network_fn=...): the user's encoder in this process
+
+
+def set_network_fn(network_fn):
+    """Make `network_fn` the encoder of the networks built from a config with
+    `custom_network` (None: none); returns the previous one. `hpcrl.train` and
+    `hpcrl.load_policy` set it around the run."""
+    global _network_fn
+    previous, _network_fn = _network_fn, network_fn
+    return previous
+
+
+class CustomEncoder(nn.Module):
+    """A user's module (`network_fn(observation_space)`) with the `out_dim` the heads need."""
+
+    def __init__(self, net: nn.Module, out_dim: int):
+        super().__init__()
+        self.net, self.out_dim = net, out_dim
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs)
+
+
+def custom_encoder(observation_space: gym.Space) -> CustomEncoder:
+    """The encoder `network_fn(observation_space)` builds, checked on a batch of two
+    `observation_space.sample()`s, a tensor (2, *observation_space.shape) in the env's dtype.
+
+    Raises:
+        UserError: no `network_fn` set (a run trained with one, resumed or loaded without
+            it); it returns something other than a `torch.nn.Module`; the module raises on
+            the batch, or returns anything but a floating tensor of shape (2, F).
+    """
+    if _network_fn is None:
+        raise UserError(
+            "this run's config has custom_network: true (a network_fn given to hpcrl.train): "
+            "pass the same network_fn to hpcrl.train or hpcrl.load_policy"
+        )
+    name = getattr(_network_fn, "__name__", repr(_network_fn))
+    net = _network_fn(observation_space)
+    if not isinstance(net, nn.Module):
+        raise UserError(
+            f"network_fn {name} returned a {type(net).__name__}: expected a torch.nn.Module"
+        )
+    obs = torch.as_tensor(np.stack([observation_space.sample() for _ in range(2)]))
+    try:
+        with torch.no_grad():
+            out = net(obs)
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's module
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UserError(
+            f"network_fn {name}: its module failed on a batch of 2 observations "
+            f"{tuple(obs.shape)} {obs.dtype}: {type(exc).__name__}: {first}"
+        ) from None
+    if not (isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 2):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(
+            f"network_fn {name}: its module maps observations {tuple(obs.shape)} to {got}: "
+            "expected features (B, F), here (2, F)"
+        )
+    if not out.is_floating_point():
+        raise UserError(f"network_fn {name}: its module returns {out.dtype}: expected floats")
+    return CustomEncoder(net, int(out.shape[1]))
+
+
+def _activation(name: str) -> type[nn.Module]:
+    from hpcrl.algos.network import ACTIVATIONS
+
+    return getattr(nn, ACTIVATIONS[name])
+
+
+def actor_critic(cfg, observation_space: gym.Space, action_space: gym.Space) -> ActorCritic:
+    """The `ActorCritic` an algorithm's config (`NetworkConfig` keys) asks for.
+
+    Raises:
+        UserError: as `ActorCritic` and `custom_encoder`.
+    """
+    encoder = custom_encoder(observation_space) if cfg.custom_network else None
+    return ActorCritic(
+        observation_space,
+        action_space,
+        hidden=cfg.hidden(),
+        activation=_activation(cfg.activation),
+        encoder=encoder,
+    )
+
+
+def q_network(
+    cfg, observation_space: gym.Space, action_space: gym.Space, dueling: bool = False
+) -> QNetwork:
+    """The `QNetwork` an algorithm's config (`NetworkConfig` keys) asks for.
+
+    Raises:
+        UserError: as `QNetwork` and `custom_encoder`.
+    """
+    encoder = custom_encoder(observation_space) if cfg.custom_network else None
+    return QNetwork(
+        observation_space,
+        action_space,
+        hidden=cfg.hidden(),
+        dueling=dueling,
+        activation=_activation(cfg.activation),
+        encoder=encoder,
+    )

@@ -1,6 +1,6 @@
 """An actor's policy in numpy: the forward pass of `hpcrl.models.ActorCritic` (vector
-observations, separate tanh MLP trunks) on the flat float32 parameter vector its learner
-publishes, without importing torch.
+observations, separate MLP trunks with tanh, ReLU, ELU or SiLU) on the flat float32
+parameter vector its learner publishes, without importing torch.
 
 Why: an actor rank only runs the forward pass of a small MLP, and torch costs ~1 s of import
 and ~190 MB of resident memory per process (measured here), which at 64 ranks on one node
@@ -29,6 +29,15 @@ import numpy as np
 
 from hpcrl.algos.async_base import SendsUnrolls
 
+# `NetworkConfig.activation` values the numpy forward pass computes exactly as torch does
+# (GELU's erf is not in numpy: its actors keep the torch model).
+ACTIVATIONS = {
+    "tanh": np.tanh,
+    "relu": lambda x: np.maximum(x, 0.0, dtype=x.dtype),
+    "elu": lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0.0))).astype(x.dtype),
+    "silu": lambda x: (x / (1.0 + np.exp(-x))).astype(x.dtype),
+}
+
 
 class NumpyActorCritic(SendsUnrolls):
     """`ActorCritic`'s policy and value function for an actor rank (`contracts.AsyncActor`).
@@ -40,6 +49,7 @@ class NumpyActorCritic(SendsUnrolls):
 
     Args:
         hidden: the trunks' layer widths (`ActorCritic`'s `hidden`).
+        activation: after each hidden layer, a key of `ACTIVATIONS` (`ActorCritic`'s).
         seed: of this actor's sampling generator (numpy `PCG64`).
     """
 
@@ -49,9 +59,13 @@ class NumpyActorCritic(SendsUnrolls):
         action_space: gym.Space,
         hidden: Sequence[int],
         seed: int,
+        activation: str = "tanh",
     ):
-        if not self.supports(observation_space, action_space):
-            raise ValueError(f"no numpy policy for {observation_space} -> {action_space}")
+        if not self.supports(observation_space, action_space, activation):
+            raise ValueError(
+                f"no numpy policy for {observation_space} -> {action_space} ({activation})"
+            )
+        self.activation = ACTIVATIONS[activation]
         self.rng = np.random.default_rng(seed)
         self.one_hot_start: int | None = None
         if isinstance(observation_space, gym.spaces.Discrete):
@@ -84,9 +98,11 @@ class NumpyActorCritic(SendsUnrolls):
         self.critic_head = (views[2 * layers + 2], views[2 * layers + 3])
 
     @staticmethod
-    def supports(observation_space: gym.Space, action_space: gym.Space) -> bool:
-        """Vector (not image) or Discrete observations, and Discrete(n) or 1-D Box actions:
-        the spaces `ActorCritic` gives separate MLP trunks."""
+    def supports(
+        observation_space: gym.Space, action_space: gym.Space, activation: str = "tanh"
+    ) -> bool:
+        """Vector (not image) or Discrete observations, Discrete(n) or 1-D Box actions (the
+        spaces `ActorCritic` gives separate MLP trunks) and an activation in `ACTIVATIONS`."""
         image = (
             isinstance(observation_space, gym.spaces.Box)
             and observation_space.dtype == np.uint8
@@ -98,7 +114,7 @@ class NumpyActorCritic(SendsUnrolls):
         act_ok = (
             isinstance(action_space, gym.spaces.Discrete) and int(action_space.start) == 0
         ) or (isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1)
-        return obs_ok and act_ok
+        return obs_ok and act_ok and activation in ACTIVATIONS
 
     # -- parameters -------------------------------------------------------------------
 
@@ -121,10 +137,9 @@ class NumpyActorCritic(SendsUnrolls):
             return x
         return obs.reshape(obs.shape[0], -1).astype(np.float32, copy=False)
 
-    @staticmethod
-    def _mlp(x: np.ndarray, trunk, head) -> np.ndarray:
+    def _mlp(self, x: np.ndarray, trunk, head) -> np.ndarray:
         for weight, bias in trunk:
-            x = np.tanh(x @ weight.T + bias)
+            x = self.activation(x @ weight.T + bias)
         weight, bias = head
         return x @ weight.T + bias
 

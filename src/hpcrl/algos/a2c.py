@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hpcrl.algos.network import NetworkConfig
 from hpcrl.algos.rollout import (
     ActorCriticLearner,
     advantages_and_returns,
@@ -31,14 +32,14 @@ from hpcrl.algos.rollout import (
 )
 from hpcrl.contracts import Algorithm
 from hpcrl.errors import ConfigError
-from hpcrl.models import ActorCritic
+from hpcrl.models import actor_critic
 from hpcrl.schedules import set_learning_rate
 
 OPTIMIZERS = ("rmsprop", "adam")
 
 
 @dataclass
-class A2CConfig:
+class A2CConfig(NetworkConfig):
     """A2C hyperparameters. `env_steps_per_update` is global: env steps per update, all ranks."""
 
     env_steps_per_update: int = 40  # SB3: 8 env copies x n_steps 5
@@ -54,7 +55,6 @@ class A2CConfig:
     max_grad_norm: float = 0.5  # on the rank-averaged gradient
     norm_adv: bool = False  # with the global batch's mean and std
     normalize_obs: bool = False  # running mean/std over all ranks (hpcrl.normalization)
-    hidden_size: int = 64
 
     def validate(self) -> None:
         def check(ok: bool, key: str, expected: str) -> None:
@@ -71,7 +71,7 @@ class A2CConfig:
         check(0.0 <= self.gamma <= 1.0, "gamma", "a discount γ in [0, 1]")
         check(0.0 <= self.gae_lambda <= 1.0, "gae_lambda", "λ in [0, 1]")
         check(self.max_grad_norm > 0, "max_grad_norm", "a number > 0")
-        check(self.hidden_size >= 1, "hidden_size", "an integer >= 1")
+        self.validate_network()
 
     def check_spaces(self, observation_space, action_space) -> None:
         """Raises UserError unless the action space is `Discrete` or `Box` (and, with
@@ -93,6 +93,10 @@ class A2CConfig:
                 f"{self.env_steps_per_update} % {share} = {self.env_steps_per_update % share}"
             )
         return self.env_steps_per_update // share
+
+    def first_update_env_steps(self, world_size: int, num_envs: int) -> int:
+        """Env steps, all ranks together, before the first update: one update's batch."""
+        return self.rollout_steps(world_size, num_envs) * num_envs * world_size
 
 
 class A2C(ActorCriticLearner):
@@ -117,7 +121,7 @@ class A2C(ActorCriticLearner):
         self.cfg = cfg
         self.num_envs = num_envs
         self.rollout_steps = cfg.rollout_steps(world_size, num_envs)
-        self.model = ActorCritic(observation_space, action_space, hidden=(cfg.hidden_size,) * 2)
+        self.model = actor_critic(cfg, observation_space, action_space)
         params = self.model.parameters()
         if cfg.optimizer == "rmsprop":
             self.optimizer = torch.optim.RMSprop(

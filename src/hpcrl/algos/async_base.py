@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hpcrl.algos.network import NetworkConfig
 from hpcrl.comm import protocol as P
 from hpcrl.errors import ConfigError
 
@@ -25,7 +26,7 @@ UNROLL_FIELDS = (
 
 
 @dataclass
-class AsyncConfig:
+class AsyncConfig(NetworkConfig):
     """Keys of every actor-learner algorithm. `unrolls_per_update` counts actor messages
     (unrolls, or gradients computed on one, of `unroll_length` × `num_envs` env steps) per
     update, over the whole learner group. The layout's own keys (`learner_ranks`,
@@ -52,7 +53,6 @@ class AsyncConfig:
     solved_lr_decay: float = 1.0
     gamma: float = 0.99
     max_grad_norm: float = 40.0  # on the learner group's averaged gradient
-    hidden_size: int = 64
 
     def check(self, ok: bool, key: str, expected: str) -> None:
         if not ok:
@@ -78,7 +78,7 @@ class AsyncConfig:
         check(0.0 < self.solved_lr_decay <= 1.0, "solved_lr_decay", "a factor in (0, 1]")
         check(0.0 <= self.gamma <= 1.0, "gamma", "a discount γ in [0, 1]")
         check(self.max_grad_norm > 0, "max_grad_norm", "a number > 0")
-        check(self.hidden_size >= 1, "hidden_size", "an integer >= 1")
+        self.validate_network()
 
 
 class SendsUnrolls:

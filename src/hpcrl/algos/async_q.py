@@ -44,7 +44,7 @@ from hpcrl.algos.async_learner import (
 )
 from hpcrl.contracts import Algorithm
 from hpcrl.errors import UserError
-from hpcrl.models import QNetwork
+from hpcrl.models import q_network
 from hpcrl.schedules import linear_schedule
 from hpcrl.state import load_module_arrays, module_arrays
 
@@ -66,7 +66,7 @@ class AsyncQConfig(AsyncConfig):
     target_update_interval: int = 100  # learner updates between copies θ⁻ ← θ
     exploration_fraction: float = 0.3  # of each actor's budget, ε annealed from 1
     epsilon_end: float = -1.0  # final ε of every actor; -1: each draws the paper's (§5.1)
-    hidden_size: int = 64
+    activation: str = "relu"  # the Q-network's (as DQN's)
     reward_scale: float = 1.0  # r_t is multiplied by this in the targets
     double_q: bool = False  # bootstrap Q(x, argmax_a Q(x, a; θ'); θ⁻), not max_a Q(x, a; θ⁻)
 
@@ -107,8 +107,7 @@ class AsyncQ(SendsGradients, AsyncLearnerBase):
         seed: int = 0,
     ):
         super().__init__(cfg)
-        hidden = (cfg.hidden_size,) * 2
-        self.model = QNetwork(observation_space, action_space, hidden=hidden)
+        self.model = q_network(cfg, observation_space, action_space)
         self.target = copy.deepcopy(self.model)
         self.target.requires_grad_(False)
         self._make_optimizer()

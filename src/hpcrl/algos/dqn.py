@@ -24,9 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hpcrl.algos.network import NetworkConfig
 from hpcrl.contracts import Algorithm
 from hpcrl.errors import ConfigError, UserError
-from hpcrl.models import QNetwork
+from hpcrl.models import q_network
 from hpcrl.schedules import linear_schedule, set_learning_rate
 from hpcrl.state import (
     generator_state,
@@ -39,7 +40,7 @@ from hpcrl.state import (
 
 
 @dataclass
-class DQNConfig:
+class DQNConfig(NetworkConfig):
     """DQN hyperparameters. Sizes and intervals in env steps are global (all ranks)."""
 
     # Defaults: Stable-Baselines3's DQN (its Atari-style settings), except that intervals
@@ -60,7 +61,7 @@ class DQNConfig:
     double_dqn: bool = False
     dueling: bool = False
     max_grad_norm: float = 10.0  # on the rank-averaged gradient
-    hidden_size: int = 64
+    activation: str = "relu"  # CleanRL's and SB3's DQN
 
     def validate(self) -> None:
         def check(ok: bool, key: str, expected: str) -> None:
@@ -82,7 +83,7 @@ class DQNConfig:
         check(0.0 <= self.epsilon_end <= 1.0, "epsilon_end", "a probability in [0, 1]")
         check(0.0 <= self.exploration_fraction <= 1.0, "exploration_fraction", "in [0, 1]")
         check(self.max_grad_norm > 0, "max_grad_norm", "a number > 0")
-        check(self.hidden_size >= 1, "hidden_size", "an integer >= 1")
+        self.validate_network()
 
     def check_spaces(self, observation_space, action_space) -> None:
         """Raises UserError unless the action space is `Discrete`."""
@@ -107,6 +108,13 @@ class DQNConfig:
                 f"{self.minibatch_size % world_size}"
             )
         return self.train_frequency // share
+
+    def first_update_env_steps(self, world_size: int, num_envs: int) -> int:
+        """Env steps, all ranks together, before the first update: one update's batch after
+        `learning_starts`."""
+        return (
+            self.learning_starts + self.rollout_steps(world_size, num_envs) * num_envs * world_size
+        )
 
 
 class DQN:
@@ -133,9 +141,8 @@ class DQN:
         self.rank_minibatch_size = cfg.minibatch_size // world_size
         self.capacity = max(1, cfg.buffer_size // world_size)
         self.n_actions = int(action_space.n)
-        hidden = (cfg.hidden_size, cfg.hidden_size)
-        self.model = QNetwork(observation_space, action_space, hidden=hidden, dueling=cfg.dueling)
-        self.target = QNetwork(observation_space, action_space, hidden=hidden, dueling=cfg.dueling)
+        self.model = q_network(cfg, observation_space, action_space, dueling=cfg.dueling)
+        self.target = q_network(cfg, observation_space, action_space, dueling=cfg.dueling)
         self.target.load_state_dict(self.model.state_dict())
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate, fused=True)
         self.device = torch.device("cpu")

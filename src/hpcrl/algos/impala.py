@@ -53,12 +53,15 @@ def make_learner(cfg: ImpalaConfig, observation_space, action_space, *args):
 
 def make_actor(cfg: ImpalaConfig, observation_space, action_space, seed: int):
     """An actor's torch-free policy (`NumpyActorCritic`), or None where the model has a
-    CNN (images keep the torch model on the actor)."""
+    CNN, the user's `network_fn` or an activation numpy lacks (those actors keep the
+    torch model)."""
     from hpcrl.numpy_policy import NumpyActorCritic
 
-    if not NumpyActorCritic.supports(observation_space, action_space):
+    if cfg.custom_network or not NumpyActorCritic.supports(
+        observation_space, action_space, cfg.activation
+    ):
         return None
-    return NumpyActorCritic(observation_space, action_space, (cfg.hidden_size,) * 2, seed)
+    return NumpyActorCritic(observation_space, action_space, cfg.hidden(), seed, cfg.activation)
 
 
 ALGORITHM = Algorithm(

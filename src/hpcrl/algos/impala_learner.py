@@ -30,7 +30,7 @@ import torch
 
 from hpcrl.algos.async_base import SendsUnrolls
 from hpcrl.algos.async_learner import AsyncLearnerBase, unroll_targets
-from hpcrl.models import ActorCritic
+from hpcrl.models import actor_critic
 from hpcrl.returns import vtrace
 
 
@@ -50,7 +50,7 @@ class ActorCriticAsync(AsyncLearnerBase):
         """The arguments after `action_space` are those every learner class takes; these
         need none of them (the topology seeds torch)."""
         super().__init__(cfg)
-        self.model = ActorCritic(observation_space, action_space, hidden=(cfg.hidden_size,) * 2)
+        self.model = actor_critic(cfg, observation_space, action_space)
         self._make_optimizer()
 
     def act(self, obs: np.ndarray, progress: float = 0.0) -> tuple[np.ndarray, np.ndarray]:

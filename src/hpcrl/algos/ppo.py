@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hpcrl.algos.network import NetworkConfig
 from hpcrl.algos.rollout import (
     ActorCriticLearner,
     advantages_and_returns,
@@ -29,12 +30,12 @@ from hpcrl.algos.rollout import (
 )
 from hpcrl.contracts import Algorithm
 from hpcrl.errors import ConfigError
-from hpcrl.models import ActorCritic
+from hpcrl.models import actor_critic
 from hpcrl.schedules import set_learning_rate
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(NetworkConfig):
     """PPO hyperparameters. Batch sizes are global: summed over every rank."""
 
     env_steps_per_update: int = 2048  # env steps per update, all ranks together
@@ -52,7 +53,6 @@ class PPOConfig:
     max_grad_norm: float = 0.5  # on the rank-averaged gradient
     norm_adv: bool = True  # with the global batch's mean and std
     normalize_obs: bool = False  # running mean/std over all ranks (hpcrl.normalization)
-    hidden_size: int = 64
 
     def validate(self) -> None:
         def check(ok: bool, key: str, expected: str) -> None:
@@ -74,7 +74,7 @@ class PPOConfig:
         check(0.0 <= self.gae_lambda <= 1.0, "gae_lambda", "λ in [0, 1]")
         check(self.clip_coef > 0, "clip_coef", "ε > 0")
         check(self.max_grad_norm > 0, "max_grad_norm", "a number > 0")
-        check(self.hidden_size >= 1, "hidden_size", "an integer >= 1")
+        self.validate_network()
 
     def check_spaces(self, observation_space, action_space) -> None:
         """Raises UserError unless the action space is `Discrete` or `Box` (and, with
@@ -98,6 +98,10 @@ class PPOConfig:
             )
         return self.env_steps_per_update // share
 
+    def first_update_env_steps(self, world_size: int, num_envs: int) -> int:
+        """Env steps, all ranks together, before the first update: one update's batch."""
+        return self.rollout_steps(world_size, num_envs) * num_envs * world_size
+
 
 class PPO(ActorCriticLearner):
     """One rank's PPO learner: acts, stores its rollout, updates with averaged gradients.
@@ -120,7 +124,7 @@ class PPO(ActorCriticLearner):
         self.cfg = cfg
         self.num_envs = num_envs
         self.rollout_steps = cfg.rollout_steps(world_size, num_envs)
-        self.model = ActorCritic(observation_space, action_space, hidden=(cfg.hidden_size,) * 2)
+        self.model = actor_critic(cfg, observation_space, action_space)
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=cfg.learning_rate, eps=1e-5, fused=True
         )

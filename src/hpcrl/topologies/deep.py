@@ -16,21 +16,20 @@ class DeepTopology(Topology):
         """Raises:
         UserError: `cuda` where torch sees no GPU, observations no model reads, or spaces
             the algorithm does not handle."""
-        from hpcrl.models import check_device, make_encoder
+        from hpcrl.models import check_device, custom_encoder, make_encoder
 
         check_device(self.cfg.run.device)
-        make_encoder(env.observation_space)
+        if self.cfg.algo.custom_network:
+            custom_encoder(env.observation_space)  # the user's module, on a sample batch
+        else:
+            make_encoder(env.observation_space)
         self.cfg.algo.check_spaces(env.observation_space, env.action_space)
 
     def checkpoint_policy(self, path, meta: dict, shapes: dict, arrays: dict) -> LearnerGreedy:
         """Every rank rebuilds the learner and loads the checkpoint rank 0 verified."""
-        from hpcrl.envs import make_env
+        from hpcrl.envs import checkpoint_spaces
 
-        run = self.cfg.run
-        env = make_env(run.env_id, run.env_kwargs, **run.env_options())
-        learner = make_learner(
-            self.cfg, env.observation_space, env.action_space, int(meta["world_size"])
-        )
-        env.close()
+        spaces = checkpoint_spaces(meta, self.cfg.run)
+        learner = make_learner(self.cfg, *spaces, int(meta["world_size"]))
         learner.load_shared(read_shared(path))
         return LearnerGreedy(learner)
