@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gymnasium as gym
 import numpy as np
 
 from hpcrl.envs import make_env
@@ -80,7 +81,11 @@ def _eval_ctx(tmp_path, interval: int, resume=None):
         | {"periodic_eval_episodes": 2}
     )
     (tmp_path / "checkpoints").mkdir(exist_ok=True)
-    return types.SimpleNamespace(cfg=cfg, run_dir=tmp_path, world_size=3, resume=resume)
+    spaces = {
+        "observation_space": gym.spaces.Box(-1, 1, (4,)),
+        "action_space": gym.spaces.Discrete(2),
+    }
+    return types.SimpleNamespace(cfg=cfg, run_dir=tmp_path, world_size=3, resume=resume, **spaces)
 
 
 def test_periodic_eval_keeps_the_best_and_resumes_from_it(tmp_path):

@@ -152,6 +152,62 @@ def _missing_dependency(env_id: str, exc: BaseException) -> UserError:
     return UserError(f"env {env_id!r} needs a package that is not installed: {_first_line(exc)}")
 
 
+# A Box with more entries than this is stored without its bounds when they vary (an
+# HDF5 attribute holds at most 64 KiB); `space_from_json` then returns None.
+_MAX_STORED_BOUNDS = 1024
+
+
+def space_to_json(space: gym.Space) -> dict | None:
+    """A `Discrete` or `Box` space as a JSON-ready dict (what a checkpoint's meta stores, so
+    `hpcrl.load_policy` needs no env); None for other spaces or a large Box with bounds
+    that vary per entry. `space_from_json` inverts it."""
+    if isinstance(space, gym.spaces.Discrete):
+        return {"type": "Discrete", "n": int(space.n), "start": int(space.start)}
+    if not isinstance(space, gym.spaces.Box):
+        return None
+    bounds = {}
+    for name in ("low", "high"):
+        values = np.asarray(getattr(space, name))
+        if values.size and (values == values.flat[0]).all():
+            bounds[name] = values.flat[0].item()  # one value for every entry
+        elif values.size <= _MAX_STORED_BOUNDS:
+            bounds[name] = values.tolist()
+        else:
+            return None
+    return {"type": "Box", "shape": list(space.shape), "dtype": str(space.dtype), **bounds}
+
+
+def space_from_json(data: dict | None) -> gym.Space | None:
+    """The space `space_to_json` stored, or None where it stored none."""
+    if not data:
+        return None
+    if data["type"] == "Discrete":
+        return gym.spaces.Discrete(data["n"], start=data["start"])
+    shape, dtype = tuple(data["shape"]), np.dtype(data["dtype"])
+    low = np.broadcast_to(np.asarray(data["low"], dtype=dtype), shape)
+    high = np.broadcast_to(np.asarray(data["high"], dtype=dtype), shape)
+    return gym.spaces.Box(low, high, shape, dtype)
+
+
+def checkpoint_spaces(meta: dict, run) -> tuple[gym.Space, gym.Space]:
+    """(observation_space, action_space) of a checkpoint: those its meta stores, else (a
+    checkpoint of hpcrl 0.1, or a space `space_to_json` cannot store) one env's, made
+    from the run's config `run` (`RunConfig`).
+
+    Raises:
+        UserError: as `make_env`, where the env has to be made.
+    """
+    spaces = (
+        space_from_json(meta.get("observation_space")),
+        space_from_json(meta.get("action_space")),
+    )
+    if None not in spaces:
+        return spaces
+    env = make_env(run.env_id, run.env_kwargs, **run.env_options())
+    env.close()
+    return env.observation_space, env.action_space
+
+
 def discrete_sizes(env: gym.Env) -> tuple[int, int]:
     """(n_states, n_actions) of an env whose spaces are both `Discrete`.
 

@@ -25,10 +25,12 @@ class Policy:
         env_id: the gymnasium id it was trained on (its module already imported).
         observation_space, action_space: the env's spaces.
         checkpoint: the checkpoint file it was loaded from.
+        config: the run's `hpcrl.config.Config` (its env_kwargs, env options, network).
     """
 
-    def __init__(self, algo, env_id, observation_space, action_space, checkpoint, greedy):
-        self.algo, self.env_id = algo, env_id
+    def __init__(self, config, observation_space, action_space, checkpoint, greedy):
+        self.config = config
+        self.algo, self.env_id = config.run.algo, config.run.env_id
         self.observation_space, self.action_space = observation_space, action_space
         self.checkpoint = checkpoint
         self._greedy = greedy  # TableGreedy or LearnerGreedy
@@ -82,29 +84,34 @@ class Policy:
         return np.asarray(sample(batch))
 
 
-def load_policy(run_dir: str | Path, checkpoint: str = "latest") -> Policy:
+def load_policy(run_dir: str | Path, checkpoint: str = "latest", *, network_fn=None) -> Policy:
     """The policy of a checkpoint in `run_dir`, for use in your own code.
+
+    The env's spaces come from the checkpoint (hpcrl >= 0.2 stores them), so the env
+    itself is not made: a run of an `env_fn` or of a simulator that is not installed here
+    loads too.
 
     Args:
         run_dir: a run directory written by `train`.
         checkpoint: "latest" (the newest intact step file), "best" (`best.h5`, kept by the
             periodic evaluation) or "step-N" (`checkpoints/step-N.h5`).
+        network_fn: the `network_fn` the run was trained with (`hpcrl.train`), if any.
 
     Raises:
-        UserError: no run directory there, a bad `checkpoint`, a missing file or an env
-            module that no longer imports. `hpcrl.storage.checkpoints.CheckpointError`:
-            a damaged checkpoint.
+        UserError: no run directory there, a bad `checkpoint`, a missing file, an env
+            module that no longer imports, or a run trained with a `network_fn` loaded
+            without one. `hpcrl.storage.checkpoints.CheckpointError`: a damaged checkpoint.
     """
+    from hpcrl.api import custom_network
     from hpcrl.config import config_from_json
-    from hpcrl.envs import make_env
+    from hpcrl.envs import checkpoint_spaces
     from hpcrl.runner import read_policy_checkpoint
     from hpcrl.topologies import make_topology
 
     arrays, meta, path, shapes = read_policy_checkpoint(run_dir, checkpoint)
     cfg = config_from_json(json.dumps(meta["config"]))  # imports env_module
     run = cfg.run
-    env = make_env(run.env_id, run.env_kwargs, **run.env_options())
-    spaces = env.observation_space, env.action_space
-    env.close()
-    greedy = make_topology(cfg).checkpoint_policy(path, meta, shapes, arrays)
-    return Policy(run.algo, run.env_id, *spaces, path, greedy)
+    spaces = checkpoint_spaces(meta, run)
+    with custom_network(network_fn):
+        greedy = make_topology(cfg).checkpoint_policy(path, meta, shapes, arrays)
+    return Policy(cfg, *spaces, path, greedy)

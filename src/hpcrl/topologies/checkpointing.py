@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hpcrl.comm.waits import gather_rows
-from hpcrl.envs import EnvStepper
+from hpcrl.envs import EnvStepper, space_to_json
 from hpcrl.state import generator_state, set_generator_state, set_torch_rng_state, torch_rng_state
 from hpcrl.storage.checkpoints import write_checkpoint
 
@@ -99,6 +99,9 @@ def checkpoint_identity(ctx: RunContext, env_steps: int, learner_updates: int) -
         "env_steps": int(env_steps),
         "learner_updates": int(learner_updates),
         "config": cfg.to_dict(),
+        # the env's spaces, so a policy loads without the env (`hpcrl.load_policy`)
+        "observation_space": space_to_json(ctx.observation_space),
+        "action_space": space_to_json(ctx.action_space),
     }
 
 
