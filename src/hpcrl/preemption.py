@@ -29,6 +29,15 @@ def install() -> None:
         signal.signal(sig, _handler)
 
 
+def install_if_main_thread() -> None:
+    """`install`, where Python allows it (the main thread; `hpcrl.train` from a thread
+    keeps the process's own signal handling)."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        install()
+
+
 def requested() -> bool:
     """Whether a preemption signal has arrived in this process."""
     return bool(_received)
