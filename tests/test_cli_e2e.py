@@ -327,6 +327,25 @@ BAD_TRAIN_CASES = [
         ["--algo", "impala", "--env", "Blackjack-v1"],
         [r"Tuple\(Discrete\(32\)", r"Box or Discrete"],
     ),
+    # A budget (2000 env steps) smaller than one update's batch would train nothing.
+    (
+        "ppo-budget-below-one-update",
+        None,
+        ["--algo", "ppo", "--env", "CartPole-v1"],
+        [r"'total_env_steps'", r"got 2000\b", r"at least 2048\b"],
+    ),
+    (
+        "dqn-budget-before-learning-starts",
+        2,
+        ["--algo", "dqn", "--env", "CartPole-v1", "--set", "learning_starts=2000"],
+        [r"'total_env_steps'", r"got 2000\b", r"at least 2004\b", r"learning_starts"],
+    ),
+    (
+        "impala-budget-below-one-update",
+        2,
+        ["--algo", "impala", "--env", "CartPole-v1", "--set", "unroll_length=100"],
+        [r"'total_env_steps'", r"got 2000\b", r"unroll_length 100"],
+    ),
 ]
 
 
@@ -357,6 +376,31 @@ def test_bad_train_input_creates_no_run_directory(tmp_path, n, args, patterns):
     result, _ = _train(n, run_dir, *args)
     _assert_one_error_line(result, patterns)
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("status", ["completed", "interrupted"])
+def test_resume_with_another_algo_is_one_line(tmp_path, completed_run, status):
+    """`--resume RUN --algo other`: not a misleading unknown key, nor a silent no-op on a
+    completed run; the run is left as it was."""
+    run_dir = copy_run(completed_run, tmp_path / "run")
+    if status != "completed":
+        with h5py.File(run_dir / "run.h5", "r+") as f:
+            f.attrs["status"] = status
+    before = digest_tree(run_dir)
+    cmd = hpcrl_command(None, "train", "--resume", str(run_dir), "--algo", "ppo")
+    result, _ = run_cli(cmd, subprocess_env())
+    _assert_one_error_line(result, [r"run of algo 'qlearning', not 'ppo'", r"--run-dir"])
+    cmd = hpcrl_command(None, "train", "--resume", str(run_dir), "--set", "layout=allreduce")
+    result, _ = run_cli(cmd, subprocess_env())
+    _assert_one_error_line(result, [r"run of layout 'ps', not 'allreduce'"])
+    assert digest_tree(run_dir) == before
+
+
+def test_bad_yaml_names_its_line_and_column(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("algo: ppo\nenv_id: CartPole-v1\n  learning_rate: 3e-4\n")
+    result, _ = run_cli(hpcrl_command(2, "train", str(config)), subprocess_env())
+    _assert_one_error_line(result, [r"bad\.yaml' is not valid YAML: line 3, column 16"])
 
 
 def test_bad_env_kwargs_value_is_a_user_error(tmp_path):
@@ -442,6 +486,13 @@ def test_evaluate_refuses_a_corrupt_checkpoint(tmp_path, completed_run, n, damag
     )
     _assert_one_error_line(result, [r"checkpoint", re.escape(target.name)])
     assert digest_tree(run_dir) == before
+
+
+def test_evaluate_refuses_a_file_as_run_dir(tmp_path):
+    path = tmp_path / "run.h5"
+    path.write_bytes(b"not a run directory")
+    result, _ = run_cli(hpcrl_command(None, "evaluate", str(path)), subprocess_env())
+    _assert_one_error_line(result, [r"run\.h5' is a file: expected the directory"])
 
 
 def test_evaluate_refuses_a_missing_run_dir(tmp_path):

@@ -257,13 +257,22 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {first}") from None
+        where = f"config file {str(path)!r}"
+        raise ConfigError(f"{where} is not valid YAML: {_yaml_error(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r}: expected a mapping of keys to values")
     return flatten(data)
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    """PyYAML's error in one line, with the line and column (1-based) it points at."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{what}" + (f" ({context})" if context else "")
 
 
 def flatten(data: dict, prefix: str = "") -> dict:
@@ -330,6 +339,11 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"config key '{key}': got {value!r}, expected a string")
+    if typ is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            (item,) = typing.get_args(typ) or (Any,)
+            return [_coerce(key, v, item) if item is not Any else v for v in value]
+        raise ConfigError(f"config key '{key}': got {value!r}, expected a list, e.g. [64, 64]")
     if typ is dict or origin is dict:
         if isinstance(value, str):
             try:

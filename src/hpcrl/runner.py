@@ -84,6 +84,7 @@ class TrainOutcome:
 
     status: str  # "completed" | "interrupted" | "already-completed"
     result: dict | None = None  # the greedy evaluation (rank 0)
+    run_dir: str = ""  # the run directory (every rank)
 
     @property
     def exit_code(self) -> int:
@@ -151,6 +152,8 @@ def plan_run(values: dict, run_dir: str | None, overwrite: bool, resume: str | N
     lock_run_dir(path)
     status = read_status(path)
     refuse_in_use(path, status)
+    if status not in (None, "unreadable"):
+        _refuse_other_algorithm(path, values, resume)
     if status == "completed":
         return {"mode": "done", "run_dir": str(path), "config": "", "notes": notes}
     if not ckpt.list_checkpoints(ckpt_dir):
@@ -212,6 +215,23 @@ def plan_run(values: dict, run_dir: str | None, overwrite: bool, resume: str | N
     }
 
 
+def _refuse_other_algorithm(path: Path, values: dict, resume: str) -> None:
+    """A resume continues the run's algorithm and layout (run.h5's `algo`, `layout`).
+
+    Raises:
+        UserError: `values` ask for another algo or layout.
+    """
+    with open_run(path) as f:
+        stored = {key: str(f.attrs.get(key, "")) for key in ("algo", "layout")}
+    for key, have in stored.items():
+        asked = values.get(key)
+        if have and asked is not None and str(asked) != have:
+            raise UserError(
+                f"--resume {resume}: {path} is a run of {key} {have!r}, not {asked!r}; a resume "
+                f"continues its {key} (drop that setting), or start a new --run-dir"
+            )
+
+
 def train(
     comm: MPI.Comm,
     values: dict,
@@ -232,7 +252,6 @@ def train(
     Raises:
         CollectiveUserError: bad config, layout, env, run directory or checkpoint.
     """
-    from hpcrl.topologies import make_topology
     from hpcrl.topologies.run_context import RunContext
     from hpcrl.topologies.segments import ResumePoint
 
@@ -247,26 +266,16 @@ def train(
     if plan["mode"] == "done":
         if rank == 0:
             print(f"[hpcrl] {path} already completed; nothing to resume", flush=True)
-        return TrainOutcome("already-completed")
+        return TrainOutcome("already-completed", run_dir=str(path))
     cfg = config_from_json(plan["config"])
 
     # ... check (every rank, before any other communication) ...
-    def check_world():
-        topology = make_topology(cfg)
-        topology.check_world(world_size)
-        if cfg.run.eval_interval and not topology.periodic_eval:
-            raise ConfigError(
-                f"config key 'eval_interval': got {cfg.run.eval_interval}, expected 0: layout "
-                f"'{topology.name}' does not evaluate during training"
-            )
-        return topology
-
-    topology = agree(comm, check_world)
+    topology = agree(comm, lambda: check_layout(cfg, world_size))
     _limit_threads(cfg.run.torch_threads)
     # Rank 0 alone probes the env (an actor rank need not import what the checks use).
     spaces = agree(
         comm,
-        lambda: _check_env(cfg, topology, world_size, plan.get("shapes", {})),
+        lambda: check_env(cfg, topology, world_size, plan.get("shapes", {})),
         root_only=True,
     )
     resume_point = None
@@ -306,8 +315,29 @@ def train(
         raise
 
 
-def _check_env(cfg, topology, world_size: int, shapes: dict) -> tuple:
-    """One probe env: the topology's checks; returns its (observation_space, action_space).
+def check_layout(cfg, world_size: int):
+    """The run's topology (`hpcrl.contracts.Topology`), checked against the world size
+    (`train` and `hpcrl slurm` at render time).
+
+    Raises:
+        ConfigError: a layout that cannot run on `world_size` ranks, or `eval_interval`
+            for a layout without periodic evaluation.
+    """
+    from hpcrl.topologies import make_topology
+
+    topology = make_topology(cfg)
+    topology.check_world(world_size)
+    if cfg.run.eval_interval and not topology.periodic_eval:
+        raise ConfigError(
+            f"config key 'eval_interval': got {cfg.run.eval_interval}, expected 0: layout "
+            f"'{topology.name}' does not evaluate during training"
+        )
+    return topology
+
+
+def check_env(cfg, topology, world_size: int, shapes: dict) -> tuple:
+    """One probe env: the topology's checks (spaces, device, the batch split over the
+    ranks, a budget of at least one update); returns its (observation_space, action_space).
 
     Raises:
         UserError: an env, device or checkpoint this run cannot use.
@@ -397,7 +427,7 @@ def _finish(ctx, result) -> TrainOutcome:
                 f"checkpointed and stopped; continue with: hpcrl train --resume {path}",
                 flush=True,
             )
-        return TrainOutcome("interrupted")
+        return TrainOutcome("interrupted", run_dir=str(path))
     evaluation = None
     if run.eval_episodes > 0:
         evaluation = result.greedy.evaluate(
@@ -435,7 +465,7 @@ def _finish(ctx, result) -> TrainOutcome:
                 f"{path / 'checkpoints' / ckpt.BEST} (hpcrl evaluate {path} --checkpoint best)",
                 flush=True,
             )
-    return TrainOutcome("completed", evaluation)
+    return TrainOutcome("completed", evaluation, str(path))
 
 
 def _best_evaluation(run_dir: Path) -> dict | None:
@@ -558,6 +588,11 @@ def read_policy_checkpoint(run_dir: str | Path, checkpoint: str) -> tuple[dict, 
     Raises:
         UserError: no run directory, or as `_load_for_evaluation`.
     """
+    if Path(run_dir).is_file():
+        raise UserError(
+            f"run directory {str(run_dir)!r} is a file: expected the directory `train` wrote "
+            "(the one holding run.h5 and checkpoints/)"
+        )
     if not Path(run_dir).is_dir():
         raise UserError(f"run directory {str(run_dir)!r} does not exist")
     arrays, meta, path = _load_for_evaluation(Path(run_dir) / "checkpoints", checkpoint)

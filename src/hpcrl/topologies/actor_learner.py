@@ -150,6 +150,15 @@ class ActorLearner(DeepTopology):
                 f"unrolls_per_update {per_update} must split over {k} learner ranks "
                 f"(learner_ranks): {per_update} % {k} = {per_update % k}"
             )
+        run = self.cfg.run
+        batch = per_update * self.cfg.algo.unroll_length * run.num_envs
+        if run.total_env_steps < batch:
+            raise ConfigError(
+                f"config key 'total_env_steps': got {run.total_env_steps}, expected at least "
+                f"{batch}, one update's batch (unrolls_per_update {per_update} x "
+                f"unroll_length {self.cfg.algo.unroll_length} x num_envs {run.num_envs} env "
+                "steps): a smaller budget trains nothing"
+            )
         decay = self.cfg.algo.solved_lr_decay  # AsyncConfig's, as every algorithm here
         if decay != 1.0 and not self.cfg.run.eval_interval:
             raise ConfigError(

@@ -86,9 +86,18 @@ class GradientAllreduce(DeepTopology):
     ROLES = "ranks 0-{last} each act and learn, gradients averaged"
 
     def check_env(self, env, world_size: int, shapes: dict) -> None:
-        """Also raises ConfigError when the global batch does not split over the ranks."""
+        """Also raises ConfigError when the global batch does not split over the ranks, or
+        the budget is smaller than one update's batch (the run would never learn)."""
         super().check_env(env, world_size, shapes)
-        self.cfg.algo.rollout_steps(world_size, self.cfg.run.num_envs)
+        run = self.cfg.run
+        first = self.cfg.algo.first_update_env_steps(world_size, run.num_envs)
+        if run.total_env_steps < first:
+            raise ConfigError(
+                f"config key 'total_env_steps': got {run.total_env_steps}, expected at least "
+                f"{first}: the first update comes after {first} env steps (one update's "
+                f"batch over {world_size} ranks x {run.num_envs} env copies, after any "
+                "learning_starts), so a smaller budget trains nothing"
+            )
 
     def run(self, ctx: RunContext) -> LoopResult:
         """Every rank returns the learner (all hold the same parameters)."""
