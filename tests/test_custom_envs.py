@@ -4,7 +4,7 @@ and the `env_module` key, imported before the env is made; failures are one line
 from __future__ import annotations
 
 import json
-import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +27,7 @@ def user_package(monkeypatch):
     yield
     for name in [m for m in sys.modules if m.startswith("hpcrl_test_envs")]:
         del sys.modules[name]  # each test imports (and registers) afresh
-    for env_id in ("HpcrlChain-v0", "HpcrlBroken-v0"):
+    for env_id in ("HpcrlChain-v0", "HpcrlBroken-v0", "HpcrlDiverges-v0"):
         gym.registry.pop(env_id, None)
 
 
@@ -89,19 +89,63 @@ def test_env_whose_constructor_raises_is_one_line():
 # ---------------------------------------------------------------- the real CLI (e2e)
 
 
-def _env_with_package() -> dict[str, str]:
-    from conftest import subprocess_env
+@pytest.fixture(scope="module")
+def user_venv(tmp_path_factory) -> Path:
+    """A virtual environment of the user's own, in the test's temporary directory, with
+    the fixture package installed editable (`pip install -e`) as a user installs theirs;
+    it sees this venv's packages (hpcrl, torch, mpi4py) through a `.pth` file. Returns
+    its python."""
+    import shutil
+    import sysconfig
+
+    root = tmp_path_factory.mktemp("user")
+    package = root / "hpcrl-test-envs"
+    shutil.copytree(PACKAGE_ROOT, package, ignore=shutil.ignore_patterns("__pycache__"))
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    parent = sysconfig.get_paths()["purelib"]  # this venv's: hpcrl, torch, mpi4py, pip
+    Path(site, "hpcrl_parent_venv.pth").write_text(f"import site; site.addsitedir({parent!r})\n")
+    for lib in Path(sys.prefix, "lib").glob("*mpi*"):  # MPI as `pip install mpich` puts it
+        (venv / "lib" / lib.name).symlink_to(lib)
+    install = [str(python), "-m", "pip", "install", "--quiet", "--no-build-isolation"]
+    result = subprocess.run(
+        [*install, "--no-deps", "--no-index", "-e", str(package)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return python
+
+
+def _run(python: Path, n: int, *args: str) -> subprocess.CompletedProcess:
+    from conftest import BIN, subprocess_env
 
     env = subprocess_env()
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
-    return env
+    env.pop("PYTHONPATH", None)  # the package is found because it is installed
+    cmd = [str(python), "-m", "hpcrl", *args]
+    if n > 1:
+        cmd = [str(BIN / "mpiexec"), "-n", str(n), *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
-def _run(n: int, *args: str) -> subprocess.CompletedProcess:
-    from conftest import hpcrl_command
-
-    cmd = hpcrl_command(n, *args)
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env_with_package(), timeout=600)
+@pytest.mark.e2e
+def test_the_package_is_installed_not_on_the_path(user_venv):
+    code = "import hpcrl_test_envs, hpcrl; print(hpcrl_test_envs.__file__, hpcrl.__file__)"
+    result = subprocess.run([str(user_venv), "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    package_file, hpcrl_file = result.stdout.split()
+    assert Path(package_file).parent.parent.name == "hpcrl-test-envs"  # the editable copy
+    assert Path(hpcrl_file).is_relative_to(Path(__file__).parents[1] / "src")
+    here = subprocess.run([sys.executable, "-c", "import hpcrl_test_envs"], capture_output=True)
+    assert here.returncode != 0  # not importable from this venv without the install
 
 
 @pytest.mark.e2e
@@ -124,10 +168,11 @@ def _run(n: int, *args: str) -> subprocess.CompletedProcess:
     ],  # fmt: skip
     ids=["qlearning", "ppo"],
 )
-def test_train_and_evaluate_a_custom_env_under_mpirun(tmp_path, args):
+def test_train_and_evaluate_a_custom_env_under_mpirun(tmp_path, user_venv, args):
     run_dir = tmp_path / "run"
     env = ["--env", "hpcrl_test_envs:HpcrlChain-v0"]
-    result = _run(2, "train", *env, "--run-dir", str(run_dir), "--set", "eval_episodes=5", *args)
+    options = ["--run-dir", str(run_dir), "--set", "eval_episodes=5"]
+    result = _run(user_venv, 2, "train", *env, *options, *args)
     assert result.returncode == 0, result.stdout + result.stderr
     with h5py.File(run_dir / "run.h5", "r") as f:
         assert f.attrs["status"] == "completed"
@@ -135,7 +180,7 @@ def test_train_and_evaluate_a_custom_env_under_mpirun(tmp_path, args):
     assert config["env_id"] == "HpcrlChain-v0"
     assert config["env_module"] == "hpcrl_test_envs"
     # evaluate imports the module from the stored config
-    result = _run(1, "evaluate", str(run_dir), "--episodes", "3")
+    result = _run(user_venv, 1, "evaluate", str(run_dir), "--episodes", "3")
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["episodes"] == 3
 
@@ -150,12 +195,24 @@ def test_train_and_evaluate_a_custom_env_under_mpirun(tmp_path, args):
     ],
     ids=["missing-module", "module-raises", "constructor-raises"],
 )
-def test_bad_custom_env_is_one_line_under_mpirun(tmp_path, args, patterns):
+def test_bad_custom_env_is_one_line_under_mpirun(tmp_path, user_venv, args, patterns):
     from conftest import one_error_line
 
     run_dir = tmp_path / "run"
-    result = _run(2, "train", "--run-dir", str(run_dir), "--total-env-steps", "1000", *args)
+    options = ["--run-dir", str(run_dir), "--total-env-steps", "1000"]
+    result = _run(user_venv, 2, "train", *options, *args)
     shown = result.stdout + result.stderr
     assert result.returncode == 2, shown
     one_error_line(result.stdout, result.stderr, patterns, shown)
     assert not run_dir.exists()
+
+
+@pytest.mark.e2e
+def test_env_raising_in_step_mid_run_aborts_with_that_ranks_traceback(tmp_path, user_venv):
+    run_dir = tmp_path / "run"
+    env = ["--env", "hpcrl_test_envs:HpcrlDiverges-v0", "--algo", "qlearning"]
+    options = ["--run-dir", str(run_dir), "--total-env-steps", "100000", "--set", "num_envs=2"]
+    result = _run(user_venv, 2, "train", *env, *options)
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "FloatingPointError: the simulator diverged at step 101" in result.stderr
+    assert re.search(r"\[rank [01]\] .*FloatingPointError", result.stderr), result.stderr
