@@ -20,7 +20,7 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[mpich,dev,analysis]'
+	$(PY) -m pip install --quiet -e '.[mpich,dev,analysis,video]'
 	touch $(STAMP)
 
 ## The default job: IMPALA on CartPole-v1, rank 0 learner and ranks 1-3 actors.

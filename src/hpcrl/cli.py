@@ -101,6 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--seed", type=int, default=0, help="episode i resets with seed S+i (default 0)"
     )
+    evaluate.add_argument(
+        "--video",
+        metavar="DIR",
+        help="also write an .mp4 of the policy per episode into DIR (created if missing), "
+        "episode i reset with seed S+i as in the evaluation; the JSON's 'video' key lists "
+        "the files (needs pip install 'hpcrl[video]')",
+    )
+    evaluate.add_argument(
+        "--video-episodes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="episodes to record with --video (default 1)",
+    )
 
     info = sub.add_parser("info", help="print a summary of a run directory")
     info.add_argument("run_dir", help="a run directory written by `train`")
@@ -197,7 +211,28 @@ def _dispatch(comm, args: argparse.Namespace, default_job: bool = False) -> int:
             runner.print_json(outcome.result)
         return outcome.exit_code
     if args.command == "evaluate":
+        from hpcrl import video
+
+        if args.video is not None:
+            # Before the evaluation: a bad --video or a missing moviepy fails at once.
+            agree(
+                comm,
+                lambda: video.check_request(args.video, args.video_episodes, args.seed),
+                root_only=True,
+            )
         result = runner.evaluate(comm, args.run_dir, args.episodes, args.seed, args.checkpoint)
+        if args.video is not None:
+            # Rank 0 records alone; the other ranks wait in `agree` (an error on rank 0 is
+            # one line and exit 2 on every rank).
+            recorded = agree(
+                comm,
+                lambda: video.record_video(
+                    args.run_dir, args.video, args.checkpoint, args.video_episodes, args.seed
+                ),
+                root_only=True,
+            )
+            if result is not None:
+                result["video"] = recorded
         if result is not None:
             runner.print_json(result)
         return 0
