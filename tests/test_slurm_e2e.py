@@ -379,3 +379,86 @@ def test_preemptible_job_requeues_resumes_and_completes(slurm_env, jobs, tmp_pat
         if "trajectories/obs" in f:
             rows = len(f["trajectories/obs"])
             assert rows == BUDGET, f"{rows} trajectory rows for a budget of {BUDGET}"
+
+
+# The sweep of the README: one job array of 2 x 2 grid points x 3 seeds.
+SWEEP_COMMAND = [
+    "configs/cartpole-ppo.yaml",
+    "--grid",
+    "learning_rate=1e-3,3e-4",
+    "--grid",
+    "num_envs=4,8",
+    "--seeds",
+    "3",
+]
+
+
+def test_sweep_passes_sbatch_test_only(slurm_env, tmp_path):
+    proc = _render(slurm_env, *SWEEP_COMMAND)
+    assert proc.returncode == 0, f"hpcrl slurm: exit {proc.returncode}\n{proc.stderr}"
+    script = proc.stdout
+    assert re.search(r"^#SBATCH --array=0-11$", script, re.M), script[:1500]
+    assert len(re.findall(r"^    \d+\) SEED=", script, re.M)) == 12, script
+    path = tmp_path / "sweep.sbatch"
+    path.write_text(script)
+    _check_script(path, slurm_env, tmp_path)
+
+
+def test_sweep_tasks_run_into_their_own_run_dirs(slurm_env, jobs, tmp_path):
+    """Under SLURM, each array task passes its grid values and seed to `hpcrl train`."""
+    venv, calls = tmp_path / "fake-venv", tmp_path / "calls"
+    (venv / "bin").mkdir(parents=True)
+    calls.mkdir()
+    # Each task's launcher and python write their argv to calls/<task id>.<program>.
+    recorder = f'#!/bin/bash\nprintf "%s\\n" "$@" > "{calls}/$SLURM_ARRAY_TASK_ID.${{0##*/}}"\n'
+    for name in ("python", "fake-launcher"):
+        (venv / "bin" / name).write_text(recorder)
+        (venv / "bin" / name).chmod(0o755)
+    (venv / "bin" / "activate").write_text(f'export PATH="{venv / "bin"}:$PATH"\n')
+    run_root = tmp_path / "sweep"
+    proc = _render(
+        slurm_env,
+        "configs/frozenlake8x8-qlearning.yaml",
+        "--grid",
+        "alpha=0.1,0.05",
+        "--seeds",
+        "2",
+        "--ntasks-per-node",
+        "2",
+        "--time",
+        "00:05:00",
+        "--launcher",
+        str(venv / "bin" / "fake-launcher"),
+        "--venv",
+        str(venv),
+        "--run-dir",
+        str(run_root),
+    )
+    assert proc.returncode == 0, f"hpcrl slurm: exit {proc.returncode}\n{proc.stderr}"
+    script = tmp_path / "sweep.sbatch"
+    script.write_text(proc.stdout)
+    submit = _run(
+        ["sbatch", "--parsable", f"--output={tmp_path}/task-%a.out", script], slurm_env, tmp_path
+    )
+    assert submit.returncode == 0, submit.stderr
+    job_id = submit.stdout.strip().split(";")[0]
+    jobs.append(job_id)
+    deadline = time.monotonic() + 120
+    while _run(["squeue", "-h", "-j", job_id], slurm_env).stdout.strip():
+        assert time.monotonic() < deadline, "the array did not finish within 120 s"
+        time.sleep(0.5)
+    outputs = {p.name: p.read_text() for p in sorted(tmp_path.glob("task-*.out"))}
+    for task_id, (alpha, seed) in enumerate([("0.1", 0), ("0.1", 1), ("0.05", 0), ("0.05", 1)]):
+        launcher = calls / f"{task_id}.fake-launcher"
+        assert launcher.exists(), f"task {task_id} never ran the launcher: {outputs}"
+        run_dir = f"{run_root}/alpha={alpha}/seed-{seed}"
+        assert launcher.read_text().splitlines() == [
+            "python", "-m", "hpcrl", "train", "configs/frozenlake8x8-qlearning.yaml",
+            "--run-dir", run_dir, "--resume", "auto", "--set", f"alpha={alpha}",
+            "--seed", str(seed),
+        ]  # fmt: skip
+        info = calls / f"{task_id}.python"
+        assert info.read_text().splitlines() == ["-m", "hpcrl", "info", run_dir], outputs
+    assert sorted(p.name for p in calls.iterdir()) == sorted(
+        f"{task}.{name}" for task in range(4) for name in ("fake-launcher", "python")
+    )

@@ -274,7 +274,15 @@ OPTION_SETS = {
     "array-preemptible": {"array": "1,3,5", "preemptible": True, "overrides": ("alpha=0.05",)},
     "gpus-multinode": {"gpus": "a100:2", "nodes": 2, "ntasks_per_node": 8, "cpus_per_task": 4},
     "mpiexec": {"launcher": "mpiexec -n 4", "venv": "/opt/venvs/hpc rl", "time": "45"},
+    "sweep": {
+        "grid": (("alpha", ("0.1", "0.05")), ("gamma", ("0.9", "0.99", "0.999"))),
+        "seeds": 2,
+        "max_running": 3,
+    },
+    "seeds-preemptible": {"seeds": 4, "preemptible": True, "overrides": ("alpha=0.05",)},
 }
+# The #SBATCH --array a sweep in OPTION_SETS gets: grid points x seeds tasks.
+SWEEP_ARRAYS = {"sweep": "0-11%3", "seeds-preemptible": "0-3"}
 
 
 @pytest.mark.parametrize("name", OPTION_SETS)
@@ -296,9 +304,14 @@ def test_rendered_directives(name):
         lead = fields.get("signal_lead_s", 120)
         assert f"#SBATCH --signal=B:USR1@{lead}" in directives
         assert "#SBATCH --open-mode=append" in directives
-    if "array" in fields:
-        assert f"#SBATCH --array={fields['array']}" in directives
+    array = fields.get("array", SWEEP_ARRAYS.get(name))
+    assert [line for line in directives if line.startswith("#SBATCH --array")] == (
+        [f"#SBATCH --array={array}"] if array else []
+    )
+    if array:
         assert "#SBATCH --output=%x-%A_%a.out" in directives
+    else:
+        assert "#SBATCH --output=%x-%j.out" in directives
     if "gpus" in fields:
         assert f"#SBATCH --gpus-per-node={fields['gpus']}" in directives
 
@@ -566,3 +579,282 @@ def test_submit_reports_sbatch_refusing(fakes):
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1
     assert "Invalid partition name specified" in done.stderr
+
+
+# --- sweeps: --grid and --seeds ---------------------------------------------------------
+
+PPO_CONFIG = REPO / "configs" / "cartpole-ppo.yaml"
+# The sweep of the README: 2 x 2 grid points x 3 seeds.
+SWEEP_ARGS = ["--grid", "learning_rate=1e-3,3e-4", "--grid", "num_envs=4,8", "--seeds", "3"]
+SWEEP_GRID = (("learning_rate", ("1e-3", "3e-4")), ("num_envs", ("4", "8")))
+
+
+def _run_task(path: Path, fakes, task_id: str | None) -> subprocess.CompletedProcess:
+    env = dict(fakes["env"])
+    if task_id is not None:
+        env["SLURM_ARRAY_TASK_ID"] = task_id
+    return subprocess.run(
+        ["bash", str(path)], cwd=fakes["work"], env=env, capture_output=True, text=True
+    )
+
+
+def _sweep_script(fakes, **fields) -> Path:
+    path = fakes["tmp"] / "sweep.sbatch"
+    fields.setdefault("run_dir", "runs/sweep")
+    path.write_text(
+        _render(
+            launcher=f"{sys.executable} {fakes['tmp'] / 'argv_launcher.py'}",
+            venv=str(fakes["venv"]),
+            **fields,
+        )
+    )
+    _bash_n(path)
+    return path
+
+
+def test_cli_renders_one_array_over_grid_and_seeds(tmp_path):
+    done = _hpcrl_slurm("configs/cartpole-ppo.yaml", *SWEEP_ARGS, "--launcher", "srun")
+    assert done.returncode == 0, done.stderr
+    directives = _directive_lines_first(done.stdout)
+    assert "#SBATCH --array=0-11" in directives
+    assert "#SBATCH --output=%x-%A_%a.out" in directives
+    assert "#SBATCH --ntasks-per-node=4" in directives
+    expected = _render(
+        config="configs/cartpole-ppo.yaml",
+        job_name="hpcrl-cartpole-ppo",
+        run_dir="runs/hpcrl-cartpole-ppo",
+        launcher="srun",
+        grid=SWEEP_GRID,
+        seeds=3,
+    )
+    assert done.stdout == expected
+    path = tmp_path / "sweep.sbatch"
+    path.write_text(done.stdout)
+    _bash_n(path)
+
+
+def test_cli_max_running_throttles_the_sweep():
+    done = _hpcrl_slurm(
+        "configs/cartpole-ppo.yaml", *SWEEP_ARGS, "--max-running", "2", "--launcher", "srun"
+    )
+    assert done.returncode == 0, done.stderr
+    arrays = [line for line in done.stdout.splitlines() if line.startswith("#SBATCH --array")]
+    assert arrays == ["#SBATCH --array=0-11%2"]
+
+
+def test_sweep_task_ids_map_to_grid_points_and_seeds(fakes):
+    path = _sweep_script(fakes, grid=SWEEP_GRID, seeds=3, overrides=("gamma=0.9",))
+    # Written out from the definition: points in grid order, the seed varying fastest.
+    expected = [
+        (lr, envs, seed) for lr in ("1e-3", "3e-4") for envs in ("4", "8") for seed in range(3)
+    ]
+    for task_id, (lr, envs, seed) in enumerate(expected):
+        done = _run_task(path, fakes, str(task_id))
+        assert done.returncode == 0, done.stderr
+        argv = json.loads((fakes["log"] / "argv.json").read_text())
+        run_dir = f"runs/sweep/learning_rate={lr},num_envs={envs}/seed-{seed}"
+        assert argv == [
+            "python", "-m", "hpcrl", "train", CONFIG, "--run-dir", run_dir, "--resume", "auto",
+            "--set", "gamma=0.9", "--set", f"learning_rate={lr}", "--set", f"num_envs={envs}",
+            "--seed", str(seed),
+        ], task_id  # fmt: skip
+        info = (fakes["log"] / "python.log").read_text().splitlines()
+        assert info[-1] == f"-m hpcrl info {run_dir}"
+
+
+@pytest.mark.parametrize("task_id", ["12", "-1", "x", ""])
+def test_sweep_refuses_a_task_id_outside_the_table(task_id, fakes):
+    path = _sweep_script(fakes, grid=SWEEP_GRID, seeds=3)
+    done = _run_task(path, fakes, task_id)
+    assert done.returncode != 0
+    expected = "not a task of this sweep (0-11)" if task_id else "submit with sbatch"
+    assert expected in done.stderr
+    assert not (fakes["log"] / "argv.json").exists()
+
+
+def test_sweep_needs_an_array_task_id(fakes):
+    done = _run_task(_sweep_script(fakes, seeds=2), fakes, None)
+    assert done.returncode != 0
+    assert "submit with sbatch" in done.stderr
+    assert not (fakes["log"] / "argv.json").exists()
+
+
+def test_seeds_alone_is_one_task_per_seed(fakes):
+    text = _render(seeds=3)
+    assert "#SBATCH --array=0-2\n" in text
+    path = _sweep_script(fakes, seeds=3)
+    for seed in range(3):
+        done = _run_task(path, fakes, str(seed))
+        assert done.returncode == 0, done.stderr
+        argv = json.loads((fakes["log"] / "argv.json").read_text())
+        assert argv == [
+            "python", "-m", "hpcrl", "train", CONFIG, "--run-dir", f"runs/sweep/seed-{seed}",
+            "--resume", "auto", "--seed", str(seed),
+        ]  # fmt: skip
+
+
+def test_a_grid_alone_runs_seed_0(fakes):
+    path = _sweep_script(fakes, grid=(("alpha", ("0.1", "0.2")),))
+    assert "#SBATCH --array=0-1\n" in path.read_text()
+    done = _run_task(path, fakes, "1")
+    assert done.returncode == 0, done.stderr
+    argv = json.loads((fakes["log"] / "argv.json").read_text())
+    assert argv[argv.index("--run-dir") + 1] == "runs/sweep/alpha=0.2/seed-0"
+    assert argv[-4:] == ["--set", "alpha=0.2", "--seed", "0"]
+
+
+def test_grid_values_render_inert(fakes):
+    """A grid value reaches `--set` unchanged; its directory name keeps safe characters."""
+    hostile = """$(touch PWNED) `touch PWNED` 'q' "d" * ;x"""
+    path = _sweep_script(fakes, grid=(("env_id", ("ALE/Pong-v5", hostile)),), seeds=1)
+    _bash_n(path, "--exclude=SC2016")
+    for task_id, value in enumerate(("ALE/Pong-v5", hostile)):
+        done = _run_task(path, fakes, str(task_id))
+        assert done.returncode == 0, done.stderr
+        argv = json.loads((fakes["log"] / "argv.json").read_text())
+        assert argv[-4:] == ["--set", f"env_id={value}", "--seed", "0"]
+        run_dir = argv[argv.index("--run-dir") + 1]
+        name = "env_id=ALE_Pong-v5" if task_id == 0 else "env_id=__touch_PWNED___touch_PWNED"
+        assert run_dir.startswith(f"runs/sweep/{name}"), run_dir
+        assert run_dir.endswith("/seed-0") and run_dir.count("/") == 3, run_dir
+    assert not (fakes["work"] / "PWNED").exists()
+
+
+def test_sweep_tasks_order_and_names():
+    options = slurm.JobOptions(
+        config=CONFIG, job_name="j", run_dir="r", grid=(("a", ("1", "2")), ("debug.b", ("x",))),
+        seeds=2,
+    )  # fmt: skip
+    assert slurm.sweep_tasks(options) == [
+        slurm.SweepTask("a=1,debug.b=x", 0, ("a=1", "debug.b=x")),
+        slurm.SweepTask("a=1,debug.b=x", 1, ("a=1", "debug.b=x")),
+        slurm.SweepTask("a=2,debug.b=x", 0, ("a=2", "debug.b=x")),
+        slurm.SweepTask("a=2,debug.b=x", 1, ("a=2", "debug.b=x")),
+    ]
+    assert slurm.sweep_tasks(slurm.JobOptions(config=CONFIG, job_name="j", run_dir="r")) == []
+
+
+def test_render_refuses_an_array_with_a_sweep():
+    with pytest.raises(UserError, match="--array"):
+        _render(array="0-2", seeds=3)
+
+
+# Each: extra `hpcrl slurm` arguments for configs/cartpole-ppo.yaml (4 ranks by default)
+# and a text the one error line must hold.
+SWEEP_REFUSALS = {
+    "repeated key": (
+        ["--grid", "learning_rate=1e-3", "--grid", "learning_rate=3e-4"],
+        "key 'learning_rate' is given twice",
+    ),
+    "no values": (["--grid", "learning_rate="], "expected at least one value"),
+    "empty value": (["--grid", "learning_rate=1e-3,,3e-4"], "an empty value"),
+    "trailing comma": (["--grid", "learning_rate=1e-3,"], "an empty value"),
+    "duplicate value": (["--grid", "learning_rate=1e-3,3e-4,1e-3"], "'1e-3' is listed twice"),
+    "same value twice": (["--grid", "learning_rate=1e-3,0.001"], "give the same config"),
+    "no =": (["--grid", "learning_rate"], "expected KEY=VALUE1,VALUE2"),
+    "odd key": (["--grid", "learning rate=1"], "KEY a config key"),
+    "unknown key": (
+        ["--grid", "lerning_rate=1e-3,3e-4"],
+        "grid point lerning_rate=1e-3: unknown config key 'lerning_rate'",
+    ),
+    "seed in grid": (["--grid", "seed=0,1"], "use --seeds"),
+    "run_dir in grid": (["--grid", "run_dir=a,b"], "use --run-dir"),
+    "same directory name": (["--grid", "env_id=a/b,a_b"], "both give the run directory name"),
+    "grid and set": (["--grid", "num_envs=4,8", "--set", "num_envs=2"], "also a --grid key"),
+    "seed set in a sweep": (["--seeds", "2", "--set", "seed=4"], "its own --seed"),
+    "seed set in an array": (["--array", "0-1", "--set", "seed=4"], "its own --seed"),
+    "zero seeds": (["--seeds", "0"], "--seeds '0': expected a positive integer"),
+    "seeds and array": (["--seeds", "3", "--array", "0-2"], "not with --grid or --seeds"),
+    "grid and array": (["--grid", "num_envs=4,8", "--array", "0-2"], "not with --grid"),
+    "throttle alone": (["--max-running", "2"], "expected --grid or --seeds as well"),
+    "zero throttle": (["--seeds", "2", "--max-running", "0"], "--max-running '0'"),
+    "bad --set key": (["--set", "lerning_rate=1"], "unknown config key 'lerning_rate'"),
+    "bad --set value": (["--seeds", "2", "--set", "num_envs=two"], "expected an integer"),
+    # 512 env steps per update over 4 ranks x 3 envs: the second point only.
+    "second point": (
+        ["--grid", "num_envs=4,3"],
+        "grid point num_envs=3: env_steps_per_update 512 and minibatch_size 256 must split "
+        "over 4 ranks x 3 env copies",
+    ),
+    "ranks": (["--ntasks-per-node", "3"], "must split over 3 ranks x 2 env copies"),
+    "nodes": (["--nodes", "3", "--seeds", "2"], "must split over 12 ranks x 2 env copies"),
+    "eval_interval": (["--set", "eval_interval=1000"], "does not evaluate during training"),
+}
+
+
+@pytest.mark.parametrize("case", SWEEP_REFUSALS)
+def test_cli_refuses_a_bad_sweep_before_writing_anything(case, fakes):
+    args, expected = SWEEP_REFUSALS[case]
+    env = _fake_sbatch(fakes)
+    out = fakes["tmp"] / "job.sbatch"
+    done = _hpcrl_slurm(
+        str(PPO_CONFIG), *args, "--submit", "--output", str(out), cwd=fakes["work"], env=env
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hpcrl: error: "), done.stderr
+    assert expected in lines[0]
+    assert not out.exists()
+    assert not (fakes["log"] / "sbatch.log").exists()
+
+
+def test_cli_refuses_a_layout_the_world_cannot_hold(fakes):
+    done = _hpcrl_slurm(
+        str(REPO / "configs" / "cartpole-impala.yaml"), "--set", "learner_ranks=4",
+        "--output", "job.sbatch", cwd=fakes["work"], env=fakes["env"],
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.startswith("hpcrl: error: config key 'learner_ranks': got 4")
+    assert done.stderr.endswith("(the job's world: --nodes 1 x --ntasks-per-node 4 = 4 ranks)\n")
+    assert not (fakes["work"] / "job.sbatch").exists()
+
+
+def test_cli_submits_a_valid_sweep(fakes):
+    """The control for the refusals above: the same command without the bad value."""
+    env = _fake_sbatch(fakes)
+    out = fakes["tmp"] / "job.sbatch"
+    done = _hpcrl_slurm(
+        str(PPO_CONFIG), *SWEEP_ARGS, "--submit", "--output", str(out), cwd=fakes["work"],
+        env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "42\n"
+    assert (fakes["log"] / "sbatch.log").read_text() == f"{out}\n"
+    assert "#SBATCH --array=0-11\n" in out.read_text()
+
+
+def test_a_sweep_trains_and_analyse_groups_it_by_grid_point(tmp_path):
+    """Four real one-rank runs through the rendered table; `analyse` makes one experiment
+    per grid point, each holding its two seeds."""
+    from hpcrl.analysis.runs import group_runs, read_runs
+
+    done = _hpcrl_slurm(
+        CONFIG, "--grid", "alpha=0.1,0.05", "--seeds", "2", "--ntasks-per-node", "1",
+        "--launcher", "env", "--venv", sys.prefix, "--run-dir", str(tmp_path / "runs"),
+        "--set", "layout=allreduce", "--set", "total_env_steps=4096", "--set", "eval_episodes=5",
+        "--output", str(tmp_path / "sweep.sbatch"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI", "OMPI_"))}
+    for task_id in ["0", "1", "2", "3", "0"]:  # task 0 twice: the second finds it completed
+        env["SLURM_ARRAY_TASK_ID"] = task_id
+        ran = subprocess.run(
+            ["bash", str(tmp_path / "sweep.sbatch")], cwd=REPO, env=env, capture_output=True,
+            text=True, timeout=120,
+        )  # fmt: skip
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "already completed" in ran.stdout
+    experiments = group_runs(read_runs([tmp_path / "runs"]))
+    found = {
+        experiment.label: sorted(
+            (run.path.relative_to(tmp_path / "runs").as_posix(), run.config["seed"])
+            for run in experiment.runs
+        )
+        for experiment in experiments
+    }
+    assert found == {
+        "alpha=0.05": [("alpha=0.05/seed-0", 0), ("alpha=0.05/seed-1", 1)],
+        "alpha=0.1": [("alpha=0.1/seed-0", 0), ("alpha=0.1/seed-1", 1)],
+    }
+    assert all(run.status == "completed" for e in experiments for run in e.runs)

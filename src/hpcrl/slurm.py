@@ -5,6 +5,14 @@ The rendered script has the structure of `jobs/single-node.sbatch` or, with
 It trains with `--resume auto` into a run directory fixed at render time, so submitting
 the same script again continues the run.
 
+A sweep (`--grid KEY=V1,V2 ...` and/or `--seeds N`) is one job array over the product of
+the grid values and the seeds: the script holds a table from `SLURM_ARRAY_TASK_ID` to one
+grid point and seed, and each task trains into `RUN_DIR/<point>/seed-<seed>` (the point
+named `KEY=VALUE,KEY2=VALUE2`), so `hpcrl analyse RUN_DIR` reads every task's run.
+
+Before anything is written, every task's config is built as `hpcrl train` builds it and
+checked against the job's world size (`check_training_config`).
+
 Two parsers read the script, and each value is made safe for the one that reads it:
 
 - `#SBATCH` lines are read by sbatch, which splits on whitespace, honours quotes and
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import re
 import shlex
 import shutil
@@ -53,6 +62,13 @@ _ARRAY_ITEM_RE = re.compile(r"(\d+)(?:-(\d+)(?::(\d+))?)?")
 # What may appear in an #SBATCH value at all (each option also has its own pattern).
 _DIRECTIVE_VALUE_RE = re.compile(r"[A-Za-z0-9_.:%,@+=/-]*")
 _HETJOB_WORDS = ("hetjob", "packjob")
+# A config key as `--grid` takes it (dotted for nested keys, e.g. debug.fail_rank).
+_CONFIG_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+# Characters kept in a grid point's directory name; any other becomes "_".
+_UNSAFE_NAME_CHAR_RE = re.compile(r"[^A-Za-z0-9_.+=-]")
+MAX_NAME_BYTES = 255  # one path component on Linux file systems
+# Keys a sweep sets itself, per task.
+_SWEEP_KEYS = {"seed": "--seeds", "run_dir": "--run-dir"}
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 MAX_SIGNAL_LEAD_S = 65535  # sbatch --signal keeps the lead time in 16 bits
@@ -65,7 +81,8 @@ class JobOptions:
     Attributes:
         config: path of the YAML config, relative to the directory sbatch is run from.
         job_name: `#SBATCH --job-name`.
-        run_dir: the run directory; with `array`, the parent of one `seed-<k>` per task.
+        run_dir: the run directory; with `array`, the parent of one `seed-<k>` per task;
+            in a sweep, the parent of one `<point>/seed-<k>` (or `seed-<k>`) per task.
         nodes: `#SBATCH --nodes`.
         ntasks_per_node: `#SBATCH --ntasks-per-node` (MPI ranks per node).
         cpus_per_task: `#SBATCH --cpus-per-task`.
@@ -74,7 +91,11 @@ class JobOptions:
         account: `#SBATCH --account`, or None for the site default.
         gpus: `#SBATCH --gpus-per-node`, e.g. "1" or "a100:2", or None.
         array: `#SBATCH --array` spec, e.g. "0-4", "0-9%2", "1,3,5"; the array task id
-            is passed to `hpcrl train` as `--seed`.
+            is passed to `hpcrl train` as `--seed`. Excludes `grid` and `seeds`.
+        grid: the sweep's grid, `((key, (value, ...)), ...)`, values as given on the
+            command line (each passed on as `--set key=value`); see `check_grid`.
+        seeds: the sweep's seeds 0..seeds-1, or None (1 when `grid` is given).
+        max_running: in a sweep, at most this many array tasks at once (`%N`), or None.
         preemptible: checkpoint on SIGUSR1 `signal_lead_s` before the time limit, requeue.
         signal_lead_s: seconds before the time limit that SLURM sends SIGUSR1.
         launcher: the launcher command line, e.g. "srun --mpi=pmi2" (split like a shell).
@@ -93,11 +114,34 @@ class JobOptions:
     account: str | None = None
     gpus: str | None = None
     array: str | None = None
+    grid: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    seeds: int | None = None
+    max_running: int | None = None
     preemptible: bool = False
     signal_lead_s: int = 120
     launcher: str = "srun"
     venv: str = ".venv"
     overrides: tuple[str, ...] = ()
+
+    @property
+    def sweep(self) -> bool:
+        """Whether this job is a sweep (`--grid` or `--seeds`)."""
+        return bool(self.grid) or self.seeds is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepTask:
+    """One array task of a sweep.
+
+    Attributes:
+        point: the grid point's directory name, `KEY=VALUE,KEY2=VALUE2`, "" without a grid.
+        seed: passed to `hpcrl train` as `--seed`.
+        overrides: the point's `KEY=VALUE` texts, each passed on as `--set`.
+    """
+
+    point: str
+    seed: int
+    overrides: tuple[str, ...]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -116,8 +160,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "slurm",
         help="render (and optionally submit) an sbatch script that trains a config",
         description="Print an sbatch script that trains CONFIG with `--resume auto` (so "
-        "submitting it again continues the run). Paths are relative to the directory "
-        "you submit from.",
+        "submitting it again continues the run); with --grid or --seeds, one job array over "
+        "every combination. Every task's config is first checked as `hpcrl train` would "
+        "check it, for --nodes x --ntasks-per-node ranks. Paths are relative to the "
+        "directory you submit from.",
     )
     parser.add_argument("config", help="YAML config file (must exist)")
     job = parser.add_argument_group("resources (#SBATCH lines)")
@@ -133,7 +179,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     job.add_argument(
         "--array",
         help="job array, e.g. 0-4, 0-9%%2, 1,3,5: one run per array task, seed = task id, "
-        "run dir RUN_DIR/seed-<id>",
+        "run dir RUN_DIR/seed-<id> (not with --grid or --seeds, which make their own array)",
     )
     job.add_argument("--job-name", help="job name (default hpcrl-<config stem>)")
     job.add_argument(
@@ -150,7 +196,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run = parser.add_argument_group("what the job runs")
     run.add_argument(
         "--run-dir",
-        help="run directory (default runs/<job name>; with --array the parent of seed-<id>)",
+        help="run directory (default runs/<job name>; with --array, --grid or --seeds the "
+        "parent of every task's directory)",
     )
     run.add_argument(
         "--launcher",
@@ -166,6 +213,29 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="config override passed on to `hpcrl train` (repeatable)",
+    )
+    sweep = parser.add_argument_group(
+        "sweep (one job array over every combination of --grid values and --seeds)"
+    )
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="a config key and its values, split at commas (repeatable, once per key): "
+        "each array task trains one combination of the values, passed as --set KEY=V, into "
+        "RUN_DIR/KEY=V,KEY2=V2/seed-<seed>",
+    )
+    sweep.add_argument(
+        "--seeds",
+        metavar="N",
+        help="train every grid point with seeds 0..N-1, one array task each (default 1 with "
+        "--grid); alone: N tasks into RUN_DIR/seed-<seed>",
+    )
+    sweep.add_argument(
+        "--max-running",
+        metavar="N",
+        help="with --grid or --seeds: at most N array tasks run at once (#SBATCH --array=...%%N)",
     )
     out = parser.add_argument_group("output")
     out.add_argument("--output", help="write the script to this file instead of stdout")
@@ -188,8 +258,8 @@ def run(args: argparse.Namespace) -> int:
         The exit status: 0.
 
     Raises:
-        UserError: a bad option value, an unwritable output file, no `sbatch` on PATH, or
-            sbatch refusing the script.
+        UserError: a bad option value, a config `hpcrl train` would refuse for this job,
+            an unwritable output file, no `sbatch` on PATH, or sbatch refusing the script.
     """
     options = options_from_args(args)
     script = render_script(options)
@@ -218,10 +288,11 @@ def options_from_args(args: argparse.Namespace) -> JobOptions:
         args: the namespace parsed by the `slurm` subparser (numbers still strings).
 
     Returns:
-        The options, already checked by `validate_options`.
+        The options, already checked by `validate_options` and `check_training_config`.
 
     Raises:
-        UserError: the first bad value, naming it and what was expected.
+        UserError: the first bad value, naming it and what was expected, or the first
+            task's config that `hpcrl train` would refuse.
     """
     config = args.config
     _check_text("CONFIG", config)
@@ -246,6 +317,13 @@ def options_from_args(args: argparse.Namespace) -> JobOptions:
         account=args.account,
         gpus=args.gpus,
         array=args.array,
+        grid=parse_grid(args.grid),
+        seeds=None if args.seeds is None else parse_positive_int("--seeds", args.seeds),
+        max_running=(
+            None
+            if args.max_running is None
+            else parse_positive_int("--max-running", args.max_running)
+        ),
         preemptible=args.preemptible,
         signal_lead_s=parse_positive_int("--signal-lead-s", args.signal_lead_s),
         launcher=launcher,
@@ -253,6 +331,7 @@ def options_from_args(args: argparse.Namespace) -> JobOptions:
         overrides=tuple(args.overrides),
     )
     validate_options(options)
+    check_training_config(options)
     return options
 
 
@@ -292,7 +371,11 @@ def validate_options(options: JobOptions) -> None:
         ("--ntasks-per-node", options.ntasks_per_node),
         ("--cpus-per-task", options.cpus_per_task),
         ("--signal-lead-s", options.signal_lead_s),
+        ("--seeds", options.seeds),
+        ("--max-running", options.max_running),
     ):
+        if value is None and flag in ("--seeds", "--max-running"):
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{flag} {value!r}: expected a positive integer")
     limit_s = parse_time_limit_s(options.time)
@@ -306,6 +389,17 @@ def validate_options(options: JobOptions) -> None:
         )
     if options.array is not None:
         check_array_spec(options.array)
+        if options.sweep:
+            raise UserError(
+                f"--array {options.array!r}: not with --grid or --seeds, which make the job "
+                "array themselves (use --max-running N for %N)"
+            )
+    if options.max_running is not None and not options.sweep:
+        raise UserError(
+            f"--max-running {options.max_running}: expected --grid or --seeds as well "
+            "(with --array, write the limit into it: --array 0-9%N)"
+        )
+    check_grid(options.grid)
     if options.preemptible:
         if options.signal_lead_s > MAX_SIGNAL_LEAD_S:
             raise UserError(
@@ -335,6 +429,17 @@ def validate_options(options: JobOptions) -> None:
         key, sep, _ = override.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--set {override!r}: expected KEY=VALUE")
+        key = key.strip()
+        if key in dict(options.grid):
+            raise UserError(
+                f"--set {override!r}: {key!r} is also a --grid key; give it in one place"
+            )
+        if key == "seed" and (options.sweep or options.array is not None):
+            flag = "--seeds" if options.sweep else "--array"
+            raise UserError(
+                f"--set {override!r}: each array task passes its own --seed ({flag}); "
+                "drop this --set"
+            )
 
 
 def check_job_name(name: str) -> None:
@@ -385,6 +490,178 @@ def check_array_spec(spec: str) -> None:
             raise UserError(f"--array {spec!r}: range {item!r} ends before it starts")
         if step is not None and int(step) < 1:
             raise UserError(f"--array {spec!r}: step in {item!r} must be at least 1")
+
+
+def parse_grid(texts: list[str] | tuple[str, ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Split `--grid KEY=V1,V2,...` arguments into a grid (checked by `check_grid`).
+
+    Args:
+        texts: the `--grid` arguments, in the order given.
+
+    Returns:
+        `((key, (value, ...)), ...)` in the order given; values are the texts between
+        commas, unchanged (so a grid value cannot hold a comma).
+
+    Raises:
+        UserError: an argument without `=`, or a grid `check_grid` refuses.
+    """
+    grid = []
+    for text in texts:
+        _check_text("--grid", text)
+        key, sep, values = text.partition("=")
+        if not sep:
+            raise UserError(f"--grid {text!r}: expected KEY=VALUE1,VALUE2,...")
+        grid.append((key.strip(), tuple(values.split(","))))
+    out = tuple(grid)
+    check_grid(out)
+    return out
+
+
+def check_grid(grid: tuple[tuple[str, tuple[str, ...]], ...]) -> None:
+    """Check a sweep's grid before any config is built.
+
+    Args:
+        grid: `((key, (value, ...)), ...)`, as `parse_grid` returns it.
+
+    Raises:
+        UserError: a key that is not a config key's name (letters, digits, _ and dots), a
+            key the sweep sets per task (seed, run_dir), a key given twice, an empty value
+            list, an empty or repeated value, or two values of one key that give the same
+            directory name.
+    """
+    seen = set()
+    for key, values in grid:
+        shown = f"--grid {key + '=' + ','.join(values)!r}"
+        _check_text("--grid", shown)
+        if not _CONFIG_KEY_RE.fullmatch(key):
+            raise UserError(
+                f"{shown}: expected KEY=VALUE1,VALUE2,... with KEY a config key "
+                "(letters, digits, _ and dots)"
+            )
+        if key in _SWEEP_KEYS:
+            raise UserError(f"{shown}: each array task sets its own {key} (use {_SWEEP_KEYS[key]})")
+        if key in seen:
+            raise UserError(f"{shown}: key {key!r} is given twice; list its values in one --grid")
+        seen.add(key)
+        if values in ((), ("",)):
+            raise UserError(f"{shown}: expected at least one value after '{key}='")
+        if "" in values:
+            raise UserError(f"{shown}: an empty value (two commas, or one at an end)")
+        repeated = sorted({value for value in values if values.count(value) > 1})
+        if repeated:
+            raise UserError(f"{shown}: value {repeated[0]!r} is listed twice")
+        names: dict[str, str] = {}
+        for value in values:
+            name = _point_part(key, value)
+            if name in names:
+                raise UserError(
+                    f"{shown}: values {names[name]!r} and {value!r} both give the run "
+                    f"directory name {name!r}"
+                )
+            names[name] = value
+    if grid:
+        longest = max((_point_name(point) for point in itertools.product(*_pairs(grid))), key=len)
+        if len(longest.encode()) > MAX_NAME_BYTES:
+            raise UserError(
+                f"--grid: the run directory name {longest[:60]!r}... is longer than "
+                f"{MAX_NAME_BYTES} bytes; use shorter values"
+            )
+
+
+def sweep_tasks(options: JobOptions) -> list[SweepTask]:
+    """The array tasks of a sweep, in task-id order: task id = point index * seeds + seed.
+
+    Points are the product of the grid's values, the last key varying fastest.
+
+    Args:
+        options: the job.
+
+    Returns:
+        One `SweepTask` per array task; [] when `options` is not a sweep.
+    """
+    if not options.sweep:
+        return []
+    seeds = 1 if options.seeds is None else options.seeds
+    return [
+        SweepTask(_point_name(point), seed, tuple(f"{key}={value}" for key, value in point))
+        for point in itertools.product(*_pairs(options.grid))
+        for seed in range(seeds)
+    ]
+
+
+def check_training_config(options: JobOptions) -> None:
+    """Build each task's config as `hpcrl train` would and check it for the job's ranks.
+
+    The config is CONFIG, then `--set`, then the task's grid values (and seed), merged
+    by `hpcrl.cli.config_values` and built by `hpcrl.config.build_config`. Each grid point
+    (every one, with its first seed) is then checked as `hpcrl.runner.train` checks it:
+    the layout against the world size `nodes * ntasks_per_node` (the ranks srun starts),
+    and one probe env against the layout (e.g. that PPO's batch splits over the ranks).
+    The device is not checked: the GPU is on the compute node, not where this runs.
+
+    Args:
+        options: the job, already checked by `validate_options`.
+
+    Raises:
+        UserError: the first config `hpcrl train` would refuse (a grid point's is prefixed
+            with its name), or two grid points whose configs are the same (e.g. 1e-3 and
+            0.001).
+    """
+    from hpcrl import runner
+    from hpcrl.cli import config_values
+    from hpcrl.config import build_config
+    from hpcrl.topologies import make_topology
+
+    world_size = options.nodes * options.ntasks_per_node
+    points: dict[tuple[str, ...], SweepTask] = {}
+    for task in sweep_tasks(options) or [SweepTask("", -1, ())]:
+        points.setdefault(task.overrides, task)
+    built: dict[str, str] = {}  # config JSON -> the point that gave it
+    for task in points.values():
+        where = f"grid point {task.point}: " if task.point else ""
+        args = argparse.Namespace(
+            config=options.config, overrides=[*options.overrides, *task.overrides]
+        )
+        try:
+            values = config_values(args)
+            if task.seed >= 0:
+                values["seed"] = task.seed
+            cfg = build_config(values)
+        except UserError as exc:
+            raise UserError(f"{where}{exc}") from None
+        world = (
+            f" (the job's world: --nodes {options.nodes} x --ntasks-per-node "
+            f"{options.ntasks_per_node} = {world_size} ranks)"
+        )
+        try:
+            try:
+                runner.check_layout(cfg, world_size)
+            except UserError as exc:
+                raise UserError(f"{exc}{world}") from None
+            on_cpu = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, device="cpu"))
+            runner.check_env(on_cpu, make_topology(on_cpu), world_size, {})
+        except UserError as exc:
+            raise UserError(f"{where}{exc}") from None
+        key = cfg.to_json()
+        if key in built:
+            raise UserError(
+                f"grid points {built[key]} and {task.point} give the same config; drop one "
+                "of the values"
+            )
+        built[key] = task.point
+
+
+def _pairs(grid) -> list[list[tuple[str, str]]]:
+    return [[(key, value) for value in values] for key, values in grid]
+
+
+def _point_part(key: str, value: str) -> str:
+    return _UNSAFE_NAME_CHAR_RE.sub("_", f"{key}={value}")
+
+
+def _point_name(point) -> str:
+    """`KEY=VALUE,KEY2=VALUE2` with any character but `A-Za-z0-9_.+=-` made `_`."""
+    return ",".join(_point_part(key, value) for key, value in point)
 
 
 def parse_time_limit_s(text: str) -> int:
@@ -458,15 +735,21 @@ def render_script(options: JobOptions) -> str:
         ("cpus-per-task", str(options.cpus_per_task)),
         ("time", options.time),
     ]
+    tasks = sweep_tasks(options)
+    array = options.array
+    if tasks:
+        array = f"0-{len(tasks) - 1}"
+        if options.max_running is not None:
+            array += f"%{options.max_running}"
     for name, value in (
         ("partition", options.partition),
         ("account", options.account),
         ("gpus-per-node", options.gpus),
-        ("array", options.array),
+        ("array", array),
     ):
         if value is not None:
             directives.append((name, value))
-    directives.append(("output", "%x-%A_%a.out" if options.array else "%x-%j.out"))
+    directives.append(("output", "%x-%A_%a.out" if array else "%x-%j.out"))
     if options.preemptible:
         directives += [
             ("signal", f"B:USR1@{options.signal_lead_s}"),
@@ -488,6 +771,20 @@ def render_script(options: JobOptions) -> str:
         ]
     if options.array:
         lines.append("# Array: task k trains with --seed k into RUN_DIR/seed-k.")
+    if tasks:
+        seeds = 1 if options.seeds is None else options.seeds
+        if options.grid:
+            lines += [
+                f"# Sweep: {len(tasks)} array tasks = {len(tasks) // seeds} grid points x "
+                f"{seeds} seeds; the table below",
+                "# gives each task its grid values (passed as --set) and seed (--seed), and "
+                "it trains",
+                "# into RUN_DIR/<grid point>/seed-<seed>.",
+            ]
+        else:
+            lines.append(
+                f"# Sweep: {seeds} array tasks; task k trains with --seed k into RUN_DIR/seed-k."
+            )
     lines.append("# Ranks take rank and size from MPI, never from SLURM variables.")
     lines += [_directive(name, value) for name, value in directives]
 
@@ -505,6 +802,10 @@ def render_script(options: JobOptions) -> str:
             'SEED=${SLURM_ARRAY_TASK_ID:?"submit with sbatch: the array task id is the seed"}',
             f'RUN_DIR={shlex.quote(_not_an_option(options.run_dir))}/seed-"$SEED"',
         ]
+    elif tasks:
+        lines += _task_table(tasks, bool(options.grid))
+        point = '"$POINT"/' if options.grid else ""
+        lines.append(f'RUN_DIR={shlex.quote(_not_an_option(options.run_dir))}/{point}seed-"$SEED"')
     else:
         lines.append(f"RUN_DIR={shlex.quote(_not_an_option(options.run_dir))}")
     lines += [
@@ -512,7 +813,9 @@ def render_script(options: JobOptions) -> str:
         f"launcher=({launcher_words})",
         f"train_args=({' '.join(shlex.quote(arg) for arg in train_args)})",
     ]
-    if options.array:
+    if options.grid:
+        lines.append('train_args+=("${point_args[@]}" --seed "$SEED")')
+    elif options.array or tasks:
         lines.append('train_args+=(--seed "$SEED")')
     lines += [
         "# EXTRA_ARGS (environment): more `hpcrl train` arguments, split on whitespace on",
@@ -530,6 +833,26 @@ def render_script(options: JobOptions) -> str:
     lines += _BODY_SETUP
     lines += _BODY_PREEMPTIBLE if options.preemptible else _BODY_PLAIN
     return "\n".join(lines) + "\n"
+
+
+def _task_table(tasks: list[SweepTask], grid: bool) -> list[str]:
+    """Shell lines that set SEED (and POINT, point_args) from SLURM_ARRAY_TASK_ID."""
+    lines = [
+        'TASK=${SLURM_ARRAY_TASK_ID:?"submit with sbatch: the array task id picks the task"}',
+        'case "$TASK" in',
+    ]
+    for task_id, task in enumerate(tasks):
+        arm = f"SEED={task.seed}"
+        if grid:
+            sets = " ".join(f"--set {shlex.quote(text)}" for text in task.overrides)
+            arm += f"; POINT={shlex.quote(task.point)}; point_args=({sets})"
+        lines.append(f"    {task_id}) {arm} ;;")
+    lines += [
+        f'    *) echo "hpcrl: array task $TASK is not a task of this sweep (0-{len(tasks) - 1})"'
+        " >&2; exit 2 ;;",
+        "esac",
+    ]
+    return lines
 
 
 def submit(path: str | Path) -> str:
