@@ -323,3 +323,70 @@ def test_an_exception_on_one_rank_of_a_script_aborts_the_job(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert result.returncode != 0
     assert "[rank 1]" in result.stderr, result.stderr
+
+
+def test_preemption_handlers_are_the_runs_only():
+    import signal
+
+    from hpcrl import preemption
+
+    before = {sig: signal.getsignal(sig) for sig in preemption.SIGNALS}
+    with preemption.installed():
+        assert signal.getsignal(signal.SIGUSR1) is preemption._handler
+        signal.raise_signal(signal.SIGUSR1)  # a flag, not the default (terminate)
+        assert preemption.requested()
+    assert {sig: signal.getsignal(sig) for sig in preemption.SIGNALS} == before
+    assert not preemption.requested()  # a later train starts with a clear flag
+
+
+PREEMPTED = r"""
+import json, sys
+import hpcrl
+
+outcome = hpcrl.train(
+    {"algo": "ppo", "env_id": "CartPole-v1", "num_envs": 2, "env_steps_per_update": 512,
+     "minibatch_size": 128, "log_interval_s": 0.2, "eval_episodes": 2},
+    run_dir=sys.argv[1], resume="auto", total_env_steps=int(sys.argv[2]),
+)
+print(json.dumps({"status": outcome.status, "exit_code": outcome.exit_code}), flush=True)
+sys.exit(outcome.exit_code)
+"""
+
+
+@pytest.mark.e2e
+def test_a_script_is_preempted_and_resumed(tmp_path):
+    """SIGUSR1 to `mpiexec -n 2 python script.py`: `train` checkpoints and returns
+    `interrupted` (exit_code 3); the same script again resumes the run to its end."""
+    import signal
+
+    script = tmp_path / "job.py"
+    script.write_text(PREEMPTED)
+    run_dir = tmp_path / "run"
+    cmd = [str(BIN / "mpiexec"), "-n", "2", sys.executable, str(script), str(run_dir)]
+    proc = subprocess.Popen(
+        [*cmd, "60000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    for line in proc.stdout:
+        if line.startswith("[hpcrl] env_steps"):
+            break
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, out + err
+    assert out.count('{"status": "interrupted", "exit_code": 3}') == 2, out  # every rank
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        assert f.attrs["status"] == "interrupted"
+    # The job script runs again, as a requeued job does: the run continues to its end.
+    again = subprocess.run(
+        [*cmd, "60000"], capture_output=True, text=True, env=subprocess_env(), timeout=300
+    )
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "[hpcrl] resuming" in again.stdout
+    assert again.stdout.count('{"status": "completed", "exit_code": 0}') == 2, again.stdout
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        assert f.attrs["status"] == "completed"
+        assert len(f["resumes"]["env_steps"]) == 1
+        assert f["metrics"]["env_steps"][-1] == 60000

@@ -80,7 +80,6 @@ def train(
     from hpcrl.comm.agreement import CollectiveUserError, agree
 
     comm = MPI.COMM_WORLD if comm is None else comm
-    preemption.install_if_main_thread()
 
     def prepare() -> dict:
         values = config_values(config, overrides)
@@ -97,7 +96,8 @@ def train(
 
     try:
         values = agree(comm, prepare)
-        with custom_network(network_fn):
+        # SIGUSR1/SIGTERM checkpoint and stop the run (exit_code 3), as on the command line
+        with preemption.installed(), custom_network(network_fn):
             return runner.train(
                 comm,
                 values,

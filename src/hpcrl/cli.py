@@ -174,7 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hpcrl: error: {usage_error}", file=sys.stderr, flush=True)
         return 2
     if args is not None and args.command in ("slurm", "analyse"):
-        # Renders (and may submit) a job script, or reads run files: no MPI, one process.
+        # Renders (and may submit) a job script, or reads run files: one process. slurm's
+        # checks import the runner (and so mpi4py) but never communicate: no MPI_Init on
+        # a login node, where some sites forbid it.
+        if "mpi4py.MPI" not in sys.modules:
+            import mpi4py
+
+            mpi4py.rc.initialize = mpi4py.rc.finalize = False
         from hpcrl import slurm
         from hpcrl.analysis import report
         from hpcrl.errors import UserError

@@ -11,7 +11,10 @@ send it `SIGUSR1` (HPC-NOTES).
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import threading
+from collections.abc import Iterator
 
 EXIT_INTERRUPTED = 3  # "checkpointed, not finished": the job scripts requeue on it
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -29,13 +32,22 @@ def install() -> None:
         signal.signal(sig, _handler)
 
 
-def install_if_main_thread() -> None:
-    """`install`, where Python allows it (the main thread; `hpcrl.train` from a thread
-    keeps the process's own signal handling)."""
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        install()
+@contextlib.contextmanager
+def installed() -> Iterator[None]:
+    """`install` for the block, then the process's previous handlers again and a clear
+    flag (`hpcrl.train` in a script or notebook that goes on afterwards). Off the main
+    thread, where Python allows no handler, the block runs with the process's own."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    install()
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        clear()
 
 
 def requested() -> bool:
@@ -54,4 +66,5 @@ def request() -> None:
 
 
 def clear() -> None:
+    """Forget the signals received so far."""
     _received.clear()
