@@ -183,6 +183,14 @@ def test_train_and_evaluate_a_custom_env_under_mpirun(tmp_path, user_venv, args)
     result = _run(user_venv, 1, "evaluate", str(run_dir), "--episodes", "3")
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["episodes"] == 3
+    # The policy loads where the simulator is not installed: the spaces are in the checkpoint.
+    code = "import sys, hpcrl\np = hpcrl.load_policy(sys.argv[1])\n"
+    code += "print(p.observation_space, p.act(2))"
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == "Discrete(6)" and result.stdout.split()[1] in ("0", "1")
 
 
 @pytest.mark.e2e

@@ -356,8 +356,9 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     return value
 
 
-def build_config(values: dict[str, Any]) -> Config:
-    """Build and validate a `Config` from flat `{dotted_key: value}` pairs.
+def build_config(values: dict[str, Any], import_env: bool = True) -> Config:
+    """Build and validate a `Config` from flat `{dotted_key: value}` pairs, and import its
+    `env_module` (unless `import_env` is False: a policy loaded without its simulator).
 
     Later sources should already have been merged over earlier ones by the caller
     (defaults < YAML file < CLI options < `--set`). Defaults: the dataclasses', then the
@@ -419,7 +420,8 @@ def build_config(values: dict[str, Any]) -> Config:
     run.validate()
     topology.validate()
     algo.validate()
-    import_env_module(run.env_module)
+    if import_env:
+        import_env_module(run.env_module)
     return Config(run=run, layout=layout, topology=topology, algo=algo)
 
 
@@ -471,7 +473,8 @@ def upgrade_keys(flat: dict) -> dict:
     return out
 
 
-def config_from_json(text: str) -> Config:
-    """Rebuild a `Config` from the JSON stored in `run.h5` (`to_json` output)."""
+def config_from_json(text: str, import_env: bool = True) -> Config:
+    """Rebuild a `Config` from the JSON stored in `run.h5` (`to_json` output); `import_env`
+    as for `build_config`."""
     data = json.loads(text)
-    return build_config(upgrade_keys(flatten(data)))
+    return build_config(upgrade_keys(flatten(data)), import_env)

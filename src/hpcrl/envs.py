@@ -190,12 +190,12 @@ def space_from_json(data: dict | None) -> gym.Space | None:
 
 
 def checkpoint_spaces(meta: dict, run) -> tuple[gym.Space, gym.Space]:
-    """(observation_space, action_space) of a checkpoint: those its meta stores, else (a
-    checkpoint of hpcrl 0.1, or a space `space_to_json` cannot store) one env's, made
-    from the run's config `run` (`RunConfig`).
+    """(observation_space, action_space) of a checkpoint: those its meta stores, else (an
+    older checkpoint, or a space `space_to_json` cannot store) one env's, made from the
+    run's config `run` (`RunConfig`) after importing its `env_module`.
 
     Raises:
-        UserError: as `make_env`, where the env has to be made.
+        UserError: as `make_env` and `import_env_module`, where the env has to be made.
     """
     spaces = (
         space_from_json(meta.get("observation_space")),
@@ -203,6 +203,9 @@ def checkpoint_spaces(meta: dict, run) -> tuple[gym.Space, gym.Space]:
     )
     if None not in spaces:
         return spaces
+    from hpcrl.config import import_env_module
+
+    import_env_module(run.env_module)
     env = make_env(run.env_id, run.env_kwargs, **run.env_options())
     env.close()
     return env.observation_space, env.action_space

@@ -87,9 +87,9 @@ class Policy:
 def load_policy(run_dir: str | Path, checkpoint: str = "latest", *, network_fn=None) -> Policy:
     """The policy of a checkpoint in `run_dir`, for use in your own code.
 
-    The env's spaces come from the checkpoint (hpcrl >= 0.2 stores them), so the env
-    itself is not made: a run of an `env_fn` or of a simulator that is not installed here
-    loads too.
+    The env's spaces come from the checkpoint's meta, so neither the env nor its
+    `env_module` is needed: a run of an `env_fn` or of a simulator that is not installed
+    here loads too (an older checkpoint without stored spaces makes one env instead).
 
     Args:
         run_dir: a run directory written by `train`.
@@ -98,9 +98,9 @@ def load_policy(run_dir: str | Path, checkpoint: str = "latest", *, network_fn=N
         network_fn: the `network_fn` the run was trained with (`hpcrl.train`), if any.
 
     Raises:
-        UserError: no run directory there, a bad `checkpoint`, a missing file, an env
-            module that no longer imports, or a run trained with a `network_fn` loaded
-            without one. `hpcrl.storage.checkpoints.CheckpointError`: a damaged checkpoint.
+        UserError: no run directory there, a bad `checkpoint`, a missing file, a run
+            trained with a `network_fn` loaded without one, or (an older checkpoint) an env
+            that cannot be made. `hpcrl.storage.checkpoints.CheckpointError`: a damaged checkpoint.
     """
     from hpcrl.api import custom_network
     from hpcrl.config import config_from_json
@@ -109,7 +109,8 @@ def load_policy(run_dir: str | Path, checkpoint: str = "latest", *, network_fn=N
     from hpcrl.topologies import make_topology
 
     arrays, meta, path, shapes = read_policy_checkpoint(run_dir, checkpoint)
-    cfg = config_from_json(json.dumps(meta["config"]))  # imports env_module
+    # The simulator's module is imported only if the spaces must come from an env.
+    cfg = config_from_json(json.dumps(meta["config"]), import_env=False)
     run = cfg.run
     spaces = checkpoint_spaces(meta, run)
     with custom_network(network_fn):
