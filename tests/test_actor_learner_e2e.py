@@ -270,7 +270,11 @@ def test_periodic_evaluation_keeps_the_best_checkpoint(tmp_path, cli_env):
     )
     assert best_run.returncode == 0, best_run.stderr[-2000:]
     again = json.loads(best_run.stdout.strip().splitlines()[-1])
-    assert again["episodes"] == 3
+    assert again["episodes"] == 3 and again["checkpoint"] == str(checkpoints / "best.h5")
+    step = run_hpcrl(cli_env, 1, "evaluate", str(run_dir), "--checkpoint", "step-30000")
+    assert step.returncode == 0, step.stderr[-2000:]
+    picked = json.loads(step.stdout)["checkpoint"]  # the JSON alone on stdout
+    assert picked == str(checkpoints / "step-30000.h5")
     missing = run_hpcrl(cli_env, 1, "evaluate", str(run_dir), "--checkpoint", "step-7")
     assert missing.returncode == 2
     assert "no " in missing.stderr and "step-30000.h5, best.h5" in missing.stderr

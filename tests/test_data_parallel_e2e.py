@@ -159,13 +159,14 @@ def test_ppo_checkpoint_on_2_ranks_resumes_on_4(tmp_path, cli_env):
 def test_dqn_target_networks_agree_before_learning_starts(tmp_path, cli_env):
     """Regression: the consistency check covers DQN's target network, so the target must
     be the same on every rank from the start (broadcast with the online network), not only
-    after the first gradient step copies it."""
+    after the first gradient step copies it. The first gradient step is the budget's last
+    (learning_starts 396 + one update's 4 env steps = 400): every check before it."""
     result = run_hpcrl(
         cli_env,
         2,
         "train",
         *("--algo", "dqn", "--env", "CartPole-v1", "--total-env-steps", "400"),
-        *("--run-dir", str(tmp_path / "run"), "--set", "learning_starts=100000"),
+        *("--run-dir", str(tmp_path / "run"), "--set", "learning_starts=396"),
         *("--set", "check_sync_every=10", "--set", "num_envs=1"),
         *("--set", "eval_episodes=0"),
         timeout=300,

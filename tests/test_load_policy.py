@@ -21,6 +21,7 @@ RUNS = {  # algo: train arguments (one process, a few seconds each)
     "impala": ["--algo", "impala", "--env", "CartPole-v1", "--total-env-steps", "4096"],
     "a3c": ["--algo", "a3c", "--env", "CartPole-v1", "--total-env-steps", "2000"],
     "a2c": ["--algo", "a2c", "--env", "CartPole-v1", "--total-env-steps", "2000"],
+    "async_q": ["--algo", "async_q", "--env", "CartPole-v1", "--total-env-steps", "2000"],
     "async_nstep_q": ["--algo", "async_nstep_q", "--env", "CartPole-v1",
                       "--total-env-steps", "2000"],
 }  # fmt: skip
@@ -59,11 +60,13 @@ print(json.dumps(out))
 @pytest.fixture(scope="module", params=list(RUNS))
 def trained(request, tmp_path_factory):
     algo = request.param
-    run_dir = tmp_path_factory.mktemp(algo) / "run"
-    cmd = hpcrl_command(None, "train", "--run-dir", str(run_dir), *RUNS[algo],
-                        "--set", "eval_episodes=0")  # fmt: skip
+    root = tmp_path_factory.mktemp(algo)
+    run_dir, config = root / "run", root / "config.yaml"
+    config.write_text("eval_episodes: 0\nrecord_trajectories: false\n")
+    cmd = hpcrl_command(None, "train", str(config), "--run-dir", str(run_dir), *RUNS[algo])
     result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
+    config.unlink()  # the policy comes from the checkpoint alone
     return algo, run_dir
 
 

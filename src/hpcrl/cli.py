@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from hpcrl import __version__
 from hpcrl.errors import ConfigError
@@ -230,10 +231,12 @@ def _dispatch(comm, args: argparse.Namespace, default_job: bool = False) -> int:
         if args.video is not None:
             # Rank 0 records alone; the other ranks wait in `agree` (an error on rank 0 is
             # one line and exit 2 on every rank).
+            # The very file evaluated (a training run may have written a newer one since).
+            evaluated = Path(result["checkpoint"]).stem if result is not None else ""
             recorded = agree(
                 comm,
                 lambda: video.record_video(
-                    args.run_dir, args.video, args.checkpoint, args.video_episodes, args.seed
+                    args.run_dir, args.video, evaluated, args.video_episodes, args.seed
                 ),
                 root_only=True,
             )

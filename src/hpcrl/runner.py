@@ -153,7 +153,7 @@ def plan_run(values: dict, run_dir: str | None, overwrite: bool, resume: str | N
     status = read_status(path)
     refuse_in_use(path, status)
     if status not in (None, "unreadable"):
-        _refuse_other_algorithm(path, values, resume)
+        _refuse_other_algorithm(path, values)
     if status == "completed":
         return {"mode": "done", "run_dir": str(path), "config": "", "notes": notes}
     if not ckpt.list_checkpoints(ckpt_dir):
@@ -215,21 +215,22 @@ def plan_run(values: dict, run_dir: str | None, overwrite: bool, resume: str | N
     }
 
 
-def _refuse_other_algorithm(path: Path, values: dict, resume: str) -> None:
-    """A resume continues the run's algorithm and layout (run.h5's `algo`, `layout`).
+def _refuse_other_algorithm(path: Path, values: dict) -> None:
+    """A resume continues the run's algorithm (run.h5's `algo`), also when the run has
+    completed (which a resume otherwise leaves as it is): another `algo` would otherwise
+    surface as the old algorithm's keys being unknown to the new one.
 
     Raises:
-        UserError: `values` ask for another algo or layout.
+        UserError: `values` ask for another algo.
     """
     with open_run(path) as f:
-        stored = {key: str(f.attrs.get(key, "")) for key in ("algo", "layout")}
-    for key, have in stored.items():
-        asked = values.get(key)
-        if have and asked is not None and str(asked) != have:
-            raise UserError(
-                f"--resume {resume}: {path} is a run of {key} {have!r}, not {asked!r}; a resume "
-                f"continues its {key} (drop that setting), or start a new --run-dir"
-            )
+        have = str(f.attrs.get("algo", ""))
+    asked = values.get("algo")
+    if have and asked is not None and str(asked) != have:
+        raise UserError(
+            f"--resume {str(path)!r}: a run of algo {have!r}, not {asked!r}; a resume "
+            "continues the run's algorithm (drop --algo), or start a new --run-dir"
+        )
 
 
 def train(
@@ -553,6 +554,10 @@ def evaluate(
         checkpoint: "latest" (the newest intact step file), "best" (`best.h5`, kept by the
             periodic evaluation) or "step-N" (`step-N.h5`).
 
+    Returns:
+        On rank 0, `{"mean_return", "std_return", "episodes", "checkpoint"}` (undiscounted
+        returns; the absolute path of the file evaluated); None on the other ranks.
+
     Raises:
         CollectiveUserError: bad `episodes` or `checkpoint`, no run there, no such
             checkpoint, or a damaged one.
@@ -576,9 +581,12 @@ def evaluate(
     cfg = config_from_json(json.dumps(meta["config"]))
     policy = make_topology(cfg).checkpoint_policy(Path(path), meta, shapes, loaded)
     run = cfg.run
-    return policy.evaluate(
+    result = policy.evaluate(
         comm, run.env_id, run.env_kwargs, run.env_options(), episodes, seed, watchdog_s
     )
+    if result is not None:
+        result["checkpoint"] = str(Path(path).absolute())  # the file evaluated
+    return result
 
 
 def read_policy_checkpoint(run_dir: str | Path, checkpoint: str) -> tuple[dict, dict, Path, dict]:
