@@ -390,3 +390,33 @@ def test_a_script_is_preempted_and_resumed(tmp_path):
         assert f.attrs["status"] == "completed"
         assert len(f["resumes"]["env_steps"]) == 1
         assert f["metrics"]["env_steps"][-1] == 60000
+
+
+@pytest.mark.e2e
+def test_two_runs_side_by_side_on_halves_of_the_world(tmp_path):
+    """`comm` is the run's communicator: `mpiexec -n 4` split in two trains two seeds at
+    once, each on 2 ranks, into its own run directory."""
+    script = tmp_path / "halves.py"
+    script.write_text(
+        "import sys\n"
+        "from mpi4py import MPI\n"
+        "import hpcrl\n"
+        "seed = MPI.COMM_WORLD.Get_rank() % 2\n"
+        "half = MPI.COMM_WORLD.Split(seed)\n"
+        "out = hpcrl.train({'algo': 'ppo', 'env_id': 'CartPole-v1', 'num_envs': 2,\n"
+        "                   'env_steps_per_update': 512, 'minibatch_size': 128},\n"
+        "                  comm=half, seed=seed, run_dir=f'{sys.argv[1]}/seed-{seed}',\n"
+        "                  total_env_steps=2048, eval_episodes=2)\n"
+        "print('RUN', seed, half.Get_size(), out.status, out.run_dir, flush=True)\n"
+    )
+    cmd = [str(BIN / "mpiexec"), "-n", "4", sys.executable, str(script), str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = sorted(x for x in result.stdout.splitlines() if x.startswith("RUN "))
+    assert [x.split()[1:4] for x in lines] == [["0", "2", "completed"]] * 2 + [
+        ["1", "2", "completed"]
+    ] * 2
+    for seed in (0, 1):
+        with h5py.File(tmp_path / f"seed-{seed}" / "run.h5", "r") as f:
+            assert f.attrs["status"] == "completed" and int(f.attrs["world_size"]) == 2
+            assert json.loads(f.attrs["config"])["seed"] == seed

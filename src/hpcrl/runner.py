@@ -258,7 +258,8 @@ def train(
 
     rank, world_size = comm.Get_rank(), comm.Get_size()
     # Plan (rank 0 alone reads the directory) ...
-    agree(comm, lambda: check_launcher(world_size))
+    # the whole MPI world's size: `comm` may be a part of it (`hpcrl.train(comm=...)`)
+    agree(comm, lambda: check_launcher(MPI.COMM_WORLD.Get_size()))
     plan = agree(comm, lambda: plan_run(values, run_dir, overwrite, resume), root_only=True)
     if rank == 0:
         for note in plan["notes"]:
