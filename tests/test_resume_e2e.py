@@ -737,6 +737,7 @@ def test_evaluate_falls_back_to_the_previous_checkpoint(tmp_path, interrupted_ru
         "mean_return": float(np.mean(returns)),
         "std_return": float(np.std(returns)),
         "episodes": 20,
+        "checkpoint": str(steps[previous].absolute()),  # the file it fell back to
     }
     assert digest_tree(run_dir) == before  # evaluate reads; it quarantines nothing
 
