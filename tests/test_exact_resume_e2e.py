@@ -74,14 +74,19 @@ def _contents(run_dir):
 
 
 @pytest.mark.parametrize(
-    "n, layout, steps, delay",
-    [(4, "allreduce", 600_000, (0.3, 4.0)), (None, "ps", 300_000, (0.2, 2.5))],
-    ids=["allreduce-4-ranks", "one-process"],
+    "n, layout, steps, delay, extra",
+    [
+        (4, "allreduce", 600_000, (0.3, 4.0), []),
+        (None, "ps", 300_000, (0.2, 2.5), []),
+        (2, "allreduce", 1_200_000, (0.3, 2.0), ["--set", "vector_env=table"]),
+    ],
+    ids=["allreduce-4-ranks", "one-process", "table-stepped-2-ranks"],
 )
 def test_interrupted_and_resumed_run_equals_uninterrupted(
-    tmp_path, cli_env, n, layout, steps, delay
+    tmp_path, cli_env, n, layout, steps, delay, extra
 ):
     args = [
+        *extra,
         "--seed",
         "11",
         "--total-env-steps",

@@ -20,7 +20,8 @@ import yaml
 from hpcrl.algos import ALGOS, algorithm
 from hpcrl.errors import ConfigError
 
-VECTOR_ENVS = ("sync", "async", "native")  # `RunConfig.vector_env`; hpcrl.envs.make_vector_env
+# `RunConfig.vector_env`; hpcrl.envs.make_vector_env
+VECTOR_ENVS = ("sync", "async", "native", "table")
 
 _EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
@@ -86,7 +87,8 @@ class RunConfig:
     seed: int = 0
     num_envs: int = 32  # gymnasium vector env copies per acting rank
     # sync: copies stepped in turn; async: a subprocess per copy; native: gymnasium's numpy
-    # implementation of all copies at once (CartPole), hpcrl.native_vector
+    # implementation of all copies at once (CartPole), hpcrl.native_vector; table: toy-text
+    # MDPs sampled from their transition table P, bit-identical to sync (hpcrl.table_vector)
     vector_env: str = "sync"
     atari_preprocessing: bool = True  # ALE ids: AtariPreprocessing (84x84 gray, skip 4)
     frame_stack: int = 4  # ALE ids with atari_preprocessing: frames stacked (1: none)

@@ -39,7 +39,8 @@ from hpcrl.state import generator_state, set_generator_state
 
 ATARI_FRAME_SKIP = 4  # emulator frames per agent step under AtariPreprocessing
 # `EnvStepper.state_dict()["env_captured"]`: not captured, each copy (a SyncVectorEnv's), or
-# the whole native vector env (its generator in row 0 of env_rng).
+# the whole vector env (`capture_state`: the native CartPole's generator in row 0 of
+# env_rng, a table env's one generator per row).
 NOT_CAPTURED, COPIES_CAPTURED, NATIVE_CAPTURED = 0, 1, 2
 
 # Entry-point prefix -> (what is missing, extra that installs it) for gymnasium's optional
@@ -245,11 +246,14 @@ def make_vector_env(
     Args:
         vector_env: "sync" (`SyncVectorEnv`, copies stepped in turn in this process),
             "async" (`AsyncVectorEnv`, one forked subprocess per copy; its env state is not
-            captured in checkpoints, see the module docstring) or "native" (gymnasium's
-            numpy implementation of all copies at once, `hpcrl.native_vector`).
+            captured in checkpoints, see the module docstring), "native" (gymnasium's
+            numpy implementation of all copies at once, `hpcrl.native_vector`) or "table"
+            (toy-text MDPs sampled from their transition table, bit-identical to "sync",
+            `hpcrl.table_vector`).
 
     Raises:
-        UserError: as `make_env`; "native" for an env without a native implementation.
+        UserError: as `make_env`; "native" for an env without a native implementation,
+            "table" for one without a transition table.
         ValueError: `vector_env` is not one of `VECTOR_ENVS`.
     """
     if vector_env not in VECTOR_ENVS:
@@ -259,6 +263,11 @@ def make_vector_env(
 
         make_env(env_id, env_kwargs).close()  # the same one-line errors as the other backends
         return make_native_vector_env(env_id, env_kwargs, num_envs)
+    if vector_env == "table":
+        from hpcrl.table_vector import TableVectorEnv
+
+        make_env(env_id, env_kwargs).close()
+        return TableVectorEnv(env_id, env_kwargs, num_envs)
     options = {"atari_preprocessing": atari_preprocessing, "frame_stack": frame_stack}
     make_env(env_id, env_kwargs, **options).close()  # one clear error, not num_envs tracebacks
     kwargs = dict(env_kwargs or {})
@@ -361,10 +370,14 @@ class EnvStepper:
         }
 
     def _native_state_dict(self) -> dict[str, np.ndarray]:
-        # The shared generator goes in row 0 of env_rng (the other rows are zero).
+        # A shared generator goes in row 0 of env_rng (the other rows are zero); a vector
+        # env with a generator per copy (`rng_per_copy`, hpcrl.table_vector) fills them all.
         rng, values = self.envs.capture_state()
         env_rng = np.zeros((self.num_envs, 6), dtype=np.uint64)
-        env_rng[0] = rng
+        if getattr(self.envs, "rng_per_copy", False):
+            env_rng[:] = rng
+        else:
+            env_rng[0] = rng
         return {
             "obs": np.asarray(self.obs).copy(),
             "episode_return": self.returns.copy(),
@@ -391,7 +404,9 @@ class EnvStepper:
         captured = int(state["env_captured"][0])
         if captured == NATIVE_CAPTURED and hasattr(self.envs, "restore_state"):
             self.envs.reset(seed=fallback_seed)
-            self.envs.restore_state(state["env_rng"][0], state["env_state"])
+            per_copy = getattr(self.envs, "rng_per_copy", False)
+            rng = state["env_rng"] if per_copy else state["env_rng"][0]
+            self.envs.restore_state(rng, state["env_state"])
         elif captured == COPIES_CAPTURED and hasattr(self.envs, "envs"):
             for i, env in enumerate(self.envs.envs):  # a SyncVectorEnv's copies
                 blob = None

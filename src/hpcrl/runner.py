@@ -347,8 +347,8 @@ def check_env(cfg, topology, world_size: int, shapes: dict) -> tuple:
     run = cfg.run
     env = make_env(run.env_id, run.env_kwargs, **run.env_options())
     try:
-        if run.vector_env == "native":
-            make_vector_env(run.env_id, run.env_kwargs, 1, vector_env="native").close()
+        if run.vector_env in ("native", "table"):  # an env the backend cannot step
+            make_vector_env(run.env_id, run.env_kwargs, 1, vector_env=run.vector_env).close()
         topology.check_env(env, world_size, shapes)
         return env.observation_space, env.action_space
     finally:

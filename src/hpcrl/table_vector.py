@@ -1,0 +1,186 @@
+"""Tabular MDPs stepped from their transition table (issue 16, in progress): `num_envs`
+copies of a gymnasium toy-text env (FrozenLake, CliffWalking, Taxi, FrozenLake with a
+generated map) sampled together with numpy from `env.unwrapped.P`, with no per-copy
+Python wrapper stack.
+
+Exact mode (the only one so far): every copy keeps its own generator, seeded as gymnasium
+seeds a copy (`gymnasium.utils.seeding.np_random(seed + i)`, PCG64 from a `SeedSequence`),
+and draws from it exactly what gymnasium's env draws: one uniform per reset and one per
+step, turned into an outcome by gymnasium's rule (`toy_text.utils.categorical_sample`:
+the first index whose cumulative probability exceeds the uniform, index 0 if none does).
+The time limit is `TimeLimit`'s (`truncated` once a copy's step count reaches the spec's
+`max_episode_steps`, together with `terminated` when both hold) and autoreset is
+`AutoresetMode.SAME_STEP`, as hpcrl's `make_vector_env` builds it. So observations,
+rewards, `terminated`, `truncated` and final observations are bit-identical to a
+`SyncVectorEnv` of `gymnasium.make` copies reset with the same seed under the same actions
+(`tests/test_table_vector.py`). Uniforms are drawn in blocks per copy (a PCG64 block is the
+same stream as single draws), so a step is a few array operations.
+
+Not covered: Taxi's `fickle_passenger` (it draws more than one uniform per step; rainy
+Taxi's moves are in `P` and are covered), and envs without `P`.
+
+Source: gymnasium 1.4 `gymnasium/envs/toy_text/{frozen_lake,cliffwalking,taxi,utils}.py`,
+`gymnasium/utils/seeding.py`, `gymnasium/wrappers/common.py` (`TimeLimit`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from hpcrl.errors import UserError
+from hpcrl.state import generator_state, set_generator_state
+
+BLOCK = 256  # uniforms drawn per copy at a time
+
+
+class TableVectorEnv(VectorEnv):
+    """`num_envs` copies of a toy-text env, stepped from its padded transition table.
+
+    `step(actions)` with actions (B,) int returns obs (B,) int64, rewards (B,) float64,
+    terminated and truncated (B,) bool and, when a copy's episode ended, info
+    {"final_obs": (B,) int64, "_final_obs": (B,) bool}; the obs of an ended copy is its
+    next episode's first observation (same-step autoreset).
+
+    Raises:
+        UserError: an env without a transition table `P`, or Taxi with its fickle
+            passenger (more than one draw per step; rainy Taxi's moves are in `P`).
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}
+
+    def __init__(self, env_id: str, env_kwargs: dict | None, num_envs: int):
+        env = gym.make(env_id, **(env_kwargs or {}))
+        inner = env.unwrapped
+        if not hasattr(inner, "P") or not hasattr(inner, "initial_state_distrib"):
+            env.close()
+            raise UserError(f"env {env_id!r} has no transition table P to step from")
+        if getattr(inner, "fickle_passenger", False):
+            env.close()
+            raise UserError(f"env {env_id!r}: Taxi's fickle passenger draws more than once a step")
+        self.single_observation_space = env.observation_space
+        self.single_action_space = env.action_space
+        self.num_envs = num_envs
+        self.observation_space = batch_space(env.observation_space, num_envs)
+        self.action_space = batch_space(env.action_space, num_envs)
+        self.spec = env.spec
+        self.max_episode_steps = env.spec.max_episode_steps if env.spec else None
+        n_states, n_actions = int(env.observation_space.n), int(env.action_space.n)
+        width = max(len(inner.P[s][a]) for s in range(n_states) for a in range(n_actions))
+        # -inf: a padding entry never exceeds the uniform, so a row whose real cumulative
+        # probabilities all stay <= u gives index 0, as gymnasium's argmax of all-False.
+        self.cum_prob = np.full((n_states, n_actions, width), -np.inf)
+        self.next_state = np.zeros((n_states, n_actions, width), dtype=np.int64)
+        self.reward = np.zeros((n_states, n_actions, width))
+        self.terminal = np.zeros((n_states, n_actions, width), dtype=bool)
+        for s in range(n_states):
+            for a in range(n_actions):
+                rows = inner.P[s][a]
+                k = len(rows)
+                self.cum_prob[s, a, :k] = np.cumsum([row[0] for row in rows])
+                self.next_state[s, a, :k] = [row[1] for row in rows]
+                self.reward[s, a, :k] = [row[2] for row in rows]
+                self.terminal[s, a, :k] = [row[3] for row in rows]
+        self.initial_cum = np.cumsum(np.asarray(inner.initial_state_distrib, dtype=np.float64))
+        env.close()
+        self.rngs: list[np.random.Generator] = []
+        # Each copy's current block of uniforms, drawn from the generator state kept in
+        # block_start (so a checkpoint stores 6 words per copy, not the block).
+        self.uniforms = np.zeros((num_envs, BLOCK))
+        self.block_start = np.zeros((num_envs, 6), dtype=np.uint64)
+        self.next_uniform = np.full(num_envs, BLOCK, dtype=np.int64)
+        self.state = np.zeros(num_envs, dtype=np.int64)
+        self.elapsed = np.zeros(num_envs, dtype=np.int64)
+        self._rows = np.arange(num_envs)
+
+    # -- random numbers ------------------------------------------------------------------
+
+    def _refill(self, c: int) -> None:
+        self.block_start[c] = generator_state(self.rngs[c])
+        self.uniforms[c] = self.rngs[c].random(BLOCK)
+        self.next_uniform[c] = 0
+
+    def _draw(self, copies: np.ndarray) -> np.ndarray:
+        """The next uniform of each copy in `copies` (indices, in order), (k,) float64."""
+        if copies.size and self.next_uniform[copies].max() >= BLOCK:
+            for c in copies[self.next_uniform[copies] >= BLOCK]:
+                self._refill(int(c))
+        out = self.uniforms[copies, self.next_uniform[copies]]
+        self.next_uniform[copies] += 1
+        return out
+
+    def _initial_states(self, copies: np.ndarray) -> np.ndarray:
+        u = self._draw(copies)
+        index = np.searchsorted(self.initial_cum, u, side="right")  # first cum > u
+        return np.where(index < self.initial_cum.size, index, 0)
+
+    # -- the VectorEnv interface ----------------------------------------------------------
+
+    def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None):
+        """Reset every copy; an int `seed` seeds copy i with `seed + i` (as `SyncVectorEnv`).
+
+        Returns:
+            obs (B,) int64 and info {}.
+        """
+        if seed is not None or not self.rngs:
+            if seed is None:
+                seeds = [None] * self.num_envs
+            elif isinstance(seed, int):
+                seeds = [seed + i for i in range(self.num_envs)]
+            else:
+                seeds = list(seed)
+            self.rngs = [gym.utils.seeding.np_random(s)[0] for s in seeds]
+            for c in range(self.num_envs):
+                self._refill(c)
+        self.state = self._initial_states(self._rows)
+        self.elapsed[:] = 0
+        return self.state.copy(), {}
+
+    def step(self, actions):
+        """One transition per copy (see the class docstring)."""
+        actions = np.asarray(actions, dtype=np.int64)
+        u = self._draw(self._rows)
+        s = self.state
+        k = (self.cum_prob[s, actions] > u[:, None]).argmax(axis=1)
+        next_state = self.next_state[s, actions, k]
+        rewards = self.reward[s, actions, k]
+        terminated = self.terminal[s, actions, k].copy()
+        self.elapsed += 1
+        if self.max_episode_steps is None:
+            truncated = np.zeros(self.num_envs, dtype=bool)
+        else:
+            truncated = self.elapsed >= self.max_episode_steps
+        self.state = next_state
+        done = terminated | truncated
+        info: dict[str, Any] = {}
+        if done.any():
+            ended = np.flatnonzero(done)
+            info = {"final_obs": next_state.copy(), "_final_obs": done.copy()}
+            self.state = next_state.copy()
+            self.state[ended] = self._initial_states(ended)
+            self.elapsed[ended] = 0
+        return self.state.copy(), rewards, terminated, truncated, info
+
+    # -- exact resume (`hpcrl.envs.EnvStepper`) -------------------------------------------
+
+    rng_per_copy = True  # capture_state gives one generator per copy
+
+    def capture_state(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every copy's state: ((B, 6) uint64, the generator state its current block of
+        uniforms was drawn from, as `hpcrl.state.generator_state`; (B, 3) float64 of the
+        MDP state, the episode's step count and the next uniform's index in the block)."""
+        values = np.stack([self.state, self.elapsed, self.next_uniform], axis=1)
+        return self.block_start.copy(), values.astype(np.float64)
+
+    def restore_state(self, rng: np.ndarray, values: np.ndarray) -> None:
+        """Undo `capture_state` (after a `reset`): each block is drawn again from its state."""
+        for c in range(self.num_envs):
+            set_generator_state(self.rngs[c], rng[c])
+            self._refill(c)
+        self.state = values[:, 0].astype(np.int64)
+        self.elapsed = values[:, 1].astype(np.int64)
+        self.next_uniform = values[:, 2].astype(np.int64)

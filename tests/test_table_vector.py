@@ -1,0 +1,104 @@
+"""`hpcrl.table_vector` (issue 16): the table-stepped toy-text envs are bit-identical to a
+same-step `SyncVectorEnv` of gymnasium's own envs with the same seeds and actions."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.envs.toy_text.frozen_lake import generate_random_map
+from gymnasium.vector import AutoresetMode, SyncVectorEnv
+
+from hpcrl.errors import UserError
+from hpcrl.table_vector import BLOCK, TableVectorEnv
+
+CASES = {
+    "frozenlake4x4": ("FrozenLake-v1", {}),
+    "frozenlake8x8": ("FrozenLake8x8-v1", {}),
+    "frozenlake8x8-not-slippery": ("FrozenLake8x8-v1", {"is_slippery": False}),
+    "cliffwalking": ("CliffWalking-v1", {}),
+    "taxi": ("Taxi-v4", {}),
+    "taxi-rainy": ("Taxi-v4", {"is_rainy": True}),
+    "generated-20x20": ("FrozenLake-v1", {"desc": generate_random_map(size=20, seed=3)}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bit_identical_to_sync_vector_env(case):
+    env_id, kwargs = CASES[case]
+    copies, steps = 16, 10_000
+    ours = TableVectorEnv(env_id, kwargs, copies)
+    theirs = SyncVectorEnv(
+        [lambda: gym.make(env_id, **kwargs) for _ in range(copies)],
+        autoreset_mode=AutoresetMode.SAME_STEP,
+    )
+    obs, _ = ours.reset(seed=7)
+    want, _ = theirs.reset(seed=7)
+    np.testing.assert_array_equal(obs, want)
+    actions = np.random.default_rng(0).integers(0, ours.single_action_space.n, (steps, copies))
+    ended = 0
+    for t in range(steps):
+        obs, rewards, terminated, truncated, info = ours.step(actions[t])
+        want_obs, want_rewards, want_term, want_trunc, want_info = theirs.step(actions[t])
+        np.testing.assert_array_equal(obs, want_obs, err_msg=f"step {t}")
+        np.testing.assert_array_equal(rewards, want_rewards, err_msg=f"step {t}")
+        np.testing.assert_array_equal(terminated, want_term, err_msg=f"step {t}")
+        np.testing.assert_array_equal(truncated, want_trunc, err_msg=f"step {t}")
+        done = want_term | want_trunc
+        if done.any():
+            ended += int(done.sum())
+            np.testing.assert_array_equal(info["_final_obs"], want_info["_final_obs"])
+            np.testing.assert_array_equal(info["final_obs"][done], want_info["final_obs"][done])
+        else:
+            assert "final_obs" not in info
+    assert ended > copies  # episodes ended, resets drew from the same streams
+    assert steps > BLOCK  # the uniforms were refilled many times
+    theirs.close()
+
+
+def test_truncation_and_termination_together_as_time_limit():
+    """A copy that terminates on its last allowed step reports both flags, as `TimeLimit`."""
+    env = TableVectorEnv("FrozenLake-v1", {"is_slippery": False}, 1)
+    env.max_episode_steps = 6  # the shortest path to the goal of the 4x4 map is 6 steps
+    env.reset(seed=0)
+    for action in (1, 1, 2, 2, 1):  # down, down, right, right, down
+        _, _, terminated, truncated, _ = env.step([action])
+        assert not (terminated[0] or truncated[0])
+    _, reward, terminated, truncated, info = env.step([2])  # right, onto the goal
+    assert reward[0] == 1.0 and terminated[0] and truncated[0]
+    assert info["final_obs"][0] == 15
+
+
+@pytest.mark.parametrize(
+    ("env_id", "kwargs", "pattern"),
+    [
+        ("CartPole-v1", {}, "no transition table P"),
+        ("Taxi-v4", {"fickle_passenger": True}, "fickle passenger"),
+    ],
+)
+def test_envs_it_cannot_step_are_one_line(env_id, kwargs, pattern):
+    with pytest.raises(UserError, match=pattern):
+        TableVectorEnv(env_id, kwargs, 2)
+
+
+def test_stepper_state_round_trip_continues_bit_identically():
+    """A checkpoint in the middle of episodes and of the uniform blocks: a new stepper
+    loaded from it steps on exactly as the original does."""
+    from hpcrl.envs import EnvStepper, make_vector_env
+
+    def stepper():
+        return EnvStepper(make_vector_env("FrozenLake8x8-v1", {}, 8, vector_env="table"), seed=3)
+
+    actions = np.random.default_rng(1).integers(0, 4, (700, 8))
+    first = stepper()
+    for t in range(300):  # past one block of 256 uniforms
+        first.step(actions[t])
+    state = first.state_dict()
+    assert state["env_rng"].shape == (8, 6) and (state["env_rng"][:, :4] != 0).all()
+    second = stepper()
+    assert second.load_state_dict(state, fallback_seed=99)
+    for t in range(300, 700):
+        a, b = first.step(actions[t]), second.step(actions[t])
+        for name in ("obs", "next_obs", "rewards", "terminated", "truncated"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+        np.testing.assert_array_equal(a.episode_returns, b.episode_returns)
