@@ -283,6 +283,12 @@ BAD_TRAIN_CASES = [
     ("frame-stack-zero", 2, ["--set", "frame_stack=0"], [r"'frame_stack'", r"got 0\b"]),
     ("unknown-vector-env", 2, ["--set", "vector_env=threads"], [r"'vector_env'", r"'threads'"]),
     (
+        "table-stepping-without-a-table",
+        2,
+        ["--algo", "ppo", "--env", "CartPole-v1", "--set", "vector_env=table"],
+        [r"'CartPole-v1' has no transition table P"],
+    ),
+    (
         "normalize-obs-on-images",
         2,
         ["--algo", "ppo", "--env", "ALE/Pong-v5", "--set", "normalize_obs=true"],
