@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import gymnasium as gym
 import h5py
@@ -209,6 +210,24 @@ def test_a_custom_network_run_without_its_network_fn_is_one_line(network_fn):
 
 # --------------------------------------------------- a script under mpirun (e2e)
 
+# The scripts write each rank's outcome to a file of its own: lines that several ranks
+# print can interleave in the launcher's merged stdout.
+WRITE_OUTCOME = r"""
+def write_outcome(directory, record):
+    from pathlib import Path
+    from mpi4py import MPI
+
+    rank = MPI.COMM_WORLD.Get_rank()
+    Path(directory, f"outcome-{rank}.json").write_text(json.dumps(record))
+"""
+
+
+def read_outcomes(directory) -> list[dict]:
+    """The records `write_outcome` left in `directory`, in rank order."""
+    files = sorted(Path(directory).glob("outcome-*.json"), key=lambda p: int(p.stem[8:]))
+    return [json.loads(p.read_text()) for p in files]
+
+
 SCRIPT = r"""
 import json, sys
 import gymnasium as gym
@@ -257,8 +276,8 @@ outcome = hpcrl.train(
     eval_episodes=4,
     **({"minibatch_size": 64} if algo == "ppo" else {}),
 )
-print(json.dumps({"status": outcome.status, "run_dir": outcome.run_dir,
-                  "result": outcome.result, "exit_code": outcome.exit_code}))
+write_outcome(sys.argv[3], {"status": outcome.status, "run_dir": outcome.run_dir,
+                            "result": outcome.result, "exit_code": outcome.exit_code})
 """
 
 
@@ -266,12 +285,13 @@ print(json.dumps({"status": outcome.status, "run_dir": outcome.run_dir,
 @pytest.mark.parametrize("algo", ["ppo", "a2c"])
 def test_train_with_env_fn_from_a_script_under_mpirun(tmp_path, algo):
     script = tmp_path / "my_script.py"
-    script.write_text(SCRIPT)
+    script.write_text(WRITE_OUTCOME + SCRIPT)
     run_dir = tmp_path / "run"
     cmd = [str(BIN / "mpiexec"), "-n", "2", sys.executable, str(script), str(run_dir), algo]
+    cmd.append(str(tmp_path))
     result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    lines = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
+    lines = read_outcomes(tmp_path)
     assert len(lines) == 2  # every rank returns the outcome
     assert {x["status"] for x in lines} == {"completed"}
     assert {x["run_dir"] for x in lines} == {str(run_dir)}
@@ -348,7 +368,7 @@ outcome = hpcrl.train(
      "minibatch_size": 128, "log_interval_s": 0.2, "eval_episodes": 2},
     run_dir=sys.argv[1], resume="auto", total_env_steps=int(sys.argv[2]),
 )
-print(json.dumps({"status": outcome.status, "exit_code": outcome.exit_code}), flush=True)
+write_outcome(sys.argv[3], {"status": outcome.status, "exit_code": outcome.exit_code})
 sys.exit(outcome.exit_code)
 """
 
@@ -360,11 +380,11 @@ def test_a_script_is_preempted_and_resumed(tmp_path):
     import signal
 
     script = tmp_path / "job.py"
-    script.write_text(PREEMPTED)
+    script.write_text(WRITE_OUTCOME + PREEMPTED)
     run_dir = tmp_path / "run"
     cmd = [str(BIN / "mpiexec"), "-n", "2", sys.executable, str(script), str(run_dir)]
     proc = subprocess.Popen(
-        [*cmd, "60000"],
+        [*cmd, "60000", str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -376,16 +396,20 @@ def test_a_script_is_preempted_and_resumed(tmp_path):
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 3, out + err
-    assert out.count('{"status": "interrupted", "exit_code": 3}') == 2, out  # every rank
+    assert read_outcomes(tmp_path) == [{"status": "interrupted", "exit_code": 3}] * 2
     with h5py.File(run_dir / "run.h5", "r") as f:
         assert f.attrs["status"] == "interrupted"
     # The job script runs again, as a requeued job does: the run continues to its end.
     again = subprocess.run(
-        [*cmd, "60000"], capture_output=True, text=True, env=subprocess_env(), timeout=300
+        [*cmd, "60000", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
     )
     assert again.returncode == 0, again.stdout + again.stderr
     assert "[hpcrl] resuming" in again.stdout
-    assert again.stdout.count('{"status": "completed", "exit_code": 0}') == 2, again.stdout
+    assert read_outcomes(tmp_path) == [{"status": "completed", "exit_code": 0}] * 2
     with h5py.File(run_dir / "run.h5", "r") as f:
         assert f.attrs["status"] == "completed"
         assert len(f["resumes"]["env_steps"]) == 1
@@ -398,7 +422,7 @@ def test_two_runs_side_by_side_on_halves_of_the_world(tmp_path):
     once, each on 2 ranks, into its own run directory."""
     script = tmp_path / "halves.py"
     script.write_text(
-        "import sys\n"
+        WRITE_OUTCOME + "import json, sys\n"
         "from mpi4py import MPI\n"
         "import hpcrl\n"
         "seed = MPI.COMM_WORLD.Get_rank() % 2\n"
@@ -407,15 +431,13 @@ def test_two_runs_side_by_side_on_halves_of_the_world(tmp_path):
         "                   'env_steps_per_update': 512, 'minibatch_size': 128},\n"
         "                  comm=half, seed=seed, run_dir=f'{sys.argv[1]}/seed-{seed}',\n"
         "                  total_env_steps=2048, eval_episodes=2)\n"
-        "print('RUN', seed, half.Get_size(), out.status, out.run_dir, flush=True)\n"
+        "write_outcome(sys.argv[1], [seed, half.Get_size(), out.status])\n"
     )
     cmd = [str(BIN / "mpiexec"), "-n", "4", sys.executable, str(script), str(tmp_path)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    lines = sorted(x for x in result.stdout.splitlines() if x.startswith("RUN "))
-    assert [x.split()[1:4] for x in lines] == [["0", "2", "completed"]] * 2 + [
-        ["1", "2", "completed"]
-    ] * 2
+    outcomes = read_outcomes(tmp_path)  # ranks 0-3: seeds 0, 1, 0, 1
+    assert outcomes == [[0, 2, "completed"], [1, 2, "completed"]] * 2
     for seed in (0, 1):
         with h5py.File(tmp_path / f"seed-{seed}" / "run.h5", "r") as f:
             assert f.attrs["status"] == "completed" and int(f.attrs["world_size"]) == 2
