@@ -8,9 +8,10 @@ notebook or a plain `python` process it is a run of one rank.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -171,22 +172,17 @@ def register_env_fn(env_fn: Callable[..., gym.Env], env_id: str | None) -> str:
     return env_id
 
 
-class custom_network:  # noqa: N801 - used as a context manager, like `torch.no_grad`
+@contextlib.contextmanager
+def custom_network(network_fn: Callable | None) -> Iterator[None]:
     """Within the block, deep learners build their encoder with `network_fn`
     (`hpcrl.models.custom_encoder`); None leaves the built-in networks."""
+    if network_fn is None:
+        yield
+        return
+    from hpcrl import models
 
-    def __init__(self, network_fn: Callable | None):
-        self.network_fn = network_fn
-
-    def __enter__(self):
-        if self.network_fn is not None:
-            from hpcrl import models
-
-            self.previous = models.set_network_fn(self.network_fn)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.network_fn is not None:
-            from hpcrl import models
-
-            models.set_network_fn(self.previous)
+    previous = models.set_network_fn(network_fn)
+    try:
+        yield
+    finally:
+        models.set_network_fn(previous)

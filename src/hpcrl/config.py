@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from hpcrl.algos import ALGOS, algorithm
-from hpcrl.errors import ConfigError
+from hpcrl.errors import ConfigError, first_line
 
 # `RunConfig.vector_env`; hpcrl.envs.make_vector_env
 VECTOR_ENVS = ("sync", "async", "native", "table")
@@ -454,10 +454,9 @@ def import_env_module(name: str) -> None:
     try:
         importlib.import_module(name)
     except Exception as exc:  # noqa: BLE001 - any failure inside the user's module
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ConfigError(
             f"config key 'env_module': {name!r} could not be imported "
-            f"({type(exc).__name__}: {first})"
+            f"({type(exc).__name__}: {first_line(exc)})"
         ) from None
 
 

@@ -34,7 +34,7 @@ import numpy as np
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv, VectorEnv
 
 from hpcrl.config import VECTOR_ENVS
-from hpcrl.errors import UserError
+from hpcrl.errors import UserError, first_line
 from hpcrl.state import generator_state, set_generator_state
 
 ATARI_FRAME_SKIP = 4  # emulator frames per agent step under AtariPreprocessing
@@ -109,7 +109,7 @@ def make_env(
     except Exception as exc:  # noqa: BLE001 - any constructor failure is the user's input
         raise UserError(
             f"env {env_id!r} could not be made with env_kwargs {dict(env_kwargs or {})!r}: "
-            f"{type(exc).__name__}: {_first_line(exc)}"
+            f"{type(exc).__name__}: {first_line(exc)}"
         ) from None
     if preprocess:
         try:
@@ -133,7 +133,7 @@ def make_env(
             env.close()
             raise UserError(
                 f"env {env_id!r} with env_kwargs {dict(env_kwargs or {})!r} cannot take the "
-                f"Atari preprocessing ({type(exc).__name__}: {_first_line(exc)}); "
+                f"Atari preprocessing ({type(exc).__name__}: {first_line(exc)}); "
                 "set atari_preprocessing=false"
             ) from None
         if frame_stack > 1:
@@ -141,16 +141,12 @@ def make_env(
     return env
 
 
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else ""
-
-
 def _missing_dependency(env_id: str, exc: BaseException) -> UserError:
     entry_point = str(gym.registry[env_id].entry_point)
     for prefix, (what, extra) in _EXTRAS.items():
         if entry_point.startswith(prefix):
             return UserError(f"env {env_id!r} needs {what}: pip install 'hpcrl[{extra}]'")
-    return UserError(f"env {env_id!r} needs a package that is not installed: {_first_line(exc)}")
+    return UserError(f"env {env_id!r} needs a package that is not installed: {first_line(exc)}")
 
 
 # A Box with more entries than this is stored without its bounds when they vary (an

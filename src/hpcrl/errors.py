@@ -18,3 +18,9 @@ class ConfigError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, incomplete or fails its checksum."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message ("" for none): what a one-line error quotes."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

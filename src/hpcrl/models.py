@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Categorical, Distribution, Normal
 
-from hpcrl.errors import UserError
+from hpcrl.errors import UserError, first_line
 
 IMAGE_SIZE = 84  # Mnih et al. 2015 frames are 84 x 84; NatureCNN's fc layer assumes it
 Layer = TypeVar("Layer", nn.Linear, nn.Conv2d)
@@ -457,10 +457,9 @@ def custom_encoder(observation_space: gym.Space) -> CustomEncoder:
         with torch.no_grad():
             out = net(obs)
     except Exception as exc:  # noqa: BLE001 - any failure of the user's module
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise UserError(
             f"network_fn {name}: its module failed on a batch of 2 observations "
-            f"{tuple(obs.shape)} {obs.dtype}: {type(exc).__name__}: {first}"
+            f"{tuple(obs.shape)} {obs.dtype}: {type(exc).__name__}: {first_line(exc)}"
         ) from None
     if not (isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 2):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -479,20 +478,22 @@ def _activation(name: str) -> type[nn.Module]:
     return getattr(nn, ACTIVATIONS[name])
 
 
+def _network_options(cfg, observation_space: gym.Space) -> dict:
+    """The `hidden`, `activation` and `encoder` arguments a `NetworkConfig` asks for."""
+    return {
+        "hidden": cfg.hidden(),
+        "activation": _activation(cfg.activation),
+        "encoder": custom_encoder(observation_space) if cfg.custom_network else None,
+    }
+
+
 def actor_critic(cfg, observation_space: gym.Space, action_space: gym.Space) -> ActorCritic:
     """The `ActorCritic` an algorithm's config (`NetworkConfig` keys) asks for.
 
     Raises:
         UserError: as `ActorCritic` and `custom_encoder`.
     """
-    encoder = custom_encoder(observation_space) if cfg.custom_network else None
-    return ActorCritic(
-        observation_space,
-        action_space,
-        hidden=cfg.hidden(),
-        activation=_activation(cfg.activation),
-        encoder=encoder,
-    )
+    return ActorCritic(observation_space, action_space, **_network_options(cfg, observation_space))
 
 
 def q_network(
@@ -503,12 +504,5 @@ def q_network(
     Raises:
         UserError: as `QNetwork` and `custom_encoder`.
     """
-    encoder = custom_encoder(observation_space) if cfg.custom_network else None
-    return QNetwork(
-        observation_space,
-        action_space,
-        hidden=cfg.hidden(),
-        dueling=dueling,
-        activation=_activation(cfg.activation),
-        encoder=encoder,
-    )
+    options = _network_options(cfg, observation_space)
+    return QNetwork(observation_space, action_space, dueling=dueling, **options)

@@ -32,7 +32,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 
-from hpcrl.errors import UserError
+from hpcrl.errors import UserError, first_line
 
 EXTRA = "pip install 'hpcrl[video]'"
 ATARI_EMULATOR_FPS = 60  # the Atari 2600's frame rate (NTSC)
@@ -221,7 +221,7 @@ def _missing_renderer(env_id: str, exc: BaseException) -> UserError:
 
     if importlib.util.find_spec("pygame") is None:
         return UserError(f"--video: rendering {env_id!r} needs pygame, not installed: {EXTRA}")
-    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    first = first_line(exc) or type(exc).__name__
     return UserError(f"--video: rendering {env_id!r} needs a package that is missing: {first}")
 
 
