@@ -78,7 +78,7 @@ def _contents(run_dir):
     [
         (4, "allreduce", 600_000, (0.3, 4.0), []),
         (None, "ps", 300_000, (0.2, 2.5), []),
-        (2, "allreduce", 1_200_000, (0.3, 2.0), ["--set", "vector_env=table"]),
+        (2, "allreduce", 2_400_000, (0.3, 1.5), ["--set", "vector_env=table"]),
     ],
     ids=["allreduce-4-ranks", "one-process", "table-stepped-2-ranks"],
 )

@@ -837,6 +837,44 @@ def test_signal_before_the_first_sync(tmp_path, reference):
     assert_same_as_reference(data, reference(2, args))
 
 
+@pytest.mark.parametrize("launcher", [None, 2], ids=["one-process", "mpiexec-2"])
+def test_signals_after_the_run_ended_change_nothing(tmp_path, cli_env, launcher):
+    """SIGUSR1 sent every 2 ms from the "completed" line until the job exits: the run is
+    on disk, so a late request is ignored and the job still exits 0. Python's own
+    finalization would otherwise put back the default action, death by signal 10 (a
+    job array would see a completed run fail)."""
+    args = ["--total-env-steps", "20000", "--set", "eval_episodes=0", "--set", "vector_env=table"]
+    proc = subprocess.Popen(
+        hpcrl_command(launcher, "train", "--run-dir", str(tmp_path / "run"), *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env,
+    )
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if "completed in" in line:
+                break
+        assert "completed in" in seen[-1], "".join(seen)
+        sent = 0
+        while proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGUSR1)
+                sent += 1
+            time.sleep(0.002)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert sent > 0
+    assert proc.returncode == 0, f"exit {proc.returncode} after {sent} late SIGUSR1\n{err}"
+    with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
+        assert str(f.attrs["status"]) == "completed"
+
+
 # ------------------------------------------------------------- (7) bad --resume input
 
 

@@ -203,7 +203,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # `python -m hpcrl` and `python -m hpcrl train` alone: the default job.
     default_job = argv in ([], ["train"])
-    return runner.guarded(lambda: _dispatch(comm, args, default_job), comm)
+    code = runner.guarded(lambda: _dispatch(comm, args, default_job), comm)
+    if args.command == "train":
+        from hpcrl import preemption
+
+        preemption.ignore()
+    return code
 
 
 def _dispatch(comm, args: argparse.Namespace, default_job: bool = False) -> int:
