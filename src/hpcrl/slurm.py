@@ -952,11 +952,14 @@ _BODY_PLAIN = [
 
 _BODY_PREEMPTIBLE = [
     "launcher_pid=",
+    "pending=",
     "forward_signal() {",
     '    echo "hpcrl: batch shell got SIG$1, sending SIGUSR1 (checkpoint and stop) to the'
     ' launcher"',
     '    if [ -n "$launcher_pid" ]; then',
     '        kill -USR1 "$launcher_pid" 2>/dev/null || true',
+    "    else",
+    "        pending=1  # the launcher is starting: forwarded once its pid is known",
     "    fi",
     "}",
     "trap 'forward_signal USR1' USR1",
@@ -966,6 +969,11 @@ _BODY_PREEMPTIBLE = [
     "# command a signal interrupts.",
     _TRAIN + " &",
     "launcher_pid=$!",
+    "# A signal that arrived between the fork and the line above (a trap runs between two",
+    "# commands) found no pid to forward to.",
+    'if [ -n "$pending" ]; then',
+    '    kill -USR1 "$launcher_pid" 2>/dev/null || true',
+    "fi",
     "# `wait` returns early (status > 128) when a trapped signal arrives: keep waiting while",
     "# the launcher runs. Then wait once more: bash keeps the status of an exited child, so",
     "# this returns the launcher's real exit status.",
