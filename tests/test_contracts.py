@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -196,5 +197,8 @@ def test_train_alone_runs_the_default_job(monkeypatch):
     assert seen == [DEFAULT_JOB, DEFAULT_JOB]
     assert cli.main(["train", "--algo", "ppo"]) == 0
     assert seen[-1] == {"algo": "ppo"}
+    # `main` in a process that goes on leaves no signal ignored (children inherit SIG_IGN:
+    # a batch shell started later could not trap SIGUSR1)
+    assert signal.SIG_IGN not in {signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
     help_text = cli.build_parser().format_help()
     assert "default job" in help_text and "IMPALA on CartPole-v1" in help_text

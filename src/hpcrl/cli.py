@@ -203,12 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # `python -m hpcrl` and `python -m hpcrl train` alone: the default job.
     default_job = argv in ([], ["train"])
-    code = runner.guarded(lambda: _dispatch(comm, args, default_job), comm)
-    if args.command == "train":
-        from hpcrl import preemption
-
-        preemption.ignore()
-    return code
+    return runner.guarded(lambda: _dispatch(comm, args, default_job), comm)
 
 
 def _dispatch(comm, args: argparse.Namespace, default_job: bool = False) -> int:

@@ -35,11 +35,11 @@ def install() -> None:
 def ignore() -> None:
     """Ignore `SIGUSR1` and `SIGTERM` from here on (main thread only).
 
-    For the CLI once its run has ended: the run's state is on disk, so a request that
-    arrives late has nothing left to do. Python's finalization puts back the default
-    action of every signal it handles, which for these two kills the process, so a
-    request landing during the teardown would turn a finished run's exit 0 into death by
-    signal; an ignored signal stays ignored through the teardown.
+    For `python -m hpcrl` once its command has ended (`__main__.py`): the run's state is
+    on disk, so a request that arrives late has nothing left to do. Python's finalization
+    puts back the default action of every signal it handles, which for these two kills
+    the process, so a request landing during the teardown would turn a finished run's
+    exit 0 into death by signal; an ignored signal stays ignored through the teardown.
     """
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
