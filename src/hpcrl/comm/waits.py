@@ -2,13 +2,16 @@
 
 MPICH busy-polls inside blocking calls, which steals the core from other ranks when the
 job oversubscribes; these helpers poll with `Test`, yielding the core between polls
-(`sleep(0)`) for the first `_SPIN_S` seconds, so a partner that is just late costs no
-sleep granularity, then back off with sleeps up to 1 ms. They raise `WatchdogTimeout`
+(`os.sched_yield()`) for the first `_SPIN_S` seconds, so a partner that is just late costs
+no sleep granularity, then back off with sleeps up to 1 ms. Not `time.sleep(0)`: it sleeps
+for the kernel's timer slack (50 us by default), which made a 3 us `Ialltoall` on 2 ranks
+take 160 us to wait for (`benchmarks/tabular_scale.py`). They raise `WatchdogTimeout`
 (which aborts the job) after `watchdog_s` seconds.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -45,7 +48,7 @@ class Backoff:
 
     def pause(self) -> None:
         if self.waited_s < self.spin_s:
-            time.sleep(0)
+            os.sched_yield()
             return
         time.sleep(self.sleep_s)
         self.sleep_s = min(2 * self.sleep_s + 5e-5, self.max_sleep_s)
