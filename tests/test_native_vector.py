@@ -171,5 +171,5 @@ def test_a_sync_state_falls_back_to_a_reset_in_a_native_env_and_back():
 def test_an_env_without_a_native_implementation_is_one_line():
     with pytest.raises(UserError, match=r"'FrozenLake-v1' has no native vector env .*CartPole-v1"):
         make_vector_env("FrozenLake-v1", {}, 2, vector_env="native")
-    with pytest.raises(ConfigError, match="vector_env.*sync or async or native"):
+    with pytest.raises(ConfigError, match="vector_env.*auto or sync or async or native or table"):
         build_config({"vector_env": "envpol"})

@@ -60,8 +60,8 @@ def test_generator_state_refuses_other_bit_generators():
 
 @pytest.mark.parametrize("env_id", CAPTURED_ENVS)
 def test_env_state_restore_replays_the_same_transitions(env_id):
-    source = EnvStepper(make_vector_env(env_id, {}, 3), seed=7)
-    target = EnvStepper(make_vector_env(env_id, {}, 3), seed=999)
+    source = EnvStepper(make_vector_env(env_id, {}, 3, vector_env="sync"), seed=7)
+    target = EnvStepper(make_vector_env(env_id, {}, 3, vector_env="sync"), seed=999)
     space = source.envs.single_action_space
     rng = np.random.default_rng(1)
 
@@ -92,7 +92,7 @@ def test_env_with_unknown_wrapper_falls_back_to_restarting_episodes():
 
 
 def test_uncaptured_state_resets_with_the_fallback_seed():
-    stepper = EnvStepper(make_vector_env("FrozenLake-v1", {}, 2), seed=1)
+    stepper = EnvStepper(make_vector_env("FrozenLake-v1", {}, 2, vector_env="sync"), seed=1)
     stepper.step(np.array([1, 2]))
     state = stepper.state_dict()
     state["env_captured"][:] = 0

@@ -21,7 +21,7 @@ from hpcrl.algos import ALGOS, algorithm
 from hpcrl.errors import ConfigError, first_line
 
 # `RunConfig.vector_env`; hpcrl.envs.make_vector_env
-VECTOR_ENVS = ("sync", "async", "native", "table")
+VECTOR_ENVS = ("auto", "sync", "async", "native", "table")
 
 _EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
@@ -88,8 +88,9 @@ class RunConfig:
     num_envs: int = 32  # gymnasium vector env copies per acting rank
     # sync: copies stepped in turn; async: a subprocess per copy; native: gymnasium's numpy
     # implementation of all copies at once (CartPole), hpcrl.native_vector; table: toy-text
-    # MDPs sampled from their transition table P, bit-identical to sync (hpcrl.table_vector)
-    vector_env: str = "sync"
+    # MDPs sampled from their transition table P, bit-identical to sync (hpcrl.table_vector);
+    # auto: table where it is exact (FrozenLake, CliffWalking, Taxi), sync elsewhere
+    vector_env: str = "auto"
     atari_preprocessing: bool = True  # ALE ids: AtariPreprocessing (84x84 gray, skip 4)
     frame_stack: int = 4  # ALE ids with atari_preprocessing: frames stacked (1: none)
     run_dir: str = ""  # "" -> runs/<algo>-<env_id>-<UTC time>

@@ -233,7 +233,7 @@ def make_vector_env(
     *,
     atari_preprocessing: bool = True,
     frame_stack: int = 4,
-    vector_env: str = "sync",
+    vector_env: str = "auto",
 ) -> VectorEnv:
     """A gymnasium vector env of `num_envs` `make_env` copies that resets finished copies in
     the same step (`AutoresetMode.SAME_STEP`), so every call to `step` is one real
@@ -245,7 +245,8 @@ def make_vector_env(
             captured in checkpoints, see the module docstring), "native" (gymnasium's
             numpy implementation of all copies at once, `hpcrl.native_vector`) or "table"
             (toy-text MDPs sampled from their transition table, bit-identical to "sync",
-            `hpcrl.table_vector`).
+            `hpcrl.table_vector`); "auto" (the default): "table" for the envs it steps
+            exactly (`table_vector.steps_exactly`), "sync" for every other.
 
     Raises:
         UserError: as `make_env`; "native" for an env without a native implementation,
@@ -254,6 +255,8 @@ def make_vector_env(
     """
     if vector_env not in VECTOR_ENVS:
         raise ValueError(f"vector_env {vector_env!r}: expected one of {VECTOR_ENVS}")
+    if vector_env == "auto":
+        vector_env = resolve_vector_env(env_id, env_kwargs)
     if vector_env == "native":
         from hpcrl.native_vector import make_native_vector_env
 
@@ -273,6 +276,22 @@ def make_vector_env(
         # initialise MPI again as a copy of this rank; the forked workers never call MPI.
         return AsyncVectorEnv(env_fns, autoreset_mode=AutoresetMode.SAME_STEP, context="fork")
     return SyncVectorEnv(env_fns, autoreset_mode=AutoresetMode.SAME_STEP)
+
+
+def resolve_vector_env(env_id: str, env_kwargs: dict | None) -> str:
+    """The backend `vector_env: auto` steps `env_id` with: "table" where the transition
+    table reproduces gymnasium's env exactly (`table_vector.steps_exactly`), else "sync".
+
+    Raises:
+        UserError: as `make_env`.
+    """
+    from hpcrl.table_vector import steps_exactly
+
+    env = make_env(env_id, env_kwargs)
+    try:
+        return "table" if steps_exactly(env) else "sync"
+    finally:
+        env.close()
 
 
 @dataclass

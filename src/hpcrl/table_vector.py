@@ -1,9 +1,12 @@
-"""Tabular MDPs stepped from their transition table (issue 16, in progress): `num_envs`
+"""Tabular MDPs stepped from their transition table (`vector_env: table`, and what
+`vector_env: auto`, the default, picks for the envs of `steps_exactly`): `num_envs`
 copies of a gymnasium toy-text env (FrozenLake, CliffWalking, Taxi, FrozenLake with a
 generated map) sampled together with numpy from `env.unwrapped.P`, with no per-copy
 Python wrapper stack.
 
-Exact mode (the only one so far): every copy keeps its own generator, seeded as gymnasium
+Exact mode (the only mode, hence the default: a faster mode that drew its random numbers
+otherwise would change every run of these envs; the blocks below already make stepping
+a few array operations): every copy keeps its own generator, seeded as gymnasium
 seeds a copy (`gymnasium.utils.seeding.np_random(seed + i)`, PCG64 from a `SeedSequence`),
 and draws from it exactly what gymnasium's env draws: one uniform per reset and one per
 step, turned into an outcome by gymnasium's rule (`toy_text.utils.categorical_sample`:
@@ -36,6 +39,18 @@ from hpcrl.errors import UserError
 from hpcrl.state import generator_state, set_generator_state
 
 BLOCK = 256  # uniforms drawn per copy at a time
+
+
+def steps_exactly(env: gym.Env) -> bool:
+    """Whether `TableVectorEnv` reproduces `env` bit for bit, so `vector_env: auto` may
+    pick it: gymnasium's own FrozenLake (any map), CliffWalking and Taxi (not with its
+    fickle passenger), the envs `tests/test_table_vector.py` checks. Another env with a
+    `P` may draw its random numbers otherwise, so it keeps `sync` unless asked for."""
+    from gymnasium.envs.toy_text import CliffWalkingEnv, FrozenLakeEnv, TaxiEnv
+
+    inner = env.unwrapped
+    exact = type(inner) in (FrozenLakeEnv, CliffWalkingEnv, TaxiEnv)
+    return exact and not getattr(inner, "fickle_passenger", False)
 
 
 class TableVectorEnv(VectorEnv):
