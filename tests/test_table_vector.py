@@ -102,3 +102,23 @@ def test_stepper_state_round_trip_continues_bit_identically():
         for name in ("obs", "next_obs", "rewards", "terminated", "truncated"):
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
         np.testing.assert_array_equal(a.episode_returns, b.episode_returns)
+
+
+@pytest.mark.parametrize(
+    ("env_id", "env_kwargs", "backend"),
+    [
+        ("FrozenLake8x8-v1", {}, "table"),
+        ("FrozenLake-v1", {"map_name": None, "desc": None}, "table"),  # a generated map
+        ("CliffWalking-v1", {}, "table"),
+        ("Taxi-v4", {"is_rainy": True}, "table"),
+        ("Taxi-v4", {"fickle_passenger": True}, "sync"),  # draws twice a step
+        ("CartPole-v1", {}, "sync"),
+    ],
+)
+def test_auto_picks_the_table_only_where_it_is_exact(env_id, env_kwargs, backend):
+    from hpcrl.envs import make_vector_env, resolve_vector_env
+
+    assert resolve_vector_env(env_id, env_kwargs) == backend
+    envs = make_vector_env(env_id, env_kwargs, 2)  # "auto" is the default
+    assert isinstance(envs, TableVectorEnv) == (backend == "table")
+    envs.close()
