@@ -1,6 +1,6 @@
 """Acceptance 1 of the cluster-operations issue: a run interrupted by `SIGUSR1` at a random
 moment and resumed with `--resume` ends bitwise identical to the same run uninterrupted
-(`/episodes` columns, the final `q_table`, every trajectory row).
+(`/episodes` columns, the final `q_table` (`sharded`: its shards), every trajectory row).
 
 `/episodes/wall_time` is the one column left out: it is a clock reading, different between
 any two runs. Layouts: `allreduce` on 4 ranks (deterministic for a fixed seed and world
@@ -9,6 +9,7 @@ size) and one process (the embedded parameter server).
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import subprocess
@@ -68,8 +69,16 @@ def _contents(run_dir):
             k: f["trajectories"][k][()] for k in f["trajectories"] if k not in ("ranks", "rows")
         }
         resumes = len(f["resumes"]["env_steps"])
-    with h5py.File(run_dir / "checkpoints" / "latest.h5", "r") as f:
-        q_table = f["q_table"][()]
+    latest = (run_dir / "checkpoints" / "latest.h5").resolve()
+    with h5py.File(latest, "r") as f:
+        shards = json.loads(f.attrs["meta"]).get("shards")
+        q_table = f["q_table"][()] if shards is None else None
+    if shards is not None:  # `sharded`: every rank's shard, in rank order
+        q_table = []
+        for k in range(shards):
+            with h5py.File(latest.with_name(f"{latest.stem}.shard-{k}.h5"), "r") as f:
+                q_table.append(f["q_shard"][()])
+        q_table = np.concatenate(q_table)
     return status, episodes, trajectories, resumes, q_table
 
 
@@ -79,8 +88,9 @@ def _contents(run_dir):
         (4, "allreduce", 600_000, (0.3, 4.0), []),
         (None, "ps", 300_000, (0.2, 2.5), []),
         (2, "allreduce", 2_400_000, (0.3, 1.5), ["--set", "vector_env=table"]),
+        (4, "sharded", 1_200_000, (0.3, 2.0), ["--set", "vector_env=table"]),
     ],
-    ids=["allreduce-4-ranks", "one-process", "table-stepped-2-ranks"],
+    ids=["allreduce-4-ranks", "one-process", "table-stepped-2-ranks", "sharded-4-ranks"],
 )
 def test_interrupted_and_resumed_run_equals_uninterrupted(
     tmp_path, cli_env, n, layout, steps, delay, extra

@@ -87,9 +87,10 @@ class TabularPolicy(Protocol):
 
 
 class TabularLearner(Protocol):
-    """A Q-table and its update; the `ps` and `allreduce` layouts.
+    """A Q-table and its update; the `ps`, `allreduce` and `sharded` layouts.
 
-    Call sequence (`ps`: rank 0 updates, actors act; `allreduce`: every rank both):
+    Call sequence (`ps`: rank 0 updates, actors act; `allreduce`: every rank both;
+    `sharded`: `targets` on the acting rank, `update_towards` on the shard's owner):
         learner = make_learner(cfg, observation_space, action_space, ...)
         policy = learner.behaviour_policy(rng)                  # on every acting rank
         actions = policy.select_actions(q_table, obs, progress)  # per vector step
@@ -103,6 +104,15 @@ class TabularLearner(Protocol):
 
     def update(self, obs, actions, rewards, next_obs, terminated, progress: float) -> None:
         """One batched update on (B,) arrays of transitions."""
+
+    def targets(self, rewards, next_q_rows, terminated) -> np.ndarray:
+        """`sharded`: (B,) float64 targets from (B,) rewards, the (B, n_actions) rows
+        Q(s', ·) fetched from their owners and (B,) terminated flags."""
+
+    def update_towards(self, rows, actions, target_sums, counts, progress: float) -> None:
+        """`sharded`: one batched step of (P,) pairs (rows of this learner's table, its
+        shard) towards their mean targets, from (P,) sums of targets and their counts;
+        the pairs may repeat (one partial sum per sending rank)."""
 
 
 class DeepLearner(Protocol):

@@ -211,7 +211,7 @@ def plan_run(values: dict, run_dir: str | None, overwrite: bool, resume: str | N
         "checkpoint": str(ckpt_path),
         "damaged": [str(bad) for bad, _ in skipped],
         "meta": meta,
-        "shapes": {name: list(a.shape) for name, a in arrays.items() if "/" not in name},
+        "shapes": array_shapes(arrays, meta),
     }
 
 
@@ -605,8 +605,15 @@ def read_policy_checkpoint(run_dir: str | Path, checkpoint: str) -> tuple[dict, 
     if not Path(run_dir).is_dir():
         raise UserError(f"run directory {str(run_dir)!r} does not exist")
     arrays, meta, path = _load_for_evaluation(Path(run_dir) / "checkpoints", checkpoint)
+    return arrays, meta, path, array_shapes(arrays, meta)
+
+
+def array_shapes(arrays: dict, meta: dict) -> dict[str, list[int]]:
+    """{name: shape} of a checkpoint's top-level arrays, and of those its meta declares
+    stored elsewhere (`shapes`: a sharded checkpoint's `q_table`, in its shard files)."""
     shapes = {name: list(a.shape) for name, a in arrays.items() if "/" not in name}
-    return arrays, meta, path, shapes
+    shapes.update(meta.get("shapes", {}))
+    return shapes
 
 
 def _load_for_evaluation(ckpt_dir: Path, checkpoint: str) -> tuple[dict, dict, Path]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hpcrl.algos.tabular import sum_by_pair
 from hpcrl.contracts import Algorithm
 from hpcrl.errors import ConfigError
 from hpcrl.schedules import linear_schedule
@@ -75,7 +76,8 @@ def q_learning_update(
     """Apply one batch of Watkins Q-learning updates to `q_table` in place.
 
     All TD errors are computed against the table as it was before the batch; copies of one
-    (s, a) pair are averaged, so each touched entry moves by α times its mean TD error.
+    (s, a) pair are averaged, so each touched entry moves by α times its mean TD error
+    (`update_towards`).
 
     Args:
         q_table: (n_states, n_actions) float64, updated in place.
@@ -87,13 +89,111 @@ def q_learning_update(
         alpha: step size α in (0, 1].
         gamma: discount γ in [0, 1].
     """
-    bootstrap = np.where(terminated, 0.0, q_table[next_obs].max(axis=1))
-    td_error = rewards + gamma * bootstrap - q_table[obs, actions]
+    targets = td_targets(rewards, q_table[next_obs], terminated, gamma)
+    update_towards(q_table, obs, actions, targets, alpha)
+
+
+def td_targets(
+    rewards: np.ndarray, next_q_rows: np.ndarray, terminated: np.ndarray, gamma: float
+) -> np.ndarray:
+    """One-step Q-learning targets r + γ (1 - terminated) max_a' Q(s', a').
+
+    Args:
+        rewards: (B,) float64 rewards r.
+        next_q_rows: (B, n_actions) float64, the rows Q(s', ·) of the next states.
+        terminated: (B,) bool; True stops the bootstrap (truncation does not).
+        gamma: discount γ in [0, 1].
+
+    Returns:
+        (B,) float64 targets.
+    """
+    return rewards + gamma * np.where(terminated, 0.0, row_max(next_q_rows))
+
+
+def update_towards(
+    q_table: np.ndarray, obs: np.ndarray, actions: np.ndarray, targets: np.ndarray, alpha: float
+) -> None:
+    """Move each Q(s, a) of a batch towards its targets in one vectorized step, in place.
+
+    Duplicates: the K copies of one (s, a) pair in the batch share one step,
+    Q(s, a) <- Q(s, a) + α (mean_k target_k - Q(s, a)), every TD error taken against the
+    table as it was before the batch. A batch therefore moves each entry by at most one
+    step of size α whatever the number of copies, the order of the batch does not matter,
+    and the result is not that of K sequential updates (which would step K times, the
+    later ones against the partly updated entry); `tests/test_qlearning.py` checks this
+    against a loop over the pairs.
+
+    Args:
+        q_table: (n_states, n_actions) float64, updated in place.
+        obs: (B,) int64 rows s of `q_table`.
+        actions: (B,) int64 actions a.
+        targets: (B,) float64 targets (e.g. `td_targets`).
+        alpha: step size α in (0, 1].
+    """
+    if len(obs) == 0:
+        return
+    td_error = targets - q_table[obs, actions]
     flat_index = obs * q_table.shape[1] + actions
-    entries, inverse = np.unique(flat_index, return_inverse=True)
-    mean_td = np.bincount(inverse, weights=td_error) / np.bincount(inverse)
+    # Sum and count the copies of each pair, in batch order either way (the same floats):
+    # over the whole table when it is small next to the batch (no sort), else over the
+    # distinct pairs.
+    if q_table.size <= 8 * len(flat_index):
+        copies = np.bincount(flat_index, minlength=q_table.size)
+        entries = np.flatnonzero(copies)
+        sums = np.bincount(flat_index, weights=td_error, minlength=q_table.size)[entries]
+        mean_td = sums / copies[entries]
+    else:
+        entries, inverse = np.unique(flat_index, return_inverse=True)
+        mean_td = np.bincount(inverse, weights=td_error) / np.bincount(inverse)
     # `entries` are unique, so fancy-index += is exact and works for any memory layout.
     q_table[entries // q_table.shape[1], entries % q_table.shape[1]] += alpha * mean_td
+
+
+def step_towards_mean_targets(
+    q_table: np.ndarray,
+    obs: np.ndarray,
+    actions: np.ndarray,
+    target_sums: np.ndarray,
+    counts: np.ndarray,
+    alpha: float,
+) -> None:
+    """The `sharded` layout's batched update, in place: each distinct (s, a) moves once,
+    Q(s, a) <- Q(s, a) + α (Σ target / K - Q(s, a)), towards the mean of the K targets
+    sent for it in this round (the same step as `update_towards`'s mean TD error, with
+    the targets summed before Q(s, a) is subtracted). The input holds partial sums: each
+    rank sums its own copies of a pair (`sum_by_pair`), and the owner adds those up, in
+    rank order, so the result does not depend on the order of any batch.
+
+    Args:
+        q_table: (n_rows, n_actions) float64 (a shard), updated in place.
+        obs: (P,) int64 rows of `q_table`; a pair may repeat (one entry per sender).
+        actions: (P,) int64 actions.
+        target_sums: (P,) float64 sums of targets.
+        counts: (P,) float64 numbers of targets in each sum (>= 1).
+        alpha: step size α in (0, 1].
+    """
+    if len(obs) == 0:
+        return
+    rows, acts, (sums, total) = sum_by_pair(
+        q_table.shape[0], q_table.shape[1], obs, actions, target_sums, counts
+    )
+    q_table[rows, acts] += alpha * (sums / total - q_table[rows, acts])
+
+
+# Up to this many actions, the max of a row is a loop over the columns: numpy's max along
+# a short last axis costs up to 19x more (8,192 rows of FrozenLake's 4 actions).
+_COLUMN_LOOP = 16
+_MIN_ROWS = 128  # fewer rows: the loop's calls cost more than they save
+
+
+def row_max(rows: np.ndarray) -> np.ndarray:
+    """(B, A) -> (B,) max of each row, exactly `rows.max(axis=1)`."""
+    if rows.shape[1] > _COLUMN_LOOP or rows.shape[0] < _MIN_ROWS or rows.shape[1] == 0:
+        return rows.max(axis=1)
+    best = rows[:, 0].copy()
+    for column in range(1, rows.shape[1]):
+        np.maximum(best, rows[:, column], out=best)
+    return best
 
 
 def greedy_actions(q_rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -106,7 +206,7 @@ def greedy_actions(q_rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     Returns:
         (B,) int64 actions.
     """
-    is_max = q_rows == q_rows.max(axis=1, keepdims=True)
+    is_max = q_rows == row_max(q_rows)[:, None]
     return np.argmax(np.where(is_max, rng.random(q_rows.shape), -1.0), axis=1)
 
 
@@ -204,6 +304,18 @@ class QLearningLearner:
         )
         self.learner_updates += 1
 
+    def targets(self, rewards, next_q_rows, terminated) -> np.ndarray:
+        """(B,) one-step targets from the rows Q(s', ·) (`td_targets`)."""
+        return td_targets(rewards, next_q_rows, terminated, self.cfg.gamma)
+
+    def update_towards(self, rows, actions, target_sums, counts, progress: float) -> None:
+        """One batched step of this learner's table (the `sharded` layout's shard) towards
+        the mean targets of (P,) pairs (`step_towards_mean_targets`)."""
+        step_towards_mean_targets(
+            self.q_table, rows, actions, target_sums, counts, self.alpha(progress)
+        )
+        self.learner_updates += 1
+
 
 def make_learner(
     cfg: QLearningConfig, observation_space, action_space, num_envs=1, world_size=1, seed=0
@@ -213,4 +325,4 @@ def make_learner(
     return QLearningLearner(cfg, int(observation_space.n), int(action_space.n))
 
 
-ALGORITHM = Algorithm("qlearning", QLearningConfig, ("ps", "allreduce"), make_learner)
+ALGORITHM = Algorithm("qlearning", QLearningConfig, ("ps", "allreduce", "sharded"), make_learner)

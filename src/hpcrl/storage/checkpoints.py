@@ -7,6 +7,12 @@ written to `<name>.tmp.<pid>`, gets its `checksum` (SHA-256 of every dataset and
 `meta`) and a `complete` flag last, is fsynced and moved into place with `os.replace`;
 `latest.h5` is a symlink swapped the same way. A crash therefore never leaves a
 half-written checkpoint under a final name, and a damaged file fails its checksum.
+
+A sharded checkpoint (layout `sharded`) has companions: every rank writes its own shard
+of the Q-table as `step-<N>.shard-<k>.h5` (the same atomic, checksummed format) before
+rank 0 writes `step-<N>.h5`, whose meta `shards` counts them. The step file is therefore
+only ever complete after its shards; it counts as intact only if every shard does, and
+shards are pruned and quarantined with it.
 """
 
 from __future__ import annotations
@@ -76,8 +82,32 @@ def write_checkpoint(
     os.replace(link_tmp, ckpt_dir / LATEST)
     _fsync_path(ckpt_dir)
     for old in list_checkpoints(ckpt_dir)[:-keep]:
+        for shard in shard_files(old):
+            shard.unlink(missing_ok=True)
         old.unlink(missing_ok=True)
     return final
+
+
+def shard_path(step_file: str | Path, shard: int) -> Path:
+    """`step-<N>.shard-<k>.h5`, shard k of the sharded checkpoint `step-<N>.h5`."""
+    step_file = Path(step_file)
+    return step_file.with_name(f"{step_file.stem}.shard-{shard}.h5")
+
+
+def shard_files(step_file: str | Path) -> list[Path]:
+    """The shard files present next to a step file (any count; see `shard_path`)."""
+    step_file = Path(step_file)
+    return sorted(step_file.parent.glob(f"{step_file.stem}.shard-*.h5"))
+
+
+def write_shard(
+    ckpt_dir: str | Path, env_steps: int, shard: int, arrays: dict[str, np.ndarray], meta: dict
+) -> Path:
+    """Write shard `shard` of the checkpoint at `env_steps` atomically (each rank its own,
+    before rank 0 writes the step file with `write_checkpoint`)."""
+    path = shard_path(Path(ckpt_dir) / f"step-{env_steps}.h5", shard)
+    _write_atomic(path, arrays, {**meta, "shard": int(shard), "env_steps": int(env_steps)})
+    return path
 
 
 def write_best(ckpt_dir: str | Path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
@@ -164,6 +194,13 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
             f"checkpoint {str(path)!r} has format version {version}, newer than the "
             f"{FORMAT_VERSION} this hpcrl reads: upgrade hpcrl to resume it"
         )
+    for shard in range(int(meta.get("shards", 0))):
+        # One shard in memory at a time (a sharded table may not fit one process).
+        _, shard_meta = load_checkpoint(shard_path(path, shard))
+        if int(shard_meta.get("env_steps", -1)) != int(meta["env_steps"]):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r}: its shard {shard} is of another checkpoint"
+            )
     return arrays, meta
 
 
@@ -227,6 +264,8 @@ def quarantine(paths: list[Path]) -> list[Path]:
     post-mortem); returns the new paths."""
     moved = []
     for path in paths:
+        for shard in shard_files(path):
+            os.replace(shard, shard.with_name(shard.name + ".corrupt"))
         target = path.with_name(path.name + ".corrupt")
         os.replace(path, target)
         moved.append(target)

@@ -4,6 +4,7 @@ builder find it by name and nothing else.
 
     ps              rank 0 parameter server, ranks 1..N-1 actors (tabular)
     allreduce       every rank acts and learns on its own table; tables averaged (tabular)
+    sharded         every rank acts and owns a shard of the Q-table (tabular)
     data_parallel   every rank acts and learns; gradients averaged (PPO, A2C, DQN)
     actor_learner   ranks 0..k-1 learn, the others act (IMPALA, A3C, asynchronous Q)
 
@@ -20,6 +21,7 @@ from hpcrl.errors import ConfigError
 TOPOLOGIES: dict[str, str] = {
     "ps": "hpcrl.topologies.ps",
     "allreduce": "hpcrl.topologies.allreduce",
+    "sharded": "hpcrl.topologies.sharded",
     "data_parallel": "hpcrl.topologies.data_parallel",
     "actor_learner": "hpcrl.topologies.actor_learner",
 }

@@ -33,7 +33,7 @@ def evaluate_greedy(
     # are bitwise the same for every world size.
     ids = np.array_split(np.arange(episodes, dtype=np.int64), comm.Get_size())[comm.Get_rank()]
     returns = greedy_episode_returns(env_id, env_kwargs, q_table, ids, seed)
-    return _return_stats(comm, returns, episodes, watchdog_s)
+    return return_stats(comm, returns, episodes, watchdog_s)
 
 
 def evaluate_policy(
@@ -61,10 +61,12 @@ def evaluate_policy(
         seed,
         env_options=env_options,
     )
-    return _return_stats(comm, returns, episodes, watchdog_s)
+    return return_stats(comm, returns, episodes, watchdog_s)
 
 
-def _return_stats(comm, returns, episodes, watchdog_s) -> dict | None:
+def return_stats(comm, returns, episodes, watchdog_s) -> dict | None:
+    """Collective: every rank's (n_k,) float64 returns gathered to rank 0, in rank order;
+    `{"mean_return", "std_return", "episodes"}` there, None elsewhere."""
     all_returns = gather_rows(comm, returns, 0, watchdog_s)
     if comm.Get_rank() != 0:
         return None

@@ -1,0 +1,32 @@
+"""Table arithmetic the tabular algorithms and layouts share (numpy only, no MPI): a
+batch of transitions reduced to its distinct (state, action) pairs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def sum_by_pair(
+    n_states: int, n_actions: int, obs: np.ndarray, actions: np.ndarray, *weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Each distinct (s, a) pair of a batch once, with the sums of `weights` over its
+    copies, added in batch order.
+
+    Args:
+        n_states, n_actions: the table's shape (the pairs' range).
+        obs, actions: (B,) int64 pairs.
+        weights: (B,) float64 arrays to sum per pair.
+
+    Returns:
+        (states (P,) int64, actions (P,) int64, [sums (P,) float64 per weight]), the pairs
+        sorted by s * n_actions + a.
+    """
+    flat = obs * n_actions + actions
+    if n_states * n_actions <= 8 * len(flat):  # small table: no sort
+        size = n_states * n_actions
+        entries = np.flatnonzero(np.bincount(flat, minlength=size))
+        sums = [np.bincount(flat, weights=w, minlength=size)[entries] for w in weights]
+    else:
+        entries, inverse = np.unique(flat, return_inverse=True)
+        sums = [np.bincount(inverse, weights=w, minlength=len(entries)) for w in weights]
+    return entries // n_actions, entries % n_actions, sums

@@ -1,0 +1,450 @@
+"""The `sharded` layout: tabular Q-learning with the Q-table split over the ranks. Every
+rank owns the rows of the states s with s mod N = rank (`ShardMap`) and also acts; no rank
+ever holds the whole table.
+
+Every vector step is one exchange round (`ShardExchange.round`), collective over the ranks:
+
+    1. Alltoall     (N, 2) int64 counts: the updates and the row requests for each owner
+    2. Alltoallv    records of 3 float64 to their owners: an update (row, action, target)
+                    of the previous step, then a row request (row, -1, 0)
+    3. the owners apply the updates (`update_towards`, one vectorized step per round) and
+       only then read the rows asked for
+    4. Alltoallv    the rows Q(s, .) back to whoever asked, in the order asked
+
+A rank asks for the rows of its next states s' (the final state where an episode ended)
+and of the states it acts from next; it acts ε-greedily on those rows and computes its
+targets r + γ (1 - terminated) max_a' Q(s', a') from them (`td_targets`), which it sends
+to the owners in the next round. A target is therefore computed from the table as it was
+after the previous round, and applied one round later; a row request is deduplicated
+before it leaves. Within one round an owner's batch holds the updates of every rank in
+rank order: copies of one (s, a) share one step of size α along their mean TD error
+against the current entry (`hpcrl.algos.qlearning.update_towards`), so the outcome does
+not depend on the order of the batch, and the whole run is deterministic for a fixed seed
+and world size. After the last step one more round sends the last targets.
+
+Memory per rank: the shard, ceil(S / N) * A float64 (`max_table_bytes_per_rank` caps it;
+a table that does not fit the cap on this many ranks is refused before anything is
+allocated), plus the round's buffers, O(B (A + 3)) float64 for B env copies, plus the final
+greedy evaluation's (S,) int32 greedy actions (1 / (2A) of the table's bytes), gathered
+once at the end. An exchange round is not a stop point: every `sync_interval` vector steps a
+small `Allreduce` of the `Vote` flags decides logs, checkpoints and a stop, as in
+`allreduce`.
+
+Checkpoints: each rank writes its shard, `checkpoints/step-<N>.shard-<k>.h5`, then rank 0
+writes `step-<N>.h5` with every rank's RNG, env and counter state and its pending round
+(targets not yet sent, the rows it acts from next), so a resume on the same world size
+continues bit-exactly. A resume on another world size reads each old shard in turn and
+keeps the rows this rank now owns (one old shard in memory at a time); its envs restart.
+`hpcrl evaluate` and `hpcrl.load_policy` assemble the whole table in one process from the
+shards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gymnasium as gym
+import h5py
+import numpy as np
+from mpi4py import MPI
+
+from hpcrl.algos import make_learner
+from hpcrl.algos.tabular import sum_by_pair
+from hpcrl.comm.waits import allreduce_sum, wait_all
+from hpcrl.contracts import LoopResult
+from hpcrl.envs import discrete_sizes
+from hpcrl.errors import ConfigError, UserError
+from hpcrl.evaluation import policy_episode_returns
+from hpcrl.storage.checkpoints import shard_path, write_shard
+from hpcrl.topologies.checkpointing import (
+    gather_rank_states,
+    rank_state,
+    restore_rank_state,
+    save_checkpoint,
+)
+from hpcrl.topologies.collective_eval import TableGreedy, return_stats
+from hpcrl.topologies.recording import TrajectoryRecorder, link_trajectories
+from hpcrl.topologies.reporting import EpisodeRows, Reporter, gather_and_log
+from hpcrl.topologies.run_context import RunContext
+from hpcrl.topologies.sync_points import Vote, vote_buffer
+from hpcrl.topologies.tabular import TabularConfig, TabularTopology
+
+_MIB = 1 << 20
+
+
+@dataclass
+class ShardedConfig(TabularConfig):
+    """Settings of the `sharded` layout: `sync_interval` is the vector steps between two
+    votes (log, checkpoint, stop); `max_table_bytes_per_rank` caps the bytes of the
+    Q-table shard one rank holds (0: no cap)."""
+
+    max_table_bytes_per_rank: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        cap = self.max_table_bytes_per_rank
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+            raise ConfigError(
+                f"config key 'max_table_bytes_per_rank': got {cap!r}, expected an integer "
+                "number of bytes >= 0 (0: no cap)"
+            )
+
+
+class ShardMap:
+    """Which rank owns which rows: state s lives on rank s mod N, at local row s // N.
+
+    Round-robin, so the states of any region of a grid spread evenly over the ranks.
+    """
+
+    def __init__(self, n_states: int, world_size: int):
+        self.n_states, self.world_size = n_states, world_size
+
+    def rows(self, rank: int) -> int:
+        """The number of states rank `rank` owns: ceil((S - rank) / N)."""
+        return max(0, (self.n_states - rank + self.world_size - 1) // self.world_size)
+
+    def states(self, rank: int) -> np.ndarray:
+        """(rows(rank),) int64: the states rank `rank` owns, in local row order."""
+        return np.arange(rank, self.n_states, self.world_size, dtype=np.int64)
+
+
+class ShardExchange:
+    """The exchange round of the `sharded` layout (see the module doc); collective."""
+
+    def __init__(self, comm: MPI.Comm, shards: ShardMap, learner, watchdog_s: float):
+        self.comm, self.shards, self.learner = comm, shards, learner
+        self.size = comm.Get_size()
+        self.n_actions = learner.q_table.shape[1]
+        self.watchdog_s = watchdog_s
+
+    def round(
+        self,
+        obs: np.ndarray,
+        actions: np.ndarray,
+        targets: np.ndarray,
+        progress: float,
+        requests: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Send the updates (obs, actions, targets) to their owners, which apply them, then
+        fetch the rows of `requests`.
+
+        Args:
+            obs: (U,) int64 states s of the updates (global state ids).
+            actions: (U,) int64 actions a.
+            targets: (U,) float64 targets for Q(s, a).
+            progress: fraction of this rank's budget done, for the owner's step size α.
+            requests: (R,) int64 states whose rows are wanted.
+
+        Returns:
+            (rows, inverse): (D, n_actions) float64 rows Q(s, .) of the D distinct states
+            asked for and (R,) int64 indices into them, so `rows[inverse[i]]` is the row of
+            `requests[i]`; read after every rank's updates of this round were applied.
+        """
+        size, n_actions, n_states = self.size, self.n_actions, self.shards.n_states
+        # each pair once per round and rank: its targets' sum and count
+        obs, actions, (sums, counts) = sum_by_pair(
+            n_states, n_actions, obs, actions, targets, np.ones(len(targets))
+        )
+        unique, inverse = _distinct(requests, n_states)
+        if size == 1:
+            self.learner.update_towards(obs, actions, sums, counts, progress)
+            return self.learner.q_table[unique], inverse
+        records = np.empty((len(obs) + len(unique), 4), dtype=np.float64)
+        records[: len(obs), 0] = obs // size
+        records[: len(obs), 1] = actions
+        records[: len(obs), 2] = sums
+        records[: len(obs), 3] = counts
+        records[len(obs) :, 0] = unique // size
+        records[len(obs) :, 1:] = (-1.0, 0.0, 0.0)
+        # 2 * owner + (1 for a request): by owner, its updates before its requests. A
+        # stable sort of 16-bit keys is a radix sort.
+        key = np.concatenate([obs % size, unique % size])
+        key = key.astype(np.int16 if size < 16384 else np.int64)
+        key *= 2
+        key[len(obs) :] += 1
+        order = np.argsort(key, kind="stable")
+        counts_out = np.bincount(key, minlength=2 * size).reshape(size, 2).astype(np.int64)
+        counts_in = np.empty_like(counts_out)
+        self._wait(self.comm.Ialltoall(counts_out, counts_in), "the shard exchange's counts")
+
+        send = records[order].ravel()
+        received = np.empty(4 * int(counts_in.sum()), dtype=np.float64)
+        self._alltoallv(send, 4 * counts_out.sum(axis=1), received, 4 * counts_in.sum(axis=1))
+        received = received.reshape(-1, 4)
+        is_update = np.repeat(np.tile([True, False], size), counts_in.ravel())
+        updates, asked = received[is_update], received[~is_update]
+        self.learner.update_towards(
+            updates[:, 0].astype(np.int64),
+            updates[:, 1].astype(np.int64),
+            updates[:, 2],
+            updates[:, 3],
+            progress,
+        )
+        answers = np.ascontiguousarray(self.learner.q_table[asked[:, 0].astype(np.int64)])
+        rows = np.empty((len(unique), n_actions), dtype=np.float64)
+        self._alltoallv(answers, n_actions * counts_in[:, 1], rows, n_actions * counts_out[:, 1])
+        # `rows` came in the order asked: by owner, then by state (`unique` is sorted).
+        by_state = np.empty_like(rows)
+        by_state[np.argsort(unique % size, kind="stable")] = rows
+        return by_state, inverse
+
+    def _alltoallv(self, send, send_counts, recv, recv_counts) -> None:
+        send_displs = np.concatenate([[0], np.cumsum(send_counts)[:-1]])
+        recv_displs = np.concatenate([[0], np.cumsum(recv_counts)[:-1]])
+        request = self.comm.Ialltoallv(
+            [send, send_counts, send_displs, MPI.DOUBLE],
+            [recv, recv_counts, recv_displs, MPI.DOUBLE],
+        )
+        self._wait(request, "the shard exchange")
+
+    def _wait(self, request, what: str) -> None:
+        wait_all([request], self.comm, what, self.watchdog_s)
+
+
+def _distinct(states: np.ndarray, n_states: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct states, inverse) as `np.unique(states, return_inverse=True)`; by a
+    mask over the states when there are few of them next to the batch (no sort)."""
+    if n_states > 8 * len(states):
+        return np.unique(states, return_inverse=True)
+    present = np.zeros(n_states, dtype=bool)
+    present[states] = True
+    position = np.cumsum(present) - 1
+    return np.flatnonzero(present), position[states]
+
+
+class ActionsGreedy:
+    """A greedy policy given as one action per state (`GreedyPolicy`): every rank holds
+    the same (S,) int32 actions, so no table is broadcast."""
+
+    def __init__(self, actions: np.ndarray):
+        self.actions = actions
+
+    def evaluate(self, comm, env_id, env_kwargs, env_options, episodes, seed, watchdog_s):
+        ids = np.array_split(np.arange(episodes, dtype=np.int64), comm.Get_size())
+        actions = self.actions
+        returns = policy_episode_returns(
+            env_id, env_kwargs, lambda obs: int(actions[obs]), ids[comm.Get_rank()], seed
+        )
+        return return_stats(comm, returns, episodes, watchdog_s)
+
+
+class Sharded(TabularTopology):
+    """Every rank acts and owns a shard of the Q-table; rows move in exchange rounds."""
+
+    name = "sharded"
+    Config = ShardedConfig
+    ROLES = "ranks 0-{last} each act and own 1/{size} of the Q-table"
+
+    def rank_roles(self, world_size: int) -> str:
+        return self.ROLES.format(last=world_size - 1, size=world_size)
+
+    def check_env(self, env, world_size: int, shapes: dict) -> None:
+        """Raises:
+        UserError: as `TabularTopology.check_env`; more ranks than states; or a shard
+            (ceil(S / N) * A float64) over `max_table_bytes_per_rank`, before anything
+            is allocated."""
+        super().check_env(env, world_size, shapes)
+        n_states, n_actions = discrete_sizes(env)
+        if world_size > n_states:
+            raise UserError(
+                f"layout 'sharded' on {world_size} ranks: env {self.cfg.run.env_id!r} has "
+                f"only {n_states} states to shard; run on at most {n_states} ranks"
+            )
+        cap = self.cfg.topology.max_table_bytes_per_rank
+        table = n_states * n_actions * 8
+        shard = ShardMap(n_states, world_size).rows(0) * n_actions * 8
+        if cap and shard > cap:
+            need = -(-n_states // (cap // (n_actions * 8))) if cap >= n_actions * 8 else None
+            more = f"run on at least {need} ranks or " if need else ""
+            raise UserError(
+                f"max_table_bytes_per_rank={cap}: a Q-table of {n_states} states x "
+                f"{n_actions} actions ({table / _MIB:,.1f} MiB float64) needs "
+                f"{shard / _MIB:,.1f} MiB per rank on {world_size} ranks; {more}raise the cap"
+            )
+
+    def checkpoint_policy(self, path, meta: dict, shapes: dict, arrays: dict) -> TableGreedy:
+        """The whole table, assembled from the shards in this one process (rank 0, which
+        `load_checkpoint` gave the arrays; the evaluation broadcasts rank 0's table)."""
+        n_states, n_actions = (int(x) for x in shapes["q_table"])
+        table = np.zeros((n_states, n_actions), dtype=np.float64)
+        if arrays:
+            old = ShardMap(n_states, int(meta["shards"]))
+            for shard in range(old.world_size):
+                with h5py.File(shard_path(path, shard), "r") as f:
+                    table[old.states(shard)] = f["q_shard"][()]
+        return TableGreedy(table)
+
+    def run(self, ctx: RunContext) -> LoopResult:
+        actions, interrupted = _run(ctx)
+        return LoopResult(interrupted, ActionsGreedy(actions))
+
+
+TOPOLOGY = Sharded
+
+
+def _load_shard(ctx: RunContext, shards: ShardMap, out: np.ndarray) -> None:
+    """Fill this rank's shard `out` from the resumed checkpoint's shards (verified by
+    `load_checkpoint` on rank 0 when the run was planned), one old shard at a time."""
+    meta = ctx.resume.meta
+    old = ShardMap(shards.n_states, int(meta["shards"]))
+    for shard in range(old.world_size) if old.world_size != shards.world_size else [ctx.rank]:
+        states = old.states(shard)
+        mine = states % shards.world_size == ctx.rank
+        if mine.any():
+            with h5py.File(shard_path(ctx.resume.path, shard), "r") as f:
+                out[states[mine] // shards.world_size] = f["q_shard"][()][mine]
+
+
+def _greedy_actions(ctx: RunContext, shards: ShardMap, shard: np.ndarray) -> np.ndarray:
+    """Collective: (S,) int32 argmax_a Q(s, a) of every state on every rank (ties to the
+    lowest action, as `greedy_episode_returns`), one `Allgatherv` of the shards' argmaxes."""
+    size = shards.world_size
+    counts = np.array([shards.rows(r) for r in range(size)], dtype=np.int64)
+    displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    mine = np.argmax(shard, axis=1).astype(np.int32)
+    gathered = np.empty(shards.n_states, dtype=np.int32)
+    request = ctx.comm.Iallgatherv(mine, [gathered, counts, displs, MPI.INT32_T])
+    wait_all([request], ctx.comm, "the greedy actions' Allgatherv", ctx.watchdog_s)
+    actions = np.empty(shards.n_states, dtype=np.int32)
+    for rank in range(size):
+        actions[shards.states(rank)] = gathered[displs[rank] : displs[rank] + counts[rank]]
+    return actions
+
+
+_EMPTY_INT = np.zeros(0, dtype=np.int64)
+_EMPTY_FLOAT = np.zeros(0, dtype=np.float64)
+
+
+def _run(ctx: RunContext) -> tuple[np.ndarray, bool]:
+    """The whole loop; returns every state's greedy action (the same on every rank) and
+    whether a preemption signal stopped it."""
+    comm, cfg = ctx.comm, ctx.cfg
+    num_envs, sync_interval = cfg.run.num_envs, cfg.topology.sync_interval
+    segment = ctx.segment
+    budgets = np.array(segment.budgets(), dtype=np.int64)
+    budget = int(budgets[ctx.rank])
+    vector_steps = max(1, -(-int(budgets.max()) // num_envs))  # the same on every rank
+
+    def global_steps_after(t: int) -> int:
+        """Env steps of all ranks after vector step t (ranks step in lockstep)."""
+        return segment.start_env_steps + int(np.minimum(budgets, (t + 1) * num_envs).sum())
+
+    shards = ShardMap(ctx.n_states, ctx.world_size)
+    rng, env_seed = ctx.rank_seeds()
+    # The learner's table is this rank's shard: shards.rows(rank) rows.
+    learner = make_learner(
+        cfg, gym.spaces.Discrete(shards.rows(ctx.rank)), ctx.action_space, ctx.world_size
+    )
+    shard = learner.q_table
+    policy = learner.behaviour_policy(rng)
+    exchange = ShardExchange(comm, shards, learner, ctx.watchdog_s)
+    stepper = ctx.make_stepper()
+    env_steps = 0  # this rank's, in this segment
+    first_step, syncs = 0, 0
+    # The round in flight: targets of the last step, not sent yet, and the rows to act on.
+    pending = (_EMPTY_INT, _EMPTY_INT, _EMPTY_FLOAT)
+    rows = None
+    if ctx.resume is not None:
+        _load_shard(ctx, shards, shard)
+        syncs = int(ctx.resume.meta.get("syncs", 0))
+        state = ctx.resume.rank_state(ctx.rank)
+        if state:
+            env_steps, learner.learner_updates = restore_rank_state(
+                state, rng, stepper, env_seed + 1
+            )
+            first_step = int(ctx.resume.meta["vector_step"]) + 1
+            pending = (state["pending_obs"], state["pending_actions"], state["pending_targets"])
+            rows = state["rows"]
+    if rows is None:
+        distinct, inverse = exchange.round(*pending, 0.0, stepper.obs)
+        rows = distinct[inverse]
+    votes = vote_buffer()
+    recorder = TrajectoryRecorder(ctx)
+    episodes = EpisodeRows()
+    reporter = Reporter(ctx) if ctx.rank == 0 else None
+    interrupted = False
+    acting = np.arange(num_envs)
+
+    for t in range(first_step, vector_steps):
+        n = min(num_envs, budget - env_steps)
+        progress = segment.progress(env_steps, max(budget, 1))
+        if n > 0:
+            ctx.maybe_fail(env_steps)
+            actions = policy.select_actions(rows, acting, progress)
+            batch = stepper.step(actions)
+            # the rows of s' (bootstrap) and of the states acted from next
+            distinct, inverse = exchange.round(
+                *pending, progress, np.concatenate([batch.next_obs[:n], stepper.obs])
+            )
+            next_rows = distinct[inverse[:n]]
+            targets = learner.targets(batch.rewards[:n], next_rows, batch.terminated[:n])
+            pending = (batch.obs[:n], batch.actions[:n], targets)
+            rows = distinct[inverse[n:]]
+            recorder.record(batch, n)
+            env_steps += n
+            episodes.add_finished(batch, n, global_steps_after(t), ctx.elapsed_s(), ctx.rank)
+        else:  # this rank's budget is spent; it still serves its shard
+            exchange.round(*pending, progress, _EMPTY_INT)
+            pending = (_EMPTY_INT, _EMPTY_INT, _EMPTY_FLOAT)
+        last = t == vector_steps - 1
+        if last:  # the last targets
+            exchange.round(*pending, progress, _EMPTY_INT)
+            pending = (_EMPTY_INT, _EMPTY_INT, _EMPTY_FLOAT)
+        if (t + 1) % sync_interval and not last:
+            continue
+        # --- sync: one Allreduce of the log, checkpoint and stop votes ---
+        ctx.vote(votes, reporter)
+        allreduce_sum(comm, votes, ctx.watchdog_s)
+        syncs += 1
+        global_steps = global_steps_after(t)
+        interrupted = votes[Vote.STOP] > 0 and not last
+        by_steps = ctx.clock.due_by_env_steps(global_steps)
+        checkpoint = last or interrupted or by_steps or votes[Vote.CHECKPOINT] > 0
+        if votes[Vote.LOG] > 0 or checkpoint:
+            exploration = policy.exploration_value(progress)
+            gather_and_log(
+                ctx, reporter, episodes, global_steps, {"syncs": syncs, "exploration": exploration}
+            )
+        if checkpoint:
+            recorder.flush()
+            write_shard(
+                ctx.run_dir / "checkpoints",
+                global_steps,
+                ctx.rank,
+                {"q_shard": shard},
+                {"world_size": ctx.world_size, "n_states": ctx.n_states},
+            )
+            state = rank_state(rng, stepper, env_steps, learner.learner_updates, recorder.rows)
+            state.update(
+                pending_obs=pending[0],
+                pending_actions=pending[1],
+                pending_targets=pending[2],
+                rows=rows,
+            )
+            # The gather completes on rank 0 only after every rank wrote its shard.
+            states = gather_rank_states(ctx, state)
+            if ctx.rank == 0:
+                save_checkpoint(
+                    ctx,
+                    {},
+                    global_steps,
+                    learner.learner_updates,
+                    syncs,
+                    {k: int(s["counters"][2]) for k, s in states.items()},
+                    states,
+                    {
+                        "vector_step": t,
+                        "syncs": syncs,
+                        "shards": ctx.world_size,
+                        "shapes": {"q_table": [ctx.n_states, ctx.n_actions]},
+                    },
+                )
+            ctx.clock.written(global_steps)
+        if interrupted:
+            break
+
+    stepper.close()
+    link_trajectories(ctx, recorder.close())
+    if reporter is not None:
+        reporter.close()
+    return _greedy_actions(ctx, shards, shard), interrupted

@@ -1,0 +1,93 @@
+"""The `sharded` layout through the real CLI: a run interrupted on 4 ranks and resumed on
+2 (the shards redistributed) completes its exact budget; the memory cap refuses a table
+that does not fit one rank in one line and lets four ranks run it; `evaluate` and
+`hpcrl.load_policy` assemble the table from the shard files. (Bit-exact resume on the same
+world size: `tests/test_exact_resume_e2e.py`; optimality: `tests/test_policies.py`.)"""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import one_error_line, run_hpcrl, train_until_interrupted
+
+pytestmark = pytest.mark.e2e
+
+ARGS = [
+    "--set",
+    "layout=sharded",
+    "--set",
+    "vector_env=table",
+    "--set",
+    "eval_episodes=200",
+    "--set",
+    "log_interval_s=0.5",
+]
+QUARTER = 64 * 4 * 8 // 4  # FrozenLake 8x8: 64 states x 4 actions of float64, on 4 ranks
+
+
+def _shards(run_dir):
+    ckpt = run_dir / "checkpoints"
+    with h5py.File(ckpt / "latest.h5", "r") as f:
+        meta = json.loads(f.attrs["meta"])
+    step = (ckpt / "latest.h5").resolve()
+    names = sorted(p.name for p in ckpt.glob(f"{step.stem}.shard-*.h5"))
+    return meta, names
+
+
+def test_interrupted_on_4_ranks_resumed_on_2_completes_the_budget(tmp_path, cli_env):
+    budget = 1_200_000
+    run_dir = tmp_path / "run"
+    train_until_interrupted(
+        cli_env, 4, "--run-dir", str(run_dir), "--total-env-steps", str(budget), *ARGS
+    )
+    meta, names = _shards(run_dir)
+    assert meta["shards"] == 4 and 0 < meta["env_steps"] < budget
+    assert names == [f"step-{meta['env_steps']}.shard-{k}.h5" for k in range(4)]
+
+    done = run_hpcrl(cli_env, 2, "train", "--resume", str(run_dir))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "not bit-exact" in done.stdout  # another world size: a new segment
+    meta, names = _shards(run_dir)
+    assert meta["shards"] == 2 and meta["env_steps"] == budget
+    assert len(names) == 2
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        assert str(f.attrs["status"]) == "completed"
+        assert int(f["episodes"]["env_steps"][-1]) <= budget
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["mean_return"] >= 0.7  # the optimum is about 0.87
+
+    # evaluate and load_policy read the table from the two shard files
+    evaluated = run_hpcrl(cli_env, 1, "evaluate", str(run_dir), "--episodes", "200")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["mean_return"] >= 0.7
+    from hpcrl import load_policy
+
+    policy = load_policy(run_dir)
+    table = np.zeros((64, 4))
+    for k in range(2):
+        with h5py.File(run_dir / "checkpoints" / names[k], "r") as f:
+            table[k::2] = f["q_shard"][()]
+    assert np.array_equal(policy.act(np.arange(64)), table.argmax(axis=1))
+
+
+def test_the_cap_refuses_one_rank_in_one_line_and_four_ranks_run(tmp_path, cli_env):
+    args = [*ARGS, "--set", f"max_table_bytes_per_rank={QUARTER}", "--total-env-steps", "40000"]
+    one = run_hpcrl(cli_env, 1, "train", "--run-dir", str(tmp_path / "one"), *args)
+    assert one.returncode == 2
+    one_error_line(
+        one.stdout,
+        one.stderr,
+        [rf"max_table_bytes_per_rank={QUARTER}\b", r"on 1 ranks", r"at least 4 ranks"],
+        one.stdout + one.stderr,
+    )
+    assert not (tmp_path / "one").exists()
+    four = run_hpcrl(cli_env, 4, "train", "--run-dir", str(tmp_path / "four"), *args)
+    assert four.returncode == 0, four.stderr
+    _, names = _shards(tmp_path / "four")
+    for name in names:  # every shard a quarter of the table
+        with h5py.File(tmp_path / "four" / "checkpoints" / name, "r") as f:
+            assert f["q_shard"].nbytes == QUARTER

@@ -1,0 +1,63 @@
+"""The `sharded` layout's exchange round (`ShardExchange.round`) on COMM_WORLD: each rank
+sends updates and row requests for states anywhere in the table; the outcome must be the
+one batched update of every rank's transitions applied to the whole table (each pair one
+step towards the mean of all its targets), read back, and no rank may hold more than its
+shard."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hpcrl.algos.qlearning import QLearningConfig, QLearningLearner, step_towards_mean_targets
+from hpcrl.topologies.sharded import ShardExchange, ShardMap
+
+pytestmark = pytest.mark.mpi(min_size=2)
+
+ALPHA = 0.5
+
+
+def _batch(round_, rank, n_states, n_actions):
+    """Rank `rank`'s updates and requests in round `round_` (any rank can recompute them).
+    Rank 1 sends no update in round 1; every rank asks for some state twice."""
+    rng = np.random.default_rng([round_, rank])
+    count = 0 if (round_, rank) == (1, 1) else 6 + 3 * rank
+    obs = rng.integers(0, n_states, count)
+    actions = rng.integers(0, n_actions, count)
+    targets = rng.normal(size=count)
+    requests = rng.integers(0, n_states, 9)
+    requests[-1] = requests[0]
+    return obs, actions, targets, requests
+
+
+@pytest.mark.parametrize("n_states", [23, 3, 500])  # 3: fewer states than ranks; 500: sorted
+def test_a_round_equals_one_batch_on_the_whole_table(n_states):
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    if size > n_states:
+        pytest.skip("the layout refuses more ranks than states")
+    n_actions = 3
+    table = np.random.default_rng(7).normal(size=(n_states, n_actions))
+    shards = ShardMap(n_states, size)
+    learner = QLearningLearner(
+        QLearningConfig(alpha=ALPHA, alpha_end=ALPHA), shards.rows(rank), n_actions
+    )
+    learner.q_table[:] = table[shards.states(rank)]
+    exchange = ShardExchange(comm, shards, learner, watchdog_s=60.0)
+    for round_ in range(4):
+        obs, actions, targets, requests = _batch(round_, rank, n_states, n_actions)
+        distinct, inverse = exchange.round(obs, actions, targets, 0.0, requests)
+        everyone = [_batch(round_, r, n_states, n_actions) for r in range(size)]
+        all_obs, all_actions, all_targets = (
+            np.concatenate([b[i] for b in everyone]) for i in range(3)
+        )
+        step_towards_mean_targets(
+            table, all_obs, all_actions, all_targets, np.ones(len(all_obs)), ALPHA
+        )
+        # the same arithmetic up to the order of the additions (partial sums per rank)
+        np.testing.assert_allclose(distinct[inverse], table[requests], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(learner.q_table, table[shards.states(rank)], rtol=0, atol=1e-12)
+        assert len(distinct) == len(np.unique(requests))  # each state fetched once
+    assert learner.q_table.shape == (shards.rows(rank), n_actions)

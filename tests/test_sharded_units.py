@@ -1,0 +1,197 @@
+"""The `sharded` layout's parts that need no launcher: the state -> owner map, the batched
+update's duplicate semantics, the shard checkpoint files (written, verified, pruned and
+quarantined with their step file), and the checks before anything is allocated."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import h5py
+import numpy as np
+import pytest
+
+from hpcrl.algos.qlearning import step_towards_mean_targets, update_towards
+from hpcrl.algos.tabular import sum_by_pair
+from hpcrl.config import build_config
+from hpcrl.errors import ConfigError, UserError
+from hpcrl.storage import checkpoints as ckpt
+from hpcrl.topologies import make_topology
+from hpcrl.topologies.sharded import ShardMap
+
+
+@pytest.mark.parametrize(("n_states", "world"), [(64, 1), (64, 4), (23, 4), (5, 5), (7, 3)])
+def test_every_state_has_exactly_one_owner(n_states, world):
+    shards = ShardMap(n_states, world)
+    owned = np.concatenate([shards.states(r) for r in range(world)])
+    assert sorted(owned.tolist()) == list(range(n_states))
+    for rank in range(world):
+        states = shards.states(rank)
+        assert len(states) == shards.rows(rank)
+        assert np.array_equal(states % world, np.full(len(states), rank))
+        assert np.array_equal(states // world, np.arange(len(states)))  # the local rows
+    assert max(shards.rows(r) for r in range(world)) == -(-n_states // world)
+
+
+def _reference_towards(q, obs, actions, targets, alpha):
+    """The documented semantics, pair by pair: every TD error against the table before the
+    batch, each distinct (s, a) moved by α times the mean of its copies' errors."""
+    errors: dict[tuple[int, int], list[float]] = {}
+    for s, a, target in zip(obs.tolist(), actions.tolist(), targets.tolist(), strict=True):
+        errors.setdefault((s, a), []).append(target - q[s, a])
+    out = q.copy()
+    for (s, a), td in errors.items():
+        out[s, a] = q[s, a] + alpha * (sum(td) / len(td))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_update_towards_shares_one_step_among_duplicates_in_any_order(seed):
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(6, 3))
+    obs, actions = rng.integers(0, 6, 50), rng.integers(0, 3, 50)  # 18 pairs: duplicates
+    targets = rng.normal(size=50)
+    expected = _reference_towards(q, obs, actions, targets, 0.4)
+    got = q.copy()
+    update_towards(got, obs, actions, targets, 0.4)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+    shuffled = q.copy()
+    order = rng.permutation(50)
+    update_towards(shuffled, obs[order], actions[order], targets[order], 0.4)
+    np.testing.assert_allclose(shuffled, got, rtol=1e-12, atol=1e-12)
+    # not K sequential updates: those would step K times
+    sequential = q.copy()
+    for s, a, target in zip(obs, actions, targets, strict=True):
+        sequential[s, a] += 0.4 * (target - sequential[s, a])
+    assert not np.allclose(sequential, got)
+
+
+@pytest.mark.parametrize("n_states", [6, 400])  # a bincount over the table; a sort
+def test_sum_by_pair_sums_the_copies_of_each_pair(n_states):
+    rng = np.random.default_rng(n_states)
+    obs, actions, values = rng.integers(0, 6, 50), rng.integers(0, 3, 50), rng.normal(size=50)
+    states, acts, (sums, counts) = sum_by_pair(n_states, 3, obs, actions, values, np.ones(50))
+    expected: dict[tuple[int, int], list[float]] = {}
+    for s, a, v in zip(obs.tolist(), actions.tolist(), values.tolist(), strict=True):
+        expected.setdefault((s, a), []).append(v)
+    assert list(zip(states.tolist(), acts.tolist(), strict=True)) == sorted(expected)
+    for s, a, total, count in zip(states, acts, sums, counts, strict=True):
+        assert total == pytest.approx(sum(expected[s, a])) and count == len(expected[s, a])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_sharded_step_moves_each_pair_once_towards_its_mean_target(seed):
+    """Partial sums from several senders (a pair repeated) add up before the one step."""
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(6, 3))
+    obs, actions, targets = rng.integers(0, 6, 40), rng.integers(0, 3, 40), rng.normal(size=40)
+    expected = _reference_towards(q, obs, actions, targets, 0.3)  # mean TD = mean target - Q
+    halves = [
+        sum_by_pair(6, 3, obs[p], actions[p], targets[p], np.ones(20))
+        for p in (slice(0, 20), slice(20, 40))
+    ]
+    got = q.copy()
+    step_towards_mean_targets(
+        got,
+        *(np.concatenate([h[i] for h in halves]) for i in range(2)),
+        np.concatenate([h[2][0] for h in halves]),
+        np.concatenate([h[2][1] for h in halves]),
+        0.3,
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_update_towards_an_empty_batch_changes_nothing():
+    q = np.ones((3, 2))
+    update_towards(q, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), 0.5)
+    assert np.array_equal(q, np.ones((3, 2)))
+
+
+# --- checks before anything is allocated ---------------------------------------------------
+
+
+def _sharded(**keys):
+    cfg = build_config({"algo": "qlearning", "layout": "sharded", **keys})
+    return make_topology(cfg)
+
+
+def test_the_cap_must_be_a_byte_count():
+    for bad in (-1, 1.5, "1GiB", True):
+        with pytest.raises(ConfigError, match="max_table_bytes_per_rank"):
+            _sharded(max_table_bytes_per_rank=bad)
+
+
+def test_a_shard_over_the_cap_is_one_line_naming_the_cap_and_the_ranks_needed():
+    env = gym.make("FrozenLake8x8-v1")  # 64 states x 4 actions = 2048 bytes
+    topology = _sharded(max_table_bytes_per_rank=512)
+    topology.check_env(env, 4, {})  # 16 rows x 4 x 8 = 512: fits exactly
+    with pytest.raises(UserError) as err:
+        topology.check_env(env, 1, {})
+    line = str(err.value)
+    assert "\n" not in line
+    assert "max_table_bytes_per_rank=512" in line and "on 1 ranks" in line
+    assert "at least 4 ranks" in line
+    with pytest.raises(UserError, match="raise the cap"):
+        _sharded(max_table_bytes_per_rank=16).check_env(env, 4, {})  # less than one row
+    _sharded().check_env(env, 1, {})  # 0: no cap
+
+
+def test_more_ranks_than_states_is_refused():
+    env = gym.make("FrozenLake-v1")  # 16 states
+    with pytest.raises(UserError, match="only 16 states"):
+        _sharded().check_env(env, 17, {})
+
+
+# --- shard files ------------------------------------------------------------------------
+
+
+def _write_sharded(ckpt_dir, env_steps, shards=2, keep=5):
+    for k in range(shards):
+        ckpt.write_shard(ckpt_dir, env_steps, k, {"q_shard": np.full((3, 2), k, float)}, {})
+    return ckpt.write_checkpoint(
+        ckpt_dir, env_steps, {"x": np.zeros(1)}, {"env_steps": env_steps, "shards": shards}, keep
+    )
+
+
+def test_a_step_file_counts_as_intact_only_with_every_shard(tmp_path):
+    first = _write_sharded(tmp_path, 100)
+    second = _write_sharded(tmp_path, 200)
+    assert [p.name for p in ckpt.shard_files(second)] == [
+        "step-200.shard-0.h5",
+        "step-200.shard-1.h5",
+    ]
+    ckpt.load_checkpoint(second)
+    ckpt.shard_path(second, 1).unlink()
+    with pytest.raises(ckpt.CheckpointError, match=r"step-200\.shard-1\.h5"):
+        ckpt.load_checkpoint(second)
+    _, meta, path, skipped = ckpt.load_newest_intact(tmp_path)
+    assert path == first and meta["env_steps"] == 100 and skipped[0][0] == second
+    moved = ckpt.quarantine([second])
+    assert moved[0].name == "step-200.h5.corrupt"
+    assert (tmp_path / "step-200.shard-0.h5.corrupt").exists()
+    assert ckpt.list_checkpoints(tmp_path) == [first]
+
+
+def test_a_damaged_or_foreign_shard_fails_the_step_file(tmp_path):
+    path = _write_sharded(tmp_path, 100)
+    with h5py.File(ckpt.shard_path(path, 0), "r+") as f:
+        f["q_shard"][0, 0] = 42.0
+    with pytest.raises(ckpt.CheckpointError, match="checksum"):
+        ckpt.load_checkpoint(path)
+    other = _write_sharded(tmp_path / "other", 300) if (tmp_path / "other").mkdir() is None else 0
+    ckpt.shard_path(other, 0).replace(ckpt.shard_path(path, 0))
+    with pytest.raises(ckpt.CheckpointError, match="shard 0 is of another checkpoint"):
+        ckpt.load_checkpoint(path)
+
+
+def test_old_step_files_are_pruned_with_their_shards(tmp_path):
+    for steps in (100, 200, 300):
+        _write_sharded(tmp_path, steps, keep=2)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [
+        "latest.h5",
+        "step-200.h5",
+        "step-200.shard-0.h5",
+        "step-200.shard-1.h5",
+        "step-300.h5",
+        "step-300.shard-0.h5",
+        "step-300.shard-1.h5",
+    ]
