@@ -1,0 +1,172 @@
+"""Tabular Q-learning at scale: env steps/s, Q updates/s and memory per rank of every tabular
+layout (`ps`, `allreduce`, `sharded`) at 1, 2 and 4 ranks, against the raw single-env
+gymnasium loop of the same env on the same machine, in one run, as ratios (issue 16).
+
+    .venv/bin/python benchmarks/tabular_scale.py [--env FrozenLake8x8-v1]
+        [--steps 24000000] [--num-envs 8192] [--ranks 1 2 4] [--repeats 2] [--json OUT]
+
+Every run is the real CLI (`mpiexec -n K python -m hpcrl train`) with the table-stepped
+envs (`vector_env: auto` picks `table` for FrozenLake), `num_envs` copies per acting rank,
+trajectory recording off (and, once per layout at one rank, on), no final evaluation.
+
+- env steps/s: the budget over the run's own wall time (`wall_time_s` in run.h5: from
+  the shared start barrier to the end of training, so interpreter start-up is not in it).
+- Q updates/s per rank: transitions applied to the table per second, divided by the ranks
+  that hold table entries (every rank, except `ps` on several ranks: rank 0 alone).
+- peak memory per rank: each rank's maximum resident set (`ru_maxrss`, read at exit by
+  a wrapper around `python -m hpcrl`), the largest of the ranks; and the Q-table bytes a
+  rank holds (the whole table, or `sharded`'s shard).
+- raw loop: `env.step(random action)`, `reset` on episode end, one process, no learning.
+
+The raw loop and the runs alternate over `--repeats` rounds so the machine's load falls on
+all alike; the median of the rounds is reported. Prints a Markdown table for
+benchmarks/RESULTS.md, and writes every figure to `--json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import h5py
+
+sys.path.insert(0, str(Path(__file__).parent))
+from throughput import raw_rate  # noqa: E402
+
+BIN = Path(sys.executable).parent
+# `python -m hpcrl`, then this rank's peak resident set (KiB on Linux) on stderr.
+WRAPPER = (
+    "import atexit, resource, runpy, sys; "
+    "atexit.register(lambda: sys.stderr.write(f'<maxrss_kib {resource.getrusage("
+    "resource.RUSAGE_SELF).ru_maxrss}>\\n')); "
+    "sys.argv = ['hpcrl', *sys.argv[1:]]; runpy.run_module('hpcrl', run_name='__main__')"
+)
+
+
+def run(env_id, steps, layout, ranks, num_envs, record, workdir: Path) -> dict:
+    run_dir = workdir / f"{layout}-{ranks}-{int(record)}"
+    cmd = [
+        str(BIN / "mpiexec"),
+        "-n",
+        str(ranks),
+        sys.executable,
+        "-c",
+        WRAPPER,
+        "train",
+        "--env",
+        env_id,
+        "--total-env-steps",
+        str(steps),
+        "--run-dir",
+        str(run_dir),
+        "--overwrite",
+        "--set",
+        f"layout={layout}",
+        "--set",
+        f"num_envs={num_envs}",
+        "--set",
+        "sync_interval=4",
+        "--set",
+        "eval_episodes=0",
+        "--set",
+        f"record_trajectories={str(record).lower()}",
+        "--set",
+        "log_interval_s=1000",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}\n{done.stdout}\n{done.stderr}")
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        wall = float(f.attrs["wall_time_s"])
+    with h5py.File(run_dir / "checkpoints" / "latest.h5", "r") as f:
+        meta = json.loads(f.attrs["meta"])
+    n_states, n_actions = meta.get("shapes", {}).get("q_table") or f_shape(run_dir)
+    holders = 1 if layout == "ps" and ranks > 1 else ranks
+    table_bytes = n_states * n_actions * 8
+    rank_bytes = -(-n_states // ranks) * n_actions * 8 if layout == "sharded" else table_bytes
+    # one write per rank (ranks' stderr interleave in mpiexec's)
+    rss = [int(v) for v in re.findall(r"<maxrss_kib (\d+)>", done.stderr)]
+    return {
+        "layout": layout,
+        "ranks": ranks,
+        "record": record,
+        "env_steps_per_s": steps / wall,
+        "q_updates_per_s_per_rank": steps / wall / holders,
+        "peak_rss_mib": max(rss) / 1024 if rss else float("nan"),
+        "table_bytes_per_rank": rank_bytes,
+    }
+
+
+def f_shape(run_dir: Path) -> tuple[int, int]:
+    with h5py.File(run_dir / "checkpoints" / "latest.h5", "r") as f:
+        return tuple(f["q_table"].shape)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--env", default="FrozenLake8x8-v1")
+    parser.add_argument("--steps", type=int, default=24_000_000)
+    parser.add_argument("--num-envs", type=int, default=8192)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--layouts", nargs="+", default=["ps", "allreduce", "sharded"])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"env {args.env}; {args.steps:,} env steps per run, {args.num_envs} copies per rank"
+    )
+    cases = [(layout, ranks, False) for layout in args.layouts for ranks in args.ranks]
+    cases += [(layout, 1, True) for layout in args.layouts]
+    raws, results = [], {case: [] for case in cases}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.repeats):
+            raws.append(raw_rate(args.env, 300_000))
+            for layout, ranks, record in cases:
+                figures = run(args.env, args.steps, layout, ranks, args.num_envs, record, Path(tmp))
+                results[layout, ranks, record].append(figures)
+    raw = statistics.median(raws)
+    print(f"raw single-env gymnasium loop: {raw:,.0f} env steps/s (median of {len(raws)})\n")
+    print(
+        "| layout | ranks | trajectories | env steps/s | x raw loop | x own 1 rank | "
+        "Q updates/s per rank | peak RSS per rank | Q-table per rank |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for layout, ranks, record in cases:
+        runs = results[layout, ranks, record]
+        rate = statistics.median(r["env_steps_per_s"] for r in runs)
+        one = statistics.median(r["env_steps_per_s"] for r in results[layout, 1, False])
+        row = {
+            **runs[0],
+            "env_steps_per_s": rate,
+            "q_updates_per_s_per_rank": statistics.median(
+                r["q_updates_per_s_per_rank"] for r in runs
+            ),
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+            "x_raw": rate / raw,
+            "x_own_one_rank": rate / one,
+            "repeats": [r["env_steps_per_s"] for r in runs],
+        }
+        rows.append(row)
+        print(
+            f"| {layout} | {ranks} | {'on' if record else 'off'} | {rate:,.0f} | "
+            f"{rate / raw:.1f} | {rate / one:.2f} | {row['q_updates_per_s_per_rank']:,.0f} | "
+            f"{row['peak_rss_mib']:.0f} MiB | {row['table_bytes_per_rank']:,} B |",
+            flush=True,
+        )
+    if args.json:
+        args.json.write_text(json.dumps({"env": args.env, "raw": raws, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
