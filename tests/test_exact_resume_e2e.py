@@ -85,12 +85,19 @@ def _contents(run_dir):
 @pytest.mark.parametrize(
     "n, layout, steps, delay, extra",
     [
-        (4, "allreduce", 600_000, (0.3, 4.0), []),
-        (None, "ps", 300_000, (0.2, 2.5), []),
+        (4, "allreduce", 600_000, (0.3, 4.0), ["--set", "vector_env=sync"]),
+        (None, "ps", 300_000, (0.2, 2.5), ["--set", "vector_env=sync"]),
         (2, "allreduce", 2_400_000, (0.3, 1.5), ["--set", "vector_env=table"]),
-        (4, "sharded", 1_200_000, (0.3, 2.0), ["--set", "vector_env=table"]),
+        (4, "sharded", 1_200_000, (0.3, 2.0), []),
+        (4, "async", 1_200_000, (0.3, 2.0), ["--set", "n_step=4"]),
     ],
-    ids=["allreduce-4-ranks", "one-process", "table-stepped-2-ranks", "sharded-4-ranks"],
+    ids=[
+        "allreduce-4-ranks",
+        "one-process",
+        "table-stepped-2-ranks",
+        "sharded-4-ranks",
+        "async-n-step-4-ranks",
+    ],
 )
 def test_interrupted_and_resumed_run_equals_uninterrupted(
     tmp_path, cli_env, n, layout, steps, delay, extra

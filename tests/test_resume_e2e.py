@@ -236,9 +236,12 @@ def wrapped(n: int, logs: Path, *args: str) -> list[str]:
 
 
 def config_args(budget: int, layout: str, *extra: str) -> list[str]:
-    """The config of a test run, given again on every restart (as a job script would)."""
+    """The config of a test run, given again on every restart (as a job script would).
+    Stepped by gymnasium's `SyncVectorEnv`: the kills and signals here are timed for its
+    pace (the table stepper, `auto`'s pick for FrozenLake, ends these runs 5-10x sooner,
+    before most of them land; `test_exact_resume_e2e.py` covers it)."""
     args = ["--total-env-steps", str(budget), "--seed", str(SEED)]
-    for item in (f"layout={layout}", "eval_episodes=0", *extra):
+    for item in (f"layout={layout}", "eval_episodes=0", "vector_env=sync", *extra):
         args += ["--set", item]
     return args
 
