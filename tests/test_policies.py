@@ -2,9 +2,10 @@
 
 Each case is written once and run on one process (`COMM_SELF`, no launcher) and on four
 ranks (`COMM_WORLD` under `mpiexec -n 4 python -m pytest --with-mpi`), for every tabular
-layout (`sharded`'s table is assembled from its shard files by `hpcrl.load_policy`). The
-envs are stepped from their transition table (`vector_env: table`, bit-identical to
-gymnasium's `SyncVectorEnv`, `tests/test_table_vector.py`).
+layout, `async` also with n-step returns (`sharded`'s table is assembled from its shard
+files by `hpcrl.load_policy`). The envs are stepped from their transition table
+(`vector_env: table`, bit-identical to gymnasium's `SyncVectorEnv`,
+`tests/test_table_vector.py`).
 The greedy policy's exact value from the start state (a linear solve, not sampling) must be
 >= 98% of the optimum, or within 2% of it when returns are negative.
 """
@@ -25,7 +26,9 @@ CASES = [
     ("FrozenLake8x8-v1", 3_000_000),
     ("CliffWalking-v1", 300_000),
 ]
-LAYOUTS = ["ps", "allreduce", "sharded"]
+LAYOUTS = ["ps", "allreduce", "sharded", "async", "async-n-step"]
+# `async` with n-step returns (Mnih et al. 2016, Algorithm S2, tabular)
+LAYOUT_KEYS = {"async-n-step": {"layout": "async", "n_step": 4}}
 
 
 def transition_model(env_id: str):
@@ -69,6 +72,16 @@ def policy_value(p, r, done, gamma, policy):
 # their estimates too noisy. With 6M steps and α_end = 0.001, 4 of 4 ended >= 99.99%.
 # The one-process and `allreduce` runs are deterministic and keep the plain budget.
 PS_OVERRIDES = {"FrozenLake8x8-v1": {"total_env_steps": 6_000_000, "alpha_end": 0.001}}
+# n-step returns in slippery FrozenLake 8x8 vary more than one-step targets: at 3M steps
+# and α_end 0.005, `async` with n_step 4 on 4 ranks ended at 97.9% of the optimum. The
+# same remedy as for `ps`.
+
+
+def overrides(layout: str, env_id: str, ranks: int) -> dict:
+    """The budget and α_end a case needs beyond the plain ones (see above)."""
+    if layout == "async-n-step" or (layout == "ps" and ranks > 1):
+        return PS_OVERRIDES.get(env_id, {})
+    return {}
 
 
 def train_greedy_actions(comm, run_dir, env_id, layout, budget, **extra):
@@ -79,6 +92,7 @@ def train_greedy_actions(comm, run_dir, env_id, layout, budget, **extra):
         "env_id": env_id,
         "total_env_steps": budget,
         "layout": layout,
+        **LAYOUT_KEYS.get(layout, {}),
         "gamma": GAMMA,
         "eval_episodes": 0,
         "record_trajectories": False,
@@ -114,7 +128,8 @@ def check_against_optimum(env_id, actions):
 def test_one_process_learns_optimal_policy(tmp_path, env_id, budget, layout):
     from mpi4py import MPI
 
-    actions = train_greedy_actions(MPI.COMM_SELF, tmp_path, env_id, layout, budget)
+    extra = overrides(layout, env_id, 1)
+    actions = train_greedy_actions(MPI.COMM_SELF, tmp_path, env_id, layout, budget, **extra)
     check_against_optimum(env_id, actions)
 
 
@@ -125,7 +140,7 @@ def test_four_ranks_learn_optimal_policy(mpi_tmp_path, env_id, budget, layout):
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
-    extra = PS_OVERRIDES.get(env_id, {}) if layout == "ps" else {}
+    extra = overrides(layout, env_id, comm.size)
     actions = train_greedy_actions(comm, mpi_tmp_path, env_id, layout, budget, **extra)
     if comm.rank == 0:
         check_against_optimum(env_id, actions)

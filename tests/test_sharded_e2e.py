@@ -1,8 +1,10 @@
 """The `sharded` layout through the real CLI: a run interrupted on 4 ranks and resumed on
 2 (the shards redistributed) completes its exact budget; the memory cap refuses a table
 that does not fit one rank in one line and lets four ranks run it; `evaluate` and
-`hpcrl.load_policy` assemble the table from the shard files. (Bit-exact resume on the same
-world size: `tests/test_exact_resume_e2e.py`; optimality: `tests/test_policies.py`.)"""
+`hpcrl.load_policy` assemble the table from the shard files; `n_step` where it cannot run
+(a one-step layout, an `async` merge inside a rollout) is one line. (Bit-exact resume on
+the same world size, `sharded` and `async`: `tests/test_exact_resume_e2e.py`; optimality:
+`tests/test_policies.py`.)"""
 
 from __future__ import annotations
 
@@ -91,3 +93,19 @@ def test_the_cap_refuses_one_rank_in_one_line_and_four_ranks_run(tmp_path, cli_e
     for name in names:  # every shard a quarter of the table
         with h5py.File(tmp_path / "four" / "checkpoints" / name, "r") as f:
             assert f["q_shard"].nbytes == QUARTER
+
+
+@pytest.mark.parametrize(
+    ("sets", "patterns"),
+    [
+        (["layout=ps", "n_step=3"], [r"n_step=3", r"layout 'ps'", r"need layout async"]),
+        (["layout=async", "n_step=3"], [r"'sync_interval': got 64", r"multiple of n_step=3"]),
+        (["layout=async", "n_step=0"], [r"'n_step': got 0", r"integer >= 1"]),
+    ],
+)
+def test_n_step_where_it_cannot_run_is_one_line(tmp_path, cli_env, sets, patterns):
+    args = [arg for s in sets for arg in ("--set", s)]
+    done = run_hpcrl(cli_env, 2, "train", "--run-dir", str(tmp_path / "run"), *args)
+    assert done.returncode == 2
+    one_error_line(done.stdout, done.stderr, patterns, done.stdout + done.stderr)
+    assert not (tmp_path / "run").exists()

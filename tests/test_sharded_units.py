@@ -195,3 +195,42 @@ def test_old_step_files_are_pruned_with_their_shards(tmp_path):
         "step-300.shard-0.h5",
         "step-300.shard-1.h5",
     ]
+
+
+# --- layout async: the n-step returns of a rollout -----------------------------------------
+
+
+def test_async_rollout_returns_are_cut_at_exploratory_actions():
+    """Three steps of one copy, rewards 1, 2, 4, γ 0.5, the table's max is 10 everywhere:
+    all greedy, the first return runs to the end, 1 + 0.5 * 2 + 0.25 * 4 + 0.125 * 10;
+    with the second action exploratory, it bootstraps at the state that action was taken
+    in, 1 + 0.5 * 10, and the second return still runs on."""
+    import importlib
+
+    from hpcrl.algos.qlearning import QLearningConfig, QLearningLearner
+    from hpcrl.envs import StepBatch
+
+    rollout_class = importlib.import_module("hpcrl.topologies.async")._Rollout
+
+    def run(greedy):
+        learner = QLearningLearner(QLearningConfig(alpha=1.0, alpha_end=1.0), 5, 2)
+        learner.q_table[:] = 10.0
+        rollout = rollout_class(3, 1)
+        for step, reward in enumerate([1.0, 2.0, 4.0]):
+            batch = StepBatch(
+                obs=np.array([step]),
+                actions=np.array([0]),
+                rewards=np.array([reward]),
+                next_obs=np.array([step + 1]),
+                terminated=np.array([False]),
+                truncated=np.array([False]),
+                done_envs=np.zeros(0, np.int64),
+                episode_returns=np.zeros(0),
+                episode_lengths=np.zeros(0, np.int64),
+            )
+            rollout.add(batch, 1, np.array([greedy[step]]))
+        rollout.learn(learner, 0.5, 0.0)
+        return learner.q_table[:3, 0]  # α = 1: the entries are the returns
+
+    assert run([True, True, True]).tolist() == [1 + 1 + 1 + 1.25, 2 + 2 + 2.5, 4 + 5]
+    assert run([True, False, True]).tolist() == [1 + 5, 2 + 2 + 2.5, 4 + 5]

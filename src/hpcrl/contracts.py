@@ -99,6 +99,7 @@ class TabularLearner(Protocol):
 
     q_table: np.ndarray  # (n_states, n_actions) float64
     learner_updates: int
+    n_step: int  # 1: one-step targets; n: n-step returns over rollouts (layout async)
 
     def behaviour_policy(self, rng: np.random.Generator) -> TabularPolicy: ...
 

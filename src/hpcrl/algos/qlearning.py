@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hpcrl.algos.tabular import sum_by_pair
+from hpcrl.algos.tabular import row_max, sum_by_pair
 from hpcrl.contracts import Algorithm
 from hpcrl.errors import ConfigError
 from hpcrl.schedules import linear_schedule
@@ -44,6 +44,9 @@ class QLearningConfig:
     tau_end: float = 0.01
     tau_decay_fraction: float = 0.6
     q_init: float = 0.0  # initial value of every Q(s, a)
+    # 1: one-step Q-learning; n > 1: n-step returns over rollouts of n vector steps
+    # (Mnih et al. 2016, Algorithm S2, tabular), with layout async
+    n_step: int = 1
 
     def validate(self) -> None:
         def check(ok: bool, key: str, expected: str) -> None:
@@ -59,6 +62,12 @@ class QLearningConfig:
         check(0.0 <= self.epsilon_end <= 1.0, "epsilon_end", "a probability in [0, 1]")
         check(self.tau_start > 0.0, "tau_start", "a temperature τ > 0")
         check(self.tau_end > 0.0, "tau_end", "a temperature τ > 0")
+        n_step = self.n_step
+        check(
+            isinstance(n_step, int) and not isinstance(n_step, bool) and n_step >= 1,
+            "n_step",
+            "an integer >= 1 (1: one-step Q-learning)",
+        )
         for key in ("alpha_decay_fraction", "epsilon_decay_fraction", "tau_decay_fraction"):
             check(0.0 <= getattr(self, key) <= 1.0, key, "a fraction in [0, 1]")
 
@@ -180,22 +189,6 @@ def step_towards_mean_targets(
     q_table[rows, acts] += alpha * (sums / total - q_table[rows, acts])
 
 
-# Up to this many actions, the max of a row is a loop over the columns: numpy's max along
-# a short last axis costs up to 19x more (8,192 rows of FrozenLake's 4 actions).
-_COLUMN_LOOP = 16
-_MIN_ROWS = 128  # fewer rows: the loop's calls cost more than they save
-
-
-def row_max(rows: np.ndarray) -> np.ndarray:
-    """(B, A) -> (B,) max of each row, exactly `rows.max(axis=1)`."""
-    if rows.shape[1] > _COLUMN_LOOP or rows.shape[0] < _MIN_ROWS or rows.shape[1] == 0:
-        return rows.max(axis=1)
-    best = rows[:, 0].copy()
-    for column in range(1, rows.shape[1]):
-        np.maximum(best, rows[:, column], out=best)
-    return best
-
-
 def greedy_actions(q_rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """argmax_a Q(s, a) per row, ties broken uniformly at random.
 
@@ -281,6 +274,7 @@ class QLearningLearner:
         self.cfg = cfg
         self.q_table = np.full((n_states, n_actions), cfg.q_init, dtype=np.float64)
         self.learner_updates = 0
+        self.n_step = cfg.n_step
 
     def behaviour_policy(self, rng: np.random.Generator) -> QLearningPolicy:
         """An actor's ε-greedy or Boltzmann policy, exploring with `rng`."""
@@ -325,4 +319,6 @@ def make_learner(
     return QLearningLearner(cfg, int(observation_space.n), int(action_space.n))
 
 
-ALGORITHM = Algorithm("qlearning", QLearningConfig, ("ps", "allreduce", "sharded"), make_learner)
+ALGORITHM = Algorithm(
+    "qlearning", QLearningConfig, ("ps", "allreduce", "sharded", "async"), make_learner
+)

@@ -5,6 +5,7 @@ builder find it by name and nothing else.
     ps              rank 0 parameter server, ranks 1..N-1 actors (tabular)
     allreduce       every rank acts and learns on its own table; tables averaged (tabular)
     sharded         every rank acts and owns a shard of the Q-table (tabular)
+    async           every rank learns on its own table at once; merges overlapped (tabular)
     data_parallel   every rank acts and learns; gradients averaged (PPO, A2C, DQN)
     actor_learner   ranks 0..k-1 learn, the others act (IMPALA, A3C, asynchronous Q)
 
@@ -22,6 +23,7 @@ TOPOLOGIES: dict[str, str] = {
     "ps": "hpcrl.topologies.ps",
     "allreduce": "hpcrl.topologies.allreduce",
     "sharded": "hpcrl.topologies.sharded",
+    "async": "hpcrl.topologies.async",
     "data_parallel": "hpcrl.topologies.data_parallel",
     "actor_learner": "hpcrl.topologies.actor_learner",
 }
