@@ -202,3 +202,21 @@ def test_train_alone_runs_the_default_job(monkeypatch):
     assert signal.SIG_IGN not in {signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
     help_text = cli.build_parser().format_help()
     assert "default job" in help_text and "IMPALA on CartPole-v1" in help_text
+
+
+def test_the_tabular_layouts_and_qlearning_never_import_torch():
+    """A tabular run stays torch-free (startup time and ~180 MiB per rank): the modules of
+    every tabular layout and of Q-learning, imported in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    modules = [TOPOLOGIES[layout] for layout in ("ps", "allreduce", "sharded", "async")]
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules + ['hpcrl.algos.qlearning', 'hpcrl.runner']!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

@@ -1,14 +1,28 @@
 """Advantage and return targets for a time-major rollout: GAE, bootstrapped n-step returns
-and V-trace."""
+and V-trace.
+
+torch is not imported here: an input can only be a tensor if its caller imported torch,
+so the tabular layouts (`async`'s n-step returns) stay torch-free.
+"""
 
 from __future__ import annotations
 
+import sys
 from functools import reduce
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
-import torch
 
-Array = np.ndarray | torch.Tensor
+if TYPE_CHECKING:
+    import torch
+
+Array = Union[np.ndarray, "torch.Tensor"]  # noqa: UP007 - a string member needs Union
+
+
+def _is_tensor(x) -> bool:
+    """Whether `x` is a torch tensor (False without importing torch when nobody has)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
 def gae(
@@ -195,8 +209,8 @@ def vtrace(
         ("values", values),
     )
     boot = bootstrap_value
-    if isinstance(boot, torch.Tensor):
-        boot = boot.detach().cpu().to(torch.float64).numpy()
+    if _is_tensor(boot):
+        boot = boot.detach().cpu().double().numpy()
     boot = np.asarray(boot, dtype=np.float64)
     if boot.shape != v.shape[1:]:
         raise ValueError(
@@ -227,8 +241,8 @@ def _as_float64(*named: tuple[str, Array]) -> list[np.ndarray]:
     """Float64 numpy copies of the named inputs, after checking they share one (T, ...) shape."""
     arrays = []
     for name, x in named:
-        if isinstance(x, torch.Tensor):
-            x = x.detach().cpu().to(torch.float64).numpy()
+        if _is_tensor(x):
+            x = x.detach().cpu().double().numpy()
         x = np.asarray(x, dtype=np.float64)
         if x.ndim == 0:
             raise ValueError(f"{name} has no time axis: expected shape (T, B), got ()")
@@ -242,8 +256,10 @@ def _as_float64(*named: tuple[str, Array]) -> list[np.ndarray]:
 def _like(out: np.ndarray, inputs: tuple[Array, ...]) -> Array:
     """`out` (float64) cast back to the kind of `inputs`: a torch tensor on the first tensor's
     device with torch's promoted dtype if any input is a tensor, else numpy's promoted dtype."""
-    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    tensors = [x for x in inputs if _is_tensor(x)]
     if tensors:
+        import torch
+
         dtype = reduce(torch.promote_types, (x.dtype for x in tensors))
         if not dtype.is_floating_point:
             dtype = torch.float64
