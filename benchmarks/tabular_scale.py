@@ -1,5 +1,5 @@
 """Tabular Q-learning at scale: env steps/s, Q updates/s and memory per rank of every tabular
-layout (`ps`, `allreduce`, `sharded`) at 1, 2 and 4 ranks, against the raw single-env
+layout (`ps`, `allreduce`, `sharded`, `async`) at 1, 2 and 4 ranks, against the raw single-env
 gymnasium loop of the same env on the same machine, in one run, as ratios (issue 16).
 
     .venv/bin/python benchmarks/tabular_scale.py [--env FrozenLake8x8-v1]
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24_000_000)
     parser.add_argument("--num-envs", type=int, default=8192)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--layouts", nargs="+", default=["ps", "allreduce", "sharded"])
+    parser.add_argument("--layouts", nargs="+", default=["ps", "allreduce", "sharded", "async"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
