@@ -166,12 +166,13 @@ def step_towards_mean_targets(
     counts: np.ndarray,
     alpha: float,
 ) -> None:
-    """The `sharded` layout's batched update, in place: each distinct (s, a) moves once,
-    Q(s, a) <- Q(s, a) + α (Σ target / K - Q(s, a)), towards the mean of the K targets
-    sent for it in this round (the same step as `update_towards`'s mean TD error, with
-    the targets summed before Q(s, a) is subtracted). The input holds partial sums: each
-    rank sums its own copies of a pair (`sum_by_pair`), and the owner adds those up, in
-    rank order, so the result does not depend on the order of any batch.
+    """The batched update of the `sharded` and `async` layouts, in place: each distinct
+    (s, a) moves once, Q(s, a) <- Q(s, a) + α (Σ target / K - Q(s, a)), towards the mean
+    of the K targets given for it in this batch (the same step as `update_towards`'s mean
+    TD error, with the targets summed before Q(s, a) is subtracted). The input may hold
+    partial sums: each `sharded` rank sums its own copies of a pair (`sum_by_pair`) and
+    the owner adds those up, in rank order, so the result does not depend on the order
+    of any batch.
 
     Args:
         q_table: (n_rows, n_actions) float64 (a shard), updated in place.
@@ -303,8 +304,9 @@ class QLearningLearner:
         return td_targets(rewards, next_q_rows, terminated, self.cfg.gamma)
 
     def update_towards(self, rows, actions, target_sums, counts, progress: float) -> None:
-        """One batched step of this learner's table (the `sharded` layout's shard) towards
-        the mean targets of (P,) pairs (`step_towards_mean_targets`)."""
+        """One batched step of this learner's table (the `sharded` layout's shard, or an
+        `async` rank's table with its n-step returns, counts 1) towards the mean targets of
+        (P,) pairs (`step_towards_mean_targets`)."""
         step_towards_mean_targets(
             self.q_table, rows, actions, target_sums, counts, self.alpha(progress)
         )

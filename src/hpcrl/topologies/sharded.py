@@ -5,26 +5,27 @@ ever holds the whole table.
 Every vector step is one exchange round (`ShardExchange.round`), collective over the ranks:
 
     1. Alltoall     (N, 2) int64 counts: the updates and the row requests for each owner
-    2. Alltoallv    records of 3 float64 to their owners: an update (row, action, target)
-                    of the previous step, then a row request (row, -1, 0)
-    3. the owners apply the updates (`update_towards`, one vectorized step per round) and
-       only then read the rows asked for
+    2. Alltoallv    records of 4 float64 to their owners: one update per distinct (s, a)
+                    of the previous step, (row, action, sum of its targets, their count),
+                    then one row request per distinct state, (row, -1, 0, 0)
+    3. the owners apply the updates (`TabularLearner.update_towards`, one vectorized
+       step per round) and only then read the rows asked for
     4. Alltoallv    the rows Q(s, .) back to whoever asked, in the order asked
 
 A rank asks for the rows of its next states s' (the final state where an episode ended)
 and of the states it acts from next; it acts ε-greedily on those rows and computes its
 targets r + γ (1 - terminated) max_a' Q(s', a') from them (`td_targets`), which it sends
 to the owners in the next round. A target is therefore computed from the table as it was
-after the previous round, and applied one round later; a row request is deduplicated
-before it leaves. Within one round an owner's batch holds the updates of every rank in
-rank order: copies of one (s, a) share one step of size α along their mean TD error
-against the current entry (`hpcrl.algos.qlearning.update_towards`), so the outcome does
-not depend on the order of the batch, and the whole run is deterministic for a fixed seed
+after the previous round, and applied one round later. Within one round an owner adds up
+the partial sums of every rank, in rank order, and moves each (s, a) once, by α towards
+the mean of all its targets (`hpcrl.algos.qlearning.step_towards_mean_targets`; the mean
+TD error of `update_towards`, with the targets summed first), so the outcome does not
+depend on the order of any batch, and the whole run is deterministic for a fixed seed
 and world size. After the last step one more round sends the last targets.
 
 Memory per rank: the shard, ceil(S / N) * A float64 (`max_table_bytes_per_rank` caps it;
 a table that does not fit the cap on this many ranks is refused before anything is
-allocated), plus the round's buffers, O(B (A + 3)) float64 for B env copies, plus the final
+allocated), plus the round's buffers, O(B (A + 4)) float64 for B env copies, plus the final
 greedy evaluation's (S,) int32 greedy actions (1 / (2A) of the table's bytes), gathered
 once at the end. An exchange round is not a stop point: every `sync_interval` vector steps a
 small `Allreduce` of the `Vote` flags decides logs, checkpoints and a stop, as in
