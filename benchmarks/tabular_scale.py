@@ -51,8 +51,10 @@ WRAPPER = (
 )
 
 
-def run(env_id, steps, layout, ranks, num_envs, record, workdir: Path) -> dict:
-    run_dir = workdir / f"{layout}-{ranks}-{int(record)}"
+def run(
+    env_id, steps, layout, ranks, num_envs, record, workdir: Path, env_kwargs=None, extra=()
+) -> dict:
+    run_dir = workdir / f"{layout}-{ranks}-{int(record)}-{len(json.dumps(env_kwargs))}"
     cmd = [
         str(BIN / "mpiexec"),
         "-n",
@@ -80,6 +82,8 @@ def run(env_id, steps, layout, ranks, num_envs, record, workdir: Path) -> dict:
         f"record_trajectories={str(record).lower()}",
         "--set",
         "log_interval_s=1000",
+        *(["--env-kwargs", json.dumps(env_kwargs)] if env_kwargs else []),
+        *(arg for item in extra for arg in ("--set", item)),
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
@@ -119,7 +123,16 @@ def main() -> None:
     parser.add_argument("--layouts", nargs="+", default=["ps", "allreduce", "sharded", "async"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--million",
+        action="store_true",
+        help="instead: peak memory per rank of `sharded` on 4 ranks on a 1000 x 1000 map "
+        "(10^6 states) with the cap at a quarter of the table, against an 8 x 8 map",
+    )
     args = parser.parse_args()
+    if args.million:
+        million(args)
+        return
 
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
@@ -166,6 +179,37 @@ def main() -> None:
         )
     if args.json:
         args.json.write_text(json.dumps({"env": args.env, "raw": raws, "rows": rows}, indent=1))
+
+
+def million(args) -> None:
+    """Acceptance 4 of issue 16: memory per rank of a table beyond one rank's cap."""
+    cap = 10**6 * 4 * 8 // 4
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in (8, 1000):
+            kwargs = {"size": size, "p": 0.8, "map_seed": 3, "max_episode_steps": 2 * size}
+            figures = run(
+                "hpcrl/FrozenLake-v0",
+                2_000_000,
+                "sharded",
+                4,
+                1024,
+                False,
+                Path(tmp),
+                kwargs,
+                [f"max_table_bytes_per_rank={cap}"],
+            )
+            rows.append((size, figures))
+    print(f"sharded on 4 ranks, max_table_bytes_per_rank={cap:,} (a quarter of 10^6 x 4 x 8 B)")
+    print("| map | states | Q-table per rank | peak RSS per rank | env steps/s |")
+    print("|---|---|---|---|---|")
+    for size, f in rows:
+        print(
+            f"| {size} x {size} | {size * size:,} | {f['table_bytes_per_rank']:,} B | "
+            f"{f['peak_rss_mib']:.0f} MiB | {f['env_steps_per_s']:,.0f} |"
+        )
+    extra = rows[1][1]["peak_rss_mib"] - rows[0][1]["peak_rss_mib"]
+    print(f"\nthe 10^6-state map's extra peak memory per rank: {extra:.0f} MiB")
 
 
 if __name__ == "__main__":

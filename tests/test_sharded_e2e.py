@@ -109,3 +109,44 @@ def test_n_step_where_it_cannot_run_is_one_line(tmp_path, cli_env, sets, pattern
     assert done.returncode == 2
     one_error_line(done.stdout, done.stderr, patterns, done.stdout + done.stderr)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_million_states_train_on_4_ranks_under_a_quarter_cap_and_not_on_one(tmp_path, cli_env):
+    """Acceptance 4 of issue 16: a generated FrozenLake of 1000 x 1000 cells (10^6 states,
+    a 32 MB table; `hpcrl/FrozenLake-v0` builds no transition table) with a per-rank cap
+    of a quarter of the table: refused on one rank in one line, trained on four, each
+    shard exactly the cap. Peak memory per rank: `benchmarks/tabular_scale.py --million`."""
+    cap = 10**6 * 4 * 8 // 4
+    env_kwargs = json.dumps({"size": 1000, "p": 0.8, "map_seed": 3, "max_episode_steps": 2000})
+    args = [
+        "--env",
+        "hpcrl/FrozenLake-v0",
+        "--env-kwargs",
+        env_kwargs,
+        "--total-env-steps",
+        "200000",
+        *ARGS,
+        "--set",
+        f"max_table_bytes_per_rank={cap}",
+        "--set",
+        "num_envs=256",
+        "--set",
+        "eval_episodes=4",
+        "--set",
+        "record_trajectories=false",
+    ]
+    one = run_hpcrl(cli_env, 1, "train", "--run-dir", str(tmp_path / "one"), *args)
+    assert one.returncode == 2
+    one_error_line(
+        one.stdout,
+        one.stderr,
+        [rf"max_table_bytes_per_rank={cap}\b", r"1000000 states x 4 actions", r"at least 4"],
+        one.stdout + one.stderr,
+    )
+    four = run_hpcrl(cli_env, 4, "train", "--run-dir", str(tmp_path / "four"), *args)
+    assert four.returncode == 0, four.stdout + four.stderr
+    meta, names = _shards(tmp_path / "four")
+    assert meta["env_steps"] == 200_000 and meta["shapes"]["q_table"] == [10**6, 4]
+    for name in names:
+        with h5py.File(tmp_path / "four" / "checkpoints" / name, "r") as f:
+            assert f["q_shard"].nbytes == cap

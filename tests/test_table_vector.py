@@ -56,6 +56,52 @@ def test_bit_identical_to_sync_vector_env(case):
     theirs.close()
 
 
+MAP_30 = generate_random_map(size=30, p=0.8, seed=5)
+GRID_CASES = {
+    "slippery": {"desc": MAP_30, "max_episode_steps": 200},
+    "not-slippery": {"desc": MAP_30, "is_slippery": False, "max_episode_steps": 200},
+    "success-rate": {"desc": MAP_30, "success_rate": 0.6, "reward_schedule": (2, -1, 0)},
+}
+
+
+@pytest.mark.parametrize("case", list(GRID_CASES))
+def test_hpcrl_frozen_lake_is_gymnasiums_frozen_lake_without_its_table(case):
+    """`hpcrl/FrozenLake-v0` (steps from the map, `hpcrl.frozen_lake`), one env at a time
+    and table-stepped, against gymnasium's FrozenLake-v1 of the same map, bit for bit."""
+    kwargs, copies, steps = GRID_CASES[case], 4, 10_000
+    theirs, single = (
+        SyncVectorEnv(
+            [lambda env_id=env_id: gym.make(env_id, **kwargs) for _ in range(copies)],
+            autoreset_mode=AutoresetMode.SAME_STEP,
+        )
+        for env_id in ("FrozenLake-v1", "hpcrl/FrozenLake-v0")
+    )
+    ours = TableVectorEnv("hpcrl/FrozenLake-v0", kwargs, copies)
+    assert not hasattr(gym.make("hpcrl/FrozenLake-v0", **kwargs).unwrapped, "P")
+    want = theirs.reset(seed=11)[0]
+    np.testing.assert_array_equal(ours.reset(seed=11)[0], want)
+    np.testing.assert_array_equal(single.reset(seed=11)[0], want)
+    actions = np.random.default_rng(1).integers(0, 4, (steps, copies))
+    ended = 0
+    for t in range(steps):
+        want = theirs.step(actions[t])
+        for got in (ours.step(actions[t]), single.step(actions[t])):
+            for i in range(4):  # obs, rewards, terminated, truncated
+                np.testing.assert_array_equal(got[i], want[i], err_msg=f"step {t}")
+        ended += int(want[2].sum())
+    assert ended > copies  # holes (and goals) reached, resets drawn
+
+
+def test_hpcrl_frozen_lake_generates_a_million_cells_without_a_table():
+    from hpcrl.frozen_lake import GridFrozenLake
+
+    env = gym.make("hpcrl/FrozenLake-v0", size=1000, p=0.8, map_seed=3)
+    assert isinstance(env.unwrapped, GridFrozenLake) and env.observation_space.n == 10**6
+    assert env.unwrapped.desc[0, 0] == b"S" and env.unwrapped.desc[-1, -1] == b"G"
+    env.reset(seed=0)
+    env.step(2)
+
+
 def test_truncation_and_termination_together_as_time_limit():
     """A copy that terminates on its last allowed step reports both flags, as `TimeLimit`."""
     env = TableVectorEnv("FrozenLake-v1", {"is_slippery": False}, 1)
@@ -113,6 +159,7 @@ def test_stepper_state_round_trip_continues_bit_identically():
         ("Taxi-v4", {"is_rainy": True}, "table"),
         ("Taxi-v4", {"fickle_passenger": True}, "sync"),  # draws twice a step
         ("CartPole-v1", {}, "sync"),
+        ("hpcrl/FrozenLake-v0", {"size": 12}, "table"),
     ],
 )
 def test_auto_picks_the_table_only_where_it_is_exact(env_id, env_kwargs, backend):
@@ -122,3 +169,16 @@ def test_auto_picks_the_table_only_where_it_is_exact(env_id, env_kwargs, backend
     envs = make_vector_env(env_id, env_kwargs, 2)  # "auto" is the default
     assert isinstance(envs, TableVectorEnv) == (backend == "table")
     envs.close()
+
+
+@pytest.mark.parametrize(
+    ("size", "p"), [(2, 0.5), (3, 0.8), (8, 0.5), (8, 0.8), (20, 0.7), (50, 0.9), (200, 0.8)]
+)
+def test_generated_maps_are_gymnasiums(size, p):
+    """`hpcrl.frozen_lake` checks a map's path with scipy, not gymnasium's Python search,
+    and must still keep exactly the map gymnasium keeps for the same seed."""
+    from hpcrl.frozen_lake import _generate, generated_map
+
+    for seed in range(4):
+        assert _generate(size, p, seed) == generate_random_map(size, p, seed), seed
+    assert generated_map(size, p, 1) == generate_random_map(size, p, 1)

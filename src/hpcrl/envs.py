@@ -33,6 +33,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv, VectorEnv
 
+from hpcrl import frozen_lake  # noqa: F401 - registers hpcrl/FrozenLake-v0
 from hpcrl.config import VECTOR_ENVS
 from hpcrl.errors import UserError, first_line
 from hpcrl.state import generator_state, set_generator_state
@@ -450,6 +451,10 @@ _EMPTY = np.zeros(0)
 #   array: an ndarray or tuple of `size` floats, stored with a type code (its dtype).
 _ENV_STATE_SPECS: dict[str, tuple[tuple[str, str, int], ...]] = {
     "gymnasium.envs.toy_text.frozen_lake.FrozenLakeEnv": (
+        ("s", "int", 1),
+        ("lastaction", "opt_int", 1),
+    ),
+    "hpcrl.frozen_lake.GridFrozenLake": (
         ("s", "int", 1),
         ("lastaction", "opt_int", 1),
     ),

@@ -35,21 +35,58 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from hpcrl import frozen_lake  # noqa: F401 - registers hpcrl/FrozenLake-v0
 from hpcrl.errors import UserError
 from hpcrl.state import generator_state, set_generator_state
 
 BLOCK = 256  # uniforms drawn per copy at a time
 
 
+class PaddedTable:
+    """A toy-text env's `P` as padded (S, A, W) arrays: cumulative probabilities (-inf
+    padding: a padding entry never exceeds the uniform, so a row whose real cumulative
+    probabilities all stay <= u gives index 0, as gymnasium's argmax of all-False), next
+    states, rewards and terminal flags; and the initial distribution's cumulative sum."""
+
+    def __init__(self, inner: gym.Env):
+        n_states, n_actions = int(inner.observation_space.n), int(inner.action_space.n)
+        width = max(len(inner.P[s][a]) for s in range(n_states) for a in range(n_actions))
+        self.cum_prob = np.full((n_states, n_actions, width), -np.inf)
+        self.next_state = np.zeros((n_states, n_actions, width), dtype=np.int64)
+        self.reward = np.zeros((n_states, n_actions, width))
+        self.terminal = np.zeros((n_states, n_actions, width), dtype=bool)
+        for s in range(n_states):
+            for a in range(n_actions):
+                rows = inner.P[s][a]
+                k = len(rows)
+                self.cum_prob[s, a, :k] = np.cumsum([row[0] for row in rows])
+                self.next_state[s, a, :k] = [row[1] for row in rows]
+                self.reward[s, a, :k] = [row[2] for row in rows]
+                self.terminal[s, a, :k] = [row[3] for row in rows]
+        self.initial_cum = np.cumsum(np.asarray(inner.initial_state_distrib, dtype=np.float64))
+
+    def sample(self, states: np.ndarray, actions: np.ndarray, u: np.ndarray):
+        """(B,) states, actions, uniforms -> (next_state, reward, terminated), (B,) each."""
+        k = (self.cum_prob[states, actions] > u[:, None]).argmax(axis=1)
+        return (
+            self.next_state[states, actions, k],
+            self.reward[states, actions, k],
+            self.terminal[states, actions, k].copy(),
+        )
+
+
 def steps_exactly(env: gym.Env) -> bool:
     """Whether `TableVectorEnv` reproduces `env` bit for bit, so `vector_env: auto` may
     pick it: gymnasium's own FrozenLake (any map), CliffWalking and Taxi (not with its
-    fickle passenger), the envs `tests/test_table_vector.py` checks. Another env with a
+    fickle passenger), and `hpcrl/FrozenLake-v0` (`hpcrl.frozen_lake`), the envs
+    `tests/test_table_vector.py` checks. Another env with a
     `P` may draw its random numbers otherwise, so it keeps `sync` unless asked for."""
     from gymnasium.envs.toy_text import CliffWalkingEnv, FrozenLakeEnv, TaxiEnv
 
+    from hpcrl.frozen_lake import GridFrozenLake
+
     inner = env.unwrapped
-    exact = type(inner) in (FrozenLakeEnv, CliffWalkingEnv, TaxiEnv)
+    exact = type(inner) in (FrozenLakeEnv, CliffWalkingEnv, TaxiEnv, GridFrozenLake)
     return exact and not getattr(inner, "fickle_passenger", False)
 
 
@@ -71,7 +108,10 @@ class TableVectorEnv(VectorEnv):
     def __init__(self, env_id: str, env_kwargs: dict | None, num_envs: int):
         env = gym.make(env_id, **(env_kwargs or {}))
         inner = env.unwrapped
-        if not hasattr(inner, "P") or not hasattr(inner, "initial_state_distrib"):
+        model = getattr(inner, "transition_model", None)  # hpcrl.frozen_lake: no table
+        if model is None and (
+            not hasattr(inner, "P") or not hasattr(inner, "initial_state_distrib")
+        ):
             env.close()
             raise UserError(f"env {env_id!r} has no transition table P to step from")
         if getattr(inner, "fickle_passenger", False):
@@ -84,23 +124,8 @@ class TableVectorEnv(VectorEnv):
         self.action_space = batch_space(env.action_space, num_envs)
         self.spec = env.spec
         self.max_episode_steps = env.spec.max_episode_steps if env.spec else None
-        n_states, n_actions = int(env.observation_space.n), int(env.action_space.n)
-        width = max(len(inner.P[s][a]) for s in range(n_states) for a in range(n_actions))
-        # -inf: a padding entry never exceeds the uniform, so a row whose real cumulative
-        # probabilities all stay <= u gives index 0, as gymnasium's argmax of all-False.
-        self.cum_prob = np.full((n_states, n_actions, width), -np.inf)
-        self.next_state = np.zeros((n_states, n_actions, width), dtype=np.int64)
-        self.reward = np.zeros((n_states, n_actions, width))
-        self.terminal = np.zeros((n_states, n_actions, width), dtype=bool)
-        for s in range(n_states):
-            for a in range(n_actions):
-                rows = inner.P[s][a]
-                k = len(rows)
-                self.cum_prob[s, a, :k] = np.cumsum([row[0] for row in rows])
-                self.next_state[s, a, :k] = [row[1] for row in rows]
-                self.reward[s, a, :k] = [row[2] for row in rows]
-                self.terminal[s, a, :k] = [row[3] for row in rows]
-        self.initial_cum = np.cumsum(np.asarray(inner.initial_state_distrib, dtype=np.float64))
+        self.model = model() if model is not None else PaddedTable(inner)
+        self.initial_cum = self.model.initial_cum
         env.close()
         self.rngs: list[np.random.Generator] = []
         # Each copy's current block of uniforms, drawn from the generator state kept in
@@ -159,11 +184,7 @@ class TableVectorEnv(VectorEnv):
         """One transition per copy (see the class docstring)."""
         actions = np.asarray(actions, dtype=np.int64)
         u = self._draw(self._rows)
-        s = self.state
-        k = (self.cum_prob[s, actions] > u[:, None]).argmax(axis=1)
-        next_state = self.next_state[s, actions, k]
-        rewards = self.reward[s, actions, k]
-        terminated = self.terminal[s, actions, k].copy()
+        next_state, rewards, terminated = self.model.sample(self.state, actions, u)
         self.elapsed += 1
         if self.max_episode_steps is None:
             truncated = np.zeros(self.num_envs, dtype=bool)
