@@ -44,6 +44,7 @@ from hpcrl.topologies.collective_eval import TableGreedy
 from hpcrl.topologies.recording import TrajectoryRecorder, link_trajectories
 from hpcrl.topologies.reporting import EpisodeRows, Reporter, gather_and_log
 from hpcrl.topologies.run_context import RunContext
+from hpcrl.topologies.segments import Lockstep
 from hpcrl.topologies.sync_points import Vote
 from hpcrl.topologies.tabular import TabularConfig, TabularTopology
 
@@ -75,13 +76,9 @@ def _run(ctx: RunContext) -> tuple[np.ndarray, bool]:
     comm, cfg, watchdog = ctx.comm, ctx.cfg, ctx.watchdog_s
     num_envs, sync_interval = cfg.run.num_envs, cfg.topology.sync_interval
     segment = ctx.segment
-    budgets = np.array(segment.budgets(), dtype=np.int64)
-    budget = int(budgets[ctx.rank])
-    vector_steps = max(1, -(-int(budgets.max()) // num_envs))  # the same on every rank
-
-    def global_steps_after(t: int) -> int:
-        """Env steps of all ranks after vector step t (ranks step in lockstep)."""
-        return segment.start_env_steps + int(np.minimum(budgets, (t + 1) * num_envs).sum())
+    schedule = Lockstep(segment, num_envs, ctx.rank)
+    budget, vector_steps = schedule.budget, schedule.vector_steps
+    global_steps_after = schedule.global_steps_after
 
     rng, env_seed = ctx.rank_seeds()
     learner = make_learner(cfg, ctx.observation_space, ctx.action_space, ctx.world_size)

@@ -83,3 +83,21 @@ class ResumePoint:
     def rank_state(self, rank: int) -> dict[str, np.ndarray]:
         """`ranks/<rank>` of the checkpoint ({} when it holds no rank states)."""
         return read_group(self.path, f"ranks/{rank}") if self.exact else {}
+
+
+class Lockstep:
+    """The schedule of a layout whose ranks all act and step together (`allreduce`,
+    `sharded`, `async`): each rank's share of the segment's budget, the vector steps every
+    rank runs (the same on all, from the largest share), and the run's env steps after
+    each of them."""
+
+    def __init__(self, segment: Segment, num_envs: int, rank: int):
+        self.segment, self.num_envs = segment, num_envs
+        self.budgets = np.array(segment.budgets(), dtype=np.int64)
+        self.budget = int(self.budgets[rank])  # this rank's env steps in the segment
+        self.vector_steps = max(1, -(-int(self.budgets.max()) // num_envs))
+
+    def global_steps_after(self, t: int) -> int:
+        """Env steps of all ranks after vector step t."""
+        steps = np.minimum(self.budgets, (t + 1) * self.num_envs).sum()
+        return self.segment.start_env_steps + int(steps)
