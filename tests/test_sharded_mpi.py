@@ -30,8 +30,10 @@ def _batch(round_, rank, n_states, n_actions):
     return obs, actions, targets, requests
 
 
-@pytest.mark.parametrize("n_states", [23, 3, 500])  # 3: fewer states than ranks; 500: sorted
-def test_a_round_equals_one_batch_on_the_whole_table(n_states):
+# 3: fewer states than ranks; 500: sorted pairs; batch 10**6: dense rounds, 0: sparse
+@pytest.mark.parametrize("batch", [0, 10**6])
+@pytest.mark.parametrize("n_states", [23, 3, 500])
+def test_a_round_equals_one_batch_on_the_whole_table(n_states, batch):
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
@@ -45,7 +47,8 @@ def test_a_round_equals_one_batch_on_the_whole_table(n_states):
         QLearningConfig(alpha=ALPHA, alpha_end=ALPHA), shards.rows(rank), n_actions
     )
     learner.q_table[:] = table[shards.states(rank)]
-    exchange = ShardExchange(comm, shards, learner, watchdog_s=60.0)
+    exchange = ShardExchange(comm, shards, learner, watchdog_s=60.0, batch=batch)
+    assert exchange.dense == (batch > 0 and size > 1)
     for round_ in range(4):
         obs, actions, targets, requests = _batch(round_, rank, n_states, n_actions)
         distinct, inverse = exchange.round(obs, actions, targets, 0.0, requests)
@@ -61,3 +64,34 @@ def test_a_round_equals_one_batch_on_the_whole_table(n_states):
         np.testing.assert_allclose(learner.q_table, table[shards.states(rank)], rtol=0, atol=1e-12)
         assert len(distinct) == len(np.unique(requests))  # each state fetched once
     assert learner.q_table.shape == (shards.rows(rank), n_actions)
+
+
+@pytest.mark.parametrize("n_states", [23, 3])
+def test_dense_and_sparse_rounds_give_the_same_floats(n_states):
+    """A dense round (one Alltoall of the table's sums and counts, one Allgather of the
+    shards) leaves every shard and returns every row bit-identical to a sparse one."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    if size > n_states:
+        pytest.skip("the layout refuses more ranks than states")
+    n_actions = 3
+    shards = ShardMap(n_states, size)
+    exchanges = []
+    for batch in (0, 10**6):
+        learner = QLearningLearner(
+            QLearningConfig(alpha=ALPHA, alpha_end=ALPHA), shards.rows(rank), n_actions
+        )
+        learner.q_table[:] = np.random.default_rng(3).normal(size=(n_states, n_actions))[
+            shards.states(rank)
+        ]
+        exchanges.append(ShardExchange(comm, shards, learner, watchdog_s=60.0, batch=batch))
+    sparse, dense = exchanges
+    assert dense.dense and not sparse.dense
+    for round_ in range(6):
+        obs, actions, targets, requests = _batch(round_, rank, n_states, n_actions)
+        rows_sparse, inverse_sparse = sparse.round(obs, actions, targets, 0.0, requests)
+        rows_dense, inverse_dense = dense.round(obs, actions, targets, 0.0, requests)
+        np.testing.assert_array_equal(rows_dense[inverse_dense], rows_sparse[inverse_sparse])
+        np.testing.assert_array_equal(dense.learner.q_table, sparse.learner.q_table)

@@ -1,6 +1,6 @@
 """The `sharded` layout: tabular Q-learning with the Q-table split over the ranks. Every
 rank owns the rows of the states s with s mod N = rank (`ShardMap`) and also acts; no rank
-ever holds the whole table.
+holds the whole table unless it is smaller than one round's buffers (dense rounds, below).
 
 Every vector step is one exchange round (`ShardExchange.round`), collective over the ranks:
 
@@ -22,6 +22,18 @@ the mean of all its targets (`hpcrl.algos.qlearning.step_towards_mean_targets`; 
 TD error of `update_towards`, with the targets summed first), so the outcome does not
 depend on the order of any batch, and the whole run is deterministic for a fixed seed
 and world size. After the last step one more round sends the last targets.
+
+Dense rounds, for a table no larger than the round's records (N * ceil(S / N) * 2A float64
+<= 4 float64 per env copy; FrozenLake 8x8 from 128 copies a rank): step 1 goes, and each
+owner gets every (s, a) of its shard from every rank, as (sum, count) with zeros where a
+rank has none, in one `Alltoall`, posted before the rank steps its envs so that it
+travels, and a slower rank catches up, meanwhile (`ShardExchange.post`); the owner adds
+them in rank order and steps as above; then one `Allgather` of the shards replaces step 4.
+Two collectives instead of three, no sort and no counts, and the same floats as the
+sparse round (the zeros add exactly); each rank holds the gathered table for the round,
+which is within the buffers it replaces. On 2 ranks of FrozenLake 8x8 with 8,192 copies a
+rank this took the 2-rank rate from 1.64x to 1.69-1.75x that of one rank
+(`benchmarks/RESULTS.md`).
 
 Memory per rank: the shard, ceil(S / N) * A float64 (`max_table_bytes_per_rank` caps it;
 a table that does not fit the cap on this many ranks is refused before anything is
@@ -113,11 +125,32 @@ class ShardMap:
 class ShardExchange:
     """The exchange round of the `sharded` layout (see the module doc); collective."""
 
-    def __init__(self, comm: MPI.Comm, shards: ShardMap, learner, watchdog_s: float):
+    def __init__(
+        self, comm: MPI.Comm, shards: ShardMap, learner, watchdog_s: float, batch: int = 0
+    ):
+        """Args:
+        comm: the ranks that share the table (collective).
+        shards: which rank owns which rows.
+        learner: this rank's `TabularLearner`; its table is this rank's shard.
+        watchdog_s: seconds a wait may last before the run is aborted (0: no limit).
+        batch: env copies per rank. When the whole table, as (S_pad, 2A) float64 sums
+            and counts, is no larger than the records of `batch` updates (4 float64
+            each), rounds are dense (see the module doc). The same on every rank.
+        """
         self.comm, self.shards, self.learner = comm, shards, learner
         self.size = comm.Get_size()
         self.n_actions = learner.q_table.shape[1]
         self.watchdog_s = watchdog_s
+        self.max_rows = shards.rows(0)  # rank 0 owns the most rows: ceil(S / N)
+        dense_floats = self.size * self.max_rows * 2 * self.n_actions
+        self.dense = self.size > 1 and dense_floats <= 4 * batch
+        self._posted = None
+        self._request = None
+        if self.dense:  # the dense round's buffers, kept from round to round
+            shape = (self.size, 2, self.max_rows, self.n_actions)
+            self._send, self._received = np.zeros(shape), np.zeros(shape)
+            self._shard = np.zeros((self.max_rows, self.n_actions))
+            self._table = np.zeros((self.size, self.max_rows, self.n_actions))
 
     def round(
         self,
@@ -128,7 +161,7 @@ class ShardExchange:
         requests: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Send the updates (obs, actions, targets) to their owners, which apply them, then
-        fetch the rows of `requests`.
+        fetch the rows of `requests`: `post` then `complete`.
 
         Args:
             obs: (U,) int64 states s of the updates (global state ids).
@@ -142,15 +175,37 @@ class ShardExchange:
             asked for and (R,) int64 indices into them, so `rows[inverse[i]]` is the row of
             `requests[i]`; read after every rank's updates of this round were applied.
         """
-        size, n_actions, n_states = self.size, self.n_actions, self.shards.n_states
-        # each pair once per round and rank: its targets' sum and count
+        self.post(obs, actions, targets)
+        return self.complete(progress, requests)
+
+    def post(self, obs: np.ndarray, actions: np.ndarray, targets: np.ndarray) -> None:
+        """The first half of a round: a round's updates (as `round`'s), each pair once
+        with its targets' sum and count. A dense round sends them now (`Ialltoall`), so
+        that the rank can step its envs while they travel and while a slower rank
+        catches up; `complete` must follow before any other exchange."""
+        n_states, n_actions = self.shards.n_states, self.n_actions
         obs, actions, (sums, counts) = sum_by_pair(
             n_states, n_actions, obs, actions, targets, np.ones(len(targets))
         )
+        self._posted = (obs, actions, sums, counts)
+        if self.dense:
+            size = self.size
+            self._send[:] = 0.0
+            owner, local = obs % size, obs // size
+            self._send[owner, 0, local, actions] = sums
+            self._send[owner, 1, local, actions] = counts
+            self._request = self.comm.Ialltoall(self._send, self._received)
+
+    def complete(self, progress: float, requests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The second half of a round (`progress`, `requests` and the result as `round`'s)."""
+        size, n_actions, n_states = self.size, self.n_actions, self.shards.n_states
+        obs, actions, sums, counts = self._posted
         unique, inverse = _distinct(requests, n_states)
         if size == 1:
             self.learner.update_towards(obs, actions, sums, counts, progress)
             return self.learner.q_table[unique], inverse
+        if self.dense:
+            return self._complete_dense(progress, unique), inverse
         records = np.empty((len(obs) + len(unique), 4), dtype=np.float64)
         records[: len(obs), 0] = obs // size
         records[: len(obs), 1] = actions
@@ -189,6 +244,27 @@ class ShardExchange:
         by_state = np.empty_like(rows)
         by_state[np.argsort(unique % size, kind="stable")] = rows
         return by_state, inverse
+
+    def _complete_dense(self, progress: float, unique: np.ndarray) -> np.ndarray:
+        """A small table's round: the (N, 2, rows, A) sums and counts by owner came in one
+        `Ialltoall` (`post`); the owner adds the ranks' in rank order, as the sparse round
+        does, so both give the same floats (`tests/test_sharded_mpi.py`), and steps; then
+        every shard goes to every rank in one `Iallgather`. Returns the rows of `unique`."""
+        self._wait(self._request, "the shard exchange")
+        self._request = None
+        # numpy adds along the first axis slab by slab, in rank order; + 0.0 is exact
+        total = self._received.sum(axis=0)
+        updated_rows, updated_actions = np.nonzero(total[1])
+        self.learner.update_towards(
+            updated_rows,
+            updated_actions,
+            total[0, updated_rows, updated_actions],
+            total[1, updated_rows, updated_actions],
+            progress,
+        )
+        self._shard[: len(self.learner.q_table)] = self.learner.q_table
+        self._wait(self.comm.Iallgather(self._shard, self._table), "the shard exchange")
+        return self._table[unique % self.size, unique // self.size]
 
     def _alltoallv(self, send, send_counts, recv, recv_counts) -> None:
         send_displs = np.concatenate([[0], np.cumsum(send_counts)[:-1]])
@@ -335,7 +411,7 @@ def _run(ctx: RunContext) -> tuple[np.ndarray, bool]:
     )
     shard = learner.q_table
     policy = learner.behaviour_policy(rng)
-    exchange = ShardExchange(comm, shards, learner, ctx.watchdog_s)
+    exchange = ShardExchange(comm, shards, learner, ctx.watchdog_s, batch=num_envs)
     stepper = ctx.make_stepper()
     env_steps = 0  # this rank's, in this segment
     first_step, syncs = 0, 0
@@ -369,10 +445,11 @@ def _run(ctx: RunContext) -> tuple[np.ndarray, bool]:
         if n > 0:
             ctx.maybe_fail(env_steps)
             actions = policy.select_actions(rows, acting, progress)
+            exchange.post(*pending)  # a dense round's updates travel while the envs step
             batch = stepper.step(actions)
             # the rows of s' (bootstrap) and of the states acted from next
-            distinct, inverse = exchange.round(
-                *pending, progress, np.concatenate([batch.next_obs[:n], stepper.obs])
+            distinct, inverse = exchange.complete(
+                progress, np.concatenate([batch.next_obs[:n], stepper.obs])
             )
             next_rows = distinct[inverse[:n]]
             targets = learner.targets(batch.rewards[:n], next_rows, batch.terminated[:n])
