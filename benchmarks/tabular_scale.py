@@ -4,6 +4,7 @@ gymnasium loop of the same env on the same machine, in one run, as ratios (issue
 
     .venv/bin/python benchmarks/tabular_scale.py [--env FrozenLake8x8-v1]
         [--steps 24000000] [--num-envs 8192] [--ranks 1 2 4] [--repeats 2] [--json OUT]
+        [--set KEY=VALUE ...]
 
 Every run is the real CLI (`mpiexec -n K python -m hpcrl train`) with the table-stepped
 envs (`vector_env: auto` picks `table` for FrozenLake), `num_envs` copies per acting rank,
@@ -124,6 +125,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path)
     parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config key for every run, after the benchmark's own (e.g. sync_interval=64)",
+    )
+    parser.add_argument(
         "--million",
         action="store_true",
         help="instead: peak memory per rank of `sharded` on 4 ranks on a 1000 x 1000 map "
@@ -145,7 +153,16 @@ def main() -> None:
         for _ in range(args.repeats):
             raws.append(raw_rate(args.env, 300_000))
             for layout, ranks, record in cases:
-                figures = run(args.env, args.steps, layout, ranks, args.num_envs, record, Path(tmp))
+                figures = run(
+                    args.env,
+                    args.steps,
+                    layout,
+                    ranks,
+                    args.num_envs,
+                    record,
+                    Path(tmp),
+                    extra=args.set,
+                )
                 results[layout, ranks, record].append(figures)
     raw = statistics.median(raws)
     print(f"raw single-env gymnasium loop: {raw:,.0f} env steps/s (median of {len(raws)})\n")
