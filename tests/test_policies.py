@@ -161,8 +161,7 @@ def test_four_ranks_learn_optimal_policy(mpi_tmp_path, env_id, budget, layout):
 # one-step backups: at the end the far half of the map is underestimated, not over. The
 # budget is what it takes; the greedy value from the start on this map, seed 7
 # (`benchmarks/RESULTS.md`):
-#   one process, 4,096 copies, 200M steps: 0.990 of V* (0.983 with 1,024 copies, as the
-#     run makes 4x more, noisier, updates of fewer pairs each);
+#   one process, 4,096 copies, 200M steps: 0.990 of V* (0.983 with 1,024 copies);
 #   4 ranks x 1,024 copies, 200M steps: sharded 0.991;
 #   `async` averages the ranks' changes to a pair, so 4 ranks that all visit it move it
 #     as one does: 400M steps, one-step 0.996 and n_step 4 0.990.
