@@ -68,8 +68,9 @@ def test_a_round_equals_one_batch_on_the_whole_table(n_states, batch):
 
 @pytest.mark.parametrize("n_states", [23, 3])
 def test_dense_and_sparse_rounds_give_the_same_floats(n_states):
-    """A dense round (one Alltoall of the table's sums and counts, one Allgather of the
-    shards) leaves every shard and returns every row bit-identical to a sparse one."""
+    """A dense round (one Allgather of every rank's sums and counts, each rank stepping
+    its copy of the whole table) leaves every shard and returns every row bit-identical
+    to a sparse one."""
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD

@@ -23,17 +23,19 @@ TD error of `update_towards`, with the targets summed first), so the outcome doe
 depend on the order of any batch, and the whole run is deterministic for a fixed seed
 and world size. After the last step one more round sends the last targets.
 
-Dense rounds, for a table no larger than the round's records (N * ceil(S / N) * 2A float64
-<= 4 float64 per env copy; FrozenLake 8x8 from 128 copies a rank): step 1 goes, and each
-owner gets every (s, a) of its shard from every rank, as (sum, count) with zeros where a
-rank has none, in one `Alltoall`, posted before the rank steps its envs so that it
-travels, and a slower rank catches up, meanwhile (`ShardExchange.post`); the owner adds
-them in rank order and steps as above; then one `Allgather` of the shards replaces step 4.
-Two collectives instead of three, no sort and no counts, and the same floats as the
-sparse round (the zeros add exactly); each rank holds the gathered table for the round,
-which is within the buffers it replaces. On 2 ranks of FrozenLake 8x8 with 8,192 copies a
-rank this took the 2-rank rate from 1.64x to 1.69-1.75x that of one rank
-(`benchmarks/RESULTS.md`).
+Dense rounds, for a table small next to the round's records (N * 2 * S * A float64 <= 4
+float64 per env copy; FrozenLake 8x8 on 2 ranks from 1,024 copies a rank): steps 1-4 give
+way to one `Allgather` of every rank's (2, S, A) target sums and counts, zeros where the
+rank has none, posted before the rank steps its envs so that it travels, and a slower
+rank catches up, meanwhile (`ShardExchange.post`). Every rank then adds them in rank
+order, as an owner does, and steps its own copy of the whole table, gathered once at the
+first round; its shard is that copy's rows. One meeting per vector step instead of three,
+overlapped with the env step, no sort and no counts, and the same floats as the sparse
+round (the zeros add exactly; `tests/test_sharded_mpi.py` compares them bit for bit). On
+2 ranks of FrozenLake 8x8 with 8,192 copies a rank this took the 2-rank rate from 1.54x
+to RATE x that of one rank in the same benchmark run (`benchmarks/RESULTS.md`). Such a
+table is no larger than the buffers every rank holds anyway, so the rule that no rank
+holds the whole table applies to the tables it matters for.
 
 Memory per rank: the shard, ceil(S / N) * A float64 (`max_table_bytes_per_rank` caps it;
 a table that does not fit the cap on this many ranks is refused before anything is
@@ -62,6 +64,7 @@ import numpy as np
 from mpi4py import MPI
 
 from hpcrl.algos import make_learner
+from hpcrl.algos.qlearning import step_towards_mean_targets
 from hpcrl.algos.tabular import sum_by_pair
 from hpcrl.comm.waits import allreduce_sum, wait_all
 from hpcrl.contracts import LoopResult
@@ -133,24 +136,24 @@ class ShardExchange:
         shards: which rank owns which rows.
         learner: this rank's `TabularLearner`; its table is this rank's shard.
         watchdog_s: seconds a wait may last before the run is aborted (0: no limit).
-        batch: env copies per rank. When the whole table, as (S_pad, 2A) float64 sums
-            and counts, is no larger than the records of `batch` updates (4 float64
+        batch: env copies per rank. When every rank's (2, S, A) float64 sums and counts
+            together are no larger than the records of `batch` updates (4 float64
             each), rounds are dense (see the module doc). The same on every rank.
         """
         self.comm, self.shards, self.learner = comm, shards, learner
         self.size = comm.Get_size()
         self.n_actions = learner.q_table.shape[1]
         self.watchdog_s = watchdog_s
-        self.max_rows = shards.rows(0)  # rank 0 owns the most rows: ceil(S / N)
-        dense_floats = self.size * self.max_rows * 2 * self.n_actions
+        n_states = shards.n_states
+        dense_floats = self.size * 2 * n_states * self.n_actions
         self.dense = self.size > 1 and dense_floats <= 4 * batch
         self._posted = None
         self._request = None
         if self.dense:  # the dense round's buffers, kept from round to round
-            shape = (self.size, 2, self.max_rows, self.n_actions)
-            self._send, self._received = np.zeros(shape), np.zeros(shape)
-            self._shard = np.zeros((self.max_rows, self.n_actions))
-            self._table = np.zeros((self.size, self.max_rows, self.n_actions))
+            self._send = np.zeros((2, n_states, self.n_actions))
+            self._received = np.zeros((self.size, 2, n_states, self.n_actions))
+            self._table = None  # the whole table, gathered at the first round
+            self._mine = shards.states(comm.Get_rank())
 
     def round(
         self,
@@ -189,12 +192,12 @@ class ShardExchange:
         )
         self._posted = (obs, actions, sums, counts)
         if self.dense:
-            size = self.size
+            if self._table is None:
+                self._table = self._gather_table()
             self._send[:] = 0.0
-            owner, local = obs % size, obs // size
-            self._send[owner, 0, local, actions] = sums
-            self._send[owner, 1, local, actions] = counts
-            self._request = self.comm.Ialltoall(self._send, self._received)
+            self._send[0, obs, actions] = sums
+            self._send[1, obs, actions] = counts
+            self._request = self.comm.Iallgather(self._send, self._received)
 
     def complete(self, progress: float, requests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The second half of a round (`progress`, `requests` and the result as `round`'s)."""
@@ -246,25 +249,42 @@ class ShardExchange:
         return by_state, inverse
 
     def _complete_dense(self, progress: float, unique: np.ndarray) -> np.ndarray:
-        """A small table's round: the (N, 2, rows, A) sums and counts by owner came in one
-        `Ialltoall` (`post`); the owner adds the ranks' in rank order, as the sparse round
-        does, so both give the same floats (`tests/test_sharded_mpi.py`), and steps; then
-        every shard goes to every rank in one `Iallgather`. Returns the rows of `unique`."""
+        """A small table's round: every rank's (2, S, A) sums and counts came to every
+        rank in one `Iallgather` (`post`); each rank adds them in rank order, as an owner
+        adds the partial sums of a sparse round, and steps its copy of the whole table,
+        so every copy and every shard keeps the floats of the sparse round
+        (`tests/test_sharded_mpi.py`). Returns the rows of `unique`."""
         self._wait(self._request, "the shard exchange")
         self._request = None
         # numpy adds along the first axis slab by slab, in rank order; + 0.0 is exact
         total = self._received.sum(axis=0)
-        updated_rows, updated_actions = np.nonzero(total[1])
-        self.learner.update_towards(
-            updated_rows,
-            updated_actions,
-            total[0, updated_rows, updated_actions],
-            total[1, updated_rows, updated_actions],
-            progress,
+        rows, actions = np.nonzero(total[1])
+        step_towards_mean_targets(
+            self._table,
+            rows,
+            actions,
+            total[0, rows, actions],
+            total[1, rows, actions],
+            self.learner.alpha(progress),
         )
-        self._shard[: len(self.learner.q_table)] = self.learner.q_table
-        self._wait(self.comm.Iallgather(self._shard, self._table), "the shard exchange")
-        return self._table[unique % self.size, unique // self.size]
+        self.learner.learner_updates += 1
+        self.learner.q_table[:] = self._table[self._mine]
+        return self._table[unique]
+
+    def _gather_table(self) -> np.ndarray:
+        """Collective: the whole (S, A) table from every rank's shard (`Allgatherv`)."""
+        shards, n_actions = self.shards, self.n_actions
+        counts = np.array([shards.rows(r) * n_actions for r in range(self.size)])
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        gathered = np.empty(int(counts.sum()), dtype=np.float64)
+        mine = np.ascontiguousarray(self.learner.q_table, dtype=np.float64).ravel()
+        request = self.comm.Iallgatherv(mine, [gathered, counts, displs, MPI.DOUBLE])
+        self._wait(request, "the shard exchange's first gather")
+        table = np.empty((shards.n_states, n_actions), dtype=np.float64)
+        for rank in range(self.size):
+            chunk = gathered[displs[rank] : displs[rank] + counts[rank]]
+            table[shards.states(rank)] = chunk.reshape(-1, n_actions)
+        return table
 
     def _alltoallv(self, send, send_counts, recv, recv_counts) -> None:
         send_displs = np.concatenate([[0], np.cumsum(send_counts)[:-1]])
