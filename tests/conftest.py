@@ -68,6 +68,21 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture
+def gpu_path(monkeypatch):
+    """The config keys of the tabular GPU path (`device: cuda`, `hpcrl.table_torch`), and
+    torch's CPU device in place of a GPU where torch sees none: the same code on another
+    device."""
+    import torch
+
+    from hpcrl import models
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(models, "select_device", lambda *a, **k: torch.device("cpu"))
+    return {"device": "cuda"}
+
+
+@pytest.fixture
 def mpi_tmp_path(tmp_path):
     """A directory shared by every rank of COMM_WORLD (rank 0's tmp_path, broadcast)."""
     from mpi4py import MPI

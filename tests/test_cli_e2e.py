@@ -300,7 +300,21 @@ BAD_TRAIN_CASES = [
         ["--algo", "ppo", "--env", "CartPole-v1", "--set", "sync_frac=0"],
         [r"'sync_frac'", r"got 0(\.0)?\b"],
     ),
-    ("tabular-on-cuda", 2, ["--device", "cuda"], [r"'cuda'", r"tabular"]),
+    ("tabular-on-cuda", 2, ["--device", "cuda"], [r"'cuda'", r"tabular", r"allreduce"]),
+    # the tabular GPU path (layout allreduce) on a node where torch sees no GPU, and with
+    # envs it cannot step from their table
+    (
+        "tabular-gpu-path-without-a-gpu",
+        2,
+        ["--device", "cuda", "--set", "layout=allreduce"],
+        [r"'cuda'", r"no CUDA GPU", r"tabular GPU path"],
+    ),
+    (
+        "tabular-gpu-path-with-sync-envs",
+        2,
+        ["--device", "cuda", "--set", "layout=allreduce", "--set", "vector_env=sync"],
+        [r"vector_env 'sync'", r"auto or table"],
+    ),
     # IMPALA (actor-learner): a learner group that leaves no actor, empty unrolls or
     # batches, a negative policy-lag bound, a space its model cannot read.
     (
@@ -360,6 +374,11 @@ BAD_TRAIN_CASES = [
 )
 def test_bad_train_input_leaves_an_existing_run_alone(tmp_path, completed_run, n, args, patterns):
     """Even with --overwrite, bad input fails before the existing run is touched."""
+    if "no CUDA GPU" in patterns:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("torch sees a GPU here, so the GPU path runs")
     run_dir = copy_run(completed_run, tmp_path / "run")
     before = digest_tree(run_dir)
     result, _ = _train(n, run_dir, "--overwrite", *args)

@@ -229,6 +229,54 @@ def test_four_ranks_learn_optimal_policy_on_generated_50x50_map(mpi_tmp_path, la
     comm.Barrier()
 
 
+# The tabular GPU path (`device: cuda`, layout `allreduce`, `hpcrl.table_torch`): the same
+# cases. Where torch sees no GPU (here), torch's CPU device stands in for it: the same
+# code and draws, on another device. Its generator is not gymnasium's, so its runs
+# differ from the CPU path's; on the 50x50 map, seed 7, one process, 4,096 copies, 200M
+# steps: 0.99 of V* (`benchmarks/RESULTS.md`).
+
+
+@pytest.mark.parametrize("env_id,budget", CASES)
+def test_one_process_gpu_path_learns_optimal_policy(tmp_path, gpu_path, env_id, budget):
+    from mpi4py import MPI
+
+    actions = train_greedy_actions(
+        MPI.COMM_SELF, tmp_path, env_id, "allreduce", budget, num_envs=256, **gpu_path
+    )
+    check_against_optimum(env_id, actions)
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.parametrize("env_id,budget", CASES)
+def test_four_ranks_gpu_path_learn_optimal_policy(mpi_tmp_path, gpu_path, env_id, budget):
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    actions = train_greedy_actions(
+        comm, mpi_tmp_path, env_id, "allreduce", budget, num_envs=64, **gpu_path
+    )
+    if comm.rank == 0:
+        check_against_optimum(env_id, actions)
+    comm.Barrier()
+
+
+def test_one_process_gpu_path_learns_optimal_policy_on_generated_50x50_map(tmp_path, gpu_path):
+    from mpi4py import MPI
+
+    actions = train_greedy_actions(
+        MPI.COMM_SELF,
+        tmp_path,
+        GENERATED_ENV,
+        "allreduce",
+        200_000_000,
+        env_kwargs=GENERATED_KWARGS,
+        num_envs=4096,
+        **GENERATED_KEYS,
+        **gpu_path,
+    )
+    check_generated_map(actions)
+
+
 def test_value_iteration_reference_is_right():
     """The reference itself: FrozenLake 4x4 slippery, γ=0.99, V*(0) ≈ 0.542 (known value),
     and a policy that always goes left never reaches the goal from the start."""

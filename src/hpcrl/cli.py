@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--device",
         choices=("cpu", "cuda"),
-        help="deep learners: cuda puts each rank's model on a GPU of its node (default cpu)",
+        help="cuda: each rank's model (deep learners), or its envs and Q-table (qlearning "
+        "with layout allreduce), on a GPU of its node (default cpu)",
     )
     train.add_argument("--run-dir", help="output directory (default runs/<algo>-<env>-<time>)")
     train.add_argument(

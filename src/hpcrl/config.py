@@ -107,7 +107,9 @@ class RunConfig:
     periodic_eval_episodes: int = 10
     watchdog_s: float = 300.0  # a blocking wait longer than this aborts the job
     torch_threads: int = 1
-    device: str = "cpu"  # deep learners: "cuda" puts each rank's model on a GPU of its node
+    # "cuda": each rank's model (deep learners), or its envs and Q-table (qlearning with
+    # layout allreduce, hpcrl.table_torch), on a GPU of its node
+    device: str = "cpu"
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def env_options(self) -> dict:

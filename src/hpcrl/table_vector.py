@@ -90,6 +90,38 @@ def steps_exactly(env: gym.Env) -> bool:
     return exact and not getattr(inner, "fickle_passenger", False)
 
 
+class TableModel:
+    """What stepping an env from its table needs, read once from one `gymnasium.make`:
+    the spaces, the spec and its `max_episode_steps` (None: no time limit), and the
+    sampler (`PaddedTable`, or the env's own `transition_model()`, e.g.
+    `hpcrl.frozen_lake.FrozenLakeGrid`, which needs no table).
+
+    Raises:
+        UserError: an env without a transition table `P`, or Taxi with its fickle
+            passenger (more than one draw per step; rainy Taxi's moves are in `P`).
+    """
+
+    def __init__(self, env_id: str, env_kwargs: dict | None):
+        env = gym.make(env_id, **(env_kwargs or {}))
+        try:
+            inner = env.unwrapped
+            model = getattr(inner, "transition_model", None)  # hpcrl.frozen_lake: no table
+            if model is None and (
+                not hasattr(inner, "P") or not hasattr(inner, "initial_state_distrib")
+            ):
+                raise UserError(f"env {env_id!r} has no transition table P to step from")
+            if getattr(inner, "fickle_passenger", False):
+                raise UserError(
+                    f"env {env_id!r}: Taxi's fickle passenger draws more than once a step"
+                )
+            self.observation_space, self.action_space = env.observation_space, env.action_space
+            self.spec = env.spec
+            self.max_episode_steps = env.spec.max_episode_steps if env.spec else None
+            self.sampler = model() if model is not None else PaddedTable(inner)
+        finally:
+            env.close()
+
+
 class TableVectorEnv(VectorEnv):
     """`num_envs` copies of a toy-text env, stepped from its padded transition table.
 
@@ -106,27 +138,16 @@ class TableVectorEnv(VectorEnv):
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}
 
     def __init__(self, env_id: str, env_kwargs: dict | None, num_envs: int):
-        env = gym.make(env_id, **(env_kwargs or {}))
-        inner = env.unwrapped
-        model = getattr(inner, "transition_model", None)  # hpcrl.frozen_lake: no table
-        if model is None and (
-            not hasattr(inner, "P") or not hasattr(inner, "initial_state_distrib")
-        ):
-            env.close()
-            raise UserError(f"env {env_id!r} has no transition table P to step from")
-        if getattr(inner, "fickle_passenger", False):
-            env.close()
-            raise UserError(f"env {env_id!r}: Taxi's fickle passenger draws more than once a step")
-        self.single_observation_space = env.observation_space
-        self.single_action_space = env.action_space
+        model = TableModel(env_id, env_kwargs)
+        self.single_observation_space = model.observation_space
+        self.single_action_space = model.action_space
         self.num_envs = num_envs
-        self.observation_space = batch_space(env.observation_space, num_envs)
-        self.action_space = batch_space(env.action_space, num_envs)
-        self.spec = env.spec
-        self.max_episode_steps = env.spec.max_episode_steps if env.spec else None
-        self.model = model() if model is not None else PaddedTable(inner)
+        self.observation_space = batch_space(model.observation_space, num_envs)
+        self.action_space = batch_space(model.action_space, num_envs)
+        self.spec = model.spec
+        self.max_episode_steps = model.max_episode_steps
+        self.model = model.sampler
         self.initial_cum = self.model.initial_cum
-        env.close()
         self.rngs: list[np.random.Generator] = []
         # Each copy's current block of uniforms, drawn from the generator state kept in
         # block_start (so a checkpoint stores 6 words per copy, not the block).

@@ -84,11 +84,13 @@ def _run(ctx: RunContext) -> tuple[np.ndarray, bool]:
     learner = make_learner(cfg, ctx.observation_space, ctx.action_space, ctx.world_size)
     policy = learner.behaviour_policy(rng)
     q_table = learner.q_table
-    stepper = ctx.make_stepper()
+    if ctx.resume is not None:
+        q_table[:] = ctx.resume.shared()["q_table"]
+    on_device = cfg.run.device != "cpu"
+    stepper = _device_tabular(ctx, q_table, env_seed) if on_device else ctx.make_stepper()
     env_steps = 0  # this rank's, in this segment
     first_step, syncs = 0, 0
     if ctx.resume is not None:
-        q_table[:] = ctx.resume.shared()["q_table"]
         syncs = int(ctx.resume.meta.get("syncs", 0))
         learner.learner_updates = int(ctx.resume.meta["learner_updates"])
         state = ctx.resume.rank_state(ctx.rank)
@@ -107,10 +109,24 @@ def _run(ctx: RunContext) -> tuple[np.ndarray, bool]:
     episodes = EpisodeRows()
     reporter = Reporter(ctx) if ctx.rank == 0 else None
     interrupted = False
+    stamps: list[tuple[int, float]] = []  # on a device: each buffered step's (env steps, s)
 
     for t in range(first_step, vector_steps):
         n = min(num_envs, budget - env_steps)
-        if n > 0:
+        if n > 0 and on_device:
+            ctx.maybe_fail(env_steps)
+            progress = segment.progress(env_steps, budget)
+            exploration = policy.exploration_value(progress)
+            keep = recorder.writer is not None  # the transitions, to record them
+            batch = stepper.step(learner.alpha(progress), exploration, n, keep)
+            learner.learner_updates += 1
+            if batch is not None:
+                recorder.record(batch, n)
+            env_steps += n
+            stamps.append((global_steps_after(t), ctx.elapsed_s()))
+            if stepper.buffer_full():
+                _take_episodes(stepper, stamps, episodes, ctx.rank)
+        elif n > 0:
             ctx.maybe_fail(env_steps)
             progress = segment.progress(env_steps, budget)
             actions = policy.select_actions(q_table, stepper.obs, progress)
@@ -131,11 +147,17 @@ def _run(ctx: RunContext) -> tuple[np.ndarray, bool]:
         if (t + 1) % sync_interval and not last:
             continue
         # --- sync: one Allreduce of [ΔQ | visited | log, checkpoint, stop flags] ---
+        if on_device:
+            _take_episodes(stepper, stamps, episodes, ctx.rank)
+            q_table[:] = stepper.table()
+            visited[:] = stepper.take_visited()
         np.subtract(q_table, q_sync, out=delta)
         ctx.vote(votes, reporter)
         allreduce_sum(comm, sync_buffer, watchdog)
         q_sync += delta / np.maximum(visited, 1.0)
         q_table[:] = q_sync
+        if on_device:
+            stepper.set_table(q_sync)
         visited[:] = 0.0
         syncs += 1
         global_steps = global_steps_after(t)
@@ -171,3 +193,37 @@ def _run(ctx: RunContext) -> tuple[np.ndarray, bool]:
     if reporter is not None:
         reporter.close()
     return q_table, interrupted
+
+
+def _device_tabular(ctx: RunContext, q_table: np.ndarray, env_seed: int):
+    """`device: cuda`: this rank's envs, table and updates on a GPU of its node
+    (`hpcrl.table_torch.DeviceTabular`; `TabularTopology.check_env` checked the GPU)."""
+    import torch
+    from mpi4py import MPI
+
+    from hpcrl import models
+    from hpcrl.table_torch import DeviceTabular
+
+    cfg = ctx.cfg
+    torch.set_num_threads(cfg.run.torch_threads)
+    local = ctx.comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks of this node
+    device = models.select_device(cfg.run.device, local.Get_rank())
+    local.Free()
+    return DeviceTabular(
+        cfg.run.env_id,
+        cfg.run.env_kwargs,
+        cfg.run.num_envs,
+        q_table,
+        cfg.algo.gamma,
+        cfg.algo.exploration,
+        env_seed,
+        device,
+    )
+
+
+def _take_episodes(stepper, stamps: list, episodes: EpisodeRows, rank: int) -> None:
+    """A device's buffered finished episodes into `episodes`, each step's stamped with
+    its env steps and wall time (`stamps`, emptied)."""
+    for (returns, lengths), (env_steps, wall) in zip(stepper.take_episodes(), stamps, strict=True):
+        episodes.add(returns, lengths, env_steps, wall, rank)
+    stamps.clear()

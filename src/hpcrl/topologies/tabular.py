@@ -34,15 +34,13 @@ class TabularTopology(Topology):
 
     def check_env(self, env, world_size: int, shapes: dict) -> None:
         """Raises:
-        UserError: a device other than the CPU, `n_step` > 1 for a one-step layout,
+        UserError: a device this layout or node cannot use (`check_device`), `n_step`
+            > 1 for a one-step layout,
             spaces that are not both `Discrete`, or a resumed checkpoint whose `q_table`
             has another shape than the env's."""
         run = self.cfg.run
         if run.device != "cpu":
-            raise UserError(
-                f"device {run.device!r}: {run.algo} is tabular and runs on the CPU; "
-                "the device applies to the deep learners (ppo, a2c, dqn)"
-            )
+            self.check_device()
         if self.cfg.algo.n_step != 1 and not self.multi_step:
             raise UserError(
                 f"n_step={self.cfg.algo.n_step}: layout {self.name!r} learns from one-step "
@@ -53,6 +51,37 @@ class TabularTopology(Topology):
             raise UserError(
                 f"the checkpoint's q_table has shape {tuple(shapes['q_table'])}, env "
                 f"{run.env_id!r} now has {sizes[0]} states x {sizes[1]} actions"
+            )
+
+    def check_device(self) -> None:
+        """`device: cuda` runs layout `allreduce` on a GPU (`hpcrl.table_torch`), its envs
+        stepped from their transition table.
+
+        Raises:
+            UserError: another layout, an env stepped otherwise (`vector_env` sync or
+                async), an env without a table, or no CUDA GPU seen by torch.
+        """
+        run = self.cfg.run
+        if self.name != "allreduce":
+            raise UserError(
+                f"device {run.device!r}: tabular layout {self.name!r} runs on the CPU; the "
+                "tabular GPU path is layout allreduce (one process or many)"
+            )
+        if run.vector_env not in ("auto", "table"):
+            raise UserError(
+                f"vector_env {run.vector_env!r}: with device {run.device!r} the tabular "
+                "envs are stepped from their transition table; use vector_env auto or table"
+            )
+        from hpcrl.table_vector import TableModel
+
+        TableModel(run.env_id, run.env_kwargs)  # raises for an env without a table
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(
+                f"device {run.device!r}: torch sees no CUDA GPU on this node for the tabular "
+                f"GPU path (torch {torch.__version__}, built with CUDA {torch.version.cuda}); "
+                "use --device cpu or run on a GPU node"
             )
 
     def checkpoint_policy(self, path, meta: dict, shapes: dict, arrays: dict) -> TableGreedy:
