@@ -20,8 +20,10 @@ trajectory recording off (and, once per layout at one rank, on), no final evalua
 - raw loop: `env.step(random action)`, `reset` on episode end, one process, no learning.
 
 The raw loop and the runs alternate over `--repeats` rounds so the machine's load falls on
-all alike; the median of the rounds is reported. Prints a Markdown table for
-benchmarks/RESULTS.md, and writes every figure to `--json`.
+all alike; the median of the rounds is reported. "x own 1 rank" is the median over the
+rounds of each round's ratio to that round's 1-rank run of the layout, taken minutes
+apart at most, as this machine's speed drifts by up to 1.5x between rounds. Prints a
+Markdown table for benchmarks/RESULTS.md, and writes every figure to `--json`.
 """
 
 from __future__ import annotations
@@ -175,7 +177,10 @@ def main() -> None:
     for layout, ranks, record in cases:
         runs = results[layout, ranks, record]
         rate = statistics.median(r["env_steps_per_s"] for r in runs)
-        one = statistics.median(r["env_steps_per_s"] for r in results[layout, 1, False])
+        ones = results[layout, 1, False]
+        per_round = [
+            r["env_steps_per_s"] / o["env_steps_per_s"] for r, o in zip(runs, ones, strict=True)
+        ]
         row = {
             **runs[0],
             "env_steps_per_s": rate,
@@ -184,13 +189,15 @@ def main() -> None:
             ),
             "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
             "x_raw": rate / raw,
-            "x_own_one_rank": rate / one,
+            "x_own_one_rank": statistics.median(per_round),
+            "x_own_one_rank_per_round": per_round,
             "repeats": [r["env_steps_per_s"] for r in runs],
         }
         rows.append(row)
         print(
             f"| {layout} | {ranks} | {'on' if record else 'off'} | {rate:,.0f} | "
-            f"{rate / raw:.1f} | {rate / one:.2f} | {row['q_updates_per_s_per_rank']:,.0f} | "
+            f"{rate / raw:.1f} | {row['x_own_one_rank']:.2f} | "
+            f"{row['q_updates_per_s_per_rank']:,.0f} | "
             f"{row['peak_rss_mib']:.0f} MiB | {row['table_bytes_per_rank']:,} B |",
             flush=True,
         )

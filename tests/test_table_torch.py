@@ -18,15 +18,19 @@ from hpcrl.table_torch import DeviceTabular, _GridSampler, _TableSampler
 from hpcrl.table_vector import PaddedTable
 
 CPU = torch.device("cpu")
+# torch's CPU device everywhere; a GPU as well where torch sees one
+DEVICES = [CPU] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 
 
-def make(env_id="FrozenLake8x8-v1", num_envs=64, q_init=0.0, seed=3, env_kwargs=None, **kw):
+def make(
+    env_id="FrozenLake8x8-v1", num_envs=64, q_init=0.0, seed=3, env_kwargs=None, device=CPU, **kw
+):
     env = gym.make(env_id, **(env_kwargs or {}))
     shape = (env.observation_space.n, env.action_space.n)
     env.close()
     q_table = np.full(shape, q_init)
     options = {"gamma": 0.9, "exploration": "epsilon_greedy"} | kw
-    return DeviceTabular(env_id, env_kwargs, num_envs, q_table, seed=seed, device=CPU, **options)
+    return DeviceTabular(env_id, env_kwargs, num_envs, q_table, seed=seed, device=device, **options)
 
 
 @pytest.mark.parametrize("env_id", ["FrozenLake8x8-v1", "CliffWalking-v1", "Taxi-v4"])
@@ -58,12 +62,13 @@ def test_grid_sampler_equals_the_numpy_one_for_the_same_uniforms(slippery):
         np.testing.assert_array_equal(a, b.numpy())
 
 
-def test_transition_frequencies_match_p_chi_square():
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_transition_frequencies_match_p_chi_square(device):
     """Random actions (ε = 1) on slippery FrozenLake 4x4 for 400,000 transitions: the
     counts of s' per (s, a) against P's probabilities, one chi-square over every (s, a)
     with more than one outcome; rewards and `terminated` as P gives them; and the start
     state and the time limit (100 steps) as gymnasium's."""
-    engine = make("FrozenLake-v1", num_envs=2000)
+    engine = make("FrozenLake-v1", num_envs=2000, device=device)
     p = gym.make("FrozenLake-v1").unwrapped.P
     counts = np.zeros((16, 4, 16))
     starts = [engine.obs]
@@ -105,12 +110,16 @@ def test_time_limit_truncates_and_resets():
     assert truncated_at == [100] * 32 + [200] * 32 + [300] * 32
 
 
+@pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("exploration", ["epsilon_greedy", "boltzmann"])
-def test_update_equals_update_towards_bit_for_bit(exploration):
+def test_update_equals_update_towards_bit_for_bit(exploration, device):
     """Each step's table equals numpy's batched update (`td_targets`, `update_towards`)
     of the step's transitions on the table before it, duplicates averaged; with n < B
-    only the first n copies count."""
-    engine = make("CliffWalking-v1", num_envs=256, q_init=0.5, exploration=exploration)
+    only the first n copies count. Bit for bit on the CPU (`index_add_` adds in batch
+    order); on a GPU up to the order of the additions."""
+    engine = make(
+        "CliffWalking-v1", num_envs=256, q_init=0.5, exploration=exploration, device=device
+    )
     for step in range(300):
         before = engine.table()
         n = 256 if step % 3 else 100
@@ -118,7 +127,11 @@ def test_update_equals_update_towards_bit_for_bit(exploration):
         batch = engine.step(alpha=0.2, exploration=value, n=n, keep=True)
         targets = td_targets(batch.rewards, before[batch.next_obs], batch.terminated, 0.9)
         update_towards(before, batch.obs[:n], batch.actions[:n], targets[:n], 0.2)
-        np.testing.assert_array_equal(engine.table(), before)
+        if device.type == "cpu":
+            np.testing.assert_array_equal(engine.table(), before)
+        else:
+            np.testing.assert_allclose(engine.table(), before, rtol=1e-12, atol=1e-12)
+            engine.set_table(before)
 
 
 def test_episodes_and_visited_come_back_at_the_sync():
@@ -137,13 +150,14 @@ def test_episodes_and_visited_come_back_at_the_sync():
     assert engine.take_visited().sum() == 0
 
 
-def test_state_dict_resumes_exactly():
-    a = make("FrozenLake8x8-v1", num_envs=64, q_init=0.2)
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_state_dict_resumes_exactly(device):
+    a = make("FrozenLake8x8-v1", num_envs=64, q_init=0.2, device=device)
     for _ in range(57):
         a.step(alpha=0.1, exploration=0.5, n=64, keep=False)
     a.take_episodes()
     state, table = a.state_dict(), a.table()
-    b = make("FrozenLake8x8-v1", num_envs=64, seed=99)
+    b = make("FrozenLake8x8-v1", num_envs=64, seed=99, device=device)
     assert b.load_state_dict(state, fallback_seed=0)
     b.set_table(table)
     for _ in range(80):

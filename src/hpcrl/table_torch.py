@@ -23,8 +23,8 @@ along their mean TD error), computed as per-pair sums and counts with `index_add
 the flat table, then one add over the whole table (an untouched entry adds 0.0,
 exactly). On the CPU `index_add_` adds in batch order, so the table equals the numpy
 update's bit for bit (tested); on CUDA its float64 atomics would add in any order, so
-this module turns on `torch.use_deterministic_algorithms` for CUDA (its `index_add` is
-then deterministic; PyTorch docs, `torch.use_deterministic_algorithms`).
+`_add_at` turns on `torch.use_deterministic_algorithms` around it alone (CUDA's
+`index_add` is then deterministic; PyTorch docs, `torch.use_deterministic_algorithms`).
 
 Source: Watkins & Dayan 1992 (the update); gymnasium 1.4 `toy_text/utils.py`
 (`categorical_sample`) and `wrappers/common.py` (`TimeLimit`).
@@ -114,8 +114,6 @@ class DeviceTabular:
         seed: int,
         device: torch.device,
     ):
-        if device.type == "cuda":
-            torch.use_deterministic_algorithms(True)
         model = TableModel(env_id, env_kwargs)
         sampler = model.sampler
         if isinstance(sampler, FrozenLakeGrid):
@@ -199,9 +197,10 @@ class DeviceTabular:
         targets = reward + self.gamma * bootstrap
         flat = state[:n] * self.n_actions + actions[:n]
         td_error = targets[:n] - q.view(-1)[flat]
-        sums = torch.zeros(q.numel(), dtype=torch.float64, device=self.device)
-        sums.index_add_(0, flat, td_error)
-        counts = torch.zeros_like(sums).index_add_(0, flat, torch.ones_like(td_error))
+        sums = _add_at(
+            torch.zeros(q.numel(), dtype=torch.float64, device=self.device), flat, td_error
+        )
+        counts = _add_at(torch.zeros_like(sums), flat, torch.ones_like(td_error))
         q.view(-1).add_(alpha * (sums / counts.clamp(min=1.0)))
         self.visited[flat] = True
         # episodes: returns and lengths of those that ended, then the autoreset
@@ -305,6 +304,20 @@ class DeviceTabular:
 
     def close(self) -> None:
         self._buffered.clear()
+
+
+def _add_at(out: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`out.index_add_(0, index, values)`, deterministic on CUDA too (see the module doc);
+    the global switch is put back as it was."""
+    if not out.is_cuda:
+        return out.index_add_(0, index, values)
+    mode = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return out.index_add_(0, index, values)
+    finally:
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
 
 
 def _host(tensor: torch.Tensor) -> np.ndarray:

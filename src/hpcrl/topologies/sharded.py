@@ -24,7 +24,7 @@ depend on the order of any batch, and the whole run is deterministic for a fixed
 and world size. After the last step one more round sends the last targets.
 
 Dense rounds, for a table small next to the round's records (N * 2 * S * A float64 <= 4
-float64 per env copy; FrozenLake 8x8 on 2 ranks from 1,024 copies a rank): steps 1-4 give
+float64 per env copy; FrozenLake 8x8 on 2 ranks from 256 copies a rank): steps 1-4 give
 way to one `Allgather` of every rank's (2, S, A) target sums and counts, zeros where the
 rank has none, posted before the rank steps its envs so that it travels, and a slower
 rank catches up, meanwhile (`ShardExchange.post`). Every rank then adds them in rank
@@ -32,10 +32,11 @@ order, as an owner does, and steps its own copy of the whole table, gathered onc
 first round; its shard is that copy's rows. One meeting per vector step instead of three,
 overlapped with the env step, no sort and no counts, and the same floats as the sparse
 round (the zeros add exactly; `tests/test_sharded_mpi.py` compares them bit for bit). On
-2 ranks of FrozenLake 8x8 with 8,192 copies a rank this took the 2-rank rate from 1.54x
-to RATE x that of one rank in the same benchmark run (`benchmarks/RESULTS.md`). Such a
-table is no larger than the buffers every rank holds anyway, so the rule that no rank
-holds the whole table applies to the tables it matters for.
+2 ranks of FrozenLake 8x8 with 8,192 copies a rank it about halved the time a rank waits
+for the other; the 2-rank rate stayed within this machine's noise of the earlier dense
+round's (`benchmarks/RESULTS.md`). Such a table is no larger than the round buffers
+every rank holds anyway, so the rule that no rank holds the whole table applies to the
+tables it matters for.
 
 Memory per rank: the shard, ceil(S / N) * A float64 (`max_table_bytes_per_rank` caps it;
 a table that does not fit the cap on this many ranks is refused before anything is
