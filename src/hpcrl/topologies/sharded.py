@@ -65,7 +65,6 @@ import numpy as np
 from mpi4py import MPI
 
 from hpcrl.algos import make_learner
-from hpcrl.algos.qlearning import step_towards_mean_targets
 from hpcrl.algos.tabular import sum_by_pair
 from hpcrl.comm.waits import allreduce_sum, wait_all
 from hpcrl.contracts import LoopResult
@@ -260,16 +259,15 @@ class ShardExchange:
         # numpy adds along the first axis slab by slab, in rank order; + 0.0 is exact
         total = self._received.sum(axis=0)
         rows, actions = np.nonzero(total[1])
-        step_towards_mean_targets(
-            self._table,
-            rows,
-            actions,
-            total[0, rows, actions],
-            total[1, rows, actions],
-            self.learner.alpha(progress),
-        )
-        self.learner.learner_updates += 1
-        self.learner.q_table[:] = self._table[self._mine]
+        # the learner steps this rank's copy of the whole table, then its shard is those rows
+        shard, self.learner.q_table = self.learner.q_table, self._table
+        try:
+            self.learner.update_towards(
+                rows, actions, total[0, rows, actions], total[1, rows, actions], progress
+            )
+        finally:
+            self.learner.q_table = shard
+        shard[:] = self._table[self._mine]
         return self._table[unique]
 
     def _gather_table(self) -> np.ndarray:
