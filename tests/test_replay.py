@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from hpcrl.replay import PrioritizedReplay, SumTree, importance_weights
+from hpcrl.replay import (
+    NStepTransitions,
+    PrioritizedReplay,
+    SumTree,
+    actor_epsilons,
+    importance_weights,
+)
 
 
 def brute_force_find(leaves: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -180,3 +186,70 @@ def test_memory_is_capacity_times_bytes_per_transition():
     per_transition = 2 * 4 + 8 + 4
     tree = 2 * 131_072 * 8
     assert replay.nbytes == 100_000 * per_transition + tree
+
+
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_n_step_transitions_match_their_definition(n):
+    """Random episode ends (terminated or truncated) over 4 copies and 300 steps: every
+    step starts exactly one transition, with R = Σ γ^k r over up to n steps of its own
+    episode, s' the observation m steps on (the final one at an end), and discount γ^m,
+    0 after a terminal step. Observations are unique ids (copy, t) so each transition is
+    found by its first observation."""
+    rng = np.random.default_rng(n)
+    gamma, copies, steps = 0.9, 4, 300
+    builder = NStepTransitions(n, gamma, copies)
+    rewards = rng.normal(size=(steps, copies))
+    terminated = rng.random((steps, copies)) < 0.08
+    truncated = ~terminated & (rng.random((steps, copies)) < 0.05)
+    ids = lambda t, c: np.stack([np.full_like(c, t), c], axis=-1).astype(np.float32)  # noqa: E731
+    got = {}
+    every = np.arange(copies)
+    for t in range(steps):
+        final = ids(10_000 + t, every)  # s_{t+1}, a "final" id where the episode ended
+        out = builder.push(
+            ids(t, every), every * 10 + t % 7, rewards[t], terminated[t], truncated[t], final
+        )
+        for i in range(len(out["action"])):
+            key = tuple(out["obs"][i])
+            assert key not in got
+            got[key] = (
+                out["action"][i],
+                out["reward"][i],
+                tuple(out["next_obs"][i]),
+                out["discount"][i],
+            )
+    expected = {}
+    for c in range(copies):
+        for t in range(steps):
+            ret, m = 0.0, 0
+            while m < n and t + m < steps:
+                ret += gamma**m * rewards[t + m, c]
+                m += 1
+                if terminated[t + m - 1, c] or truncated[t + m - 1, c]:
+                    break
+            end = t + m - 1
+            ended = terminated[end, c] or truncated[end, c]
+            if m < n and not ended:
+                continue  # the run stopped before its n steps were known
+            discount = 0.0 if terminated[end, c] else gamma**m
+            expected[(float(t), float(c))] = (
+                c * 10 + t % 7,
+                ret,
+                (float(10_000 + end), float(c)),
+                discount,
+            )
+    assert set(got) == set(expected)
+    for key, (action, ret, next_obs, discount) in expected.items():
+        g = got[key]
+        assert g[0] == action and g[2] == next_obs
+        assert g[1] == pytest.approx(ret, rel=1e-12, abs=1e-12)
+        assert g[3] == pytest.approx(discount, rel=1e-12)
+
+
+def test_actor_epsilons_are_the_papers():
+    """ε_i = 0.4^(1 + 7i/(N-1)): the first actor 0.4, the last 0.4^8."""
+    eps = actor_epsilons(8)
+    assert eps[0] == pytest.approx(0.4) and eps[-1] == pytest.approx(0.4**8)
+    assert eps[3] == pytest.approx(0.4 ** (1 + 3 * 7 / 7))
+    assert (np.diff(eps) < 0).all()
+    np.testing.assert_array_equal(actor_epsilons(1), [0.4])

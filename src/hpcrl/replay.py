@@ -263,3 +263,116 @@ def importance_weights(probabilities: np.ndarray, n: int, beta: float) -> np.nda
     """
     weights = (n * np.asarray(probabilities, dtype=np.float64)) ** (-beta)
     return weights / weights.max()
+
+
+class NStepTransitions:
+    """n-step transitions from a vector env's steps, as an Ape-X actor builds them before
+    sending them to replay (Horgan et al. 2018, Algorithm 1; the n-step double-Q target
+    y = R + discount * Q_target(s', argmax_a Q(s', a)) is the learner's, from these).
+
+    For each env copy, the transition starting at step t is
+
+        (s_t, a_t, R = Σ_{k=0}^{m-1} γ^k r_{t+k}, s' = s_{t+m}, discount = γ^m)
+
+    with m = n, or fewer where the episode ended at step t + m - 1: then s' is the final
+    observation and discount is 0 if it was `terminated` (no bootstrap past a terminal
+    state) and γ^m if it was only `truncated` (a time limit is not part of the MDP, so
+    the target bootstraps from the final observation).
+
+    A transition is emitted once its n steps are known, or when its episode ends; `push`
+    returns them in the order of their first step, copy by copy at an episode's end.
+
+    Args:
+        n: the steps per return, >= 1 (1: one-step transitions).
+        gamma: discount γ in [0, 1].
+        num_envs: B, the copies.
+
+    Raises:
+        ValueError: n < 1 or γ outside [0, 1].
+    """
+
+    def __init__(self, n: int, gamma: float, num_envs: int):
+        if n < 1:
+            raise ValueError(f"n-step transitions need n >= 1, got {n}")
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"the discount gamma must be in [0, 1], got {gamma}")
+        self.n, self.gamma, self.num_envs = n, gamma, num_envs
+        self.powers = gamma ** np.arange(n + 1, dtype=np.float64)
+        self.obs: np.ndarray | None = None  # (n, B, *obs_shape), oldest first per copy
+        self.actions = np.zeros((n, num_envs), dtype=np.int64)
+        self.rewards = np.zeros((n, num_envs), dtype=np.float64)
+        self.pending = np.zeros(num_envs, dtype=np.int64)  # steps held per copy, < n
+
+    def push(self, obs, actions, rewards, terminated, truncated, next_obs) -> dict[str, np.ndarray]:
+        """One vector step: obs (B, ...) the observations acted on, actions (B,),
+        rewards (B,), terminated and truncated (B,) bool, next_obs (B, ...) the next
+        observations (the final one where an episode ended).
+
+        Returns:
+            {"obs": (k, ...), "action": (k,) int64, "reward": (k,) float64 n-step
+             returns, "next_obs": (k, ...), "discount": (k,) float64} for the k
+            transitions complete after this step (k may be 0).
+        """
+        obs, next_obs = np.asarray(obs), np.asarray(next_obs)
+        if self.obs is None:
+            self.obs = np.zeros((self.n, *obs.shape), dtype=obs.dtype)
+        copies = np.arange(self.num_envs)
+        slot = self.pending
+        self.obs[slot, copies] = obs
+        self.actions[slot, copies] = actions
+        self.rewards[slot, copies] = rewards
+        self.pending = held = self.pending + 1
+        terminated = np.asarray(terminated, dtype=bool)
+        ended = terminated | np.asarray(truncated, dtype=bool)
+        out: dict[str, list] = {
+            "obs": [],
+            "action": [],
+            "reward": [],
+            "next_obs": [],
+            "discount": [],
+        }
+        # copies whose oldest step now has its n steps (episode still running): one each
+        full = np.flatnonzero((held == self.n) & ~ended)
+        if full.size:
+            out["obs"].append(self.obs[0, full])
+            out["action"].append(self.actions[0, full])
+            out["reward"].append(self.powers[: self.n] @ self.rewards[:, full])
+            out["next_obs"].append(next_obs[full])
+            out["discount"].append(np.full(full.size, self.powers[self.n]))
+            for array in (self.obs, self.actions, self.rewards):
+                array[:, full] = np.roll(array[:, full], -1, axis=0)
+            self.pending[full] = self.n - 1
+        # copies whose episode ended: every step they hold starts a shorter transition
+        for c in np.flatnonzero(ended):
+            m = int(held[c])
+            rewards_c = self.rewards[:m, c]
+            for j in range(m):
+                steps = m - j
+                out["obs"].append(self.obs[j, c][None])
+                out["action"].append(self.actions[j, c : c + 1])
+                out["reward"].append(np.array([self.powers[:steps] @ rewards_c[j:]]))
+                out["next_obs"].append(next_obs[c][None])
+                out["discount"].append(np.array([0.0 if terminated[c] else self.powers[steps]]))
+            self.pending[c] = 0
+        if not out["obs"]:
+            return {
+                "obs": np.zeros((0, *obs.shape[1:]), dtype=obs.dtype),
+                "action": np.zeros(0, dtype=np.int64),
+                "reward": np.zeros(0),
+                "next_obs": np.zeros((0, *next_obs.shape[1:]), dtype=next_obs.dtype),
+                "discount": np.zeros(0),
+            }
+        return {key: np.concatenate(parts) for key, parts in out.items()}
+
+
+def actor_epsilons(num_actors: int, epsilon: float = 0.4, alpha: float = 7.0) -> np.ndarray:
+    """Each Ape-X actor's exploration ε_i = ε^(1 + i α / (N - 1)), i = 0..N-1 (Horgan et
+    al. 2018, Section 4.1; one actor: ε).
+
+    Returns:
+        (N,) float64.
+    """
+    if num_actors == 1:
+        return np.array([epsilon])
+    i = np.arange(num_actors, dtype=np.float64)
+    return epsilon ** (1.0 + i * alpha / (num_actors - 1))
