@@ -23,6 +23,10 @@ and every rank's "preemption signal received". Checkpoints by env steps need no 
 episodes, then every rank's RNG, env and counter state to rank 0, which writes one
 checkpoint; on a preemption signal the ranks then stop together, so a resume from that
 checkpoint continues bit-exactly (`topologies/segments.py`).
+
+With `device: cuda` each rank's acting, stepping and updates run on a GPU of its node
+(`hpcrl.table_torch.DeviceTabular`); at each sync its table and visited flags come to the
+host for the same `Allreduce`, and the synced table goes back.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class Allreduce(TabularTopology):
 
     name = "allreduce"
     Config = AllreduceConfig
+    on_gpu = True
     ROLES = "ranks 0-{last} each act and learn"
 
     def run(self, ctx: RunContext) -> LoopResult:

@@ -31,6 +31,7 @@ class TabularTopology(Topology):
     """A layout whose learner is a Q-table (`hpcrl.contracts.TabularLearner`)."""
 
     multi_step: ClassVar[bool] = False  # whether it learns from n-step returns (n_step > 1)
+    on_gpu: ClassVar[bool] = False  # whether `device: cuda` runs it on GPUs (hpcrl.table_torch)
 
     def check_env(self, env, world_size: int, shapes: dict) -> None:
         """Raises:
@@ -54,15 +55,15 @@ class TabularTopology(Topology):
             )
 
     def check_device(self) -> None:
-        """`device: cuda` runs layout `allreduce` on a GPU (`hpcrl.table_torch`), its envs
-        stepped from their transition table.
+        """`device: cuda` runs a layout with `on_gpu` (`allreduce`) on GPUs
+        (`hpcrl.table_torch`), its envs stepped from their transition table.
 
         Raises:
             UserError: another layout, an env stepped otherwise (`vector_env` sync or
                 async), an env without a table, or no CUDA GPU seen by torch.
         """
         run = self.cfg.run
-        if self.name != "allreduce":
+        if not self.on_gpu:
             raise UserError(
                 f"device {run.device!r}: tabular layout {self.name!r} runs on the CPU; the "
                 "tabular GPU path is layout allreduce (one process or many)"
