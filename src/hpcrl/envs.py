@@ -412,11 +412,7 @@ class EnvStepper:
         Raises:
             ValueError: `state` is for a different number of env copies.
         """
-        if len(state["episode_return"]) != self.num_envs:
-            raise ValueError(
-                f"env state for {len(state['episode_return'])} copies, this rank has "
-                f"{self.num_envs}"
-            )
+        check_state_copies(state, self.num_envs)
         captured = int(state["env_captured"][0])
         if captured == NATIVE_CAPTURED and hasattr(self.envs, "restore_state"):
             self.envs.reset(seed=fallback_seed)
@@ -442,6 +438,15 @@ class EnvStepper:
 
     def close(self) -> None:
         self.envs.close()
+
+
+def check_state_copies(state: dict[str, np.ndarray], num_envs: int) -> None:
+    """Raises ValueError when an env state (`EnvStepper.state_dict()` or a stepper's with
+    the same keys) is not for `num_envs` copies."""
+    if len(state["episode_return"]) != num_envs:
+        raise ValueError(
+            f"env state for {len(state['episode_return'])} copies, this rank has {num_envs}"
+        )
 
 
 _EMPTY = np.zeros(0)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hpcrl.envs import NATIVE_CAPTURED, StepBatch
+from hpcrl.envs import NATIVE_CAPTURED, StepBatch, check_state_copies
 from hpcrl.frozen_lake import _MOVES, FrozenLakeGrid
 from hpcrl.table_vector import PaddedTable, TableModel
 
@@ -282,11 +282,7 @@ class DeviceTabular:
         Raises:
             ValueError: `state` is for a different number of env copies.
         """
-        if len(state["episode_return"]) != self.num_envs:
-            raise ValueError(
-                f"env state for {len(state['episode_return'])} copies, this rank has "
-                f"{self.num_envs}"
-            )
+        check_state_copies(state, self.num_envs)
         rng = state.get("device_rng")
         try:
             if rng is None:
