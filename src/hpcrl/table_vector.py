@@ -90,6 +90,19 @@ def steps_exactly(env: gym.Env) -> bool:
     return exact and not getattr(inner, "fickle_passenger", False)
 
 
+def check_table(env: gym.Env, env_id: str) -> None:
+    """Raises UserError unless `env` can be stepped from its table: it has `P` and
+    `initial_state_distrib`, or a `transition_model()` (`hpcrl.frozen_lake`), and is not
+    Taxi with its fickle passenger (more than one draw per step)."""
+    inner = env.unwrapped
+    if getattr(inner, "transition_model", None) is None and (
+        not hasattr(inner, "P") or not hasattr(inner, "initial_state_distrib")
+    ):
+        raise UserError(f"env {env_id!r} has no transition table P to step from")
+    if getattr(inner, "fickle_passenger", False):
+        raise UserError(f"env {env_id!r}: Taxi's fickle passenger draws more than once a step")
+
+
 class TableModel:
     """What stepping an env from its table needs, read once from one `gymnasium.make`:
     the spaces, the spec and its `max_episode_steps` (None: no time limit), and the
@@ -104,16 +117,9 @@ class TableModel:
     def __init__(self, env_id: str, env_kwargs: dict | None):
         env = gym.make(env_id, **(env_kwargs or {}))
         try:
+            check_table(env, env_id)
             inner = env.unwrapped
             model = getattr(inner, "transition_model", None)  # hpcrl.frozen_lake: no table
-            if model is None and (
-                not hasattr(inner, "P") or not hasattr(inner, "initial_state_distrib")
-            ):
-                raise UserError(f"env {env_id!r} has no transition table P to step from")
-            if getattr(inner, "fickle_passenger", False):
-                raise UserError(
-                    f"env {env_id!r}: Taxi's fickle passenger draws more than once a step"
-                )
             self.observation_space, self.action_space = env.observation_space, env.action_space
             self.spec = env.spec
             self.max_episode_steps = env.spec.max_episode_steps if env.spec else None

@@ -41,7 +41,7 @@ class TabularTopology(Topology):
             has another shape than the env's."""
         run = self.cfg.run
         if run.device != "cpu":
-            self.check_device()
+            self.check_device(env)
         if self.cfg.algo.n_step != 1 and not self.multi_step:
             raise UserError(
                 f"n_step={self.cfg.algo.n_step}: layout {self.name!r} learns from one-step "
@@ -54,7 +54,7 @@ class TabularTopology(Topology):
                 f"{run.env_id!r} now has {sizes[0]} states x {sizes[1]} actions"
             )
 
-    def check_device(self) -> None:
+    def check_device(self, env) -> None:
         """`device: cuda` runs a layout with `on_gpu` (`allreduce`) on GPUs
         (`hpcrl.table_torch`), its envs stepped from their transition table.
 
@@ -73,9 +73,9 @@ class TabularTopology(Topology):
                 f"vector_env {run.vector_env!r}: with device {run.device!r} the tabular "
                 "envs are stepped from their transition table; use vector_env auto or table"
             )
-        from hpcrl.table_vector import TableModel
+        from hpcrl.table_vector import check_table
 
-        TableModel(run.env_id, run.env_kwargs)  # raises for an env without a table
+        check_table(env, run.env_id)  # the probe env
         import torch
 
         if not torch.cuda.is_available():
