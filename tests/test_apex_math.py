@@ -1,4 +1,4 @@
-"""`hpcrl.algos.apex`: n-step double-Q targets, the importance-weighted loss and the
+"""`hpcrl.algos.apex_learner`: n-step double-Q targets, the importance-weighted loss and the
 priorities, against hand computations on tiny fixed Q-networks."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpcrl.algos.apex import (
+from hpcrl.algos.apex_learner import (
     PRIORITY_EPSILON,
     actor_priorities,
     double_q_targets,

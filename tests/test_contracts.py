@@ -96,13 +96,30 @@ def _probe(cfg):
 @pytest.mark.parametrize("algo", DEEP_ALGOS)
 def test_every_deep_algorithm_s_defaults_fit_1_2_and_4_ranks(algo, world):
     """`train --algo X --env CartPole-v1` is not refused on 1, 2 or 4 ranks (the e2e test
-    trains them)."""
+    trains them); Ape-X needs a learner, a replay rank and an actor, so 3 ranks or one."""
+    if algo == "apex" and world == 2:
+        world = 3
     cfg = build_config({"algo": algo, "env_id": "CartPole-v1"})
     topology = make_topology(cfg)
     topology.check_world(world)
     env = _probe(cfg)
     topology.check_env(env, world, {})
     env.close()
+
+
+@pytest.mark.parametrize(
+    "replay,world,ok",
+    [(1, 1, True), (2, 1, False), (1, 2, False), (1, 3, True), (2, 3, False), (2, 4, True)],
+)
+def test_an_apex_world_without_a_role_is_refused_by_the_topology(replay, world, ok):
+    """Ape-X needs rank 0 to learn, `replay_ranks` replay ranks and at least one actor
+    (one process: every role, with one shard)."""
+    topology = make_topology(build_config({"algo": "apex", "replay_ranks": replay}))
+    if ok:
+        topology.check_world(world)
+        return
+    with pytest.raises(LayoutError, match="replay_ranks"):
+        topology.check_world(world)
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])

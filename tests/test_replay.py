@@ -177,13 +177,27 @@ def test_state_round_trip_gives_the_same_buffer_and_draws():
     y = b.sample(32, 0.5, np.random.default_rng(9))
     for u, v in zip(x[:2], y[:2], strict=True):
         np.testing.assert_array_equal(u, v)
+    np.testing.assert_array_equal(a.ids, b.ids)
     with pytest.raises(ValueError, match="capacity"):
         PrioritizedReplay(10, fields(), alpha=0.6).load_state_dict(state)
 
 
+def test_a_priority_update_skips_transitions_evicted_since_sampled():
+    """FIFO eviction reuses slots: the learner's priority for a sampled transition must
+    not land on the one that replaced it (the ids tell them apart)."""
+    replay = PrioritizedReplay(4, fields(), alpha=1.0)
+    replay.add(batch(0, 4), np.ones(4))
+    slots = np.array([0, 1, 2, 3])
+    ids = replay.ids[slots].copy()
+    replay.add(batch(4, 2), np.ones(2))  # slots 0 and 1 now hold transitions 4 and 5
+    applied = replay.update_priorities(slots, np.full(4, 7.0), ids)
+    assert applied == 2
+    np.testing.assert_array_equal(replay.tree.leaves(), [1.0, 1.0, 7.0, 7.0])
+
+
 def test_memory_is_capacity_times_bytes_per_transition():
     replay = PrioritizedReplay(100_000, fields(), alpha=0.6)
-    per_transition = 2 * 4 + 8 + 4
+    per_transition = 2 * 4 + 8 + 4 + 8  # the fields, then the id
     tree = 2 * 131_072 * 8
     assert replay.nbytes == 100_000 * per_transition + tree
 

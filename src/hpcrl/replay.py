@@ -144,14 +144,19 @@ class PrioritizedReplay:
             name: np.zeros((capacity, *shape), dtype=dtype)
             for name, (shape, dtype) in fields.items()
         }
+        # Each slot's transition's number in the order added (-1: empty), so a priority
+        # update for a transition evicted since it was sampled is not applied to its
+        # replacement (`update_priorities(..., ids)`).
+        self.ids = np.full(capacity, -1, dtype=np.int64)
         self.size = 0  # transitions held
         self.cursor = 0  # where the next one goes
         self.added = 0  # transitions ever added
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the transitions' arrays and the tree."""
-        return sum(a.nbytes for a in self.data.values()) + self.tree.tree.nbytes
+        """Bytes of the transitions' arrays, their ids and the tree."""
+        data = sum(a.nbytes for a in self.data.values()) + self.ids.nbytes
+        return data + self.tree.tree.nbytes
 
     def add(self, batch: dict[str, np.ndarray], priorities: np.ndarray) -> np.ndarray:
         """Store k transitions ((k, ...) arrays, one per field) with priorities p ((k,)
@@ -174,6 +179,7 @@ class PrioritizedReplay:
         slots = (self.cursor + np.arange(k)) % self.capacity
         for name, array in self.data.items():
             array[slots] = batch[name]  # a repeated slot keeps its last transition
+        self.ids[slots] = self.added + np.arange(k)
         self.tree.update(slots, priorities**self.alpha)
         self.cursor = int((self.cursor + k) % self.capacity)
         self.size = min(self.size + k, self.capacity)
@@ -206,9 +212,16 @@ class PrioritizedReplay:
         weights = importance_weights(self.tree.leaves(slots) / self.tree.total, self.size, beta)
         return slots, weights, {name: array[slots] for name, array in self.data.items()}
 
-    def update_priorities(self, slots: np.ndarray, priorities: np.ndarray) -> None:
+    def update_priorities(
+        self, slots: np.ndarray, priorities: np.ndarray, ids: np.ndarray | None = None
+    ) -> int:
         """New priorities p ((k,) float64 > 0) for sampled `slots` (the learner's |TD
-        errors|); a slot given twice takes its last value.
+        errors|); a slot given twice takes its last value. With `ids` ((k,) int64, what
+        `ids[slots]` was when sampled), slots whose transition has been evicted since are
+        left alone.
+
+        Returns:
+            The number of priorities applied.
 
         Raises:
             ValueError: a priority not positive and finite, or a slot never filled.
@@ -219,13 +232,18 @@ class PrioritizedReplay:
             raise ValueError(f"priorities must be finite and > 0, got {priorities}")
         if slots.size and slots.max() >= self.size:
             raise ValueError(f"slots {slots} include some never filled (size {self.size})")
+        if ids is not None:
+            current = self.ids[slots] == np.asarray(ids, dtype=np.int64)
+            slots, priorities = slots[current], priorities[current]
         self.tree.update(slots, priorities**self.alpha)
+        return len(slots)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The filled transitions, their leaf values (p^α) and the counters, for a
         checkpoint (`load_state_dict` restores the same buffer)."""
         state = {f"data/{name}": array[: self.size].copy() for name, array in self.data.items()}
         state["priorities"] = self.tree.leaves()[: self.size]
+        state["ids"] = self.ids[: self.size].copy()
         state["counters"] = np.array([self.size, self.cursor, self.added], dtype=np.int64)
         return state
 
@@ -247,6 +265,8 @@ class PrioritizedReplay:
             array[:size] = state[f"data/{name}"]
         self.tree = SumTree(self.capacity)
         self.tree.update(np.arange(size), state["priorities"])
+        self.ids[:] = -1
+        self.ids[:size] = state["ids"] if "ids" in state else np.arange(size)
         self.size, self.cursor, self.added = size, cursor, added
 
 

@@ -20,6 +20,7 @@ ALGOS: dict[str, str] = {
     "a3c": "hpcrl.algos.a3c",
     "async_q": "hpcrl.algos.async_q",
     "async_nstep_q": "hpcrl.algos.async_nstep_q",
+    "apex": "hpcrl.algos.apex",
 }
 
 

@@ -1,100 +1,106 @@
-"""Ape-X DQN's learning rule (Horgan et al. 2018, "Distributed Prioritized Experience
-Replay", Section 3.1 and Appendix C): n-step double-Q targets, the importance-weighted
-loss, and the priorities the actors and the learner compute from the same TD errors.
+"""Ape-X DQN (Horgan et al. 2018, "Distributed Prioritized Experience Replay"): its
+hyperparameters and registry entry, importable without torch, so replay ranks never load it.
 
-For an n-step transition (s, a, R, s', discount) from `hpcrl.replay.NStepTransitions`
-(R = Σ_{k<m} γ^k r_{t+k}, discount = γ^m, or 0 after a terminal step):
+The learning rule and the torch learner are in `hpcrl.algos.apex_learner`; the layout that
+runs it (one learner, `replay_ranks` replay shards, actors) is
+`hpcrl.topologies.distributed_replay`, and the shard's buffer is
+`hpcrl.replay.PrioritizedReplay`.
 
-    y = R + discount · Q_target(s', argmax_a' Q(s', a'))          (double Q, van Hasselt
-                                                                    et al. 2016, Eq. 4)
-    δ = y − Q(s, a)
-    loss = mean_i w_i · Huber(δ_i)                                (w: importance weights,
-                                                                    Schaul et al. 2016)
-    priority p_i = |δ_i| + ε                                      (proportional variant)
-
-Actors compute the same |δ| with the parameters they hold, so transitions enter replay
-with a priority instead of the buffer's maximum (Section 3, "we compute the priorities
-in the actors").
-
-Not registered as an algorithm yet: the Ape-X layout (learner, replay ranks, actors) that
-runs it is issue 17's remaining work; `hpcrl.replay` holds the shard's buffer.
+Defaults are the paper's (Appendix C, Atari), except the optimizer (Adam instead of
+centered RMSProp; see `learning_rate`) and the flow control `env_steps_per_update`, which
+the paper does not have (its actors never wait): the configs in `configs/` set it where a
+small budget must be learned from efficiently.
 """
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+from dataclasses import dataclass
 
-PRIORITY_EPSILON = 1e-6  # added to |δ| so no transition's priority is 0
-
-
-def double_q_targets(
-    online: torch.nn.Module,
-    target: torch.nn.Module,
-    next_obs: torch.Tensor,
-    rewards: torch.Tensor,
-    discounts: torch.Tensor,
-) -> torch.Tensor:
-    """y = R + discount · Q_target(s', argmax_a' Q_online(s', a')), without gradients.
-
-    Args:
-        online, target: Q-networks, (k, *obs_shape) -> (k, A).
-        next_obs: (k, *obs_shape) s'.
-        rewards: (k,) float n-step returns R.
-        discounts: (k,) float γ^m, 0 where the episode terminated.
-
-    Returns:
-        (k,) float targets y (the dtype of `rewards`).
-    """
-    with torch.no_grad():
-        choice = online(next_obs).argmax(dim=1, keepdim=True)
-        bootstrap = target(next_obs).gather(1, choice).squeeze(1)
-        return rewards + discounts * bootstrap.to(rewards.dtype)
+from hpcrl.algos.network import NetworkConfig
+from hpcrl.contracts import Algorithm
+from hpcrl.errors import ConfigError, UserError
 
 
-def prioritized_loss(
-    q_taken: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
-) -> tuple[torch.Tensor, np.ndarray]:
-    """The importance-weighted Huber loss and the new priorities.
+@dataclass
+class ApexConfig(NetworkConfig):
+    """Ape-X hyperparameters. Sizes in transitions are global (all replay ranks)."""
 
-    Args:
-        q_taken: (k,) Q(s, a) of the batch (with gradients).
-        targets: (k,) y (no gradients).
-        weights: (k,) importance weights w in (0, 1].
+    learning_rate: float = 0.00025 / 4  # the paper's, for its centered RMSProp; Adam here
+    anneal_lr: bool = False  # linearly to 0 over the budget
+    adam_eps: float = 1.5e-4  # Dopamine's Rainbow value
+    buffer_size: int = 2_000_000  # transitions, split evenly over the replay ranks
+    minibatch_size: int = 512  # transitions per learner update (from one shard)
+    learning_starts: int = 50_000  # transitions in replay (all shards) before learning
+    n_step: int = 3  # steps per return
+    gamma: float = 0.99
+    priority_alpha: float = 0.6  # α: P(i) ∝ p_i^α
+    importance_beta_start: float = 0.4  # β at the start, annealed linearly ...
+    importance_beta_end: float = 1.0  # ... to this at the end of the budget
+    target_update_interval: int = 2_500  # learner updates between target copies
+    max_grad_norm: float = 40.0
+    actor_epsilon: float = 0.4  # ε of ε_i = ε^(1 + i α_ε / (N - 1)), Section 4.1
+    actor_epsilon_alpha: float = 7.0  # α_ε of the same formula
+    send_interval: int = 50  # vector steps an actor batches before sending (paper: 50)
+    # Flow control: once learning has started, actors together take at most this many env
+    # steps per learner update (they wait for newer parameters beyond it); null: actors
+    # never wait (the paper's Ape-X, whose replay ratio is set by the hardware).
+    env_steps_per_update: float | None = None
+    dueling: bool = True
+    activation: str = "relu"
 
-    Returns:
-        (loss, a scalar tensor; priorities (k,) float64 |y − Q(s, a)| + PRIORITY_EPSILON).
-    """
-    per_sample = F.smooth_l1_loss(q_taken, targets.to(q_taken.dtype), reduction="none")
-    loss = (weights.to(q_taken.dtype) * per_sample).mean()
-    return loss, priorities_of(q_taken, targets)
+    def validate(self) -> None:
+        def check(ok: bool, key: str, expected: str) -> None:
+            if not ok:
+                raise ConfigError(
+                    f"config key '{key}': got {getattr(self, key)!r}, expected {expected}"
+                )
+
+        check(self.learning_rate > 0, "learning_rate", "a number > 0")
+        check(self.adam_eps > 0, "adam_eps", "a number > 0")
+        check(self.buffer_size >= 1, "buffer_size", "an integer >= 1")
+        check(self.minibatch_size >= 1, "minibatch_size", "an integer >= 1")
+        check(self.learning_starts >= 1, "learning_starts", "an integer >= 1")
+        check(self.n_step >= 1, "n_step", "an integer >= 1")
+        check(0.0 <= self.gamma <= 1.0, "gamma", "a discount γ in [0, 1]")
+        check(0.0 <= self.priority_alpha <= 1.0, "priority_alpha", "an exponent α in [0, 1]")
+        for key in ("importance_beta_start", "importance_beta_end"):
+            check(0.0 <= getattr(self, key) <= 1.0, key, "an exponent β in [0, 1]")
+        check(self.target_update_interval >= 1, "target_update_interval", "an integer >= 1")
+        check(self.max_grad_norm > 0, "max_grad_norm", "a number > 0")
+        check(0.0 <= self.actor_epsilon <= 1.0, "actor_epsilon", "a probability in [0, 1]")
+        check(self.actor_epsilon_alpha >= 0, "actor_epsilon_alpha", "a number >= 0")
+        check(self.send_interval >= 1, "send_interval", "an integer >= 1")
+        check(
+            self.env_steps_per_update is None or self.env_steps_per_update > 0,
+            "env_steps_per_update",
+            "null (actors never wait) or a number > 0",
+        )
+        self.validate_network()
+
+    def check_spaces(self, observation_space, action_space) -> None:
+        """Raises UserError unless the action space is `Discrete`."""
+        import gymnasium as gym
+
+        if not isinstance(action_space, gym.spaces.Discrete):
+            raise UserError(
+                f"apex needs a Discrete action space (Q-values per action), got {action_space}"
+            )
+
+    def beta(self, progress: float) -> float:
+        """β at this fraction of the budget, linear from start to end."""
+        p = min(max(progress, 0.0), 1.0)
+        return self.importance_beta_start + p * (
+            self.importance_beta_end - self.importance_beta_start
+        )
 
 
-def priorities_of(q_taken: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
-    """(k,) float64 |y − Q(s, a)| + PRIORITY_EPSILON, on the host."""
-    delta = (targets.detach().double() - q_taken.detach().double()).abs()
-    return delta.cpu().numpy() + PRIORITY_EPSILON
+def make_learner(cfg: ApexConfig, observation_space, action_space, *args):
+    """The torch learner (`apex_learner.Apex`); the arguments are `make_learner`'s."""
+    from hpcrl.algos.apex_learner import Apex
+
+    return Apex(cfg, observation_space, action_space, *args)
 
 
-def actor_priorities(
-    online: torch.nn.Module, target: torch.nn.Module, transitions: dict[str, np.ndarray]
-) -> np.ndarray:
-    """An actor's initial priorities for n-step transitions (`NStepTransitions.push`
-    output) from the parameters it holds.
-
-    Returns:
-        (k,) float64 priorities.
-    """
-    obs = torch.as_tensor(transitions["obs"])
-    actions = torch.as_tensor(transitions["action"]).long().unsqueeze(1)
-    targets = double_q_targets(
-        online,
-        target,
-        torch.as_tensor(transitions["next_obs"]),
-        torch.as_tensor(transitions["reward"]),
-        torch.as_tensor(transitions["discount"]),
-    )
-    with torch.no_grad():
-        q_taken = online(obs).gather(1, actions).squeeze(1)
-    return priorities_of(q_taken, targets)
+ALGORITHM = Algorithm(
+    "apex", ApexConfig, ("distributed_replay",), make_learner, run_defaults={"num_envs": 1}
+)

@@ -17,6 +17,8 @@ class Tag(IntEnum):
 
     EXPERIENCE = 11  # actor -> learner: a batch of transitions and finished episodes
     PARAMS = 12  # learner -> actor: a versioned parameter snapshot (e.g. the Q-table)
+    SAMPLE_REQUEST = 13  # Ape-X learner -> replay rank: sample, new priorities, checkpoint
+    SAMPLE = 14  # Ape-X replay rank -> learner: a prioritized batch and the shard's status
 
 
 class Schema:
@@ -69,6 +71,7 @@ class ActorHeader(IntEnum):
     ACTOR_ENV_STEPS = 4  # the actor's env steps in this segment after it
     STOP = 5  # a preemption signal reached this actor
     STEPS = 6  # vector steps filled (unrolls: < unroll_length only in an actor's last)
+    TRANSITIONS = 7  # Ape-X: n-step transitions in the message
 
 
 class ParamsHeader(IntEnum):
@@ -78,6 +81,7 @@ class ParamsHeader(IntEnum):
     FINAL = 1  # the answer to the actor's final message: nothing follows
     STOP = 2  # end with the current message (a preemption signal)
     RETIRED = 3  # this actor's messages the learner is done with (flow-control credit)
+    ALLOWED = 4  # Ape-X: env steps each actor may have taken in this segment (flow control)
 
 
 def tabular_experience_schema(rows: int) -> Schema:
@@ -222,4 +226,97 @@ def parameters_schema(n_parameters: int) -> Schema:
     `module.parameters()`) with their version (header: `ParamsHeader`)."""
     return Schema(
         [("header", (len(ParamsHeader),), np.int64), ("parameters", (n_parameters,), np.float32)]
+    )
+
+
+class RequestHeader(IntEnum):
+    """Header slots (int64) of an Ape-X learner -> replay rank request."""
+
+    BATCH = 0  # transitions to sample (0: the shard's status only)
+    PRIORITIES = 1  # new priorities that follow, for the shard's earlier batch
+    CHECKPOINT = 2  # write the shard's checkpoint file at these env steps (-1: no)
+    FINAL = 3  # the last request: answer it, then end
+
+
+class ReplyHeader(IntEnum):
+    """Header slots (int64) of an Ape-X replay rank -> learner reply."""
+
+    ROWS = 0  # transitions sampled in it
+    SIZE = 1  # transitions held
+    ADDED = 2  # transitions inserted, ever
+    SAMPLED = 3  # transitions sampled, ever
+    ENV_STEPS = 4  # env steps of the shard's actors in this segment
+    ACTORS_DONE = 5  # of the shard's actors, those whose last message it has
+    STOP = 6  # a preemption signal reached one of its actors
+    EPISODES = 7  # finished episodes in it
+    CHECKPOINTED = 8  # env steps of the shard checkpoint written for this request (-1)
+    ACTORS = 9  # actor rows in it
+    RSS = 10  # the replay process's resident memory, bytes
+    NBYTES = 11  # the buffer's arrays, bytes
+
+
+def transition_fields(rows: int, obs_shape: tuple[int, ...], obs_dtype) -> list:
+    """Up to `rows` n-step transitions (`hpcrl.replay.NStepTransitions`)."""
+    return [
+        ("obs", (rows, *obs_shape), obs_dtype),
+        ("action", (rows,), np.int64),
+        ("reward", (rows,), np.float32),
+        ("next_obs", (rows, *obs_shape), obs_dtype),
+        ("discount", (rows,), np.float32),
+    ]
+
+
+def replay_experience_schema(
+    rows: int, episodes: int, obs_shape: tuple[int, ...], obs_dtype
+) -> Schema:
+    """Ape-X actor -> replay rank: up to `rows` n-step transitions with their initial
+    priorities, and up to `episodes` finished episodes (header: `ActorHeader`, its
+    `TRANSITIONS` the transitions filled)."""
+    return Schema(
+        [
+            ("header", (8,), np.int64),
+            ("timing", (len(Timing),), np.float64),
+            *transition_fields(rows, obs_shape, obs_dtype),
+            ("priority", (rows,), np.float64),
+            *_episode_fields(episodes),
+        ]
+    )
+
+
+def sample_request_schema(batch: int) -> Schema:
+    """Ape-X learner -> replay rank (`RequestHeader`): β for the batch it asks for, and the
+    new priorities of up to `batch` transitions it sampled earlier (slot, id, priority)."""
+    return Schema(
+        [
+            ("header", (len(RequestHeader),), np.int64),
+            ("beta", (1,), np.float64),
+            ("slots", (batch,), np.int64),
+            ("ids", (batch,), np.int64),
+            ("priorities", (batch,), np.float64),
+        ]
+    )
+
+
+REPLAY_EPISODE_COLUMNS = 5  # the rows of `reporting.EPISODE_COLUMNS`
+
+
+def sample_reply_schema(
+    batch: int, episodes: int, actors: int, obs_shape: tuple[int, ...], obs_dtype
+) -> Schema:
+    """Ape-X replay rank -> learner (`ReplyHeader`): up to `batch` sampled transitions
+    (their slots, ids and importance weights), up to `episodes` finished episodes as
+    `EPISODE_COLUMNS` rows (float64), one row per actor of the shard (its rank, env steps
+    received, trajectory rows, then its `Timing`), and `inserted`: [Σ policy version ×
+    transitions, transitions] over what it inserted since its previous reply."""
+    return Schema(
+        [
+            ("header", (len(ReplyHeader),), np.int64),
+            ("inserted", (2,), np.float64),
+            ("slots", (batch,), np.int64),
+            ("ids", (batch,), np.int64),
+            ("weights", (batch,), np.float64),
+            *transition_fields(batch, obs_shape, obs_dtype),
+            ("episodes", (episodes, REPLAY_EPISODE_COLUMNS), np.float64),
+            ("actors", (actors, 3 + len(Timing)), np.float64),
+        ]
     )

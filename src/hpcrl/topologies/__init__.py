@@ -8,6 +8,7 @@ builder find it by name and nothing else.
     async           every rank learns on its own table at once; merges overlapped (tabular)
     data_parallel   every rank acts and learns; gradients averaged (PPO, A2C, DQN)
     actor_learner   ranks 0..k-1 learn, the others act (IMPALA, A3C, asynchronous Q)
+    distributed_replay  rank 0 learns, ranks 1..R hold prioritized replay, the others act (Ape-X)
 
 The modules are imported lazily (a tabular run never imports torch).
 """
@@ -26,6 +27,7 @@ TOPOLOGIES: dict[str, str] = {
     "async": "hpcrl.topologies.async",
     "data_parallel": "hpcrl.topologies.data_parallel",
     "actor_learner": "hpcrl.topologies.actor_learner",
+    "distributed_replay": "hpcrl.topologies.distributed_replay",
 }
 
 
