@@ -461,6 +461,9 @@ class ReplayShard:
         self.version_rows = np.zeros(2, dtype=np.float64)  # Σ version × k, Σ k since reply
         if ctx.resume is not None:
             _restore_shard(ctx, self)
+        # numpy's zeros are not resident until written: what filling the buffer adds
+        # is RSS - this (benchmarks/apex.py compares it with `nbytes`)
+        self.rss_start = _rss_bytes()
 
     def insert(self, msg: Message, rank: int) -> None:
         header = msg["header"]
@@ -532,6 +535,7 @@ class ReplayShard:
         reply["actors"][...] = self.actor_rows
         out[ReplyHeader.RSS] = _rss_bytes()
         out[ReplyHeader.NBYTES] = self.replay.nbytes
+        out[ReplyHeader.RSS_START] = self.rss_start
         reply["inserted"][:] = self.version_rows
         self.version_rows[:] = 0
 
@@ -726,6 +730,7 @@ class LearnerStats:
             out[f"{name}/inserted"] = float(row[ReplyHeader.ADDED])
             out[f"{name}/sampled"] = float(row[ReplyHeader.SAMPLED])
             out[f"{name}/rss_bytes"] = float(row[ReplyHeader.RSS])
+            out[f"{name}/rss_start_bytes"] = float(row[ReplyHeader.RSS_START])
             out[f"{name}/buffer_bytes"] = float(row[ReplyHeader.NBYTES])
         out["replay/size"] = float(self.replay_size)
         out["learner_wait_frac"] = self.wait_s / self.learning_s if self.learning_s else 0.0
@@ -913,13 +918,15 @@ def _run_learner(ctx: RunContext, roles: Roles, learner) -> bool:
     stopping = False
 
     def publish(final: bool = False) -> None:
-        flat = learner.published() if pending or final else None
+        flat = None  # copied once, for the first actor ready to take it
         for i in sorted(pending):
             send = param_sends[i]
             if final and send is not None:
                 wait_all([send], comm, f"actor {roles.actors[i]} to take parameters", watchdog)
             elif send is not None and not send.Test():
                 continue
+            if flat is None:
+                flat = learner.published()
             msg = params[i]
             msg["parameters"][:] = flat
             header = msg["header"]
