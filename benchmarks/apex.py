@@ -15,7 +15,9 @@ fraction once learning started.
 budget that fills them (learning starts only at the end, so the actors run free): each
 replay rank's resident memory once full minus its resident memory right after allocating
 the buffer (numpy's zeros become resident only when written), against the buffer's bytes
-(`PrioritizedReplay.nbytes`: the transitions, their ids and the sum tree).
+(`PrioritizedReplay.nbytes`: the transitions, their ids and the sum tree). The resident
+memory is the largest logged while the shard was full, before the final checkpoint (whose
+HDF5 write leaves a few MB of the library resident).
 
 Usage: python benchmarks/apex.py [learn|shards|memory ...] [--launches 5]
            [--out benchmarks/apex.json]
@@ -122,13 +124,18 @@ def memory(tmp: Path, capacity: int) -> dict:
         f"total_env_steps={steps}",
         "num_envs=8",
         "eval_episodes=2",
+        "log_interval_s=2",
     )
     m = _metrics(run_dir)
     for k in (0, 1):
         name = f"replay/shard_{k}"
-        grown = m[f"{name}/rss_bytes"][-1] - m[f"{name}/rss_start_bytes"][-1]
+        # rows with the shard full, before the last (after the final checkpoint, whose
+        # HDF5 write leaves the library's few MB resident): the largest RSS among them
+        full = np.flatnonzero(m[f"{name}/size"][:-1] == capacity // 2)
+        grown = m[f"{name}/rss_bytes"][full].max() - m[f"{name}/rss_start_bytes"][-1]
         buffer = m[f"{name}/buffer_bytes"][-1]
         out[f"shard_{k}"] = {
+            "rows_full": int(full.size),
             "size": int(m[f"{name}/size"][-1]),
             "capacity": capacity // 2,
             "buffer_bytes": int(buffer),

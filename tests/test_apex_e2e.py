@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -89,11 +90,15 @@ def _start(cli_env, ranks: int, *args: str) -> subprocess.Popen:
     )
 
 
-def _after_first_progress(proc: subprocess.Popen) -> None:
+def _after_first_progress(proc: subprocess.Popen, replay_size: float = 0.0) -> None:
+    """Read progress lines until one shows replay holding at least `replay_size`."""
     for line in proc.stdout:
-        if line.startswith("[hpcrl] env_steps"):
+        if not line.startswith("[hpcrl] env_steps"):
+            continue
+        match = re.search(r"replay/size ([0-9.e+]+)", line)
+        if match and float(match.group(1)) >= replay_size:
             return
-    raise AssertionError("the run printed no progress line")
+    raise AssertionError("the run ended before its progress lines showed that")
 
 
 @pytest.mark.timeout(600)
@@ -105,8 +110,7 @@ def test_two_replay_ranks_serve_and_sigusr1_resume_restores_replay(tmp_path, cli
     args += ["--set", "total_env_steps=20000", "--set", "log_interval_s=1"]
     args += ["--set", "eval_episodes=4"]
     proc = _start(cli_env, 4, *args)
-    _after_first_progress(proc)
-    time.sleep(3.0)
+    _after_first_progress(proc, replay_size=2000)  # learning for a while: 1000 to start
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 3, out[-2000:] + err[-3000:]

@@ -416,7 +416,8 @@ def _run_actor(ctx: RunContext, roles: Roles, policy) -> None:
     link.start()
 
     def poll() -> int:
-        version = link.poll(actor.env_steps)
+        # a finished actor sends its last messages without waiting on the flow control
+        version = link.poll(-1 if actor.finished else actor.env_steps)
         actor.stop = actor.stop or link.stop or ctx.stop_requested()
         return version
 
@@ -463,7 +464,8 @@ class ReplayShard:
             _restore_shard(ctx, self)
         # numpy's zeros are not resident until written: what filling the buffer adds
         # is RSS - this (benchmarks/apex.py compares it with `nbytes`)
-        self.rss_start = _rss_bytes()
+        self.rss_start = self.rss = _rss_bytes()
+        self.rss_at = time.monotonic()
 
     def insert(self, msg: Message, rank: int) -> None:
         header = msg["header"]
@@ -533,7 +535,10 @@ class ReplayShard:
         out[ReplyHeader.EPISODES] = e
         out[ReplyHeader.ACTORS] = len(self.actors)
         reply["actors"][...] = self.actor_rows
-        out[ReplyHeader.RSS] = _rss_bytes()
+        now = time.monotonic()
+        if now - self.rss_at >= 1.0:  # /proc read at most once a second
+            self.rss, self.rss_at = _rss_bytes(), now
+        out[ReplyHeader.RSS] = self.rss
         out[ReplyHeader.NBYTES] = self.replay.nbytes
         out[ReplyHeader.RSS_START] = self.rss_start
         reply["inserted"][:] = self.version_rows
@@ -1020,7 +1025,8 @@ def _run_learner(ctx: RunContext, roles: Roles, learner) -> bool:
             )
     # Every actor is done: drain, the final checkpoint, final parameters, final requests.
     _finish_shards(ctx, side, shards)
-    side.maybe_evaluate(final=True)
+    if not stopping:  # a preempted run ends now; its resume evaluates
+        side.maybe_evaluate(final=True)
     side.log(force=True)
     pending.update(range(len(roles.actors)))
     publish(final=True)
@@ -1155,7 +1161,8 @@ def _run_one_process(ctx: RunContext, learner) -> bool:
         steps = side.env_steps
         if actor.done or ctx.clock.due_by_time() or ctx.clock.due_by_env_steps(steps):
             if actor.done:
-                side.maybe_evaluate(final=True)
+                if not actor.stop:
+                    side.maybe_evaluate(final=True)
                 side.log(force=True)
             ask(0, checkpoint=steps)
             side.checkpoint(steps, 1)
