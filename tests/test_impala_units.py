@@ -374,9 +374,9 @@ def test_metrics_of_a_learner_that_saw_nothing():
 def test_parameters_schema():
     schema = P.parameters_schema(5)
     msg = schema.allocate()
-    assert msg["header"].shape == (4,) and msg["header"].dtype == np.int64
+    assert msg["header"].shape == (len(P.ParamsHeader),) == (5,) and msg["header"].dtype == np.int64
     assert msg["parameters"].shape == (5,) and msg["parameters"].dtype == np.float32
-    assert schema.nbytes == 32 + 24  # 20 bytes of parameters padded to 8
+    assert schema.nbytes == 40 + 24  # 20 bytes of parameters padded to 8
     msg["parameters"][:] = np.arange(5)
     msg["header"][P.ParamsHeader.VERSION] = 7
     copy = P.Message(schema, msg.buffer.copy())  # what the receiving rank sees
