@@ -253,7 +253,7 @@ class ReplyHeader(IntEnum):
     ACTORS = 9  # actor rows in it
     RSS = 10  # the replay process's resident memory, bytes
     NBYTES = 11  # the buffer's arrays, bytes
-    RSS_START = 12  # the replay process's resident memory once its buffer was allocated
+    RSS_START = 12  # the replay process's resident memory before it allocated its buffer
 
 
 def transition_fields(rows: int, obs_shape: tuple[int, ...], obs_dtype) -> list:

@@ -448,6 +448,10 @@ class ReplayShard:
     def __init__(self, ctx: RunContext, index: int, capacity: int, actors: list[int], seed):
         self.ctx, self.index, self.actors = ctx, index, actors
         algo = ctx.cfg.algo
+        # Resident memory before the buffer exists: what the buffer adds, once full, is
+        # RSS - this (benchmarks/apex.py compares it with `nbytes`).
+        self.rss_start = self.rss = _rss_bytes()
+        self.rss_at = time.monotonic()
         self.replay = PrioritizedReplay(capacity, _replay_fields(ctx), algo.priority_alpha)
         self.rng = np.random.default_rng(seed)
         self.row = {a: i for i, a in enumerate(actors)}
@@ -462,10 +466,6 @@ class ReplayShard:
         self.version_rows = np.zeros(2, dtype=np.float64)  # Σ version × k, Σ k since reply
         if ctx.resume is not None:
             _restore_shard(ctx, self)
-        # numpy's zeros are not resident until written: what filling the buffer adds
-        # is RSS - this (benchmarks/apex.py compares it with `nbytes`)
-        self.rss_start = self.rss = _rss_bytes()
-        self.rss_at = time.monotonic()
 
     def insert(self, msg: Message, rank: int) -> None:
         header = msg["header"]
