@@ -1,6 +1,8 @@
 """Every algorithm's defaults train on 1, 2 and 4 ranks (issue 13): `train --algo X --env
 CartPole-v1` with a small budget and nothing else set (tabular Q-learning on its default
-FrozenLake8x8-v1, since CartPole's observations are not a table's states)."""
+FrozenLake8x8-v1, since CartPole's observations are not a table's states). Ape-X's defaults
+are the paper's Atari values: learning starts at 50,000 transitions, here at 500, and it
+needs a learner, a replay rank and an actor, so 3 ranks stand in for 2."""
 
 from __future__ import annotations
 
@@ -13,7 +15,15 @@ from hpcrl.algos import ALGOS
 pytestmark = pytest.mark.e2e
 
 # Enough env steps for a few updates of each algorithm's default batch.
-BUDGET = {"ppo": 4096, "impala": 4096, "a3c": 2048, "async_q": 2048, "async_nstep_q": 2048}
+BUDGET = {
+    "ppo": 4096,
+    "impala": 4096,
+    "a3c": 2048,
+    "async_q": 2048,
+    "async_nstep_q": 2048,
+    "apex": 2000,
+}
+EXTRA = {"apex": ["--set", "learning_starts=500"]}
 
 
 @pytest.mark.timeout(300)
@@ -22,11 +32,14 @@ BUDGET = {"ppo": 4096, "impala": 4096, "a3c": 2048, "async_q": 2048, "async_nste
 def test_defaults_train(tmp_path, cli_env, algo, ranks):
     run_dir = tmp_path / "run"
     env = [] if algo == "qlearning" else ["--env", "CartPole-v1"]
+    if algo == "apex" and ranks == 2:
+        ranks = 3
     result = run_hpcrl(
         cli_env,
         ranks,
         "train",
         *("--algo", algo, *env, "--total-env-steps", str(BUDGET.get(algo, 1000))),
+        *EXTRA.get(algo, []),
         *("--run-dir", str(run_dir), "--set", "eval_episodes=2"),
         timeout=280,
     )
