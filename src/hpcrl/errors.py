@@ -24,3 +24,11 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message ("" for none): what a one-line error quotes."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""
+
+
+def check_integers_at_least(keys: tuple[tuple[str, int, int], ...]) -> None:
+    """Raise ConfigError naming the first (key, value, lowest) whose value is below its
+    lowest: the integer checks of the layouts' settings dataclasses."""
+    for key, value, low in keys:
+        if value < low:
+            raise ConfigError(f"config key '{key}': got {value!r}, expected an integer >= {low}")

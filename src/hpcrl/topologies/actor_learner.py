@@ -72,7 +72,7 @@ from hpcrl.comm.waits import (
     wait_all,
 )
 from hpcrl.contracts import AsyncActor, AsyncLearner, LayoutError, LoopResult
-from hpcrl.errors import ConfigError
+from hpcrl.errors import ConfigError, check_integers_at_least
 from hpcrl.topologies.checkpointing import save_checkpoint
 from hpcrl.topologies.collective_eval import LearnerGreedy
 from hpcrl.topologies.deep import DeepTopology
@@ -99,17 +99,15 @@ class ActorLearnerConfig:
     actor_nice: int = 10
 
     def validate(self) -> None:
-        for key, value, low in (
-            ("learner_ranks", self.learner_ranks, 1),
-            ("max_policy_lag", self.max_policy_lag, 0),
-            ("publish_interval", self.publish_interval, 1),
-            ("max_unrolls_in_flight", self.max_unrolls_in_flight, 1),
-            ("actor_nice", self.actor_nice, 0),
-        ):
-            if value < low:
-                raise ConfigError(
-                    f"config key '{key}': got {value!r}, expected an integer >= {low}"
-                )
+        check_integers_at_least(
+            (
+                ("learner_ranks", self.learner_ranks, 1),
+                ("max_policy_lag", self.max_policy_lag, 0),
+                ("publish_interval", self.publish_interval, 1),
+                ("max_unrolls_in_flight", self.max_unrolls_in_flight, 1),
+                ("actor_nice", self.actor_nice, 0),
+            )
+        )
 
 
 class ActorLearner(DeepTopology):

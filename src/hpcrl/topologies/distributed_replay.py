@@ -78,7 +78,7 @@ from hpcrl.comm.protocol import (
 )
 from hpcrl.comm.waits import Backoff, WatchdogTimeout, allreduce_sum, bcast, wait_all
 from hpcrl.contracts import LayoutError, LoopResult
-from hpcrl.errors import ConfigError
+from hpcrl.errors import ConfigError, check_integers_at_least
 from hpcrl.replay import NStepTransitions, PrioritizedReplay, actor_epsilons
 from hpcrl.storage.checkpoints import shard_path, write_shard
 from hpcrl.topologies.checkpointing import save_checkpoint
@@ -106,16 +106,14 @@ class DistributedReplayConfig:
     actor_nice: int = 10
 
     def validate(self) -> None:
-        for key, value, low in (
-            ("replay_ranks", self.replay_ranks, 1),
-            ("requests_in_flight", self.requests_in_flight, 1),
-            ("publish_interval", self.publish_interval, 1),
-            ("actor_nice", self.actor_nice, 0),
-        ):
-            if value < low:
-                raise ConfigError(
-                    f"config key '{key}': got {value!r}, expected an integer >= {low}"
-                )
+        check_integers_at_least(
+            (
+                ("replay_ranks", self.replay_ranks, 1),
+                ("requests_in_flight", self.requests_in_flight, 1),
+                ("publish_interval", self.publish_interval, 1),
+                ("actor_nice", self.actor_nice, 0),
+            )
+        )
 
 
 class DistributedReplay(DeepTopology):
