@@ -789,7 +789,7 @@ def test_checkpoint_on_4_ranks_resumes_on_2(tmp_path, layout):
     assert result.ranks == {0: 0, 1: 0}, result.show()
     resumed = RESUMED.search(result.stdout)
     assert resumed and int(resumed.group("step")) == steps, result.show()
-    assert "in a new segment (was 4 ranks, now 2;" in resumed.group("rest")
+    assert "(the world size changed: was 4 ranks, now 2;" in resumed.group("rest")
     assert "warning" not in result.stdout + result.stderr, result.show()
 
     data = assert_completed(run_dir, budget)

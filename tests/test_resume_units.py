@@ -272,3 +272,37 @@ def test_new_trajectory_file_is_readable_before_any_row(tmp_path):
     with h5py.File(on_disk, "r") as f:
         assert set(f) == set(tabular_fields())
     writer.close()
+
+
+def _resume_point(tmp_path, captured: dict[int, int], **meta):
+    """A ResumePoint whose checkpoint holds `ranks/<k>/env_captured` per `captured`."""
+    from hpcrl.topologies.segments import ResumePoint
+
+    arrays = {f"ranks/{k}/env_captured": np.array([flag], np.int8) for k, flag in captured.items()}
+    meta = {"world_size": 4, "rank_states": True, "config": {"layout": "allreduce"}} | meta
+    tmp_path.mkdir(exist_ok=True)
+    path = write_checkpoint(tmp_path, 100, arrays, meta, keep=3)
+    return ResumePoint(path, meta, exact=True)
+
+
+def test_resume_line_names_the_true_reason_it_is_not_bit_exact(tmp_path):
+    """Issue 18, case 5: an IMPALA resume on the same world size said "was 4 ranks, now 4";
+    the line now names the reason: an asynchronous layout, another world size or device,
+    or env copies whose state was not captured."""
+    from hpcrl.envs import COPIES_CAPTURED, NOT_CAPTURED
+    from hpcrl.runner import resume_how
+
+    cfg = build_config({"algo": "qlearning", "env_id": "FrozenLake-v1", "layout": "allreduce"})
+    exact = _resume_point(tmp_path, {k: COPIES_CAPTURED for k in range(4)})
+    assert resume_how(exact, cfg, 4) == "exactly (every rank's state restored)"
+    assert "the world size changed: was 4 ranks, now 2" in resume_how(exact, cfg, 2)
+    impala = _resume_point(
+        tmp_path / "a", {}, rank_states=False, config={"layout": "actor_learner"}
+    )
+    how = resume_how(impala, cfg, 4)
+    assert "layout actor_learner is asynchronous" in how and "was 4 ranks" not in how
+    cuda = _resume_point(tmp_path / "b", {0: COPIES_CAPTURED}, config={"device": "cuda"})
+    assert "device cuda then, cpu now" in resume_how(cuda, cfg, 4)
+    lost = _resume_point(tmp_path / "c", {0: COPIES_CAPTURED, 1: NOT_CAPTURED, 3: NOT_CAPTURED})
+    how = resume_how(lost, cfg, 4)
+    assert "could not be captured on rank 1, 3" in how and "not bit-exact" in how

@@ -28,7 +28,7 @@ from hpcrl.analysis.stats import SOLVED_WINDOW, best_window_mean, threshold_cros
 from hpcrl.comm.agreement import CollectiveUserError, agree
 from hpcrl.comm.waits import wait_all
 from hpcrl.config import build_config, config_from_json, resume_conflicts
-from hpcrl.envs import make_env, make_vector_env
+from hpcrl.envs import NOT_CAPTURED, make_env, make_vector_env
 from hpcrl.errors import CheckpointError, ConfigError, UserError
 from hpcrl.storage import checkpoints as ckpt
 from hpcrl.storage.runfile import (
@@ -402,16 +402,46 @@ def _start_line(cfg, topology, path: Path, resume_point, world_size: int) -> str
     if resume_point is None:
         return f"{run.algo} on {run.env_id}, {layout}, {run.total_env_steps:,} env steps -> {path}"
     meta = resume_point.meta
-    how = (
-        "exactly (every rank's state restored)"
-        if resume_point.exact
-        else f"in a new segment (was {meta['world_size']} ranks, now {world_size}; "
-        "fresh actor seeds, in-progress episodes restart: not bit-exact)"
-    )
+    how = resume_how(resume_point, cfg, world_size)
     return (
         f"resuming {path} from {resume_point.path.name} at "
         f"{int(meta['env_steps']):,} of {run.total_env_steps:,} env steps, {how}; {layout}"
     )
+
+
+def resume_how(resume_point, cfg, world_size: int) -> str:
+    """How a resume continues, in words, with the true reason when it is not bit-exact:
+    the layout does not checkpoint every rank's state (an asynchronous one), the world
+    size changed, the device changed (a GPU's env streams are not the CPU's), or some env
+    copies' state could not be captured (`hpcrl.envs`, module doc)."""
+    meta = resume_point.meta
+    fresh = "fresh actor seeds, in-progress episodes restart: not bit-exact"
+    if not meta.get("rank_states"):
+        layout = meta["config"].get("layout", cfg.layout)
+        return (
+            f"in a new segment (layout {layout} is asynchronous and checkpoints the "
+            f"learner, not every rank's state; {fresh})"
+        )
+    if int(meta["world_size"]) != world_size:
+        return (
+            f"in a new segment (the world size changed: was {meta['world_size']} ranks, "
+            f"now {world_size}; {fresh})"
+        )
+    was = str(meta["config"].get("device", "cpu"))
+    if (was == "cpu") != (cfg.run.device == "cpu"):
+        return (
+            f"with every rank's state but not bit-exact (device {was} then, "
+            f"{cfg.run.device} now: the env copies restart with fresh streams)"
+        )
+    flags = ckpt.read_rank_values(resume_point.path, "env_captured")
+    lost = sorted(rank for rank, flag in flags.items() if int(flag[0]) == NOT_CAPTURED)
+    if lost:
+        ranks = ", ".join(map(str, lost[:8])) + (", ..." if len(lost) > 8 else "")
+        return (
+            f"with every rank's state but not bit-exact ({cfg.run.env_id}'s env state could "
+            f"not be captured on rank {ranks}: their in-progress episodes restart)"
+        )
+    return "exactly (every rank's state restored)"
 
 
 def _finish(ctx, result) -> TrainOutcome:

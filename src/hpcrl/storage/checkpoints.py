@@ -259,6 +259,14 @@ def read_group(path: str | Path, group: str) -> dict[str, np.ndarray]:
         return {name: obj[()] for name, obj in f[group].items() if isinstance(obj, h5py.Dataset)}
 
 
+def read_rank_values(path: str | Path, name: str) -> dict[int, np.ndarray]:
+    """{rank: `ranks/<rank>/<name>`} of a verified checkpoint, for the ranks that hold it
+    (a small dataset such as `env_captured`, without reading the rest of each state)."""
+    with h5py.File(path, "r") as f:
+        ranks = f.get("ranks", {})
+        return {int(k): g[name][()] for k, g in ranks.items() if name in g}
+
+
 def quarantine(paths: list[Path]) -> list[Path]:
     """Rename damaged step files to `<name>.corrupt`, out of the rotation (kept for a
     post-mortem); returns the new paths."""
