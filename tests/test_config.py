@@ -239,3 +239,23 @@ def test_config_json_round_trip():
 def test_config_rejects_non_string_algo_and_huge_budgets(values, key):
     with pytest.raises(ConfigError, match=key):
         build_config(values)
+
+
+def _shipped_configs() -> list:
+    from pathlib import Path
+
+    from hpcrl.config import DEFAULT_JOB
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    return [("default job", dict(DEFAULT_JOB))] + [(p.name, load_yaml(p)) for p in configs]
+
+
+@pytest.mark.parametrize("name, values", _shipped_configs(), ids=lambda v: str(v)[:40])
+def test_shipped_configs_checkpoint_often(name, values):
+    """Issue 18, case 6: a hard kill (no signal to checkpoint on) loses at most a few
+    minutes or a few percent of the budget; the IMPALA config checkpointed every 600 s,
+    so a kill in its first ten minutes lost the whole run."""
+    run = build_config(values).run
+    by_time = 0 < run.checkpoint_interval_s <= 300
+    by_steps = 0 < run.checkpoint_interval_env_steps <= 0.05 * run.total_env_steps
+    assert by_time or by_steps, (name, run.checkpoint_interval_s, run.checkpoint_interval_env_steps)

@@ -96,7 +96,8 @@ class RunConfig:
     run_dir: str = ""  # "" -> runs/<algo>-<env_id>-<UTC time>
     log_interval_s: float = 5.0
     checkpoint_interval_env_steps: int = 0  # 0: none by env steps (one at the end)
-    checkpoint_interval_s: float = 600.0  # also one every this many seconds (0: none)
+    # also one every this many seconds (0: none): a hard kill (no signal) loses at most this
+    checkpoint_interval_s: float = 120.0
     keep_checkpoints: int = 3
     record_trajectories: bool = True
     tensorboard: bool = False  # rank 0 also writes /metrics and returns to RUN_DIR/tb/
