@@ -8,6 +8,8 @@ import numpy as np
 
 from hpcrl.envs import make_env
 
+_STOP_CHECK_STEPS = 1000  # steps of one episode between two calls of `stop`
+
 
 def greedy_episode_returns(
     env_id: str,
@@ -16,6 +18,7 @@ def greedy_episode_returns(
     episode_ids: np.ndarray,
     seed: int,
     max_episode_steps: int = 10_000,
+    stop: Callable[[], bool] | None = None,
 ) -> np.ndarray:
     """Undiscounted returns of the greedy policy argmax_a Q(s, a).
 
@@ -30,13 +33,14 @@ def greedy_episode_returns(
         episode_ids: (n,) int64 episode indices to run.
         seed: base seed (>= 0).
         max_episode_steps: cap on steps per episode for envs without a time limit.
+        stop: as for `policy_episode_returns`.
 
     Returns:
-        (n,) float64 returns, in the order of `episode_ids`.
+        (n,) float64 returns, in the order of `episode_ids` (fewer when `stop` ended it).
     """
     greedy = np.argmax(q_table, axis=1)
     return policy_episode_returns(
-        env_id, env_kwargs, lambda obs: greedy[obs], episode_ids, seed, max_episode_steps
+        env_id, env_kwargs, lambda obs: greedy[obs], episode_ids, seed, max_episode_steps, stop=stop
     )
 
 
@@ -48,24 +52,35 @@ def policy_episode_returns(
     seed: int,
     max_episode_steps: int = 10_000,
     env_options: dict | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> np.ndarray:
     """Undiscounted returns of a deterministic `policy` (one observation -> one action),
     with the seeding and episode cap of `greedy_episode_returns`; `env_options`: the
-    `make_env` options of the run (Atari preprocessing).
+    `make_env` options of the run (Atari preprocessing). `stop` (e.g.
+    `hpcrl.preemption.requested`) is asked before each episode and every
+    `_STOP_CHECK_STEPS` steps: once it says True the episodes left are not run.
 
     Returns:
-        (n,) float64 returns, in the order of `episode_ids`.
+        (m,) float64 returns of the first m <= n of `episode_ids`, in their order (m < n
+        only when `stop` ended the evaluation early).
     """
     env = make_env(env_id, env_kwargs, **(env_options or {}))
     limit = (env.spec.max_episode_steps if env.spec else None) or max_episode_steps
     returns = np.zeros(len(episode_ids), dtype=np.float64)
+    stopped = stop or (lambda: False)
     for j, episode in enumerate(episode_ids):
+        if stopped():
+            env.close()
+            return returns[:j]
         obs, _ = env.reset(seed=int(seed + episode))
-        for _ in range(limit):
+        for t in range(limit):
             obs, reward, terminated, truncated, _ = env.step(policy(obs))
             returns[j] += reward
             if terminated or truncated:
                 break
+            if t % _STOP_CHECK_STEPS == _STOP_CHECK_STEPS - 1 and stopped():
+                env.close()
+                return returns[:j]
     env.close()
     return returns
 

@@ -22,6 +22,10 @@ SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 _received: list[int] = []
 
 
+class EvaluationInterrupted(Exception):
+    """A preemption signal stopped a collective evaluation (raised on every rank)."""
+
+
 def _handler(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
     _received.append(signum)
 

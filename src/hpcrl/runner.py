@@ -82,7 +82,9 @@ def guarded(fn, comm: MPI.Comm) -> int:
 class TrainOutcome:
     """How `train` ended, on every rank."""
 
-    status: str  # "completed" | "interrupted" | "already-completed"
+    # "completed" | "interrupted" (also when a signal stopped the final evaluation; the run
+    # file then says `trained`) | "already-completed"
+    status: str
     result: dict | None = None  # the greedy evaluation (rank 0)
     run_dir: str = ""  # the run directory (every rank)
 
@@ -104,7 +106,8 @@ def plan_run(values: dict, run_dir: str | None, overwrite: bool, resume: str | N
     layout and env checks pass too.
 
     Returns:
-        {"mode": "fresh" | "resume" | "done", "run_dir", "config" (JSON), "notes": [...]}
+        {"mode": "fresh" | "resume" | "evaluate" | "done", "run_dir", "config" (JSON),
+        "notes": [...]} ("evaluate": a `trained` run, whose final evaluation a signal stopped)
         plus "overwrite" for a fresh run, and for a resume "checkpoint" (path), "damaged"
         (newer step files that failed their checks), "meta" and "shapes" ({name: shape}
         of the checkpoint's shared arrays).
@@ -156,6 +159,16 @@ def plan_run(values: dict, run_dir: str | None, overwrite: bool, resume: str | N
         _refuse_other_algorithm(path, values)
     if status == "completed":
         return {"mode": "done", "run_dir": str(path), "config": "", "notes": notes}
+    if status == "trained":
+        _, meta, _, _ = ckpt.load_newest_intact(ckpt_dir)
+        merged = config_from_json(json.dumps(meta["config"])).flat()
+        merged.update(values)  # e.g. another eval_episodes
+        return {
+            "mode": "evaluate",
+            "run_dir": str(path),
+            "config": build_config(merged).to_json(),
+            "notes": notes,
+        }
     if not ckpt.list_checkpoints(ckpt_dir):
         if resume != "auto":
             what = "no run" if status is None else f"a run (status {status}) but no checkpoint"
@@ -270,6 +283,8 @@ def train(
             print(f"[hpcrl] {path} already completed; nothing to resume", flush=True)
         return TrainOutcome("already-completed", run_dir=str(path))
     cfg = config_from_json(plan["config"])
+    if plan["mode"] == "evaluate":
+        return _evaluate_trained(comm, cfg, path)
 
     # ... check (every rank, before any other communication) ...
     topology = agree(comm, lambda: check_layout(cfg, world_size))
@@ -462,41 +477,84 @@ def _finish(ctx, result) -> TrainOutcome:
         return TrainOutcome("interrupted", run_dir=str(path))
     evaluation = None
     if run.eval_episodes > 0:
-        evaluation = result.greedy.evaluate(
-            comm,
-            run.env_id,
-            run.env_kwargs,
-            run.env_options(),
-            run.eval_episodes,
-            run.seed + 1_000_003,
-            ctx.watchdog_s,
-        )
+        try:
+            evaluation = result.greedy.evaluate(
+                comm,
+                run.env_id,
+                run.env_kwargs,
+                run.env_options(),
+                run.eval_episodes,
+                run.seed + 1_000_003,
+                ctx.watchdog_s,
+            )
+        except preemption.EvaluationInterrupted as exc:
+            return _evaluation_stopped(ctx.rank, run_file, path, exc)
     if ctx.rank == 0:
-        best = _best_evaluation(path) if run.eval_interval > 0 else None
-        if evaluation is not None:
-            run_file.set_attrs(**{f"eval_{k}": v for k, v in evaluation.items()})
-            if best is not None:
-                evaluation.update({k: v for k, v in best.items() if k.startswith("best_")})
-        run_file.set_status("completed")
-        solved = solved_line(run_file.file["episodes"], run.env_id)
+        _record_completion(run_file, path, run, evaluation, ctx.elapsed_s())
+    return TrainOutcome("completed", evaluation, str(path))
+
+
+def _evaluation_stopped(rank: int, run_file, path: Path, exc: Exception) -> TrainOutcome:
+    """A preemption signal stopped the final evaluation: training is complete and
+    checkpointed, so the run is marked `trained` and a resume runs only the evaluation."""
+    if rank == 0:
+        run_file.set_status("trained")
         run_file.close()
-        print(f"[hpcrl] completed in {ctx.elapsed_s():.1f} s; run directory: {path}", flush=True)
-        if solved:
-            print(f"[hpcrl] {solved}", flush=True)
-        if evaluation is not None:
-            print(
-                f"[hpcrl] final greedy evaluation: mean return {evaluation['mean_return']:.4g} "
-                f"over {evaluation['episodes']} episodes",
-                flush=True,
-            )
+        print(
+            f"[hpcrl] {exc}: training is complete and checkpointed, the final evaluation "
+            f"was stopped; run it with: hpcrl train --resume {path}",
+            flush=True,
+        )
+    return TrainOutcome("interrupted", run_dir=str(path))
+
+
+def _record_completion(run_file, path: Path, run, evaluation: dict | None, elapsed_s) -> None:
+    """Rank 0: the evaluation's attributes, status `completed`, and the closing lines."""
+    best = _best_evaluation(path) if run.eval_interval > 0 else None
+    if evaluation is not None:
+        run_file.set_attrs(**{f"eval_{k}": v for k, v in evaluation.items() if k != "checkpoint"})
         if best is not None:
-            print(
-                f"[hpcrl] best periodic evaluation: mean return "
-                f"{best['best_eval_mean_return']:.4g} over {best['episodes']} "
-                f"episodes at {best['best_eval_env_steps']:,} env steps, kept as "
-                f"{path / 'checkpoints' / ckpt.BEST} (hpcrl evaluate {path} --checkpoint best)",
-                flush=True,
-            )
+            evaluation.update({k: v for k, v in best.items() if k.startswith("best_")})
+    run_file.set_status("completed")
+    solved = solved_line(run_file.file["episodes"], run.env_id)
+    run_file.close()
+    print(f"[hpcrl] completed in {elapsed_s:.1f} s; run directory: {path}", flush=True)
+    if solved:
+        print(f"[hpcrl] {solved}", flush=True)
+    if evaluation is not None:
+        print(
+            f"[hpcrl] final greedy evaluation: mean return {evaluation['mean_return']:.4g} "
+            f"over {evaluation['episodes']} episodes",
+            flush=True,
+        )
+    if best is not None:
+        print(
+            f"[hpcrl] best periodic evaluation: mean return "
+            f"{best['best_eval_mean_return']:.4g} over {best['episodes']} "
+            f"episodes at {best['best_eval_env_steps']:,} env steps, kept as "
+            f"{path / 'checkpoints' / ckpt.BEST} (hpcrl evaluate {path} --checkpoint best)",
+            flush=True,
+        )
+
+
+def _evaluate_trained(comm, cfg, path: Path) -> TrainOutcome:
+    """Collective: a resume of a `trained` run: only the final greedy evaluation, of the
+    checkpoint written at the end of training, then status `completed` (any world size:
+    the evaluation's episodes do not depend on it)."""
+    run = cfg.run
+    if comm.Get_rank() == 0:
+        print(f"[hpcrl] {path}: training is complete; running its final evaluation", flush=True)
+    try:
+        evaluation = evaluate(
+            comm, str(path), run.eval_episodes, run.seed + 1_000_003, "latest", run.watchdog_s
+        )
+    except preemption.EvaluationInterrupted as exc:
+        run_file = RunFile.open_as_is(path / "run.h5") if comm.Get_rank() == 0 else None
+        return _evaluation_stopped(comm.Get_rank(), run_file, path, exc)
+    if comm.Get_rank() == 0:
+        run_file = RunFile.open_as_is(path / "run.h5")
+        elapsed = float(run_file.file.attrs.get("wall_time_s", 0.0))
+        _record_completion(run_file, path, run, evaluation, elapsed)
     return TrainOutcome("completed", evaluation, str(path))
 
 

@@ -38,7 +38,9 @@ from hpcrl.errors import UserError
 
 RUN_FILE = "run.h5"
 RUN_FILE_FORMAT = 2  # root attribute `format_version`; a file without it is format 1
-STATUSES = ("running", "completed", "interrupted", "failed")
+# "trained": the budget is done and checkpointed, the final evaluation was stopped by a
+# preemption signal; a resume runs only the evaluation.
+STATUSES = ("running", "completed", "interrupted", "trained", "failed")
 RUN_CLOCK = (
     "training seconds since the run started; a resume continues from its checkpoint's "
     "count, so time while the job was stopped is not counted"
@@ -310,6 +312,22 @@ class RunFile:
         _require_resumes(self.file)
         self.file.attrs["status"] = "running"
         self.flush()
+        return self
+
+    @classmethod
+    def open_as_is(cls, path: str | Path) -> RunFile:
+        """Open an existing `run.h5` for its attributes only, changing nothing (a resume
+        that runs only the final evaluation).
+
+        Raises:
+            UserError: the file cannot be opened for writing.
+        """
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        try:
+            self.file = h5py.File(self.path, "r+")
+        except OSError as exc:
+            raise UserError(f"{str(self.path)!r} cannot be opened for writing: {exc}") from None
         return self
 
     @property

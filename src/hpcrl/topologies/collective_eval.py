@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from hpcrl.comm.waits import bcast, gather_rows
+from hpcrl import preemption
+from hpcrl.comm.waits import allreduce_sum, bcast, gather_rows
 from hpcrl.evaluation import greedy_episode_returns, policy_episode_returns
 
 
@@ -32,7 +33,9 @@ def evaluate_greedy(
     # Contiguous blocks, so the gathered returns are in episode-id order and the statistics
     # are bitwise the same for every world size.
     ids = np.array_split(np.arange(episodes, dtype=np.int64), comm.Get_size())[comm.Get_rank()]
-    returns = greedy_episode_returns(env_id, env_kwargs, q_table, ids, seed)
+    returns = greedy_episode_returns(
+        env_id, env_kwargs, q_table, ids, seed, stop=preemption.requested
+    )
     return return_stats(comm, returns, episodes, watchdog_s)
 
 
@@ -60,13 +63,25 @@ def evaluate_policy(
         ids,
         seed,
         env_options=env_options,
+        stop=preemption.requested,
     )
     return return_stats(comm, returns, episodes, watchdog_s)
 
 
 def return_stats(comm, returns, episodes, watchdog_s) -> dict | None:
     """Collective: every rank's (n_k,) float64 returns gathered to rank 0, in rank order;
-    `{"mean_return", "std_return", "episodes"}` there, None elsewhere."""
+    `{"mean_return", "std_return", "episodes"}` there, None elsewhere.
+
+    Raises:
+        preemption.EvaluationInterrupted: on every rank, when a preemption signal reached
+            any rank during its share (`hpcrl.preemption.requested`).
+    """
+    stopped = np.array([int(preemption.requested())], dtype=np.int64)
+    allreduce_sum(comm, stopped, watchdog_s)
+    if stopped[0]:
+        raise preemption.EvaluationInterrupted(
+            f"{preemption.signal_name() or 'a preemption signal'} during the evaluation"
+        )
     all_returns = gather_rows(comm, returns, 0, watchdog_s)
     if comm.Get_rank() != 0:
         return None

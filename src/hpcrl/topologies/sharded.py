@@ -64,6 +64,7 @@ import h5py
 import numpy as np
 from mpi4py import MPI
 
+from hpcrl import preemption
 from hpcrl.algos import make_learner
 from hpcrl.algos.tabular import sum_by_pair
 from hpcrl.comm.waits import allreduce_sum, wait_all
@@ -320,7 +321,12 @@ class ActionsGreedy:
         ids = np.array_split(np.arange(episodes, dtype=np.int64), comm.Get_size())
         actions = self.actions
         returns = policy_episode_returns(
-            env_id, env_kwargs, lambda obs: int(actions[obs]), ids[comm.Get_rank()], seed
+            env_id,
+            env_kwargs,
+            lambda obs: int(actions[obs]),
+            ids[comm.Get_rank()],
+            seed,
+            stop=preemption.requested,
         )
         return return_stats(comm, returns, episodes, watchdog_s)
 
