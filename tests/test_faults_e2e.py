@@ -6,17 +6,23 @@ Run with `python -m pytest -q -m e2e tests/test_faults_e2e.py --timeout=300`.
 
 from __future__ import annotations
 
+import os
+import re
 import signal
+import socket
+import subprocess
 import time
 from pathlib import Path
 
 import h5py
 import pytest
 
+from conftest import hpcrl_command
 from jobs import job, run, status, wrapped
 
 pytestmark = pytest.mark.e2e
 
+REPO = Path(__file__).resolve().parents[1]
 TABULAR = ["--set", "layout=allreduce", "--seed", "3"]
 
 
@@ -63,3 +69,101 @@ def test_signal_during_the_final_evaluation_stops_it_and_a_resume_only_evaluates
         assert int(f["metrics/env_steps"][-1]) == budget
     again = run(wrapped(2, logs, "train", "--resume", str(run_dir)), logs)
     assert again.rc == 0 and "already completed" in again.stdout, again.show()
+
+
+def rank_pid(j, rank: int, timeout: float = 60.0) -> int:
+    """The pid of `rank` in job `j` (from its PMI_RANK), once that process has started."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        j._track()
+        for pid in j.live():
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"PMI_RANK={rank}".encode() in environ:
+                return pid
+        time.sleep(0.05)
+    pytest.fail(f"no rank {rank} in the job within {timeout} s")
+
+
+IMPALA = ["configs/cartpole-impala.yaml", "--set", "eval_episodes=0", "--seed", "5"]
+FAILING = {
+    "allreduce": (2, ["--total-env-steps", "200000", *TABULAR], 1),
+    "actor_learner": (4, [*IMPALA, "--total-env-steps", "200000"], 2),
+}
+
+
+@pytest.mark.parametrize("layout", list(FAILING))
+def test_an_exception_off_rank_0_marks_the_run_failed_and_names_the_rank(tmp_path, layout):
+    """Issue 18, case 3: after an exception on a rank other than 0, run.h5 still said
+    `running` (only rank 0 wrote `failed`). Now the rank reports to rank 0 before the
+    abort: rank 0 names it (host, pid), marks the run `failed` and keeps the error."""
+    ranks, args, bad = FAILING[layout]
+    run_dir = tmp_path / "run"
+    fail = ["--set", f"debug.fail_rank={bad}", "--set", "debug.fail_after_env_steps=3000"]
+    cmd = wrapped(ranks, tmp_path / "logs", "train", "--run-dir", str(run_dir), *args, *fail)
+    started = time.monotonic()
+    result = run(cmd, tmp_path / "logs", cwd=REPO)
+    assert result.rc != 0, result.show()
+    assert time.monotonic() - started < 60, result.show()
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        pid = int(f.attrs["rank_pids"][bad])
+        assert f.attrs["status"] == "failed", result.show()
+        failure = str(f.attrs["failure"])
+    named = f"rank {bad} ({socket.gethostname()}, pid {pid}) failed: RuntimeError: debug.fail_rank"
+    assert named in failure
+    assert f"hpcrl: error (rank 0): {named}" in result.stderr, result.show()
+
+
+def test_a_stopped_actor_is_named_by_the_watchdog(tmp_path):
+    """Issue 18, case 2: the watchdog named the rank that waited, not the one that stopped
+    responding. An IMPALA actor stopped by SIGSTOP is now named, with its host and pid."""
+    run_dir = tmp_path / "run"
+    args = [*IMPALA, "--total-env-steps", "60000", "--set", "watchdog_s=8"]
+    cmd = wrapped(4, tmp_path / "logs", "train", "--run-dir", str(run_dir), *args)
+    with job(cmd, tmp_path / "logs", cwd=REPO) as j:
+        pid = rank_pid(j, 2)
+        j.wait_for(re.compile(r"^\[hpcrl\] env_steps ", re.MULTILINE))
+        os.kill(pid, signal.SIGSTOP)
+        result = j.wait(timeout=90)
+    assert result.rc != 0, result.show()
+    assert f"rank 2 ({socket.gethostname()}, pid {pid}) is stopped" in result.stderr, result.show()
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        assert f.attrs["status"] == "failed"
+
+
+def test_a_killed_job_is_stale_in_info_and_resumes_as_interrupted(tmp_path):
+    """Issue 18, cases 2 and 3: `kill -9` of an IMPALA actor. MPICH's mpiexec kills the
+    other ranks itself within milliseconds (no rank can speak), naming the dead PID in its
+    banner: run.h5's `rank_pids` maps it to rank 2. `info` shows the run as stale instead
+    of `running`, and a resume says why it continues and completes the exact budget."""
+    run_dir = tmp_path / "run"
+    logs = tmp_path / "logs"
+    budget = 60_000
+    args = [
+        *IMPALA,
+        "--total-env-steps",
+        str(budget),
+        "--set",
+        "checkpoint_interval_env_steps=8000",
+    ]
+    with job(wrapped(4, logs, "train", "--run-dir", str(run_dir), *args), logs, cwd=REPO) as j:
+        pid = rank_pid(j, 2)
+        wait_for_file(run_dir / "checkpoints" / "latest.h5", j)
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        result = j.wait(timeout=30)
+    assert result.rc != 0 and time.monotonic() - killed < 10, result.show()
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        assert int(f.attrs["rank_pids"][2]) == pid
+    assert f"PID {pid} RUNNING AT" in result.stdout + result.stderr, result.show()
+    info = subprocess.run(hpcrl_command(None, "info", str(run_dir)), capture_output=True, text=True)
+    assert "running (stale: no live job holds it)" in info.stdout, info
+
+    resumed = run(wrapped(4, logs, "train", "--resume", str(run_dir)), logs, cwd=REPO)
+    assert resumed.rc == 0, resumed.show()
+    assert "says running but no job holds it" in resumed.stderr, resumed.show()
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        assert f.attrs["status"] == "completed"
+        assert int(f["metrics/env_steps"][-1]) == budget

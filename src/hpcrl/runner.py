@@ -25,8 +25,9 @@ from mpi4py import MPI
 
 from hpcrl import preemption
 from hpcrl.analysis.stats import SOLVED_WINDOW, best_window_mean, threshold_crossing
+from hpcrl.comm import failures
 from hpcrl.comm.agreement import CollectiveUserError, agree
-from hpcrl.comm.waits import wait_all
+from hpcrl.comm.waits import WatchdogTimeout, wait_all
 from hpcrl.config import build_config, config_from_json, resume_conflicts
 from hpcrl.envs import NOT_CAPTURED, make_env, make_vector_env
 from hpcrl.errors import CheckpointError, ConfigError, UserError
@@ -40,7 +41,10 @@ from hpcrl.storage.runfile import (
     probe_writable,
     read_status,
     refuse_in_use,
+    run_dir_held,
 )
+
+STALE = "running (stale: no live job holds it)"  # `info`'s status of a killed run
 
 
 def guarded(fn, comm: MPI.Comm) -> int:
@@ -48,9 +52,14 @@ def guarded(fn, comm: MPI.Comm) -> int:
 
     - a `CollectiveUserError` (raised on every rank together): rank 0 prints one line,
       every rank returns 2;
-    - a `UserError` raised on one rank: that rank prints one line, the job is aborted (2);
-    - any other exception: the traceback, every line tagged `[rank k]`, then
-      `COMM_WORLD.Abort(1)` so the whole job ends instead of hanging in `MPI_Finalize`.
+    - a `UserError` raised on one rank: that rank prints one line, reports it to rank 0
+      (`hpcrl.comm.failures`), and the job is aborted (2);
+    - `PeerFailed` on rank 0 (another rank's report): one line naming that rank (host,
+      pid), then `Abort(1)`; `train` has marked the run `failed`;
+    - any other exception: the traceback, every line tagged `[rank k]` (after a watchdog
+      timeout or an MPI error, plus a line naming the ranks of this node that died or are
+      stopped), the report to rank 0, then `COMM_WORLD.Abort(1)` so the whole job ends
+      instead of hanging in `MPI_Finalize`.
     """
     rank, size = comm.Get_rank(), comm.Get_size()
     try:
@@ -62,15 +71,27 @@ def guarded(fn, comm: MPI.Comm) -> int:
     except UserError as exc:
         print(f"hpcrl: error (rank {rank}): {exc}", file=sys.stderr, flush=True)
         if size > 1:
+            failures.report(str(exc))
             MPI.COMM_WORLD.Abort(exc.exit_code)
         return exc.exit_code
     except SystemExit:
         raise
-    except BaseException:
+    except failures.PeerFailed as exc:
+        print(f"hpcrl: error (rank {rank}): {exc}; aborting the job", file=sys.stderr, flush=True)
+        if size > 1:
+            time.sleep(0.2)  # for the launcher to forward the line before the abort
+            MPI.COMM_WORLD.Abort(1)
+        return 1
+    except BaseException as exc:
         text = "".join(f"[rank {rank}] {line}\n" for line in traceback.format_exc().splitlines())
+        found = failures.census() if isinstance(exc, WatchdogTimeout | MPI.Exception) else ""
+        if found:
+            text += f"hpcrl: error (rank {rank}): {found}\n"
         sys.stderr.write(text)
         sys.stderr.flush()
         if size > 1:
+            summary = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            failures.report(summary + (f" ({found})" if found else ""))
             # Let the launcher forward the traceback first: once in a CI run under load,
             # the abort ended the job with exit 1 and an empty stderr.
             time.sleep(0.5)
@@ -155,6 +176,11 @@ def plan_run(values: dict, run_dir: str | None, overwrite: bool, resume: str | N
     lock_run_dir(path)
     status = read_status(path)
     refuse_in_use(path, status)
+    if status == "running":  # this process holds the lock now: no other job runs it
+        notes.append(
+            f"{path} says running but no job holds it: the job that ran it ended without "
+            "a status (killed, or a crash off rank 0); resuming it as interrupted"
+        )
     if status not in (None, "unreadable"):
         _refuse_other_algorithm(path, values)
     if status == "completed":
@@ -305,6 +331,10 @@ def train(
         print(f"[hpcrl] {_start_line(cfg, topology, path, resume_point, world_size)}", flush=True)
     # run.h5 and traj/ exist before any rank writes; one shared start time.
     wait_all([comm.Ibarrier()], comm, "the start barrier", cfg.run.watchdog_s)
+    failures.install(comm)
+    if run_file is not None:  # to match a launcher's "PID N RUNNING AT host" to a rank
+        hosts, pids = zip(*failures.peers(), strict=True)
+        run_file.set_attrs(rank_hosts=list(hosts), rank_pids=list(pids))
 
     try:
         # ... run ...
@@ -321,15 +351,19 @@ def train(
         )
         result = topology.run(ctx)
         # ... and evaluate.
-        return _finish(ctx, result)
-    except BaseException:
+        outcome = _finish(ctx, result)
+        failures.uninstall()
+        return outcome
+    except BaseException as exc:
         if run_file is not None:
             try:
+                if isinstance(exc, failures.PeerFailed):
+                    run_file.set_attrs(failure=str(exc))
                 run_file.set_status("failed")
                 run_file.close()
             except Exception:  # noqa: BLE001 - the original error matters more
                 pass
-        raise
+        raise  # the report channel stays open for `guarded` (the job is aborted)
 
 
 def check_layout(cfg, world_size: int):
@@ -463,6 +497,7 @@ def _finish(ctx, result) -> TrainOutcome:
     """Collective, after the topology's run: the status, the greedy evaluation (every rank
     takes a share of the episodes) and the closing lines."""
     comm, run, run_file, path = ctx.comm, ctx.cfg.run, ctx.run_file, ctx.run_dir
+    failures.finished()  # from here a rank may leave without having died
     if ctx.rank == 0:
         run_file.set_attrs(wall_time_s=ctx.elapsed_s())  # training only, no evaluation
     if result.interrupted:
@@ -744,6 +779,8 @@ def info(run_dir: str) -> dict:
             raise UserError(f"{run_dir!r}: run.h5 has no /metrics or /episodes: not an hpcrl run")
         out = {k: f.attrs[k] for k in ("algo", "env_id", "world_size", "status") if k in f.attrs}
         out = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in out.items()}
+        if out.get("status") == "running" and run_dir_held(run_dir) is False:
+            out["status"] = STALE
         out["layout"] = str(f.attrs.get("layout", ""))
         metrics = f["metrics"]
         episodes = f["episodes"]

@@ -17,6 +17,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from hpcrl.comm import failures
+
 _MAX_SLEEP_S = 1e-3
 # Yield-spin this long before sleeping. 20 ms, not 2: with ranks > cores, a partner that is
 # merely descheduled takes a few ms to reach the collective, and sleeping through its
@@ -47,6 +49,7 @@ class Backoff:
         return time.monotonic() - self.start
 
     def pause(self) -> None:
+        failures.poll()  # rank 0: another rank's failure report ends the wait
         if self.waited_s < self.spin_s:
             os.sched_yield()
             return

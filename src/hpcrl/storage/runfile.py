@@ -157,6 +157,28 @@ def lock_run_dir(run_dir: str | Path) -> None:
     _held_locks[key] = fd
 
 
+def run_dir_held(run_dir: str | Path) -> bool | None:
+    """Whether a live process holds `run_dir`'s lock (`lock_run_dir`): True, False, or
+    None when that cannot be told (no directory, or a file system without `flock`). A run
+    whose status says `running` while nobody holds its lock was killed (stale)."""
+    path = Path(run_dir)
+    if str(path.resolve()) in _held_locks:
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # closing releases a lock taken here
+    return False
+
+
 def refuse_in_use(run_dir: str | Path, status: str | None) -> None:
     """Raises UserError when `status` (from `read_status`) says a live job writes there."""
     if status == "in-use":
