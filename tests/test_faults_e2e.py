@@ -17,7 +17,8 @@ from pathlib import Path
 import h5py
 import pytest
 
-from conftest import hpcrl_command
+from conftest import hpcrl_command, subprocess_env
+from hpcrl.storage.checkpoints import load_checkpoint
 from jobs import job, run, status, wrapped
 
 pytestmark = pytest.mark.e2e
@@ -167,3 +168,49 @@ def test_a_killed_job_is_stale_in_info_and_resumes_as_interrupted(tmp_path):
     with h5py.File(run_dir / "run.h5", "r") as f:
         assert f.attrs["status"] == "completed"
         assert int(f["metrics/env_steps"][-1]) == budget
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (root only: skipped with the reason elsewhere)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)])
+    if made.returncode != 0:
+        pytest.skip("this machine cannot mount a tmpfs")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
+
+
+@pytest.mark.parametrize("trajectories", [True, False], ids=["trajectories", "no-trajectories"])
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_full_disk_is_one_error_line_and_a_failed_run(tmp_path, small_disk, trajectories, ranks):
+    """Issue 18, case 1: a run filling its file system died with signal 11 after ~400
+    lines of h5py traces and no `hpcrl:` line, and left `status` `running`. Now: one
+    `hpcrl: error` line naming the file and what to free, a non-zero exit, status `failed`,
+    and every step file left is intact (the one being written is removed)."""
+    run_dir = small_disk / "run"
+    args = ["--total-env-steps", "8000000", *TABULAR, "--set", "eval_episodes=0"]
+    args += ["--set", f"record_trajectories={str(trajectories).lower()}"]
+    args += ["--set", "checkpoint_interval_env_steps=200000"]
+    cmd = hpcrl_command(None if ranks == 1 else ranks, "train", "--run-dir", str(run_dir), *args)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=subprocess_env())
+    shown = (
+        f"exit {result.returncode}\n{result.stdout[-2000:]}\n--- stderr\n{result.stderr[-3000:]}"
+    )
+    assert result.returncode == 1, shown
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("hpcrl: error")]
+    assert len(errors) == 1 and "no space left on device (ENOSPC) writing" in errors[0], shown
+    assert str(run_dir) in errors[0], shown
+    assert not any("Traceback" in line or "Segmentation" in line for line in lines), shown
+    assert len(lines) <= 2, shown  # the error, and MPICH's one `Abort(1) on node 0` line
+    assert status(run_dir) == "failed"
+    steps = sorted((run_dir / "checkpoints").glob("step-*.h5*"))
+    assert all(p.name.endswith(".h5") for p in steps), steps  # no temporary left
+    for path in steps:
+        load_checkpoint(path)

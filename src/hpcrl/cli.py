@@ -163,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         # Before MPI starts: a SIGUSR1/SIGTERM from here on requests a checkpoint and a stop
         # instead of killing the rank.
         from hpcrl import preemption
+        from hpcrl.storage import space
 
         preemption.install()
+        space.install()  # a full disk: one error line, not hundreds of h5py traces
     parser = build_parser()
     usage_error = None
     try:

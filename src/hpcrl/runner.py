@@ -32,6 +32,7 @@ from hpcrl.config import build_config, config_from_json, resume_conflicts
 from hpcrl.envs import NOT_CAPTURED, make_env, make_vector_env
 from hpcrl.errors import CheckpointError, ConfigError, UserError
 from hpcrl.storage import checkpoints as ckpt
+from hpcrl.storage import space
 from hpcrl.storage.runfile import (
     RunFile,
     default_run_dir,
@@ -72,15 +73,19 @@ def guarded(fn, comm: MPI.Comm) -> int:
         print(f"hpcrl: error (rank {rank}): {exc}", file=sys.stderr, flush=True)
         if size > 1:
             failures.report(str(exc))
-            MPI.COMM_WORLD.Abort(exc.exit_code)
+            _abort(exc.exit_code)
+        if isinstance(exc, space.DiskFullError):
+            # h5py would retry its writes while closing the files at exit, and on a full
+            # disk that has ended in a segmentation fault.
+            sys.stdout.flush()
+            os._exit(exc.exit_code)
         return exc.exit_code
     except SystemExit:
         raise
     except failures.PeerFailed as exc:
         print(f"hpcrl: error (rank {rank}): {exc}; aborting the job", file=sys.stderr, flush=True)
         if size > 1:
-            time.sleep(0.2)  # for the launcher to forward the line before the abort
-            MPI.COMM_WORLD.Abort(1)
+            _abort(1)
         return 1
     except BaseException as exc:
         text = "".join(f"[rank {rank}] {line}\n" for line in traceback.format_exc().splitlines())
@@ -92,11 +97,16 @@ def guarded(fn, comm: MPI.Comm) -> int:
         if size > 1:
             summary = f"{type(exc).__name__}: {exc}".splitlines()[0]
             failures.report(summary + (f" ({found})" if found else ""))
-            # Let the launcher forward the traceback first: once in a CI run under load,
-            # the abort ended the job with exit 1 and an empty stderr.
-            time.sleep(0.5)
-            MPI.COMM_WORLD.Abort(1)
+            _abort(1, 0.5)
         return 1
+
+
+def _abort(code: int, delay_s: float = 0.2) -> None:
+    """`COMM_WORLD.Abort(code)` after `delay_s`, for the launcher to forward what this
+    rank wrote to stderr first: under load, an immediate abort has ended a job with its
+    exit status and an empty stderr."""
+    time.sleep(delay_s)
+    MPI.COMM_WORLD.Abort(code)
 
 
 @dataclass

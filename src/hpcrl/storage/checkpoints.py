@@ -27,6 +27,7 @@ import h5py
 import numpy as np
 
 from hpcrl.errors import CheckpointError
+from hpcrl.storage import space
 
 LATEST = "latest.h5"
 BEST = "best.h5"  # the best periodic evaluation's parameters (`write_best`)
@@ -125,13 +126,18 @@ def _write_atomic(final: Path, arrays: dict[str, np.ndarray], meta: dict) -> Non
     """`final` written as `<name>.tmp.<pid>`, checksummed, fsynced, moved into place."""
     tmp = final.parent / f"{final.name}.tmp.{os.getpid()}"
     meta_json = json.dumps({"format_version": FORMAT_VERSION, **meta}, sort_keys=True)
-    with h5py.File(tmp, "w") as f:
-        for name, array in arrays.items():
-            f.create_dataset(name, data=np.asarray(array))
-        f.attrs["meta"] = meta_json
-        f.attrs["checksum"] = _checksum(arrays, meta_json)
-        f.attrs["complete"] = True
-    _fsync_path(tmp)
+    try:
+        with space.guard(tmp):
+            with h5py.File(tmp, "w") as f:
+                for name, array in arrays.items():
+                    f.create_dataset(name, data=np.asarray(array))
+                f.attrs["meta"] = meta_json
+                f.attrs["checksum"] = _checksum(arrays, meta_json)
+                f.attrs["complete"] = True
+            _fsync_path(tmp)
+    except space.DiskFullError:
+        tmp.unlink(missing_ok=True)  # the space back; `final` and `latest.h5` untouched
+        raise
     os.replace(tmp, final)
 
 

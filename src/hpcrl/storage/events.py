@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hpcrl.storage import space
+
 STEP_KEY = "env_steps"
 EPISODE_TAG = "episodes/return"
 
@@ -60,7 +62,11 @@ class EventWriter:
             self.scalars({EPISODE_TAG: value}, int(step), float(wall))
 
     def flush(self) -> None:
-        self._writer.flush()
+        """Raises:
+        DiskFullError: the file system is full (`hpcrl.storage.space`).
+        """
+        with space.guard(self._writer.get_logdir()):
+            self._writer.flush()
 
     def close(self) -> None:
         self._writer.close()

@@ -35,6 +35,7 @@ import numpy as np
 
 from hpcrl import __version__
 from hpcrl.errors import UserError
+from hpcrl.storage import space
 
 RUN_FILE = "run.h5"
 RUN_FILE_FORMAT = 2  # root attribute `format_version`; a file without it is format 1
@@ -451,7 +452,13 @@ class RunFile:
         self.flush()
 
     def flush(self) -> None:
-        self.file.flush()
+        """Write HDF5's caches to the file.
+
+        Raises:
+            DiskFullError: the file system is full (`hpcrl.storage.space`).
+        """
+        with space.guard(self.path):
+            self.file.flush()
 
     def close(self) -> None:
         if self.file.id.valid:

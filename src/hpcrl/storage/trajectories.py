@@ -13,6 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from hpcrl.storage import space
 from hpcrl.storage.runfile import CHUNK_ROWS
 
 
@@ -56,15 +57,16 @@ class TrajectoryWriter:
                 self.file[name].resize(keep, axis=0)
             self.rows = keep
         else:
-            self.file = h5py.File(path, "w")
-            for name, (shape, dtype) in fields.items():
-                self.file.create_dataset(
-                    name,
-                    shape=(0, *shape),
-                    maxshape=(None, *shape),
-                    dtype=dtype,
-                    chunks=(CHUNK_ROWS, *shape),
-                )
+            with space.guard(path):
+                self.file = h5py.File(path, "w")
+                for name, (shape, dtype) in fields.items():
+                    self.file.create_dataset(
+                        name,
+                        shape=(0, *shape),
+                        maxshape=(None, *shape),
+                        dtype=dtype,
+                        chunks=(CHUNK_ROWS, *shape),
+                    )
             self.rows = 0  # rows written or buffered
             self.missing_rows = resume_rows or 0
             self.file.flush()  # readable from the start, even if the rank is killed
@@ -99,16 +101,24 @@ class TrajectoryWriter:
     def _write(self) -> None:
         if self.buffered == 0:
             return
-        for name, buffer in self.buffers.items():
-            dataset = self.file[name]
-            start = dataset.shape[0]
-            dataset.resize(start + self.buffered, axis=0)
-            dataset[start:] = buffer[: self.buffered]
+        with space.guard(self.file.filename):
+            for name, buffer in self.buffers.items():
+                dataset = self.file[name]
+                start = dataset.shape[0]
+                dataset.resize(start + self.buffered, axis=0)
+                dataset[start:] = buffer[: self.buffered]
+                del dataset  # closed here, where a full disk can still be raised
         self.buffered = 0
 
     def flush(self) -> None:
+        """Write the buffered rows and flush the file.
+
+        Raises:
+            DiskFullError: the file system is full (`hpcrl.storage.space`).
+        """
         self._write()
-        self.file.flush()
+        with space.guard(self.file.filename):
+            self.file.flush()
 
     def close(self) -> None:
         if self.file.id.valid:
