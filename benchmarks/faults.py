@@ -43,6 +43,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from hpcrl.storage.runfile import run_dir_held
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CONFIGS = REPO / "configs"
@@ -186,11 +188,15 @@ def _alive(pid: int) -> bool:
 
 
 def run_state(run_dir: Path) -> tuple[bool, str]:
+    """(readable, status as `hpcrl info` shows it: a `running` run nobody holds is stale)."""
     try:
         with h5py.File(run_dir / "run.h5", "r") as f:
-            return True, str(f.attrs.get("status", "?"))
+            status = str(f.attrs.get("status", "?"))
     except (OSError, FileNotFoundError):
         return False, "unreadable"
+    if status == "running" and run_dir_held(run_dir) is False:
+        status = "running (stale)"
+    return True, status
 
 
 def resume(layout: str, run_dir: Path, logs: Path, *extra: str) -> bool:
