@@ -590,9 +590,11 @@ def _evaluate_trained(comm, cfg, path: Path) -> TrainOutcome:
     if comm.Get_rank() == 0:
         print(f"[hpcrl] {path}: training is complete; running its final evaluation", flush=True)
     try:
-        evaluation = evaluate(
-            comm, str(path), run.eval_episodes, run.seed + 1_000_003, "latest", run.watchdog_s
-        )
+        evaluation = None
+        if run.eval_episodes > 0:  # `--set eval_episodes=0` completes it unevaluated
+            evaluation = evaluate(
+                comm, str(path), run.eval_episodes, run.seed + 1_000_003, "latest", run.watchdog_s
+            )
     except preemption.EvaluationInterrupted as exc:
         run_file = RunFile.open_as_is(path / "run.h5") if comm.Get_rank() == 0 else None
         return _evaluation_stopped(comm.Get_rank(), run_file, path, exc)
