@@ -186,9 +186,14 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)])
 
 
-@pytest.mark.parametrize("trajectories", [True, False], ids=["trajectories", "no-trajectories"])
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_a_full_disk_is_one_error_line_and_a_failed_run(tmp_path, small_disk, trajectories, ranks):
+@pytest.mark.parametrize(
+    "ranks,trajectories,tensorboard",
+    [(1, True, False), (2, True, False), (2, False, False), (2, False, True)],
+    ids=["1-rank", "trajectories", "no-trajectories", "tensorboard"],
+)
+def test_a_full_disk_is_one_error_line_and_a_failed_run(
+    tmp_path, small_disk, ranks, trajectories, tensorboard
+):
     """Issue 18, case 1: a run filling its file system died with signal 11 after ~400
     lines of h5py traces and no `hpcrl:` line, and left `status` `running`. Now: one
     `hpcrl: error` line naming the file and what to free, a non-zero exit, status `failed`,
@@ -197,6 +202,7 @@ def test_a_full_disk_is_one_error_line_and_a_failed_run(tmp_path, small_disk, tr
     args = ["--total-env-steps", "8000000", *TABULAR, "--set", "eval_episodes=0"]
     args += ["--set", f"record_trajectories={str(trajectories).lower()}"]
     args += ["--set", "checkpoint_interval_env_steps=200000"]
+    args += ["--set", f"tensorboard={str(tensorboard).lower()}", "--set", "log_interval_s=0.1"]
     cmd = hpcrl_command(None if ranks == 1 else ranks, "train", "--run-dir", str(run_dir), *args)
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=subprocess_env())
     shown = (

@@ -53,8 +53,9 @@ def guarded(fn, comm: MPI.Comm) -> int:
 
     - a `CollectiveUserError` (raised on every rank together): rank 0 prints one line,
       every rank returns 2;
-    - a `UserError` raised on one rank: that rank prints one line, reports it to rank 0
-      (`hpcrl.comm.failures`), and the job is aborted (2);
+    - a `UserError` raised on one rank: reported to rank 0 (`hpcrl.comm.failures`), which
+      prints it as one line naming the rank and aborts the job (2; `DiskFullError`: 1);
+      without the report channel the rank prints the line and aborts itself;
     - `PeerFailed` on rank 0 (another rank's report): one line naming that rank (host,
       pid), then `Abort(1)`; `train` has marked the run `failed`;
     - any other exception: the traceback, every line tagged `[rank k]` (after a watchdog
@@ -70,9 +71,13 @@ def guarded(fn, comm: MPI.Comm) -> int:
             print(f"hpcrl: error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     except UserError as exc:
+        if size > 1 and failures.report(str(exc)):
+            # Rank 0 prints it with this rank's host and pid and aborts the job; this line
+            # only when it has not done so within `failures.REPORT_GRACE_S`.
+            print(f"hpcrl: error (rank {rank}): {exc}", file=sys.stderr, flush=True)
+            _abort(exc.exit_code)
         print(f"hpcrl: error (rank {rank}): {exc}", file=sys.stderr, flush=True)
         if size > 1:
-            failures.report(str(exc))
             _abort(exc.exit_code)
         if isinstance(exc, space.DiskFullError):
             # h5py would retry its writes while closing the files at exit, and on a full

@@ -107,13 +107,14 @@ def describe(rank: int) -> str:
     return f"rank {rank} ({host}, pid {pid})"
 
 
-def report(text: str) -> None:
+def report(text: str) -> bool:
     """A failing rank other than 0: send `text` (its error, one line) to rank 0, then wait
-    up to `REPORT_GRACE_S` for rank 0 to mark the run and abort the job. No-op on rank 0
-    and when not installed."""
+    up to `REPORT_GRACE_S` for rank 0 to mark the run and abort the job (which ends this
+    process too). Returns whether a report was sent (False on rank 0 and when not
+    installed); returning at all means rank 0 did not act in time."""
     dup = _state.get("comm")
     if dup is None or _state["rank"] == 0:
-        return
+        return False
     data = np.frombuffer(text.encode()[:_MAX_REPORT_BYTES], dtype=np.uint8).copy()
     try:
         request = dup.Isend([data, MPI.BYTE], dest=0, tag=_FAILED)
@@ -123,6 +124,7 @@ def report(text: str) -> None:
             time.sleep(0.01)
     except MPI.Exception:
         pass  # rank 0 is gone too: the caller aborts
+    return True
 
 
 def poll() -> None:

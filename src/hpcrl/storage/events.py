@@ -45,9 +45,10 @@ class EventWriter:
             ]
         )
         if summary.value:
-            self._writer.add_event(
-                self._event(wall_time=float(wall_time), step=int(step), summary=summary)
-            )
+            with space.guard(self._writer.get_logdir()):
+                self._writer.add_event(
+                    self._event(wall_time=float(wall_time), step=int(step), summary=summary)
+                )
 
     def metrics_row(self, row: dict[str, float]) -> None:
         """A `/metrics` row: every column but `env_steps`, at step `env_steps` and the

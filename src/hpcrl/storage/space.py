@@ -23,6 +23,7 @@ import contextlib
 import errno
 import re
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +36,7 @@ _FILENAME_TEXT = re.compile(r"filename = '([^']*)'")
 _recorded: list[str] = []  # messages of full-disk errors Python could not raise
 _previous_hook = None
 _previous_excepthook = None
+_previous_thread_hook = None
 
 
 class DiskFullError(UserError):
@@ -67,11 +69,14 @@ def full_errno(exc: BaseException) -> int | None:
 def install() -> None:
     """Record full-disk errors raised where Python cannot raise them (h5py objects'
     deallocation: Cython prints the traceback through `sys.excepthook`, then reports it
-    through `sys.unraisablehook`) instead of printing each one; others print as before."""
-    global _previous_hook, _previous_excepthook
+    through `sys.unraisablehook`; TensorBoard's writer thread, through
+    `threading.excepthook`) instead of printing each one; others print as before."""
+    global _previous_hook, _previous_excepthook, _previous_thread_hook
     if _previous_hook is None:
         _previous_hook, _previous_excepthook = sys.unraisablehook, sys.excepthook
+        _previous_thread_hook = threading.excepthook
         sys.unraisablehook, sys.excepthook = _unraisable, _excepthook
+        threading.excepthook = _thread_excepthook
 
 
 def _unraisable(unraisable) -> None:
@@ -87,6 +92,13 @@ def _excepthook(kind, value, tb) -> None:
         _recorded.append(str(value))
         return
     _previous_excepthook(kind, value, tb)
+
+
+def _thread_excepthook(args) -> None:
+    if args.exc_value is not None and full_errno(args.exc_value) is not None:
+        _recorded.append(str(args.exc_value))
+        return
+    _previous_thread_hook(args)
 
 
 def _in_h5py(tb) -> bool:
