@@ -200,9 +200,17 @@ def test_injected_failure_ends_the_job_with_the_traceback(
     tag = f"[rank {fail_rank}]"
     stderr_lines = result.stderr.splitlines()
     assert f"{tag} Traceback (most recent call last):" in stderr_lines, _show(result)
-    failure = [line for line in stderr_lines if "injected failure" in line]
+    summary = [line for line in stderr_lines if line.startswith("hpcrl: error (rank 0): ")]
+    failure = [line for line in stderr_lines if "injected failure" in line and line not in summary]
     assert failure, _show(result)
     assert all(line.startswith(tag) for line in failure), _show(result)
+    if fail_rank != 0:  # the failing rank reported to rank 0, which names it (issue 18)
+        assert len(summary) == 1, _show(result)
+        assert re.match(
+            rf"hpcrl: error \(rank 0\): rank {fail_rank} \(.+, pid \d+\) failed: "
+            r"RuntimeError: debug.fail_rank",
+            summary[0],
+        ), _show(result)
     others = [
         line
         for line in stderr_lines
@@ -223,10 +231,9 @@ def test_injected_failure_ends_the_job_with_the_traceback(
 
     # Every rank is gone within moments (the ranks may outlive mpiexec by a few ms).
     _assert_no_orphans(str(run_dir))
-    # run.h5 was created and is readable; a failing rank 0 marks it failed itself (another
-    # rank's failure aborts rank 0 before it can, so "running" is accepted there).
-    status = _status(run_dir)
-    assert status in (("failed",) if fail_rank == 0 else ("running", "failed")), status
+    # run.h5 was created and is readable and says failed: rank 0 marks it so for its own
+    # failure and, from the report, for another rank's (issue 18).
+    assert _status(run_dir) == "failed"
 
 
 # ------------------------------------------------------------------- (B) bad input
