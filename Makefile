@@ -34,14 +34,16 @@ run: venv
 test: venv test-unit test-mpi test-e2e test-slurm
 
 test-unit: venv
-	timeout -k 10 $(TEST_TIMEOUT) $(PY) -m pytest -q -m "not mpi and not e2e and not slurm" --timeout=300
+	timeout -k 10 $(TEST_TIMEOUT) $(PY) -m pytest -q -m "not mpi and not e2e and not slurm" --timeout=300 \
+		--durations=15
 
 test-mpi: venv
 	timeout -k 10 $(TEST_TIMEOUT) $(MPIRUN) -n 4 $(PY) -m pytest -q --with-mpi -m mpi \
 		--timeout=240 --timeout-method=thread
 
 test-e2e: venv
-	timeout -k 10 $(TEST_TIMEOUT) $(PY) -m pytest -q -m "e2e and not slurm" --timeout=300
+	timeout -k 10 $(TEST_TIMEOUT) $(PY) -m pytest -q -m "e2e and not slurm" --timeout=300 \
+		--durations=30
 
 test-slurm: venv
 	timeout -k 10 $(TEST_TIMEOUT) $(PY) -m pytest -q -rs -m slurm --timeout=900
