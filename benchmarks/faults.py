@@ -58,11 +58,11 @@ LAYOUTS = {
         True,
     ),
     "data_parallel": (2, [str(CONFIGS / "cartpole-a2c.yaml"), "--seed", "3"], 60_000, True),
-    "actor_learner": (4, [str(CONFIGS / "cartpole-impala.yaml"), "--seed", "3"], 60_000, False),
+    "actor_learner": (4, [str(CONFIGS / "cartpole-impala.yaml"), "--seed", "3"], 30_000, False),
     "distributed_replay": (
         4,
         [str(CONFIGS / "cartpole-apex.yaml"), "--seed", "3", "--set", "learning_starts=1000"],
-        20_000,
+        12_000,
         False,
     ),
 }
@@ -200,10 +200,13 @@ def run_state(run_dir: Path) -> tuple[bool, str]:
 
 
 def resume(layout: str, run_dir: Path, logs: Path, *extra: str) -> bool:
-    """`train --resume` until it ends other than 3; whether it completed the budget."""
+    """`train --resume auto` with the run's config, as the job scripts restart a run (a
+    run killed before its first checkpoint starts again), until it ends other than 3;
+    whether it completed the budget."""
     ranks, _, budget, _ = LAYOUTS[layout]
+    args = ["train", "--resume", "auto", "--run-dir", str(run_dir), *common_args(layout)]
     for _ in range(5):
-        job = Job(ranks, ["train", "--resume", str(run_dir), *extra], logs)
+        job = Job(ranks, [*args, *extra], logs)
         code, _ = job.wait(600)
         if code != 3:
             break
