@@ -946,6 +946,9 @@ def _run_learner(ctx: RunContext, roles: Roles, learner) -> bool:
     t_last = time.perf_counter()
     checkpoint_at = -1  # env steps of the checkpoint under way
     acked: set[int] = set()  # shards that wrote their file for it
+    # The learner trains on from the replay whatever the actors do: a run whose actors
+    # stopped sending (SIGSTOP, a hung env) would spin forever without this.
+    progress = (side.env_steps, time.perf_counter())
     while True:
         busy = trained = False
         iteration_start = time.perf_counter()
@@ -985,6 +988,13 @@ def _run_learner(ctx: RunContext, roles: Roles, learner) -> bool:
             ready.clear()
         if done:
             break
+        if side.env_steps > progress[0] or stopping:
+            progress = (side.env_steps, now)
+        elif now - progress[1] > watchdog:
+            raise WatchdogTimeout(
+                f"rank 0 (learner) received no env steps from the actors for {watchdog:g} s "
+                f"(watchdog_s) at {side.env_steps:,}; aborting"
+            )
         if pending:
             publish()
         # Checkpoints: ask every shard, then write the step file once all have answered.
