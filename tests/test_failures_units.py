@@ -133,3 +133,20 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_previous_one(tmp_path, m
     assert (tmp_path / "latest.h5").resolve() == first.resolve()
     monkeypatch.undo()
     ckpt.load_checkpoint(first)
+
+
+def test_a_checkpoint_whose_hdf5_structures_are_damaged_is_skipped(tmp_path, monkeypatch):
+    """A flipped byte in HDF5's own metadata surfaces as a RuntimeError from h5py ("Object
+    visitation failed"), not an OSError: the checkpoint is damaged, and a resume falls back
+    to the previous one (found by benchmarks/faults.py on an Ape-X checkpoint)."""
+    from hpcrl.errors import CheckpointError
+    from hpcrl.storage import checkpoints as ckpt
+
+    path = ckpt.write_checkpoint(tmp_path, 10, {"q": np.zeros(3)}, {"env_steps": 10}, keep=3)
+
+    def damaged(*args, **kwargs):
+        raise RuntimeError("Object visitation failed (actual len exceeds EOA)")
+
+    monkeypatch.setattr(h5py.Group, "visititems", damaged)
+    with pytest.raises(CheckpointError, match="cannot be read: Object visitation failed"):
+        ckpt.load_checkpoint(path)

@@ -189,7 +189,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
             )
     except CheckpointError:
         raise
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        # RuntimeError: HDF5's own structures damaged (e.g. "Object visitation failed").
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {exc}") from None
     if _checksum(arrays, meta_json) != stored:
         raise CheckpointError(f"checkpoint {str(path)!r} fails its checksum (corrupted)")
