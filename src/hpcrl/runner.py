@@ -191,11 +191,6 @@ def plan_run(values: dict, run_dir: str | None, overwrite: bool, resume: str | N
     lock_run_dir(path)
     status = read_status(path)
     refuse_in_use(path, status)
-    if status == "running":  # this process holds the lock now: no other job runs it
-        notes.append(
-            f"{path} says running but no job holds it: the job that ran it ended without "
-            "a status (killed, or a crash off rank 0); resuming it as interrupted"
-        )
     if status not in (None, "unreadable"):
         _refuse_other_algorithm(path, values)
     if status == "completed":
@@ -236,6 +231,11 @@ def plan_run(values: dict, run_dir: str | None, overwrite: bool, resume: str | N
             "not a run directory hpcrl can continue"
         )
     probe_writable(path)
+    if status == "running":  # this process holds the lock now: no other job runs it
+        notes.append(
+            f"{path} says running but no job holds it: the job that ran it ended without "
+            "a status (killed, or a crash off rank 0); resuming it as interrupted"
+        )
     arrays, meta, ckpt_path, skipped = ckpt.load_newest_intact(ckpt_dir)
     for _, reason in skipped:
         notes.append(f"warning: {reason}; resuming from the previous checkpoint {ckpt_path.name}")
@@ -479,18 +479,17 @@ def resume_how(resume_point, cfg, world_size: int) -> str:
     size changed, the device changed (a GPU's env streams are not the CPU's), or some env
     copies' state could not be captured (`hpcrl.envs`, module doc)."""
     meta = resume_point.meta
-    fresh = "fresh actor seeds, in-progress episodes restart: not bit-exact"
+    reasons = []
+    if int(meta["world_size"]) != world_size:
+        reasons.append(f"the world size changed: was {meta['world_size']} ranks, now {world_size}")
     if not meta.get("rank_states"):
         layout = meta["config"].get("layout", cfg.layout)
-        return (
-            f"in a new segment (layout {layout} is asynchronous and checkpoints the "
-            f"learner, not every rank's state; {fresh})"
+        reasons.append(
+            f"layout {layout} is asynchronous and checkpoints the learner, not every rank's state"
         )
-    if int(meta["world_size"]) != world_size:
-        return (
-            f"in a new segment (the world size changed: was {meta['world_size']} ranks, "
-            f"now {world_size}; {fresh})"
-        )
+    if reasons:
+        fresh = "fresh actor seeds, in-progress episodes restart: not bit-exact"
+        return f"in a new segment ({'; '.join(reasons)}; {fresh})"
     was = str(meta["config"].get("device", "cpu"))
     if (was == "cpu") != (cfg.run.device == "cpu"):
         return (
