@@ -63,8 +63,10 @@ class EventWriter:
             self.scalars({EPISODE_TAG: value}, int(step), float(wall))
 
     def flush(self) -> None:
-        """Raises:
-        DiskFullError: the file system is full (`hpcrl.storage.space`).
+        """Write the pending events to the event file.
+
+        Raises:
+            DiskFullError: the file system is full (`hpcrl.storage.space`).
         """
         with space.guard(self._writer.get_logdir()):
             self._writer.flush()
