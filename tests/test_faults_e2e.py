@@ -147,8 +147,8 @@ def test_a_stopped_actor_is_named_by_the_watchdog(tmp_path, args, actor):
 
 def test_a_killed_job_is_stale_in_info_and_resumes_as_interrupted(tmp_path):
     """Issue 18, cases 2 and 3: `kill -9` of an IMPALA actor. MPICH's mpiexec kills the
-    other ranks itself within milliseconds (no rank can speak), naming the dead PID in its
-    banner: run.h5's `rank_pids` maps it to rank 2. `info` shows the run as stale instead
+    other ranks itself within milliseconds (no rank can speak), naming a PID of the job in
+    its banner: run.h5's `rank_pids` maps it to a rank. `info` shows the run as stale instead
     of `running`, and a resume says why it continues and completes the exact budget."""
     run_dir = tmp_path / "run"
     logs = tmp_path / "logs"
@@ -168,8 +168,12 @@ def test_a_killed_job_is_stale_in_info_and_resumes_as_interrupted(tmp_path):
         result = j.wait(timeout=30)
     assert result.rc != 0 and time.monotonic() - killed < 10, result.show()
     with h5py.File(run_dir / "run.h5", "r") as f:
-        assert int(f.attrs["rank_pids"][2]) == pid
-    assert f"PID {pid} RUNNING AT" in result.stdout + result.stderr, result.show()
+        pids = [int(p) for p in f.attrs["rank_pids"]]
+    assert pids[2] == pid
+    # The banner names a PID of the job, not always the killed one (CI: rank 1's for a
+    # kill of rank 2); run.h5's rank_pids maps it to a rank.
+    banner = re.search(r"PID (\d+) RUNNING AT", result.stdout + result.stderr)
+    assert banner and int(banner.group(1)) in pids, result.show()
     info = subprocess.run(hpcrl_command(None, "info", str(run_dir)), capture_output=True, text=True)
     assert "running (stale: no live job holds it)" in info.stdout, info
 

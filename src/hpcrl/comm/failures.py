@@ -24,8 +24,9 @@ the reports, so they never meet a layout's messages.
 Launchers differ in what they do when a rank dies. `srun` (unless `--kill-on-bad-exit`)
 and `mpiexec -disable-auto-cleanup` leave the others running: rank 0 then names the dead
 rank within `CENSUS_INTERVAL_S` and aborts. MPICH's `mpiexec` by default kills every
-other rank within milliseconds itself, naming the dead process's PID and host in its
-banner; `run.h5` keeps each rank's host and pid (`rank_hosts`, `rank_pids`) to match it.
+other rank within milliseconds itself, naming a PID of the job (not always the dead one)
+and its host in its banner; `run.h5` keeps each rank's host and pid (`rank_hosts`,
+`rank_pids`) to match it.
 """
 
 from __future__ import annotations
