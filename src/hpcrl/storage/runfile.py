@@ -310,12 +310,7 @@ class RunFile:
             UserError: the file cannot be opened for writing, or holds fewer rows than the
                 checkpoint says were written before it.
         """
-        self = cls.__new__(cls)
-        self.path = Path(path)
-        try:
-            self.file = h5py.File(self.path, "r+")
-        except OSError as exc:
-            raise UserError(f"{str(self.path)!r} cannot be opened for writing: {exc}") from None
+        self = cls.open_as_is(path)
         episodes = self.file["episodes"]
         have = len(episodes["return"])
         if have < episodes_rows:
