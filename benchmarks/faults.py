@@ -2,7 +2,8 @@
 
 For each layout (`tabular`: qlearning `allreduce` on FrozenLake8x8, 2 ranks;
 `data_parallel`: A2C on CartPole, 2 ranks; `actor_learner`: IMPALA on CartPole, 4 ranks;
-`distributed_replay`: Ape-X on CartPole, 4 ranks) and each case, one row:
+`distributed_replay`: Ape-X on CartPole, 4 ranks; `ps`, `sharded` and `async` (n_step 3):
+qlearning on FrozenLake8x8, 2 ranks) and each case, one row:
 
 - `exit`: the launcher's exit status; `exit_s`: seconds from the fault to its exit (from
   the launch for `exception`, `disk-full*` and `two-jobs`, whose fault comes from within);
@@ -10,17 +11,18 @@ For each layout (`tabular`: qlearning `allreduce` on FrozenLake8x8, 2 ranks;
 - `readable` and `status`: run.h5 opened and its `status` attribute;
 - `resumed`: `train --resume` (repeated while it exits 3, at most 5 times) ended with
   the exact env-step budget in `/metrics/env_steps` and status `completed`;
-- `identical`: for the deterministic layouts (`tabular`, `data_parallel`), the resumed
-  run's episodes and final checkpoint arrays equal an uninterrupted run's, bit for bit.
+- `identical`: for the deterministic layouts (`tabular`, `data_parallel`, `sharded`), the
+  resumed run's episodes and final checkpoint arrays equal an uninterrupted run's, bit for
+  bit.
 
 Cases: `exception` (debug.fail_rank on the last rank), `actor-kill9` and `learner-kill9`
 (`kill -9` of the last rank and of rank 0), `sigstop` (the last rank stopped, watchdog
 8 s), `sigusr1` and `sigterm` during training (after the first checkpoint), `sigterm-eval`
-(during the final evaluation), `truncated` and `bitflip` (the newest checkpoint of an
-interrupted run damaged before the resume), `disk-full` and `disk-full-notraj` (a 2 MiB
-tmpfs, root only), `two-jobs` (a second job on a live run directory), and `job-kill9`
-(`kill -9` of every process at a random moment, then `--resume auto`, repeated `--kills`
-times with different moments).
+and `sigusr1-eval` (during the final evaluation), `truncated` and `bitflip` (the newest
+checkpoint of an interrupted run damaged before the resume), `disk-full` and
+`disk-full-notraj` (a 2 MiB tmpfs, root only), `two-jobs` (a second job on a live run
+directory), and `job-kill9` (`kill -9` of every process at a random moment, then `--resume
+auto`, repeated `--kills` times with different moments).
 
 Usage: python benchmarks/faults.py [--layouts tabular,actor_learner] [--kills 20]
            [--cases exception,sigstop] [--out benchmarks/faults.json]
@@ -65,6 +67,19 @@ LAYOUTS = {
         12_000,
         False,
     ),
+    "ps": (
+        2,
+        ["--set", "layout=ps", "--set", "vector_env=sync", "--seed", "11"],
+        400_000,
+        False,
+    ),
+    "sharded": (2, ["--set", "layout=sharded", "--seed", "11"], 400_000, True),
+    "async": (
+        2,
+        ["--set", "layout=async", "--set", "n_step=3", "--seed", "11"],
+        400_000,
+        False,
+    ),
 }
 CASES = [
     "exception",
@@ -74,6 +89,7 @@ CASES = [
     "sigusr1",
     "sigterm",
     "sigterm-eval",
+    "sigusr1-eval",
     "truncated",
     "bitflip",
     "disk-full",
@@ -271,7 +287,7 @@ def one_case(layout: str, case: str, tmp: Path, reference: Path | None) -> dict:
         resume_extra = ["--set", "debug.fail_rank=-1"]
     if case == "sigstop":
         args += ["--set", "watchdog_s=8"]
-    if case == "sigterm-eval":
+    if case.endswith("-eval"):
         args += ["--set", "eval_episodes=1000000"]
         resume_extra = ["--set", "eval_episodes=10"]
     job = Job(ranks, args, logs)
@@ -287,10 +303,10 @@ def one_case(layout: str, case: str, tmp: Path, reference: Path | None) -> dict:
         time.sleep(0.3)
         job.proc.send_signal(signal.SIGTERM if case == "sigterm" else signal.SIGUSR1)
         fault_at = time.monotonic()
-    elif case == "sigterm-eval":
+    elif case.endswith("-eval"):
         job.wait_for_file(run_dir / "checkpoints" / f"step-{budget}.h5")
         time.sleep(0.5)
-        job.proc.send_signal(signal.SIGTERM)
+        job.proc.send_signal(signal.SIGTERM if case == "sigterm-eval" else signal.SIGUSR1)
         fault_at = time.monotonic()
     elif case == "two-jobs":
         job.wait_for_file(first)
