@@ -259,3 +259,11 @@ def test_shipped_configs_checkpoint_often(name, values):
     by_time = 0 < run.checkpoint_interval_s <= 300
     by_steps = 0 < run.checkpoint_interval_env_steps <= 0.05 * run.total_env_steps
     assert by_time or by_steps, (name, run.checkpoint_interval_s, run.checkpoint_interval_env_steps)
+
+
+def test_stop_at_return_is_a_number_or_null():
+    assert build_config({"stop_at_return": 475}).run.stop_at_return == 475.0
+    assert build_config({"stop_at_return": None}).run.stop_at_return is None
+    with pytest.raises(ConfigError) as exc:
+        build_config({"stop_at_return": "solved"})
+    assert "stop_at_return" in single_line(exc) and "'solved'" in single_line(exc)

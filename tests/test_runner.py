@@ -29,3 +29,80 @@ def test_solved_line_when_not_reached_gives_the_best_window():
         "did not reach CartPole-v1's reward threshold 475: best mean return over 20 "
         "training episodes 100"
     )
+
+
+def _reporter(stop_at_return):
+    """A rank-0 Reporter over a stub context and run file (no MPI, no file)."""
+    from types import SimpleNamespace
+
+    from hpcrl.topologies.reporting import Reporter
+
+    written = []
+    run = SimpleNamespace(stop_at_return=stop_at_return, tensorboard=False, total_env_steps=10**6)
+    ctx = SimpleNamespace(
+        cfg=SimpleNamespace(run=run),
+        run_file=SimpleNamespace(append_episodes=lambda **columns: written.append(columns)),
+        resume=None,
+        reporter=None,
+    )
+    return Reporter(ctx), ctx, written
+
+
+def _rows(returns, first_env_steps):
+    """(n, 5) episode rows: return, length, env steps (100 apart), wall time, rank."""
+    n = len(returns)
+    rows = np.zeros((n, 5))
+    rows[:, 0] = returns
+    rows[:, 2] = first_env_steps + 100 * np.arange(n)
+    return rows
+
+
+def test_reporter_marks_solved_where_the_first_20_episode_window_reaches_stop_at_return():
+    """The first window reaching 150 spans two batches of rows: the first batch's 20
+    episodes average 140, as does the window ending at the 21st; the one ending at the
+    22nd (the second batch's second row, at 2,200 env steps) averages
+    (16*100 + 2*500 + 100 + 500)/20 = 160."""
+    reporter, ctx, written = _reporter(150.0)
+    assert ctx.reporter is reporter and not reporter.solved
+    reporter.add_episodes(_rows([100.0] * 18 + [500.0] * 2, 100))
+    assert not reporter.solved  # mean 140
+    reporter.add_episodes(_rows([100.0, 500.0, 500.0, 100.0], 2100))
+    assert reporter.solved_at == (2200, 160.0)
+    reporter.add_episodes(_rows([500.0] * 30, 2500))
+    assert reporter.solved_at == (2200, 160.0)  # the first crossing is kept
+    assert sum(len(columns["return"]) for columns in written) == 54  # every row written
+
+
+def test_reporter_without_stop_at_return_never_marks_solved():
+    reporter, _, _ = _reporter(None)
+    reporter.add_episodes(_rows([500.0] * 40, 100))
+    assert not reporter.solved
+
+
+def test_stop_at_return_ends_training_early_as_a_completed_run(tmp_path):
+    """One process of A2C on CartPole-v1: a random policy's 20-episode mean is ~22, so a
+    target of 40 is reached long before the 200,000 env-step budget. The run then stops
+    at a sync point, is `completed` and evaluated, with fewer env steps than its budget."""
+    import h5py
+    from mpi4py import MPI
+
+    from hpcrl import runner
+
+    values = {
+        "algo": "a2c",
+        "env_id": "CartPole-v1",
+        "total_env_steps": 200_000,
+        "num_envs": 8,
+        "stop_at_return": 40.0,
+        "eval_episodes": 4,
+        "log_interval_s": 0.2,
+        "record_trajectories": False,
+    }
+    outcome = runner.train(MPI.COMM_SELF, values, str(tmp_path / "run"))
+    assert outcome.status == "completed" and outcome.result["episodes"] == 4
+    with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
+        assert f.attrs["status"] == "completed"
+        steps = int(f["metrics/env_steps"][-1])
+        returns = f["episodes/return"][()]
+    assert steps < 200_000
+    assert np.convolve(returns, np.ones(20) / 20, mode="valid").max() >= 40.0

@@ -102,6 +102,9 @@ class RunConfig:
     record_trajectories: bool = True
     tensorboard: bool = False  # rank 0 also writes /metrics and returns to RUN_DIR/tb/
     eval_episodes: int = 1000  # greedy evaluation printed at the end of `train` (0: none)
+    # Stop training early, as completed, once the mean return of the last 20 training
+    # episodes reaches this (e.g. 475 for CartPole-v1); null: train the whole budget
+    stop_at_return: float | None = None
     # Deep layouts: a greedy evaluation on rank 0 every this many env steps, the best kept
     # as checkpoints/best.h5 (0: none), of this many episodes.
     eval_interval: int = 0
@@ -182,6 +185,7 @@ RESUMABLE_KEYS = frozenset(
         "checkpoint_interval_s",
         "keep_checkpoints",
         "eval_episodes",
+        "stop_at_return",
         "eval_interval",
         "periodic_eval_episodes",
         "actor_nice",

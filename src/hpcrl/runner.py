@@ -509,12 +509,23 @@ def resume_how(resume_point, cfg, world_size: int) -> str:
 
 def _finish(ctx, result) -> TrainOutcome:
     """Collective, after the topology's run: the status, the greedy evaluation (every rank
-    takes a share of the episodes) and the closing lines."""
+    takes a share of the episodes) and the closing lines. A run stopped early because it
+    reached `stop_at_return` (rank 0's `Reporter.solved_at`) is complete."""
     comm, run, run_file, path = ctx.comm, ctx.cfg.run, ctx.run_file, ctx.run_dir
     failures.finished()  # from here a rank may leave without having died
     if ctx.rank == 0:
         run_file.set_attrs(wall_time_s=ctx.elapsed_s())  # training only, no evaluation
-    if result.interrupted:
+    solved_at = comm.bcast(ctx.reporter.solved_at if ctx.reporter is not None else None, root=0)
+    early = result.interrupted and solved_at is not None  # else the budget ended first
+    if early and ctx.rank == 0:
+        stopped = run_file.file["metrics/env_steps"]
+        print(
+            f"[hpcrl] stopped early at {int(stopped[-1]):,} env steps: the mean return over "
+            f"{SOLVED_WINDOW} training episodes reached {solved_at[1]:.4g} >= stop_at_return "
+            f"{run.stop_at_return:g} at {solved_at[0]:,} env steps",
+            flush=True,
+        )
+    if result.interrupted and not early:
         if ctx.rank == 0:
             run_file.set_status("interrupted")
             run_file.close()

@@ -219,13 +219,15 @@ def _run(ctx: RunContext) -> tuple[DataParallelLearner, bool]:
                 loop.step(n, global_steps + sum(min(s, k * num_envs) for s in shares), total, after)
                 left -= n
         global_steps = total
-        _check_in_sync(comm, learner, watchdog)
-        # Every rank's digest, for the record (tests and users can read them in run.h5).
-        digests = gather_rows(
-            comm, np.array([parameters_digest(learner.model)], dtype=np.int64), 0, watchdog
-        )
-        if ctx.rank == 0:
-            ctx.run_file.set_attrs(parameter_digests=digests)
+    _check_in_sync(comm, learner, watchdog)
+    # Every rank's digest, for the record (tests and users can read them in run.h5); also
+    # when the run stops early (a signal, or `stop_at_return`).
+    digests = gather_rows(
+        comm, np.array([parameters_digest(learner.model)], dtype=np.int64), 0, watchdog
+    )
+    if ctx.rank == 0:
+        ctx.run_file.set_attrs(parameter_digests=digests)
+    if not interrupted:
         _report(ctx, reporter, loop.episodes, global_steps, {}, learner)
         _checkpoint(ctx, learner, rng, loop, global_steps)
     loop.stepper.close()

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hpcrl.analysis.stats import SOLVED_WINDOW, threshold_crossing
 from hpcrl.comm.protocol import ActorHeader
 from hpcrl.comm.waits import gather_rows
 from hpcrl.envs import StepBatch
@@ -107,10 +108,15 @@ def episode_columns(rows: np.ndarray) -> dict[str, np.ndarray]:
 
 class Reporter:
     """Rank 0: writes episodes and metric rows to `run.h5` (and, with `tensorboard: true`,
-    to TensorBoard event files in `RUN_DIR/tb/`), flushes, prints progress."""
+    to TensorBoard event files in `RUN_DIR/tb/`), flushes, prints progress, and says when
+    the run reached `stop_at_return` (`solved`, which `RunContext.stop_requested` asks)."""
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
+        ctx.reporter = self
+        # The mean of the last SOLVED_WINDOW training episodes first >= stop_at_return:
+        # (env steps, mean), or None.
+        self.solved_at: tuple[int, float] | None = None
         self.run_file = ctx.run_file
         self.events = None
         if ctx.cfg.run.tensorboard:
@@ -137,9 +143,24 @@ class Reporter:
             return -float("inf")
         return float(np.mean(list(self.recent_returns)[-n:]))
 
+    @property
+    def solved(self) -> bool:
+        return self.solved_at is not None
+
     def add_episodes(self, rows: np.ndarray) -> None:
+        """Write finished episodes, (n, 5) float64 rows of `EPISODE_COLUMNS` in env-step
+        order; with `stop_at_return` set, the first row at which the mean return of the last
+        `SOLVED_WINDOW` episodes reaches it marks the run solved."""
         if len(rows):
             self.run_file.append_episodes(**episode_columns(rows))
+            target = self.ctx.cfg.run.stop_at_return
+            if target is not None and not self.solved:
+                before = list(self.recent_returns)[-(SOLVED_WINDOW - 1) :]
+                returns = np.concatenate([before, rows[:, 0]])
+                end = threshold_crossing(returns, target)
+                if end is not None:
+                    mean = float(np.mean(returns[end - SOLVED_WINDOW + 1 : end + 1]))
+                    self.solved_at = (int(rows[end - len(before), 2]), mean)
             self.recent_returns.extend(rows[:, 0].tolist())
             self.episodes += len(rows)
             if self.events is not None:

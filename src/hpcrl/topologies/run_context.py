@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from mpi4py import MPI
@@ -18,6 +19,9 @@ from hpcrl.storage.trajectories import space_fields
 from hpcrl.topologies.recording import trim_orphan_trajectories
 from hpcrl.topologies.segments import ResumePoint, Segment
 from hpcrl.topologies.sync_points import CheckpointClock, Vote
+
+if TYPE_CHECKING:
+    from hpcrl.topologies.reporting import Reporter
 
 
 @dataclass
@@ -31,13 +35,14 @@ class RunContext:
     action_space: object
     run_file: RunFile | None  # rank 0 only
     resume: ResumePoint | None
-    stop_requested: Callable[[], bool]  # a preemption signal reached this rank
+    signal_requested: Callable[[], bool]  # a preemption signal reached this rank
     segment: Segment
     recording_ranks: range  # ranks that write traj/rank-<k>.h5 in this world
     clock: CheckpointClock
     start_time: float  # perf_counter() at the run's start (earlier on a resume)
     traj_fields: dict = field(default_factory=dict)  # {name: (row shape, dtype)}
     orphan_traj: dict[int, int] = field(default_factory=dict)  # rank 0: see `create`
+    reporter: Reporter | None = None  # rank 0, once the layout's loop has made it
 
     @classmethod
     def create(
@@ -48,7 +53,7 @@ class RunContext:
         spaces: tuple,
         run_file: RunFile | None,
         resume: ResumePoint | None,
-        stop_requested: Callable[[], bool],
+        signal_requested: Callable[[], bool],
         acting_ranks: range,
         recording_ranks: range,
     ) -> RunContext:
@@ -67,7 +72,7 @@ class RunContext:
             action_space=spaces[1],
             run_file=run_file,
             resume=resume,
-            stop_requested=stop_requested,
+            signal_requested=signal_requested,
             segment=Segment.of_run(run.total_env_steps, len(acting_ranks), resume),
             recording_ranks=recording_ranks,
             clock=CheckpointClock(
@@ -116,10 +121,17 @@ class RunContext:
         policy_seq, env_seq = child.spawn(2)
         return np.random.default_rng(policy_seq), int(env_seq.generate_state(1)[0] >> 1)
 
+    def stop_requested(self) -> bool:
+        """Whether this rank asks the layout to stop early (the layout agrees on it with
+        the other ranks and checkpoints): a preemption signal reached it, or (rank 0) the
+        training episodes reached `stop_at_return` (`Reporter.solved`)."""
+        return self.signal_requested() or (self.reporter is not None and self.reporter.solved)
+
     def vote(self, votes: np.ndarray, reporter) -> np.ndarray:
         """Fill `votes` (a `Vote`-indexed buffer, to be summed over the ranks) with this
         rank's votes: rank 0 alone keeps the log and wall-time checkpoint clocks; any rank
-        that received a preemption signal votes stop."""
+        that received a preemption signal votes stop, and so does rank 0 once the run
+        reached `stop_at_return`."""
         votes[Vote.LOG] = 1.0 if reporter is not None and reporter.due() else 0.0
         votes[Vote.CHECKPOINT] = 1.0 if self.rank == 0 and self.clock.due_by_time() else 0.0
         votes[Vote.STOP] = 1.0 if self.stop_requested() else 0.0
