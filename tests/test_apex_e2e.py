@@ -48,18 +48,29 @@ def _metrics(run_dir: Path) -> dict[str, np.ndarray]:
 def test_apex_learns_cartpole_on_4_ranks(tmp_path, cli_env):
     """Acceptance 2: the 20-episode training mean reaches 475 within the config's 100k env
     steps (benchmarks/apex.py measures how often over launches; RESULTS.md), with one
-    update per `env_steps_per_update` env steps once learning started."""
+    update per `env_steps_per_update` env steps once learning started. The run stops
+    once it reached 475 (`stop_at_return`): 28-62k env steps, a third to a half of the
+    budget's time."""
     run_dir = tmp_path / "run"
-    result = run_hpcrl(cli_env, 4, "train", CONFIG, "--run-dir", str(run_dir), timeout=900)
+    result = run_hpcrl(
+        cli_env,
+        4,
+        "train",
+        CONFIG,
+        *("--run-dir", str(run_dir), "--set", "stop_at_return=475", "--set", "log_interval_s=1"),
+        timeout=900,
+    )
     _check(result)
     assert "reached a mean return of" in result.stdout, result.stdout[-3000:]
+    assert "stopped early at" in result.stdout, result.stdout[-3000:]
     m = _metrics(run_dir)
     assert m["_status"] == "completed"
     assert set(m["_episode_ranks"].tolist()) == {2, 3}  # the actors
-    assert int(m["env_steps"][-1]) == 100_000
-    # Flow control: ~(100,000 - 1,000) / 2 updates, never many more.
+    steps = int(m["env_steps"][-1])
+    assert steps <= 100_000
+    # Flow control: ~(env steps - 1,000) / 2 updates, never many more.
     updates = int(m["learner_updates"][-1])
-    assert 0.8 * 99_000 / 2 <= updates <= 99_000 / 2 + 100, updates
+    assert 0.8 * (steps - 1_000) / 2 <= updates <= (steps - 1_000) / 2 + 100, (updates, steps)
     evaluation = json.loads(result.stdout.strip().splitlines()[-1])
     assert evaluation["episodes"] == 100
 

@@ -23,18 +23,23 @@ BUDGET = 100_000
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("algo,ranks", [("ppo", 4), ("dqn", 2)])
 def test_cartpole_learns_and_ranks_agree(tmp_path, cli_env, algo, ranks):
+    """PPO trains its whole budget (its last 20 episodes and its evaluation must hold 475);
+    DQN, whose acceptance is reaching 475, stops once it has (`stop_at_return`)."""
     run_dir = tmp_path / "run"
+    # DQN: measured >= 475 at 62k env steps; a stop there saves a third of its ~170 s.
+    early = ["--set", "stop_at_return=475", "--set", "log_interval_s=1"] if algo == "dqn" else []
     result = run_hpcrl(
         cli_env,
         ranks,
         "train",
         str(REPO / "configs" / f"cartpole-{algo}.yaml"),
-        *("--run-dir", str(run_dir), "--set", "eval_episodes=20"),
+        *("--run-dir", str(run_dir), "--set", "eval_episodes=20", *early),
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     with h5py.File(run_dir / "run.h5", "r") as f:
         assert f.attrs["status"] == "completed"
-        assert int(f["metrics/env_steps"][-1]) == BUDGET
+        steps = int(f["metrics/env_steps"][-1])
+        assert steps == BUDGET if algo != "dqn" else steps <= BUDGET
         returns = f["episodes/return"][()]
         env_steps = f["episodes/env_steps"][()]
         digests = f.attrs["parameter_digests"]
@@ -45,7 +50,8 @@ def test_cartpole_learns_and_ranks_agree(tmp_path, cli_env, algo, ranks):
     assert reached.size, f"best mean over 20 episodes: {windows.max():.1f}"
     assert env_steps[reached[0] + 19] <= BUDGET
     # DQN on CartPole can forget after it has solved it (measured: >= 475 at 62k env
-    # steps, a 20-episode mean of 99 at 100k); its acceptance is reaching 475.
+    # steps, a 20-episode mean of 99 at 100k); its acceptance is reaching 475, so the run
+    # stops there and its evaluation is not asserted.
     if algo != "dqn":
         assert eval_return >= 475
         assert returns[-20:].mean() >= 475, returns[-20:]
