@@ -33,9 +33,10 @@ run: venv
 ## the machine cannot run one: not root, or no apt).
 test: venv test-unit test-mpi test-e2e test-slurm
 
+# Unit tests need no launcher: one worker per core (pytest-xdist), at most 4.
 test-unit: venv
 	timeout -k 10 $(TEST_TIMEOUT) $(PY) -m pytest -q -m "not mpi and not e2e and not slurm" --timeout=300 \
-		--durations=15
+		--durations=15 -n auto --maxprocesses=4
 
 test-mpi: venv
 	timeout -k 10 $(TEST_TIMEOUT) $(MPIRUN) -n 4 $(PY) -m pytest -q --with-mpi -m mpi \
