@@ -20,9 +20,9 @@ Cases: `exception` (debug.fail_rank on the last rank), `actor-kill9` and `learne
 8 s), `sigusr1` and `sigterm` during training (after the first checkpoint), `sigterm-eval`
 and `sigusr1-eval` (during the final evaluation), `truncated` and `bitflip` (the newest
 checkpoint of an interrupted run damaged before the resume), `disk-full` and
-`disk-full-notraj` (a 2 MiB tmpfs, root only), `two-jobs` (a second job on a live run
-directory), and `job-kill9` (`kill -9` of every process at a random moment, then `--resume
-auto`, repeated `--kills` times with different moments).
+`disk-full-notraj` (a 2 MiB tmpfs with 512 KiB free, root only), `two-jobs` (a second job
+on a live run directory), and `job-kill9` (`kill -9` of every process at a random moment,
+then `--resume auto`, repeated `--kills` times with different moments).
 
 Usage: python benchmarks/faults.py [--layouts tabular,actor_learner] [--kills 20]
            [--cases exception,sigstop] [--out benchmarks/faults.json]
@@ -81,6 +81,7 @@ LAYOUTS = {
         False,
     ),
 }
+FREE_KIB = 512  # disk-full cases: free space left on the 2 MiB tmpfs
 CASES = [
     "exception",
     "actor-kill9",
@@ -277,6 +278,9 @@ def one_case(layout: str, case: str, tmp: Path, reference: Path | None) -> dict:
         mount = tmp / f"{layout}-{case}" / "disk"
         mount.mkdir(parents=True)
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+        # Leave FREE_KIB for the run, so that it fills up in minutes even without
+        # trajectories (run.h5 grows by ~3 KB/s at 100 rows/s).
+        (mount / "filler").write_bytes(b"\0" * (2048 - FREE_KIB) * 1024)
         run_dir = mount / "run"
         args = ["train", "--run-dir", str(run_dir), *common_args(layout, budget * 50)]
         if case == "disk-full-notraj":  # run.h5's rows fill it: many of them
