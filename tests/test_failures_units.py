@@ -91,6 +91,25 @@ def test_guard_turns_a_full_disk_into_one_line_naming_the_file(tmp_path):
             raise OSError(errno.EACCES, "Permission denied")
 
 
+def test_a_full_disk_frees_the_runs_space_reserve(tmp_path):
+    """Rank 0 sets RESERVE_BYTES aside in the run directory; another rank only notes the
+    file. The first DiskFullError, on any rank, frees it, so that run.h5 can still write
+    its metadata whole and close."""
+    reserve = tmp_path / space.RESERVE_NAME
+    space.reserve(tmp_path, create=True)
+    assert reserve.stat().st_size == space.RESERVE_BYTES
+    space.release()
+    assert not reserve.exists()
+    space.reserve(tmp_path, create=True)
+    space.reserve(tmp_path, create=False)  # as another rank of the same run sees it
+    assert reserve.exists()
+    with pytest.raises(space.DiskFullError):
+        with space.guard(tmp_path / "run.h5"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert not reserve.exists()
+    space.release()  # again: nothing left to free
+
+
 def test_errors_python_cannot_raise_are_recorded_then_raised_by_the_next_guard(
     tmp_path, monkeypatch
 ):

@@ -235,3 +235,24 @@ def test_a_full_disk_is_one_error_line_and_a_failed_run(
     assert all(p.name.endswith(".h5") for p in steps), steps  # no temporary left
     for path in steps:
         load_checkpoint(path)
+
+
+def test_a_disk_filled_by_run_h5_itself_leaves_it_readable_and_failed(tmp_path, small_disk):
+    """Found by benchmarks/faults.py: A2C without trajectories filled its disk with run.h5's
+    metric rows (no checkpoint in between), and the write that failed half-way left run.h5
+    unopenable (`addr overflow ... eoa`). The run's space reserve, freed by the first full
+    write, lets run.h5 write its metadata whole and say `failed`."""
+    (small_disk / "filler").write_bytes(b"\0" * (2048 - 640) * 1024)  # 640 KiB left
+    run_dir = small_disk / "run"
+    args = ["configs/cartpole-a2c.yaml", "--total-env-steps", "3000000", "--set", "eval_episodes=0"]
+    args += ["--set", "record_trajectories=false", "--set", "log_interval_s=0.01"]
+    args += ["--set", "checkpoint_interval_s=0", "--set", "checkpoint_interval_env_steps=2000000"]
+    cmd = hpcrl_command(2, "train", "--run-dir", str(run_dir), *args)
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=280, env=subprocess_env(), cwd=REPO
+    )
+    shown = f"exit {result.returncode}\n{result.stderr[-3000:]}"
+    assert result.returncode == 1, shown
+    assert f"no space left on device (ENOSPC) writing '{run_dir / 'run.h5'}'" in result.stderr
+    assert status(run_dir) == "failed", shown  # opens: h5py raised OSError before the reserve
+    assert not (run_dir / ".hpcrl-space-reserve").exists()

@@ -342,6 +342,7 @@ def train(
         exact = bool(meta.get("rank_states")) and int(meta["world_size"]) == world_size
         resume_point = ResumePoint(Path(plan["checkpoint"]), meta, exact)
     run_file = _open_run_file(comm, cfg, path, plan, resume_point)
+    space.reserve(path, create=rank == 0)  # room to close run.h5 whole after a full disk
     if rank == 0:
         print(f"[hpcrl] {_start_line(cfg, topology, path, resume_point, world_size)}", flush=True)
     # run.h5 and traj/ exist before any rank writes; one shared start time.
@@ -367,9 +368,11 @@ def train(
         result = topology.run(ctx)
         # ... and evaluate.
         outcome = _finish(ctx, result)
+        space.release()
         failures.uninstall()
         return outcome
     except BaseException as exc:
+        space.release()
         if run_file is not None:
             try:
                 if isinstance(exc, failures.PeerFailed):

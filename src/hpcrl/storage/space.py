@@ -15,12 +15,19 @@ segmentation fault inside a library left in a broken state. Here:
 `hpcrl.runner.guarded` prints it, reports it to rank 0 (which marks the run `failed` if
 run.h5 can still be written) and aborts the job. Checkpoints are written to a temporary
 file and renamed, so the last intact one stays intact (`hpcrl.storage.checkpoints`).
+
+A write that fails half-way can leave run.h5's HDF5 metadata inconsistent (the file then
+does not open: measured with A2C filling a tmpfs with run.h5 rows). So `reserve(run_dir)`
+sets `RESERVE_BYTES` aside in the run directory when a run starts, and `DiskFullError`
+frees them (`release`): run.h5 then has room to write its metadata whole, its status
+`failed`, and close.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import re
 import sys
 import threading
@@ -33,18 +40,51 @@ FULL_ERRNOS = {errno.ENOSPC: "ENOSPC", errno.EDQUOT: "EDQUOT"}
 _ERRNO_TEXT = re.compile(r"errno = (\d+)")
 _FILENAME_TEXT = re.compile(r"filename = '([^']*)'")
 
+RESERVE_NAME = ".hpcrl-space-reserve"  # in the run directory, while a run is live
+RESERVE_BYTES = 256 * 1024  # run.h5's metadata written whole after a full disk (KiBs)
+
 _recorded: list[str] = []  # messages of full-disk errors Python could not raise
+_reserve: Path | None = None  # this process's view of the run's reserve file
 _previous_hook = None
 _previous_excepthook = None
 _previous_thread_hook = None
 
 
+def reserve(run_dir: str | Path, create: bool) -> None:
+    """Set `RESERVE_BYTES` of the run directory's file system aside (`create`: rank 0;
+    the other ranks only note the file, so that whichever rank meets a full disk frees
+    it). A file system already too full for it is left to the first write to report."""
+    global _reserve
+    path = Path(run_dir) / RESERVE_NAME
+    _reserve = path
+    if not create:
+        return
+    try:
+        with open(path, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, RESERVE_BYTES)
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        if full_errno(exc) is None and exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+
+
+def release() -> None:
+    """Free the reserve (a write failed for lack of space, or the run ended)."""
+    global _reserve
+    if _reserve is not None:
+        with contextlib.suppress(OSError):
+            _reserve.unlink(missing_ok=True)
+        _reserve = None
+
+
 class DiskFullError(UserError):
-    """A write failed because the file system (or the user's quota) is full."""
+    """A write failed because the file system (or the user's quota) is full. Creating it
+    frees the run's space reserve (`release`), so run.h5 can still be closed whole."""
 
     exit_code = 1
 
     def __init__(self, path: str | Path, code: int):
+        release()
         where = Path(path)
         what = "disk quota exceeded" if code == errno.EDQUOT else "no space left on device"
         super().__init__(
