@@ -2,7 +2,7 @@
 
 For each layout (`tabular`: qlearning `allreduce` on FrozenLake8x8, 2 ranks;
 `data_parallel`: A2C on CartPole, 2 ranks; `actor_learner`: IMPALA on CartPole, 4 ranks;
-`distributed_replay`: Ape-X on CartPole, 4 ranks; `ps`, `sharded` and `async` (n_step 3):
+`distributed_replay`: Ape-X on CartPole, 4 ranks; `ps`, `sharded` and `async` (n_step 4):
 qlearning on FrozenLake8x8, 2 ranks) and each case, one row:
 
 - `exit`: the launcher's exit status; `exit_s`: seconds from the fault to its exit (from
@@ -76,7 +76,7 @@ LAYOUTS = {
     "sharded": (2, ["--set", "layout=sharded", "--seed", "11"], 400_000, True),
     "async": (
         2,
-        ["--set", "layout=async", "--set", "n_step=3", "--seed", "11"],
+        ["--set", "layout=async", "--set", "n_step=4", "--seed", "11"],
         400_000,
         False,
     ),
