@@ -705,7 +705,14 @@ def test_signals_after_the_run_ended_change_nothing(tmp_path, cli_env, launcher)
             proc.kill()
             proc.wait()
     assert sent > 0
-    assert proc.returncode == 0, f"exit {proc.returncode} after {sent} late SIGUSR1\n{err}"
+    # MPICH's mpiexec forwards each signal to its proxies over a socket; one that arrives
+    # while they close can fail that write and make mpiexec itself exit 255 (seen once, in
+    # a local CI run: "HYDU_sock_write ... Bad file descriptor"). The ranks exited 0 then;
+    # a rank killed by the signal shows as "BAD TERMINATION" instead.
+    launcher_race = proc.returncode == 255 and "HYDU_sock_write" in err
+    assert proc.returncode == 0 or (launcher_race and "BAD TERMINATION" not in err), (
+        f"exit {proc.returncode} after {sent} late SIGUSR1\n{err}"
+    )
     with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
         assert str(f.attrs["status"]) == "completed"
 
