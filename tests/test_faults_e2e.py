@@ -18,6 +18,7 @@ import h5py
 import pytest
 
 from conftest import hpcrl_command, subprocess_env
+from hpcrl.storage import space
 from hpcrl.storage.checkpoints import load_checkpoint
 from jobs import job, run, status, wrapped
 
@@ -255,4 +256,4 @@ def test_a_disk_filled_by_run_h5_itself_leaves_it_readable_and_failed(tmp_path, 
     assert result.returncode == 1, shown
     assert f"no space left on device (ENOSPC) writing '{run_dir / 'run.h5'}'" in result.stderr
     assert status(run_dir) == "failed", shown  # opens: h5py raised OSError before the reserve
-    assert not (run_dir / ".hpcrl-space-reserve").exists()
+    assert not (run_dir / space.RESERVE_NAME).exists()

@@ -87,6 +87,7 @@ def test_stop_at_return_ends_training_early_as_a_completed_run(tmp_path):
     from mpi4py import MPI
 
     from hpcrl import runner
+    from hpcrl.storage import space
 
     values = {
         "algo": "a2c",
@@ -106,4 +107,4 @@ def test_stop_at_return_ends_training_early_as_a_completed_run(tmp_path):
         returns = f["episodes/return"][()]
     assert steps < 200_000
     assert np.convolve(returns, np.ones(20) / 20, mode="valid").max() >= 40.0
-    assert not (tmp_path / "run" / ".hpcrl-space-reserve").exists()  # freed at the end
+    assert not (tmp_path / "run" / space.RESERVE_NAME).exists()  # freed at the end
