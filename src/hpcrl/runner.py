@@ -811,6 +811,8 @@ def info(run_dir: str) -> dict:
         out = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in out.items()}
         if out.get("status") == "running" and run_dir_held(run_dir) is False:
             out["status"] = STALE
+        if "failure" in f.attrs:  # the rank that failed or died, in rank 0's words
+            out["failure"] = str(f.attrs["failure"])
         out["layout"] = str(f.attrs.get("layout", ""))
         metrics = f["metrics"]
         episodes = f["episodes"]
