@@ -4,26 +4,33 @@ from __future__ import annotations
 
 import gymnasium as gym
 import numpy as np
+import pytest
+from gymnasium.envs.toy_text.frozen_lake import generate_random_map
 
 from hpcrl.envs import make_env
 from hpcrl.evaluation import greedy_episode_returns
 
 
-def frozen_lake_optimal_q(gamma: float = 0.99, sweeps: int = 500) -> np.ndarray:
-    """Q* of slippery FrozenLake 4x4 by value iteration over the env's own transition table."""
-    env = make_env("FrozenLake-v1")
+def optimal_q(env: gym.Env, gamma: float = 0.99, sweeps: int = 500) -> np.ndarray:
+    """Q* of a toy-text env by value iteration over its own transition table (closes it)."""
     transitions = env.unwrapped.P
+    n_states, n_actions = int(env.observation_space.n), int(env.action_space.n)
     env.close()
-    q = np.zeros((16, 4))
+    q = np.zeros((n_states, n_actions))
     for _ in range(sweeps):
         v = q.max(axis=1)
-        for s in range(16):
-            for a in range(4):
+        for s in range(n_states):
+            for a in range(n_actions):
                 q[s, a] = sum(
                     p * (r + gamma * (0.0 if term else v[s2]))
                     for p, s2, r, term in transitions[s][a]
                 )
     return q
+
+
+def frozen_lake_optimal_q() -> np.ndarray:
+    """Q* of slippery FrozenLake 4x4."""
+    return optimal_q(make_env("FrozenLake-v1"))
 
 
 def test_greedy_returns_do_not_depend_on_the_split():
@@ -49,6 +56,65 @@ def test_greedy_evaluation_of_a_looping_policy_ends():
         "CliffWalking-v1", {}, q_table, np.arange(2), 0, max_episode_steps=50
     )
     assert returns.tolist() == [-50.0, -50.0]
+
+
+@pytest.mark.parametrize(
+    "env_id,env_kwargs,cap",
+    [
+        ("FrozenLake-v1", {"map_name": "8x8"}, 10_000),
+        ("FrozenLake-v1", {"desc": generate_random_map(size=12, seed=4)}, 10_000),
+        ("hpcrl/FrozenLake-v0", {"desc": generate_random_map(size=12, seed=4)}, 10_000),
+        ("CliffWalking-v1", {"is_slippery": True}, 120),
+        ("Taxi-v4", {"is_rainy": True}, 10_000),
+    ],
+    ids=["8x8", "generated", "hpcrl-generated", "cliffwalking-cut", "taxi"],
+)
+def test_table_stepped_returns_equal_the_episode_loops(env_id, env_kwargs, cap):
+    """`actions_episode_returns` steps these envs' episodes side by side from the table:
+    bit-identical returns to `policy_episode_returns`'s loop over gymnasium's env, for a
+    random deterministic policy (episodes that end, hit the time limit, or the cap), over
+    more episodes than one chunk, with a split and unordered episode ids."""
+    from hpcrl import evaluation
+    from hpcrl.evaluation import actions_episode_returns, policy_episode_returns
+
+    env = make_env(env_id, env_kwargs)
+    n_states, n_actions = int(env.observation_space.n), int(env.action_space.n)
+    env.close()
+    if "FrozenLake" in env_id:  # greedy in Q*: some episodes reach the goal, some fall in
+        actions = np.argmax(optimal_q(make_env("FrozenLake-v1", env_kwargs)), axis=1)
+    else:
+        actions = np.random.default_rng(7).integers(n_actions, size=n_states)
+    ids = np.random.default_rng(8).permutation(300)[:90]
+    one = policy_episode_returns(env_id, env_kwargs, lambda s: actions[s], ids, 5, cap)
+    chunk, evaluation._TABLE_CHUNK = evaluation._TABLE_CHUNK, 32
+    try:
+        side = actions_episode_returns(env_id, env_kwargs, actions, ids, 5, cap)
+    finally:
+        evaluation._TABLE_CHUNK = chunk
+    np.testing.assert_array_equal(side, one)
+    assert len(set(one.tolist())) > 1
+
+
+def test_table_stepped_evaluation_stops_when_asked():
+    """`stop` ends the side-by-side episodes as it ends the loop: only whole chunks done
+    before it said True are returned."""
+    from hpcrl import evaluation
+    from hpcrl.evaluation import actions_episode_returns
+
+    asked = []
+
+    def stop():
+        asked.append(1)
+        return len(asked) > 2
+
+    chunk, evaluation._TABLE_CHUNK = evaluation._TABLE_CHUNK, 10
+    try:
+        returns = actions_episode_returns(
+            "FrozenLake8x8-v1", {}, np.zeros(64, dtype=np.int64), np.arange(50), 0, stop=stop
+        )
+    finally:
+        evaluation._TABLE_CHUNK = chunk
+    assert len(returns) == 20
 
 
 def test_batched_returns_equal_the_one_episode_at_a_time_returns():

@@ -9,6 +9,7 @@ import numpy as np
 from hpcrl.envs import make_env
 
 _STOP_CHECK_STEPS = 1000  # steps of one episode between two calls of `stop`
+_TABLE_CHUNK = 4096  # episodes stepped side by side from a transition table at a time
 
 
 def greedy_episode_returns(
@@ -25,7 +26,9 @@ def greedy_episode_returns(
     Episode `i` starts from `env.reset(seed=seed + i)`, so the result does not depend on
     how the ids are split across ranks. Ties go to the lowest action index. An episode is
     cut at the env's own time limit, or after `max_episode_steps` when the env has none
-    (CliffWalking: a greedy policy that loops would otherwise never end).
+    (CliffWalking: a greedy policy that loops would otherwise never end). Envs that
+    `hpcrl.table_vector` steps exactly run all their episodes side by side from the
+    transition table, with the same returns (`actions_episode_returns`).
 
     Args:
         env_id, env_kwargs: the environment (Discrete spaces).
@@ -39,9 +42,81 @@ def greedy_episode_returns(
         (n,) float64 returns, in the order of `episode_ids` (fewer when `stop` ended it).
     """
     greedy = np.argmax(q_table, axis=1)
-    return policy_episode_returns(
-        env_id, env_kwargs, lambda obs: greedy[obs], episode_ids, seed, max_episode_steps, stop=stop
+    return actions_episode_returns(
+        env_id, env_kwargs, greedy, episode_ids, seed, max_episode_steps, stop=stop
     )
+
+
+def actions_episode_returns(
+    env_id: str,
+    env_kwargs: dict,
+    actions: np.ndarray,
+    episode_ids: np.ndarray,
+    seed: int,
+    max_episode_steps: int = 10_000,
+    stop: Callable[[], bool] | None = None,
+) -> np.ndarray:
+    """Undiscounted returns of the deterministic policy `actions[s]` ((n_states,) int) of a
+    Discrete env, with the seeding, cut and `stop` of `policy_episode_returns`.
+
+    For the envs `hpcrl.table_vector.steps_exactly` names (FrozenLake, CliffWalking,
+    Taxi, `hpcrl/FrozenLake-v0`) the episodes run side by side, `_TABLE_CHUNK` at a time,
+    stepped from the transition table: episode i is a `TableVectorEnv` copy seeded with
+    seed + i, which draws what `env.reset(seed=seed + i)` and each `env.step` draw, so the
+    returns are bit-identical to the episode-by-episode loop (`tests/test_evaluation.py`)
+    at a fraction of its time. Other envs run that loop.
+
+    Returns:
+        (m,) float64 returns of the first m <= n of `episode_ids`, in their order.
+    """
+    from hpcrl.table_vector import TableModel, steps_exactly
+
+    env = make_env(env_id, env_kwargs)
+    try:
+        model = TableModel(env_id, env_kwargs, env) if steps_exactly(env) else None
+    finally:
+        env.close()
+    if model is None:
+        return policy_episode_returns(
+            env_id,
+            env_kwargs,
+            lambda obs: actions[obs],
+            episode_ids,
+            seed,
+            max_episode_steps,
+            stop=stop,
+        )
+    limit = model.max_episode_steps or max_episode_steps
+    returns = np.zeros(len(episode_ids), dtype=np.float64)
+    for start in range(0, len(episode_ids), _TABLE_CHUNK):
+        ids = episode_ids[start : start + _TABLE_CHUNK]
+        if not _table_returns(
+            env_id, env_kwargs, model, actions, ids, seed, limit, stop, returns[start:]
+        ):
+            return returns[:start]
+    return returns
+
+
+def _table_returns(env_id, env_kwargs, model, actions, ids, seed, limit, stop, out) -> bool:
+    """Episodes `ids` side by side from `model`'s table, their returns added into
+    `out[:len(ids)]`; False when `stop` said True before they ended."""
+    from hpcrl.table_vector import TableVectorEnv
+
+    stopped = stop or (lambda: False)
+    if stopped():
+        return False
+    venv = TableVectorEnv(env_id, env_kwargs, len(ids), model=model)
+    venv.reset(seed=[int(seed + i) for i in ids])
+    running = np.arange(len(ids))
+    for t in range(limit):
+        if not running.size:
+            break
+        _, reward, terminated = venv.transition(running, actions[venv.state[running]])
+        out[running] += reward
+        running = running[~terminated]
+        if t % _STOP_CHECK_STEPS == _STOP_CHECK_STEPS - 1 and stopped():
+            return False
+    return True
 
 
 def policy_episode_returns(

@@ -114,8 +114,12 @@ class TableModel:
             passenger (more than one draw per step; rainy Taxi's moves are in `P`).
     """
 
-    def __init__(self, env_id: str, env_kwargs: dict | None):
-        env = gym.make(env_id, **(env_kwargs or {}))
+    def __init__(self, env_id: str, env_kwargs: dict | None, env: gym.Env | None = None):
+        """`env`: an env already made from `env_id` and `env_kwargs` to read (the caller
+        closes it); None makes and closes one."""
+        made = env is None
+        if made:
+            env = gym.make(env_id, **(env_kwargs or {}))
         try:
             check_table(env, env_id)
             inner = env.unwrapped
@@ -125,7 +129,8 @@ class TableModel:
             self.max_episode_steps = env.spec.max_episode_steps if env.spec else None
             self.sampler = model() if model is not None else PaddedTable(inner)
         finally:
-            env.close()
+            if made:
+                env.close()
 
 
 class TableVectorEnv(VectorEnv):
@@ -143,8 +148,11 @@ class TableVectorEnv(VectorEnv):
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}
 
-    def __init__(self, env_id: str, env_kwargs: dict | None, num_envs: int):
-        model = TableModel(env_id, env_kwargs)
+    def __init__(
+        self, env_id: str, env_kwargs: dict | None, num_envs: int, model: TableModel | None = None
+    ):
+        """`model`: the env's `TableModel`, when the caller has read it already."""
+        model = model or TableModel(env_id, env_kwargs)
         self.single_observation_space = model.observation_space
         self.single_action_space = model.action_space
         self.num_envs = num_envs
@@ -227,6 +235,19 @@ class TableVectorEnv(VectorEnv):
             self.state[ended] = self._initial_states(ended)
             self.elapsed[ended] = 0
         return self.state.copy(), rewards, terminated, truncated, info
+
+    def transition(self, copies: np.ndarray, actions: np.ndarray):
+        """One transition of the copies `copies` ((k,) int64 indices, increasing) under
+        `actions` ((k,) int64), drawing each copy's next uniform as `step` does, but with
+        no time limit and no autoreset (`hpcrl.evaluation` runs its own episode loop).
+
+        Returns:
+            next_state (k,) int64, reward (k,) float64, terminated (k,) bool.
+        """
+        u = self._draw(copies)
+        next_state, rewards, terminated = self.model.sample(self.state[copies], actions, u)
+        self.state[copies] = next_state
+        return next_state, rewards, terminated
 
     # -- exact resume (`hpcrl.envs.EnvStepper`) -------------------------------------------
 

@@ -71,7 +71,7 @@ from hpcrl.comm.waits import allreduce_sum, wait_all
 from hpcrl.contracts import LoopResult
 from hpcrl.envs import discrete_sizes
 from hpcrl.errors import ConfigError, UserError
-from hpcrl.evaluation import policy_episode_returns
+from hpcrl.evaluation import actions_episode_returns
 from hpcrl.storage.checkpoints import shard_path, write_shard
 from hpcrl.topologies.checkpointing import (
     gather_rank_states,
@@ -320,13 +320,8 @@ class ActionsGreedy:
     def evaluate(self, comm, env_id, env_kwargs, env_options, episodes, seed, watchdog_s):
         ids = np.array_split(np.arange(episodes, dtype=np.int64), comm.Get_size())
         actions = self.actions
-        returns = policy_episode_returns(
-            env_id,
-            env_kwargs,
-            lambda obs: int(actions[obs]),
-            ids[comm.Get_rank()],
-            seed,
-            stop=preemption.requested,
+        returns = actions_episode_returns(
+            env_id, env_kwargs, actions, ids[comm.Get_rank()], seed, stop=preemption.requested
         )
         return return_stats(comm, returns, episodes, watchdog_s)
 
