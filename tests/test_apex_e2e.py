@@ -118,7 +118,7 @@ def test_two_replay_ranks_serve_and_sigusr1_resume_restores_replay(tmp_path, cli
     then --resume with the replay contents restored, their size printed)."""
     run_dir = tmp_path / "run"
     args = [CONFIG, "--run-dir", str(run_dir), "--set", "replay_ranks=2"]
-    args += ["--set", "total_env_steps=20000", "--set", "log_interval_s=1"]
+    args += ["--set", "total_env_steps=8000", "--set", "log_interval_s=1"]
     args += ["--set", "eval_episodes=4"]
     proc = _start(cli_env, 4, *args)
     _after_first_progress(proc, replay_size=2000)  # learning for a while: 1000 to start
@@ -145,7 +145,7 @@ def test_two_replay_ranks_serve_and_sigusr1_resume_restores_replay(tmp_path, cli
     assert size >= min(held, 1000), (size, held)
     m = _metrics(run_dir)
     assert m["_status"] == "completed"
-    assert int(m["env_steps"][-1]) == 20_000
+    assert int(m["env_steps"][-1]) == 8000
 
 
 @pytest.mark.timeout(300)
