@@ -30,7 +30,7 @@ reduced buffer at the same vector step, so the run is deterministic for a fixed 
 world size even though the merges are overlapped; the tables agree exactly after the last,
 blocking, merge. A preemption signal is acted on at the sync point after the one that
 carried it. `sync_interval` must be a multiple of `n_step`, so a sync point never falls
-inside a rollout; a checkpoint holds Q_base, and each rank's ΔQ and visited flags.
+inside a rollout; a checkpoint holds Q_base, and each rank's Q_local and visited flags.
 
 Exploration: every rank follows the configured ε (or τ) schedule with its own random
 stream; Mnih et al. also drew a different final ε per thread, which this layout does not.
@@ -210,7 +210,10 @@ def _run(ctx: RunContext) -> tuple[np.ndarray, bool]:
                 state, rng, stepper, env_seed + 1
             )
             first_step = int(ctx.resume.meta["vector_step"]) + 1
-            q_local += state["q_delta"]
+            if "q_local" in state:
+                q_local[:] = state["q_local"]
+            else:  # a checkpoint before 2026-12-07: Q_base + ΔQ, which may round (see below)
+                q_local += state["q_delta"]
             merges.visited[:] = state["visited"]
     rollout = _Rollout(learner.n_step, num_envs)
     votes = np.zeros(len(Vote), dtype=np.float64)
@@ -258,7 +261,10 @@ def _run(ctx: RunContext) -> tuple[np.ndarray, bool]:
         if checkpoint:
             recorder.flush()
             state = rank_state(rng, stepper, env_steps, learner.learner_updates, recorder.rows)
-            state.update(q_delta=q_local - q_base, visited=merges.visited.copy())
+            # The rank's own table, not ΔQ: Q_base + (Q_local - Q_base) need not round back
+            # to Q_local (exact only when the two are within a factor of 2, Sterbenz), and a
+            # resume that differed in the last bit ended with another table (CI, once).
+            state.update(q_local=q_local.copy(), visited=merges.visited.copy())
             states = gather_rank_states(ctx, state)
             if ctx.rank == 0:
                 save_checkpoint(
