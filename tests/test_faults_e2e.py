@@ -125,7 +125,7 @@ APEX = ["configs/cartpole-apex.yaml", "--set", "eval_episodes=0", "--set", "lear
 
 @pytest.mark.parametrize(
     "args,actor",
-    [([*IMPALA, "--total-env-steps", "60000"], 2), ([*APEX, "--total-env-steps", "20000"], 3)],
+    [([*IMPALA, "--total-env-steps", "60000"], 2), ([*APEX, "--total-env-steps", "10000"], 3)],
     ids=["actor_learner", "distributed_replay"],
 )
 def test_a_stopped_actor_is_named_by_the_watchdog(tmp_path, args, actor):
