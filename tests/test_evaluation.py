@@ -72,8 +72,9 @@ def test_greedy_evaluation_of_a_looping_policy_ends():
 def test_table_stepped_returns_equal_the_episode_loops(env_id, env_kwargs, cap):
     """`actions_episode_returns` steps these envs' episodes side by side from the table:
     bit-identical returns to `policy_episode_returns`'s loop over gymnasium's env, for a
-    random deterministic policy (episodes that end, hit the time limit, or the cap), over
-    more episodes than one chunk, with a split and unordered episode ids."""
+    deterministic policy (greedy in Q* on the lakes, random elsewhere: episodes that end,
+    hit the time limit, or the cap), over more episodes than one chunk, with a split and
+    unordered episode ids."""
     from hpcrl import evaluation
     from hpcrl.evaluation import actions_episode_returns, policy_episode_returns
 
