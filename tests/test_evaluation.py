@@ -69,7 +69,7 @@ def test_greedy_evaluation_of_a_looping_policy_ends():
     ],
     ids=["8x8", "generated", "hpcrl-generated", "cliffwalking-cut", "taxi"],
 )
-def test_table_stepped_returns_equal_the_episode_loops(env_id, env_kwargs, cap):
+def test_table_stepped_returns_equal_the_episode_loops(monkeypatch, env_id, env_kwargs, cap):
     """`actions_episode_returns` steps these envs' episodes side by side from the table:
     bit-identical returns to `policy_episode_returns`'s loop over gymnasium's env, for a
     deterministic policy (greedy in Q* on the lakes, random elsewhere: episodes that end,
@@ -87,16 +87,13 @@ def test_table_stepped_returns_equal_the_episode_loops(env_id, env_kwargs, cap):
         actions = np.random.default_rng(7).integers(n_actions, size=n_states)
     ids = np.random.default_rng(8).permutation(300)[:90]
     one = policy_episode_returns(env_id, env_kwargs, lambda s: actions[s], ids, 5, cap)
-    chunk, evaluation._TABLE_CHUNK = evaluation._TABLE_CHUNK, 32
-    try:
-        side = actions_episode_returns(env_id, env_kwargs, actions, ids, 5, cap)
-    finally:
-        evaluation._TABLE_CHUNK = chunk
+    monkeypatch.setattr(evaluation, "_TABLE_CHUNK", 32)
+    side = actions_episode_returns(env_id, env_kwargs, actions, ids, 5, cap)
     np.testing.assert_array_equal(side, one)
     assert len(set(one.tolist())) > 1
 
 
-def test_table_stepped_evaluation_stops_when_asked():
+def test_table_stepped_evaluation_stops_when_asked(monkeypatch):
     """`stop` ends the side-by-side episodes as it ends the loop: only whole chunks done
     before it said True are returned."""
     from hpcrl import evaluation
@@ -108,13 +105,10 @@ def test_table_stepped_evaluation_stops_when_asked():
         asked.append(1)
         return len(asked) > 2
 
-    chunk, evaluation._TABLE_CHUNK = evaluation._TABLE_CHUNK, 10
-    try:
-        returns = actions_episode_returns(
-            "FrozenLake8x8-v1", {}, np.zeros(64, dtype=np.int64), np.arange(50), 0, stop=stop
-        )
-    finally:
-        evaluation._TABLE_CHUNK = chunk
+    monkeypatch.setattr(evaluation, "_TABLE_CHUNK", 10)
+    returns = actions_episode_returns(
+        "FrozenLake8x8-v1", {}, np.zeros(64, dtype=np.int64), np.arange(50), 0, stop=stop
+    )
     assert len(returns) == 20
 
 
