@@ -1093,6 +1093,7 @@ def _run(ctx: RunContext):
     seed = int(rng.integers(2**62))
     if ctx.world_size == 1:
         learner = _make_policy(ctx, seed)
+        learner.make_optimizer()
         return learner, _run_one_process(ctx, learner)
     roles = Roles(ctx.world_size, ctx.cfg.topology.replay_ranks)
     wait_all([ctx.comm.Ibarrier()], ctx.comm, "every rank to start", ctx.watchdog_s)
@@ -1104,6 +1105,7 @@ def _run(ctx: RunContext):
         from hpcrl.models import select_device
 
         policy.to(select_device(ctx.cfg.run.device))
+        policy.make_optimizer()  # before the first update, not in it (~1.5 s at first)
         interrupted = _run_learner(ctx, roles, policy)
         policy.to(select_device("cpu"))
     elif ctx.rank <= roles.replay:
