@@ -206,9 +206,14 @@ class AsyncLearner(AsyncActor, DeepLearner, Protocol):
     `make_actor`); the `actor_learner` layout. An `AsyncActor`, and:
 
     Call sequence:
-        learner: update(batch, group, progress)                  # batch: the `payload`
-                 published()                                     #   fields, side by side
+        learner: make_optimizer()                                # once, before the first
+                 update(batch, group, progress)                  #   update; batch: the
+                 published()                                     #   `payload` fields
     """
+
+    def make_optimizer(self) -> Any:
+        """Make the optimizer now if it is not made yet (actors never call it: the first
+        `torch.optim` optimizer of a process imports `torch._dynamo`, ~1.5 s of CPU)."""
 
     def update(self, batch: dict[str, np.ndarray], group: LearnerGroup, progress: float) -> dict:
         """One optimizer step on the learner group's gradient; returns loss metrics."""

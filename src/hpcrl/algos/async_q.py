@@ -110,7 +110,6 @@ class AsyncQ(SendsGradients, AsyncLearnerBase):
         self.model = q_network(cfg, observation_space, action_space)
         self.target = copy.deepcopy(self.model)
         self.target.requires_grad_(False)
-        self._make_optimizer()
         self.rng = np.random.default_rng(seed)
         self.n_actions = int(action_space.n)
         self.epsilon_end = cfg.epsilon_end

@@ -51,7 +51,6 @@ class ActorCriticAsync(AsyncLearnerBase):
         need none of them (the topology seeds torch)."""
         super().__init__(cfg)
         self.model = actor_critic(cfg, observation_space, action_space)
-        self._make_optimizer()
 
     def act(self, obs: np.ndarray, progress: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
         """The behaviour policy μ: sampled actions ((B, *action_shape)) and their (B,)

@@ -491,11 +491,13 @@ def _run(ctx: RunContext) -> tuple[AsyncActor, bool]:
     if policy is None:
         policy = _torch_learner(ctx, torch_seed, seed)
     if world == 1:
+        policy.make_optimizer()  # before the first update, not in it (~1.5 s at first)
         return policy, _run_embedded(ctx, policy)
     if is_learner:  # actors stay on the CPU
         from hpcrl.models import select_device
 
         policy.to(select_device(cfg.run.device, local_rank))
+        policy.make_optimizer()
         interrupted = _run_learner(ctx, group, policy)
         policy.to(select_device("cpu"))
     else:
