@@ -32,6 +32,28 @@ Layer = TypeVar("Layer", nn.Linear, nn.Conv2d)
 ObsBatch = torch.Tensor | np.ndarray  # (B, *observation_space.shape)
 
 
+class LazyOptimizer:
+    """A learner's optimizer, made at the first `make_optimizer()` (or use of `optimizer`):
+    a rank that only acts never makes one, since a process's first `torch.optim`
+    optimizer imports `torch._dynamo` (~1.5 s of CPU). A subclass implements
+    `_new_optimizer()`; the layouts call `make_optimizer()` on a learner before its first
+    update, so that the import does not land inside it."""
+
+    _optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.make_optimizer()
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        if self._optimizer is None:
+            self._optimizer = self._new_optimizer()
+        return self._optimizer
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+
 def layer_init(layer: Layer, std: float = math.sqrt(2), bias: float = 0.0) -> Layer:
     """Orthogonal weights with gain `std`, constant bias (OpenAI Baselines / CleanRL convention).
 

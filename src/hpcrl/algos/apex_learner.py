@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hpcrl.models import q_network
+from hpcrl.models import LazyOptimizer, q_network
 from hpcrl.schedules import set_learning_rate
 from hpcrl.state import (
     load_module_arrays,
@@ -110,7 +110,7 @@ def actor_priorities(
     return priorities_of(q_taken, targets)
 
 
-class Apex:
+class Apex(LazyOptimizer):
     """Ape-X's dueling double DQN: the learner's update on prioritized batches, and the
     ε-greedy policy and initial priorities of an actor holding its published parameters.
 
@@ -134,26 +134,16 @@ class Apex:
         self.model = q_network(cfg, observation_space, action_space, dueling=cfg.dueling)
         self.target = q_network(cfg, observation_space, action_space, dueling=cfg.dueling)
         self.target.load_state_dict(self.model.state_dict())
-        self._optimizer: torch.optim.Adam | None = None
         self.device = torch.device("cpu")
         self.rng = np.random.default_rng(seed)
         self.learner_updates = 0
         self._params = list(self.model.parameters()) + list(self.target.parameters())
 
-    @property
-    def optimizer(self) -> torch.optim.Adam:
-        """Adam over the online network's parameters (`make_optimizer`)."""
-        return self.make_optimizer()
-
-    def make_optimizer(self) -> torch.optim.Adam:
-        """The optimizer, made at the first call: the actors and replay ranks, which only
-        act, never make one (a rank's first `torch.optim` optimizer imports
-        `torch._dynamo`, ~1.5 s of CPU); the learner makes it before its first update."""
-        if self._optimizer is None:
-            self._optimizer = torch.optim.Adam(
-                self.model.parameters(), lr=self.cfg.learning_rate, eps=self.cfg.adam_eps
-            )
-        return self._optimizer
+    def _new_optimizer(self) -> torch.optim.Adam:
+        """Adam over the online network (made by the learner only: `LazyOptimizer`)."""
+        return torch.optim.Adam(
+            self.model.parameters(), lr=self.cfg.learning_rate, eps=self.cfg.adam_eps
+        )
 
     def act(self, obs: np.ndarray, epsilon: float) -> np.ndarray:
         """ε-greedy actions: (B, *obs_shape) observations -> (B,) int64."""

@@ -26,11 +26,12 @@ import torch
 
 from hpcrl.algos.async_base import UNROLL_FIELDS, AsyncConfig
 from hpcrl.comm import protocol as P
+from hpcrl.models import LazyOptimizer
 from hpcrl.schedules import set_learning_rate
 from hpcrl.state import load_module_arrays, load_optimizer_arrays, module_arrays, optimizer_arrays
 
 
-class AsyncLearnerBase:
+class AsyncLearnerBase(LazyOptimizer):
     """The parts of the interface above every algorithm shares; a subclass sets `model`
     (and, for Q-learning, more networks), and implements
     `_backward(batch)`, which leaves this learner's gradient in `p.grad`."""
@@ -43,33 +44,21 @@ class AsyncLearnerBase:
         # `solved_lr_decay` ** (evaluations that reached the threshold); set by the layout.
         self.lr_scale = 1.0
         self.device = torch.device("cpu")
-        self._optimizer: torch.optim.Optimizer | None = None
 
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        """RMSprop or Adam over `model`'s parameters (`make_optimizer`)."""
-        return self.make_optimizer()
-
-    def make_optimizer(self) -> torch.optim.Optimizer:
-        """The optimizer, made at the first call: actors, which only act and compute
-        gradients, never make one (a process's first `torch.optim` optimizer imports
-        `torch._dynamo`, ~1.5 s of CPU); a learner makes it before its first update."""
-        if self._optimizer is not None:
-            return self._optimizer
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        """RMSprop or Adam over `model` (made by a learner only: `LazyOptimizer`)."""
         cfg, params = self.cfg, self.model.parameters()
         if cfg.optimizer == "rmsprop":
-            self._optimizer = torch.optim.RMSprop(
+            return torch.optim.RMSprop(
                 params, lr=cfg.learning_rate, alpha=cfg.rmsprop_alpha, eps=cfg.optimizer_eps
             )
-        else:
-            self._optimizer = torch.optim.Adam(
-                params,
-                lr=cfg.learning_rate,
-                betas=(0.9, cfg.adam_beta2),
-                eps=cfg.optimizer_eps,
-                fused=True,
-            )
-        return self._optimizer
+        return torch.optim.Adam(
+            params,
+            lr=cfg.learning_rate,
+            betas=(0.9, cfg.adam_beta2),
+            eps=cfg.optimizer_eps,
+            fused=True,
+        )
 
     def to(self, device: torch.device) -> AsyncLearnerBase:
         self.device = device
