@@ -72,18 +72,28 @@ def policy_value(p, r, done, gamma, policy):
 
 
 # `ps` on several ranks applies batches in arrival order, so its result depends on timing.
-# On FrozenLake8x8 at 3M steps, 2 of 8 timings (other core loaded) ended at 97.9% of the
-# optimum, under the 98% bar: a few states have near-tied actions and α_end = 0.005 leaves
-# their estimates too noisy. With 6M steps and α_end = 0.001, 4 of 4 ended >= 99.99%.
-# The one-process and `allreduce` runs are deterministic and keep the plain budget.
-PS_OVERRIDES = {"FrozenLake8x8-v1": {"total_env_steps": 6_000_000, "alpha_end": 0.001}}
+# FrozenLake8x8 has near-tied actions whose wrong choice costs more than the 2% margin
+# alone or together: at (3, 7) Q* of "right" is 0.0056 above "down" and "down" costs 5.3%
+# of V*(start); at (2, 7) the gap is 0.0013 and the cost 1.8%. At 3M steps and
+# α_end 0.005, 2 of 8 timings ended at 97.9%. At 6M steps and α_end 0.001 with ε_end
+# 0.05, seed 7 (the test's) ended at 98.2% on an idle machine (seeds 1-7: 1 launch in 7
+# failed) and CI saw 94.7% (the (3, 7) choice flipped); a smaller α_end did not help
+# (0.0005: 1 in 8 failed; 0.00025: 99.45% at worst). The learned gap at (3, 7) ranged
+# 0.0008-0.0110 over those launches: the non-greedy action of a state is tried in
+# ε / 4 = 1.25% of its visits, too few to rank two values 0.006 apart. With ε_end 0.2
+# it ranged 0.0042-0.0086 and 8 of 8 launches ended >= 99.99% (`benchmarks/RESULTS.md`).
+# The one-process and `allreduce`, `sharded` and one-step `async` runs are deterministic
+# for a seed and world size and keep the plain settings.
+PS_OVERRIDES = {
+    "FrozenLake8x8-v1": {"total_env_steps": 6_000_000, "alpha_end": 0.001, "epsilon_end": 0.2}
+}
 # n-step returns in slippery FrozenLake 8x8 vary more than one-step targets: at 3M steps
 # and α_end 0.005, `async` with n_step 4 on 4 ranks ended at 97.9% of the optimum. The
 # same remedy as for `ps`.
 
 
 def overrides(layout: str, env_id: str, ranks: int) -> dict:
-    """The budget and α_end a case needs beyond the plain ones (see above)."""
+    """The budget, α_end and ε_end a case needs beyond the plain ones (see above)."""
     if layout == "async-n-step" or (layout == "ps" and ranks > 1):
         return PS_OVERRIDES.get(env_id, {})
     return {}
