@@ -86,16 +86,14 @@ def policy_value(p, r, done, gamma, policy):
 # 98.19%, chose wrong at (2, 7) and nowhere else (`benchmarks/RESULTS.md`). That near-tie
 # is what keeps the margin thin. The one-process and `allreduce`, `sharded` and one-step
 # `async` runs are deterministic for a seed and world size and keep the plain settings.
-PS_OVERRIDES = {
-    "FrozenLake8x8-v1": {"total_env_steps": 12_000_000, "alpha_end": 0.001, "epsilon_end": 0.2}
-}
+# α_end and ε_end of both remedies (`async` n-step's below)
+FINE_8X8 = {"alpha_end": 0.001, "epsilon_end": 0.2}
+PS_OVERRIDES = {"FrozenLake8x8-v1": {"total_env_steps": 12_000_000, **FINE_8X8}}
 # n-step returns in slippery FrozenLake 8x8 vary more than one-step targets: at 3M steps
 # and α_end 0.005, `async` with n_step 4 on 4 ranks ended at 97.9% of the optimum. It is
 # deterministic; at 6M steps, α_end 0.001 and ε_end 0.2, seeds 7 and 1-5 on 4 ranks ended
 # >= 99.95%.
-N_STEP_OVERRIDES = {
-    "FrozenLake8x8-v1": {"total_env_steps": 6_000_000, "alpha_end": 0.001, "epsilon_end": 0.2}
-}
+N_STEP_OVERRIDES = {"FrozenLake8x8-v1": {"total_env_steps": 6_000_000, **FINE_8X8}}
 
 
 def overrides(layout: str, env_id: str, ranks: int) -> dict:
