@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from hpcrl import preemption
+from hpcrl import heap, preemption
 from hpcrl.analysis.stats import SOLVED_WINDOW, best_window_mean, threshold_crossing
 from hpcrl.comm import failures
 from hpcrl.comm.agreement import CollectiveUserError, agree
@@ -330,6 +330,7 @@ def train(
     # ... check (every rank, before any other communication) ...
     topology = agree(comm, lambda: check_layout(cfg, world_size))
     _limit_threads(cfg.run.torch_threads)
+    heap.keep_freed_memory()  # no page faults on every step's numpy temporaries
     # Rank 0 alone probes the env (an actor rank need not import what the checks use).
     spaces = agree(
         comm,
