@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -128,23 +127,16 @@ def run_hpcrl(cli_env, ranks: int, *args: str, timeout: int = 600) -> subprocess
     )
 
 
-def train_until_interrupted(cli_env, ranks: int, *args: str) -> None:
-    """`train ARGS`, sent SIGUSR1 a second after its first progress line; it must
-    checkpoint and exit 3."""
-    proc = subprocess.Popen(
-        hpcrl_command(ranks, "train", *args),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env,
-    )
-    for line in proc.stdout:  # interrupt once it has updated a few times
-        if line.startswith("[hpcrl] env_steps"):
-            break
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGUSR1)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 3, out + err
+def train_until_interrupted(cli_env, ranks: int, *args: str, after_env_steps: int) -> None:
+    """`train ARGS`, each acting rank's preemption flag set (as SIGUSR1 sets it) once it
+    has taken `after_env_steps` env steps (`debug.preempt_after_env_steps`); it must
+    checkpoint and exit 3. At a point in the run, not in time: a signal sent a second
+    after the first progress line came after the end of a 20,000-step A2C run on a faster
+    machine. (A signal from outside, through the launcher: tests/test_exact_resume_e2e.py,
+    tests/test_resume_e2e.py.)"""
+    inject = ("--set", f"debug.preempt_after_env_steps={after_env_steps}")
+    done = run_hpcrl(cli_env, ranks, "train", *args, *inject, timeout=300)
+    assert done.returncode == 3, done.stdout + done.stderr
 
 
 def single_line(exc: pytest.ExceptionInfo) -> str:

@@ -219,14 +219,17 @@ def test_a_slow_actor_does_not_slow_the_others(tmp_path, cli_env):
 
 @pytest.mark.parametrize("algo", ["impala", "a3c", "async_nstep_q"])
 def test_interrupted_run_resumes_and_finishes(tmp_path, cli_env, algo):
-    """Stopped by SIGUSR1 after its first log line, resumed with the same world: it
-    continues from the checkpoint (parameters, optimizer, counters), reports the unrolls
-    it lost, and ends at exactly its budget. (60,000 env steps: the signal lands ~1.5 s
-    into training, a few thousand steps here; 150,000 only made the resume longer.)"""
+    """Stopped as by SIGUSR1 once each actor has taken 5,000 of its 20,000 env steps,
+    resumed with the same world: it continues from the checkpoint (parameters, optimizer,
+    counters), reports the unrolls it lost, and ends at exactly its budget."""
     run_dir = tmp_path / "run"
     args = (CONFIGS[algo], "--run-dir", str(run_dir), "--total-env-steps", "60000")
     train_until_interrupted(
-        cli_env, 4, *args, "--set", "eval_episodes=0", "--set", "log_interval_s=0.5"
+        cli_env,
+        4,
+        *args,
+        *("--set", "eval_episodes=0", "--set", "log_interval_s=0.5"),
+        after_env_steps=5000,
     )
     with h5py.File(run_dir / "run.h5", "r") as f:
         assert f.attrs["status"] == "interrupted"

@@ -26,6 +26,8 @@ def _config(name: str) -> str:
 # (ranks, train arguments): tiny budgets, a log row every 0.05 s so that keys such as the
 # losses and the learning rate appear after the first rows (DQN learns only after 2500 of
 # its 3000 env steps: its first rows come before any update, even on a loaded machine).
+# Q-learning's budget is what lasts ~0.9 s on a 2-core VM: 40,000 steps took 0.2 s there
+# and once made fewer than the 3 rows the test asks for.
 RUNS = {
     "ppo": (2, [_config("cartpole-ppo.yaml"), "--total-env-steps", "4096"]),
     "dqn": (
@@ -44,7 +46,7 @@ RUNS = {
         [
             _config("frozenlake8x8-qlearning.yaml"),
             "--total-env-steps",
-            "40000",
+            "200000",
             "--set",
             "layout=ps",
         ],

@@ -184,6 +184,7 @@ def test_exponent_notation_override_is_accepted():
         ("exploration", "softmax"),
         ("env_id", ""),
         ("debug.fail_after_env_steps", -5),
+        ("debug.preempt_after_env_steps", -1),
     ],
 )
 def test_out_of_range_names_the_key(key, value):

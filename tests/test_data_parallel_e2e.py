@@ -124,7 +124,11 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, cli_env, algo, s
     ]
     reference = run_hpcrl(cli_env, 2, "train", *args, "--run-dir", str(tmp_path / "ref"))
     assert reference.returncode == 0, reference.stderr[-4000:]
-    train_until_interrupted(cli_env, 2, *args, "--run-dir", str(tmp_path / "int"))
+    # stopped half-way through each rank's share, after updates (DQN's start at 1,000)
+    half = steps // 2 // 2
+    train_until_interrupted(
+        cli_env, 2, *args, "--run-dir", str(tmp_path / "int"), after_env_steps=half
+    )
     resumed = run_hpcrl(cli_env, 2, "train", "--resume", str(tmp_path / "int"))
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "exactly" in resumed.stdout
@@ -149,6 +153,7 @@ def test_ppo_checkpoint_on_2_ranks_resumes_on_4(tmp_path, cli_env):
         str(REPO / "configs" / "cartpole-ppo.yaml"),
         *("--run-dir", str(run_dir), "--total-env-steps", str(steps)),
         *("--set", "eval_episodes=0", "--set", "log_interval_s=0.5"),
+        after_env_steps=5000,
     )
     resumed = run_hpcrl(cli_env, 4, "train", "--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-4000:]

@@ -44,7 +44,10 @@ def test_interrupted_on_4_ranks_resumed_on_2_completes_the_budget(tmp_path, cli_
     budget = 1_200_000
     run_dir = tmp_path / "run"
     train_until_interrupted(
-        cli_env, 4, "--run-dir", str(run_dir), "--total-env-steps", str(budget), *ARGS
+        cli_env,
+        4,
+        *("--run-dir", str(run_dir), "--total-env-steps", str(budget), *ARGS),
+        after_env_steps=budget // 4 // 3,
     )
     meta, names = _shards(run_dir)
     assert meta["shards"] == 4 and 0 < meta["env_steps"] < budget

@@ -62,6 +62,9 @@ class DebugConfig:
     fail_after_env_steps: int = 0  # ... once that rank has taken this many env steps
     slow_rank: int = -1  # make this rank a straggler (-1: none; data-parallel layout)
     slow_step_s: float = 0.0  # ... by sleeping this long before each of its vector steps
+    # a fresh run's acting ranks each request preemption, as SIGUSR1 would, once they have
+    # taken this many env steps (0: never; a resumed run never does)
+    preempt_after_env_steps: int = 0
 
     def validate(self) -> None:
         _check(
@@ -71,6 +74,12 @@ class DebugConfig:
             "an integer >= 0",
         )
         _check(self.slow_step_s >= 0, "debug.slow_step_s", self.slow_step_s, "seconds >= 0")
+        _check(
+            self.preempt_after_env_steps >= 0,
+            "debug.preempt_after_env_steps",
+            self.preempt_after_env_steps,
+            "an integer >= 0",
+        )
 
 
 @dataclass

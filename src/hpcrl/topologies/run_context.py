@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from mpi4py import MPI
 
+from hpcrl import preemption
 from hpcrl.config import Config
 from hpcrl.envs import EnvStepper, make_vector_env
 from hpcrl.storage.runfile import RunFile
@@ -150,12 +151,18 @@ class RunContext:
         return EnvStepper(envs, env_seed)
 
     def maybe_fail(self, env_steps: int) -> None:
-        """Test-only fault injection (`debug.fail_rank`, `debug.fail_after_env_steps`)."""
+        """Test-only fault injection: `debug.fail_rank` raises after
+        `debug.fail_after_env_steps`; `debug.preempt_after_env_steps` sets this rank's
+        preemption flag as SIGUSR1 would (`preemption.request`), in a fresh run only, so
+        that a test interrupts a run at a point that does not depend on the machine's speed."""
         debug = self.cfg.run.debug
         if self.rank == debug.fail_rank and env_steps >= debug.fail_after_env_steps:
             raise RuntimeError(
                 f"debug.fail_rank={debug.fail_rank}: injected failure after {env_steps} env steps"
             )
+        after = debug.preempt_after_env_steps
+        if after and self.resume is None and env_steps >= after and not preemption.requested():
+            preemption.request()
 
     def slow_step_s(self) -> float:
         """Test-only straggler delay before each vector step of this rank (`debug.slow_rank`)."""
