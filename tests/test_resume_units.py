@@ -16,7 +16,7 @@ from hpcrl import preemption
 from hpcrl.config import build_config, resume_conflicts
 from hpcrl.envs import EnvStepper, capture_env_state, make_env, make_vector_env
 from hpcrl.errors import CheckpointError, UserError
-from hpcrl.state import generator_state, set_generator_state
+from hpcrl.state import generator_state, generator_state_before, set_generator_state
 from hpcrl.storage.checkpoints import (
     CheckpointFormatError,
     list_checkpoints,
@@ -56,6 +56,22 @@ def test_generator_state_round_trip_continues_the_stream():
 def test_generator_state_refuses_other_bit_generators():
     with pytest.raises(TypeError, match="MT19937"):
         generator_state(np.random.Generator(np.random.MT19937(0)))
+    with pytest.raises(TypeError, match="MT19937"):
+        generator_state_before(np.random.Generator(np.random.MT19937(0)), 1)
+
+
+@pytest.mark.parametrize("draws", [1, 256, 10_000])
+def test_generator_state_before_is_the_state_that_many_float64_draws_ago(draws):
+    """What `TableVectorEnv.capture_state` stores: the state a block was drawn from."""
+    rng = np.random.default_rng(5)
+    rng.random(17)
+    rng.integers(0, 2**31, 3, dtype=np.uint32)  # leaves a buffered uint32
+    before = generator_state(rng)
+    rng.random(draws)
+    now = generator_state(rng)
+    assert np.array_equal(generator_state_before(rng, draws), before)
+    assert np.array_equal(generator_state(rng), now)  # rng itself unchanged
+    assert not np.array_equal(generator_state_before(rng, draws - 1 or 2), before)
 
 
 @pytest.mark.parametrize("env_id", CAPTURED_ENVS)

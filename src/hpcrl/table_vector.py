@@ -37,7 +37,7 @@ from gymnasium.vector.utils import batch_space
 
 from hpcrl import frozen_lake  # noqa: F401 - registers hpcrl/FrozenLake-v0
 from hpcrl.errors import UserError
-from hpcrl.state import generator_state, set_generator_state
+from hpcrl.state import generator_state_before, set_generator_state
 
 BLOCK = 256  # uniforms drawn per copy at a time
 
@@ -163,10 +163,10 @@ class TableVectorEnv(VectorEnv):
         self.model = model.sampler
         self.initial_cum = self.model.initial_cum
         self.rngs: list[np.random.Generator] = []
-        # Each copy's current block of uniforms, drawn from the generator state kept in
-        # block_start (so a checkpoint stores 6 words per copy, not the block).
+        # Each copy's current block of uniforms; a checkpoint stores the generator state
+        # it was drawn from (6 words per copy, not the block), taken back from the
+        # generator's state only then (`capture_state`), not at every refill.
         self.uniforms = np.zeros((num_envs, BLOCK))
-        self.block_start = np.zeros((num_envs, 6), dtype=np.uint64)
         self.next_uniform = np.full(num_envs, BLOCK, dtype=np.int64)
         self.state = np.zeros(num_envs, dtype=np.int64)
         self.elapsed = np.zeros(num_envs, dtype=np.int64)
@@ -175,7 +175,6 @@ class TableVectorEnv(VectorEnv):
     # -- random numbers ------------------------------------------------------------------
 
     def _refill(self, c: int) -> None:
-        self.block_start[c] = generator_state(self.rngs[c])
         self.uniforms[c] = self.rngs[c].random(BLOCK)
         self.next_uniform[c] = 0
 
@@ -258,7 +257,9 @@ class TableVectorEnv(VectorEnv):
         uniforms was drawn from, as `hpcrl.state.generator_state`; (B, 3) float64 of the
         MDP state, the episode's step count and the next uniform's index in the block)."""
         values = np.stack([self.state, self.elapsed, self.next_uniform], axis=1)
-        return self.block_start.copy(), values.astype(np.float64)
+        # every generator is BLOCK draws past its block's start (`_refill`)
+        starts = np.stack([generator_state_before(rng, BLOCK) for rng in self.rngs])
+        return starts, values.astype(np.float64)
 
     def restore_state(self, rng: np.ndarray, values: np.ndarray) -> None:
         """Undo `capture_state` (after a `reset`): each block is drawn again from its state."""
