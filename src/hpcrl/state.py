@@ -35,7 +35,8 @@ def generator_state(rng: np.random.Generator) -> np.ndarray:
 
 # numpy's PCG64 (XSL-RR 128/64) steps its 128-bit state s -> a s + inc (mod 2^128) once per
 # 64-bit draw, with this multiplier (numpy `random/src/pcg64/pcg64.h`,
-# PCG_DEFAULT_MULTIPLIER_128; O'Neill 2014, "PCG", section 4.3).
+# PCG_DEFAULT_MULTIPLIER_HIGH and _LOW; O'Neill 2014, "PCG: A Family of Simple Fast
+# Space-Efficient Statistically Good Algorithms for Random Number Generation").
 _PCG64_MULTIPLIER = 0x2360ED051FC65DA44385DF649FCCF645
 _MASK128 = (1 << 128) - 1
 
