@@ -17,22 +17,6 @@ import numpy as np
 _MASK64 = (1 << 64) - 1
 
 
-def generator_state(rng: np.random.Generator) -> np.ndarray:
-    """The state of a PCG64 `Generator` as (6,) uint64.
-
-    Raises:
-        TypeError: the generator's bit generator is not PCG64.
-    """
-    state = rng.bit_generator.state
-    if state["bit_generator"] != "PCG64":
-        raise TypeError(f"cannot capture a {state['bit_generator']} generator: expected PCG64")
-    s, inc = state["state"]["state"], state["state"]["inc"]
-    return np.array(
-        [s >> 64, s & _MASK64, inc >> 64, inc & _MASK64, state["has_uint32"], state["uinteger"]],
-        dtype=np.uint64,
-    )
-
-
 # numpy's PCG64 (XSL-RR 128/64) steps its 128-bit state s -> a s + inc (mod 2^128) once per
 # 64-bit draw, with this multiplier (numpy `random/src/pcg64/pcg64.h`,
 # PCG_DEFAULT_MULTIPLIER_HIGH and _LOW; O'Neill 2014, "PCG: A Family of Simple Fast
@@ -72,6 +56,15 @@ def generator_state_before(rng: np.random.Generator, draws: int) -> np.ndarray:
         [s >> 64, s & _MASK64, inc >> 64, inc & _MASK64, state["has_uint32"], state["uinteger"]],
         dtype=np.uint64,
     )
+
+
+def generator_state(rng: np.random.Generator) -> np.ndarray:
+    """The state of a PCG64 `Generator` as (6,) uint64 (`generator_state_before` 0 draws).
+
+    Raises:
+        TypeError: the generator's bit generator is not PCG64.
+    """
+    return generator_state_before(rng, 0)
 
 
 def set_generator_state(rng: np.random.Generator, array: np.ndarray) -> None:
