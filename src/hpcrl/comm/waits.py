@@ -114,11 +114,11 @@ def gather_rows(
     """Concatenate every rank's 1-D `rows` (any count, same dtype) on `root`, in rank order.
 
     Returns:
-        The concatenation on `root`, None elsewhere.
+        The concatenation on `root` (on one rank, `rows` itself, not a copy), None elsewhere.
     """
     rows = np.ascontiguousarray(rows)
     if comm.Get_size() == 1:
-        return rows.copy()
+        return rows
     counts = np.zeros(comm.Get_size(), dtype=np.int64)
     counts[comm.Get_rank()] = rows.size
     allreduce_sum(comm, counts, watchdog_s)

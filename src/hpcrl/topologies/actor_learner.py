@@ -572,8 +572,7 @@ def _log(ctx, server: UnrollLearner, group, reporter, metrics: dict, since: floa
     if reporter is None:
         return
     elapsed = max(time.perf_counter() - since, 1e-9)
-    rows = rows.reshape(-1, 5)
-    reporter.add_episodes(rows[np.argsort(rows[:, 2], kind="stable")])
+    reporter.add_episodes(rows.reshape(-1, 5))
     extra = {"learner_updates": int(server.learner.learner_updates)}
     learners = group.Get_size()
     extra |= _metrics(stats, learners, elapsed, row[5] / elapsed)

@@ -836,8 +836,7 @@ class ReplayLearner:
     def log(self, force: bool = False) -> None:
         if not (force or self.reporter.due() or self.peval.pending):
             return
-        rows = self.stats.episodes.take()
-        self.reporter.add_episodes(rows[np.argsort(rows[:, 2], kind="stable")])
+        self.reporter.add_episodes(self.stats.episodes.take())
         extra = {"learner_updates": int(self.learner.learner_updates)}
         extra |= self.stats.metrics()
         extra |= {k: float(v) for k, v in self.metrics.items()} | self.peval.take()

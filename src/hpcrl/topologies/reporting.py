@@ -95,15 +95,24 @@ def gather_and_log(
     sorted by env steps: rank order, then env copy, within one step) and a metrics row."""
     rows = gather_rows(ctx.comm, episodes.take().reshape(-1), 0, ctx.watchdog_s)
     if reporter is not None:
-        rows = rows.reshape(-1, len(EPISODE_COLUMNS))
-        reporter.add_episodes(rows[np.argsort(rows[:, 2], kind="stable")])
+        reporter.add_episodes(rows.reshape(-1, len(EPISODE_COLUMNS)))
         reporter.log(global_steps, extra)
 
 
 def episode_columns(rows: np.ndarray) -> dict[str, np.ndarray]:
-    """(n, 5) float64 rows -> the `/episodes` columns with their dtypes."""
-    fields = EPISODE_FIELDS.items()
-    return {name: rows[:, i].astype(dtype) for i, (name, dtype) in enumerate(fields)}
+    """(n, 5) float64 rows of `EPISODE_COLUMNS`, in any order -> the `/episodes` columns
+    with their dtypes, stably sorted by env steps (column 2): rows of one env step keep
+    their order (as gathered: rank order, then env copy). One pass per column; rows
+    already in order (one rank's, or one actor's) are not sorted."""
+    steps = rows[:, 2]
+    order = None
+    if len(rows) > 1 and not (steps[1:] >= steps[:-1]).all():
+        order = np.argsort(steps, kind="stable")
+    columns = {}
+    for i, (name, dtype) in enumerate(EPISODE_FIELDS.items()):
+        column = rows[:, i] if order is None else np.take(rows[:, i], order)
+        columns[name] = column.astype(dtype, copy=order is None)
+    return columns
 
 
 class Reporter:
@@ -148,23 +157,26 @@ class Reporter:
         return self.solved_at is not None
 
     def add_episodes(self, rows: np.ndarray) -> None:
-        """Write finished episodes, (n, 5) float64 rows of `EPISODE_COLUMNS` in env-step
-        order; with `stop_at_return` set, the first row at which the mean return of the last
-        `SOLVED_WINDOW` episodes reaches it marks the run solved."""
+        """Write finished episodes, (n, 5) float64 rows of `EPISODE_COLUMNS` in any order
+        (written in env-step order, `episode_columns`); with `stop_at_return` set, the
+        first episode at which the mean return of the last `SOLVED_WINDOW` episodes
+        reaches it marks the run solved."""
         if len(rows):
-            self.run_file.append_episodes(**episode_columns(rows))
+            columns = episode_columns(rows)
+            self.run_file.append_episodes(**columns)
+            returns, steps = columns["return"], columns["env_steps"]
             target = self.ctx.cfg.run.stop_at_return
             if target is not None and not self.solved:
                 before = list(self.recent_returns)[-(SOLVED_WINDOW - 1) :]
-                returns = np.concatenate([before, rows[:, 0]])
-                end = threshold_crossing(returns, target)
+                window = np.concatenate([before, returns])
+                end = threshold_crossing(window, target)
                 if end is not None:
-                    mean = float(np.mean(returns[end - SOLVED_WINDOW + 1 : end + 1]))
-                    self.solved_at = (int(rows[end - len(before), 2]), mean)
-            self.recent_returns.extend(rows[:, 0].tolist())
+                    mean = float(np.mean(window[end - SOLVED_WINDOW + 1 : end + 1]))
+                    self.solved_at = (int(steps[end - len(before)]), mean)
+            self.recent_returns.extend(returns[-self.recent_returns.maxlen :].tolist())
             self.episodes += len(rows)
             if self.events is not None:
-                self.events.episodes(rows[:, 0], rows[:, 2], rows[:, 3])
+                self.events.episodes(returns, steps, columns["wall_time"])
 
     def log(self, env_steps: int, extra: dict | None = None) -> None:
         now = time.perf_counter()
