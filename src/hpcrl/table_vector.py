@@ -7,7 +7,8 @@ Python wrapper stack.
 Exact mode (the only mode, hence the default: a faster mode that drew its random numbers
 otherwise would change every run of these envs; the blocks below already make stepping
 a few array operations): every copy keeps its own generator, seeded as gymnasium
-seeds a copy (`gymnasium.utils.seeding.np_random(seed + i)`, PCG64 from a `SeedSequence`),
+seeds a copy (`gymnasium.utils.seeding.np_random(seed + i)`, PCG64 from a `SeedSequence`;
+`hpcrl.seeding` makes the same generators for all copies at once),
 and draws from it exactly what gymnasium's env draws: one uniform per reset and one per
 step, turned into an outcome by gymnasium's rule (`toy_text.utils.categorical_sample`:
 the first index whose cumulative probability exceeds the uniform, index 0 if none does).
@@ -37,6 +38,7 @@ from gymnasium.vector.utils import batch_space
 
 from hpcrl import frozen_lake  # noqa: F401 - registers hpcrl/FrozenLake-v0
 from hpcrl.errors import UserError
+from hpcrl.seeding import np_random_generators
 from hpcrl.state import generator_state_before, set_generator_state
 
 BLOCK = 256  # uniforms drawn per copy at a time
@@ -175,7 +177,7 @@ class TableVectorEnv(VectorEnv):
     # -- random numbers ------------------------------------------------------------------
 
     def _refill(self, c: int) -> None:
-        self.uniforms[c] = self.rngs[c].random(BLOCK)
+        self.rngs[c].random(out=self.uniforms[c])  # BLOCK draws
         self.next_uniform[c] = 0
 
     def _draw(self, copies: np.ndarray) -> np.ndarray:
@@ -207,7 +209,7 @@ class TableVectorEnv(VectorEnv):
                 seeds = [seed + i for i in range(self.num_envs)]
             else:
                 seeds = list(seed)
-            self.rngs = [gym.utils.seeding.np_random(s)[0] for s in seeds]
+            self.rngs = np_random_generators(seeds)  # np_random(s) for each, at once
             for c in range(self.num_envs):
                 self._refill(c)
         self.state = self._initial_states(self._rows)
