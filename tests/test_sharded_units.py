@@ -9,13 +9,18 @@ import h5py
 import numpy as np
 import pytest
 
-from hpcrl.algos.qlearning import step_towards_mean_targets, update_towards
+from hpcrl.algos.qlearning import (
+    QLearningConfig,
+    QLearningLearner,
+    step_towards_mean_targets,
+    update_towards,
+)
 from hpcrl.algos.tabular import sum_by_pair
 from hpcrl.config import build_config
 from hpcrl.errors import ConfigError, UserError
 from hpcrl.storage import checkpoints as ckpt
 from hpcrl.topologies import make_topology
-from hpcrl.topologies.sharded import ShardMap
+from hpcrl.topologies.sharded import ShardExchange, ShardMap
 
 
 @pytest.mark.parametrize(("n_states", "world"), [(64, 1), (64, 4), (23, 4), (5, 5), (7, 3)])
@@ -97,6 +102,37 @@ def test_the_sharded_step_moves_each_pair_once_towards_its_mean_target(seed):
         0.3,
     )
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_states", [5, 40])
+def test_one_ranks_dense_rounds_give_the_sparse_rounds_floats(n_states):
+    """On one rank a small table's round is dense (whole-table sums and counts, one
+    masked step); it must return the rows and leave the table bit-identical to the
+    sparse round's distinct-pair step, duplicates and empty rounds included."""
+    from mpi4py import MPI
+
+    n_actions = 3
+    exchanges = []
+    for batch in (0, 10**6):
+        learner = QLearningLearner(QLearningConfig(alpha=0.5, alpha_end=0.1), n_states, n_actions)
+        learner.q_table[:] = np.random.default_rng(3).normal(size=(n_states, n_actions))
+        shards = ShardMap(n_states, 1)
+        exchanges.append(ShardExchange(MPI.COMM_SELF, shards, learner, 60.0, batch=batch))
+    sparse, dense = exchanges
+    assert dense.dense and not sparse.dense
+    rng = np.random.default_rng(11)
+    for round_ in range(8):
+        count = 0 if round_ == 2 else 50
+        obs = rng.integers(0, n_states, count)
+        actions = rng.integers(0, n_actions, count)
+        targets = rng.normal(size=count)
+        requests = rng.integers(0, n_states, 30)
+        progress = round_ / 8
+        rows_sparse, inverse_sparse = sparse.round(obs, actions, targets, progress, requests)
+        rows_dense, inverse_dense = dense.round(obs, actions, targets, progress, requests)
+        np.testing.assert_array_equal(rows_dense[inverse_dense], rows_sparse[inverse_sparse])
+        np.testing.assert_array_equal(dense.learner.q_table, sparse.learner.q_table)
+    assert dense.learner.learner_updates == sparse.learner.learner_updates == 8
 
 
 def test_update_towards_an_empty_batch_changes_nothing():

@@ -312,6 +312,16 @@ class QLearningLearner:
         )
         self.learner_updates += 1
 
+    def update_towards_dense(self, target_sums, counts, progress: float, table=None) -> None:
+        """`update_towards` given as (S, A) float64 sums of targets and their counts (0
+        where a pair has none), applied to `table` ((S, A) float64, the `sharded` layout's
+        copy of the whole table; default this learner's table): every pair with a count
+        moves once, with the floats of `step_towards_mean_targets` on those pairs."""
+        q_table = self.q_table if table is None else table
+        has = counts > 0
+        q_table[has] += self.alpha(progress) * (target_sums[has] / counts[has] - q_table[has])
+        self.learner_updates += 1
+
 
 def make_learner(
     cfg: QLearningConfig, observation_space, action_space, num_envs=1, world_size=1, seed=0

@@ -147,13 +147,16 @@ class ShardExchange:
         self.watchdog_s = watchdog_s
         n_states = shards.n_states
         dense_floats = self.size * 2 * n_states * self.n_actions
-        self.dense = self.size > 1 and dense_floats <= 4 * batch
+        self.dense = dense_floats <= 4 * batch
         self._posted = None
         self._request = None
         if self.dense:  # the dense round's buffers, kept from round to round
             self._send = np.zeros((2, n_states, self.n_actions))
-            self._received = np.zeros((self.size, 2, n_states, self.n_actions))
-            self._table = None  # the whole table, gathered at the first round
+            self._received = (
+                np.zeros((self.size, 2, n_states, self.n_actions)) if self.size > 1 else None
+            )
+            # the whole table: on one rank the shard itself, else gathered at the first round
+            self._table = learner.q_table if self.size == 1 else None
             self._mine = shards.states(comm.Get_rank())
 
     def round(
@@ -188,28 +191,32 @@ class ShardExchange:
         that the rank can step its envs while they travel and while a slower rank
         catches up; `complete` must follow before any other exchange."""
         n_states, n_actions = self.shards.n_states, self.n_actions
+        if self.dense:
+            if self._table is None:
+                self._table = self._gather_table()
+            # every (s, a)'s sum of targets (in batch order, as `sum_by_pair`) and count
+            flat, size = obs * n_actions + actions, n_states * n_actions
+            sums = np.bincount(flat, weights=targets, minlength=size)
+            self._send[0] = sums.reshape(n_states, n_actions)
+            self._send[1] = np.bincount(flat, minlength=size).reshape(n_states, n_actions)
+            if self.size > 1:
+                self._request = self.comm.Iallgather(self._send, self._received)
+            return
         obs, actions, (sums, counts) = sum_by_pair(
             n_states, n_actions, obs, actions, targets, np.ones(len(targets))
         )
         self._posted = (obs, actions, sums, counts)
-        if self.dense:
-            if self._table is None:
-                self._table = self._gather_table()
-            self._send[:] = 0.0
-            self._send[0, obs, actions] = sums
-            self._send[1, obs, actions] = counts
-            self._request = self.comm.Iallgather(self._send, self._received)
 
     def complete(self, progress: float, requests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The second half of a round (`progress`, `requests` and the result as `round`'s)."""
         size, n_actions, n_states = self.size, self.n_actions, self.shards.n_states
-        obs, actions, sums, counts = self._posted
         unique, inverse = _distinct(requests, n_states)
+        if self.dense:
+            return self._complete_dense(progress, unique), inverse
+        obs, actions, sums, counts = self._posted
         if size == 1:
             self.learner.update_towards(obs, actions, sums, counts, progress)
             return self.learner.q_table[unique], inverse
-        if self.dense:
-            return self._complete_dense(progress, unique), inverse
         records = np.empty((len(obs) + len(unique), 4), dtype=np.float64)
         records[: len(obs), 0] = obs // size
         records[: len(obs), 1] = actions
@@ -254,21 +261,18 @@ class ShardExchange:
         rank in one `Iallgather` (`post`); each rank adds them in rank order, as an owner
         adds the partial sums of a sparse round, and steps its copy of the whole table,
         so every copy and every shard keeps the floats of the sparse round
-        (`tests/test_sharded_mpi.py`). Returns the rows of `unique`."""
-        self._wait(self._request, "the shard exchange")
-        self._request = None
-        # numpy adds along the first axis slab by slab, in rank order; + 0.0 is exact
-        total = self._received.sum(axis=0)
-        rows, actions = np.nonzero(total[1])
-        # the learner steps this rank's copy of the whole table, then its shard is those rows
-        shard, self.learner.q_table = self.learner.q_table, self._table
-        try:
-            self.learner.update_towards(
-                rows, actions, total[0, rows, actions], total[1, rows, actions], progress
-            )
-        finally:
-            self.learner.q_table = shard
-        shard[:] = self._table[self._mine]
+        (`tests/test_sharded_mpi.py`; on one rank, the shard is the table and nothing
+        moves). Returns the rows of `unique`."""
+        if self.size == 1:
+            total = self._send
+        else:
+            self._wait(self._request, "the shard exchange")
+            self._request = None
+            # numpy adds along the first axis slab by slab, in rank order; + 0.0 is exact
+            total = self._received.sum(axis=0)
+        self.learner.update_towards_dense(total[0], total[1], progress, self._table)
+        if self.size > 1:  # this rank's shard is those rows of its copy
+            self.learner.q_table[:] = self._table[self._mine]
         return self._table[unique]
 
     def _gather_table(self) -> np.ndarray:
