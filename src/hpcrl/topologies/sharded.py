@@ -26,10 +26,13 @@ and world size. After the last step one more round sends the last targets.
 Dense rounds, for a table small next to the round's records (N * 2 * S * A float64 <= 4
 float64 per env copy; FrozenLake 8x8 on 2 ranks from 256 copies a rank): steps 1-4 give
 way to one `Allgather` of every rank's (2, S, A) target sums and counts, zeros where the
-rank has none, posted before the rank steps its envs so that it travels, and a slower
-rank catches up, meanwhile (`ShardExchange.post`). Every rank then adds them in rank
-order, as an owner does, and steps its own copy of the whole table, gathered once at the
-first round; its shard is that copy's rows. One meeting per vector step instead of three,
+rank has none (two `bincount`s of its batch), posted before the rank steps its envs so
+that it travels, and a slower rank catches up, meanwhile (`ShardExchange.post`). Every
+rank then adds them in rank order, as an owner does, and steps its own copy of the whole
+table, gathered once at the first round, in one masked step over the pairs with a count
+(`QLearningLearner.update_towards_dense`); its shard is that copy's rows. On one rank
+the shard is the table, and a round is those two steps with nothing sent. One meeting
+per vector step instead of three,
 overlapped with the env step, no sort and no counts, and the same floats as the sparse
 round (the zeros add exactly; `tests/test_sharded_mpi.py` compares them bit for bit). On
 2 ranks of FrozenLake 8x8 with 8,192 copies a rank it about halved the time a rank waits
