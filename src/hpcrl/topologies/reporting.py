@@ -9,10 +9,11 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 import numpy as np
+from mpi4py import MPI
 
 from hpcrl.analysis.stats import SOLVED_WINDOW, threshold_crossing
 from hpcrl.comm.protocol import ActorHeader
-from hpcrl.comm.waits import gather_rows
+from hpcrl.comm.waits import allreduce_sum, wait_all
 from hpcrl.envs import StepBatch
 from hpcrl.progress import Progress
 from hpcrl.storage.runfile import EPISODE_FIELDS
@@ -20,7 +21,8 @@ from hpcrl.storage.runfile import EPISODE_FIELDS
 if TYPE_CHECKING:
     from hpcrl.topologies.run_context import RunContext
 
-# below 2**53).
+# Episodes travel as float64 rows of these columns: lengths, env steps and ranks are
+# integers below 2**53, so exact.
 EPISODE_COLUMNS = tuple(EPISODE_FIELDS)
 
 
@@ -83,6 +85,31 @@ class EpisodeRows:
         self.chunks = []
         return rows
 
+    def gather(self, comm, root: int, watchdog_s: float) -> np.ndarray | None:
+        """Collective: every rank's pending rows, concatenated in rank order on `root`
+        ((n, 5) float64; None elsewhere), and forget them. The root's own chunks are
+        copied straight into their place in the result (`MPI.IN_PLACE`), one pass over
+        them instead of two (`hpcrl.comm.waits.gather_rows`)."""
+        if comm.Get_size() == 1:
+            return self.take()
+        width = len(EPISODE_COLUMNS)
+        mine = sum(len(chunk) for chunk in self.chunks)
+        counts = np.zeros(comm.Get_size(), dtype=np.int64)
+        counts[comm.Get_rank()] = mine * width
+        allreduce_sum(comm, counts, watchdog_s)
+        if comm.Get_rank() != root:
+            rows = self.take().reshape(-1)
+            wait_all([comm.Igatherv(rows, None, root=root)], comm, "Gatherv", watchdog_s)
+            return None
+        out = np.empty((int(counts.sum()) // width, width), dtype=np.float64)
+        start = int(counts[:root].sum()) // width
+        if self.chunks:
+            np.concatenate(self.chunks, out=out[start : start + mine])
+        self.chunks = []
+        request = comm.Igatherv(MPI.IN_PLACE, [out.reshape(-1), counts], root=root)
+        wait_all([request], comm, "Gatherv", watchdog_s)
+        return out
+
 
 def gather_and_log(
     ctx: RunContext,
@@ -93,25 +120,30 @@ def gather_and_log(
 ) -> None:
     """Collective: every rank's finished episodes to rank 0, which writes them (stably
     sorted by env steps: rank order, then env copy, within one step) and a metrics row."""
-    rows = gather_rows(ctx.comm, episodes.take().reshape(-1), 0, ctx.watchdog_s)
+    rows = episodes.gather(ctx.comm, 0, ctx.watchdog_s)
     if reporter is not None:
-        reporter.add_episodes(rows.reshape(-1, len(EPISODE_COLUMNS)))
+        reporter.add_episodes(rows)
         reporter.log(global_steps, extra)
 
 
 def episode_columns(rows: np.ndarray) -> dict[str, np.ndarray]:
     """(n, 5) float64 rows of `EPISODE_COLUMNS`, in any order -> the `/episodes` columns
     with their dtypes, stably sorted by env steps (column 2): rows of one env step keep
-    their order (as gathered: rank order, then env copy). One pass per column; rows
-    already in order (one rank's, or one actor's) are not sorted."""
+    their order (as gathered: rank order, then env copy). One pass per column, which
+    also casts it (its values are exact in float64); rows already in order (one rank's,
+    or one actor's) are not sorted."""
     steps = rows[:, 2]
     order = None
     if len(rows) > 1 and not (steps[1:] >= steps[:-1]).all():
         order = np.argsort(steps, kind="stable")
     columns = {}
     for i, (name, dtype) in enumerate(EPISODE_FIELDS.items()):
-        column = rows[:, i] if order is None else np.take(rows[:, i], order)
-        columns[name] = column.astype(dtype, copy=order is None)
+        column = np.empty(len(rows), dtype=dtype)
+        if order is None:
+            column[:] = rows[:, i]
+        else:
+            np.take(rows[:, i], order, out=column)
+        columns[name] = column
     return columns
 
 
