@@ -96,3 +96,30 @@ def test_dense_and_sparse_rounds_give_the_same_floats(n_states):
         rows_dense, inverse_dense = dense.round(obs, actions, targets, 0.0, requests)
         np.testing.assert_array_equal(rows_dense[inverse_dense], rows_sparse[inverse_sparse])
         np.testing.assert_array_equal(dense.learner.q_table, sparse.learner.q_table)
+
+
+def test_a_dense_round_carries_the_votes_summed_over_the_ranks():
+    """The votes of a sync step ride in its dense round (`ShardExchange.post`): after
+    `complete` every rank holds their sums; a round posted without votes keeps them."""
+    from mpi4py import MPI
+
+    from hpcrl.topologies.sync_points import Vote, vote_buffer
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    n_states, n_actions = 3, 2
+    shards = ShardMap(n_states, size)
+    learner = QLearningLearner(QLearningConfig(), shards.rows(rank), n_actions)
+    exchange = ShardExchange(comm, shards, learner, watchdog_s=60.0, batch=10**6)
+    assert exchange.dense
+    votes = vote_buffer()
+    votes[Vote.LOG] = 1.0 if rank == 0 else 0.0
+    votes[Vote.STOP] = 1.0 if rank == size - 1 else 0.0
+    votes[Vote.CHECKPOINT] = rank
+    obs, actions, targets, requests = _batch(0, rank, n_states, n_actions)
+    exchange.post(obs, actions, targets, votes)
+    exchange.complete(0.0, requests)
+    expected = [1.0, size * (size - 1) / 2, 1.0]
+    np.testing.assert_array_equal(exchange.votes, expected)
+    exchange.round(obs, actions, targets, 0.0, requests)  # no votes: the sums stand
+    np.testing.assert_array_equal(exchange.votes, expected)
