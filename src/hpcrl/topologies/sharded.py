@@ -48,10 +48,10 @@ greedy evaluation's (S,) int32 greedy actions (1 / (2A) of the table's bytes), g
 once at the end. An exchange round is not a stop point: every `sync_interval` vector steps
 the ranks' `Vote` flags, summed, decide logs, checkpoints and a stop, as in `allreduce`.
 A dense round carries them: each rank votes before it posts the sync step's round, and
-reads the sums when the round completes, so a sync point costs no meeting of its own (a
-blocking `Allreduce` there made the rank ahead wait for the other at every sync point:
-2-4% of a 2-rank run of FrozenLake 8x8). A sparse round's votes take one small
-`Allreduce` after it.
+reads the sums when the round completes, so a sync point costs no meeting of its own (at
+a blocking `Allreduce` there the rank ahead waited for the other, 0.02-0.15 s of a 1.8 s
+2-rank run of FrozenLake 8x8; `benchmarks/RESULTS.md`). A sparse round's votes take one
+small `Allreduce` after it.
 
 Checkpoints: each rank writes its shard, `checkpoints/step-<N>.shard-<k>.h5`, then rank 0
 writes `step-<N>.h5` with every rank's RNG, env and counter state and its pending round
