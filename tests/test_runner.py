@@ -73,6 +73,37 @@ def test_reporter_marks_solved_where_the_first_20_episode_window_reaches_stop_at
     assert sum(len(columns["return"]) for columns in written) == 54  # every row written
 
 
+def test_episode_columns_sort_stably_by_env_steps_and_cast_each_column():
+    """Rows of two ranks, each in order, come out by env steps, rank 0's before rank 1's
+    within a step and each rank's in its own order; rows already in order are unchanged.
+    The integer columns get their dtypes with their exact values."""
+    from hpcrl.storage.runfile import EPISODE_FIELDS
+    from hpcrl.topologies.reporting import episode_columns
+
+    def rank_rows(rank, steps):
+        rows = np.zeros((len(steps), 5))
+        rows[:, 0] = [10 * rank + i for i in range(len(steps))]  # return: identifies a row
+        rows[:, 1] = 2**40 + np.arange(len(steps))  # length: exact beyond int32
+        rows[:, 2] = steps
+        rows[:, 3] = 0.25
+        rows[:, 4] = rank
+        return rows
+
+    gathered = np.concatenate([rank_rows(0, [100, 200, 200, 300]), rank_rows(1, [200, 300])])
+    columns = episode_columns(gathered)
+    assert list(columns) == list(EPISODE_FIELDS)
+    assert [columns[name].dtype for name in columns] == [
+        np.dtype(t) for t in EPISODE_FIELDS.values()
+    ]
+    np.testing.assert_array_equal(columns["env_steps"], [100, 200, 200, 200, 300, 300])
+    np.testing.assert_array_equal(columns["return"], [0, 1, 2, 10, 3, 11])
+    np.testing.assert_array_equal(columns["rank"], [0, 0, 0, 1, 0, 1])
+    assert columns["length"][3] == 2**40  # rank 1's first row, exact
+    in_order = episode_columns(rank_rows(0, [100, 200, 200, 300]))
+    np.testing.assert_array_equal(in_order["return"], [0, 1, 2, 3])
+    assert all(column.flags.c_contiguous for column in in_order.values())
+
+
 def test_reporter_without_stop_at_return_never_marks_solved():
     reporter, _, _ = _reporter(None)
     reporter.add_episodes(_rows([500.0] * 40, 100))
