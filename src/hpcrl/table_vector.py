@@ -66,14 +66,26 @@ class PaddedTable:
                 self.reward[s, a, :k] = [row[2] for row in rows]
                 self.terminal[s, a, :k] = [row[3] for row in rows]
         self.initial_cum = np.cumsum(np.asarray(inner.initial_state_distrib, dtype=np.float64))
+        # each outcome's cumulative probabilities as a flat (S * A,) column: `sample` takes
+        # them a column at a time (a (B, W) gather and an argmax along its short axis cost
+        # 98 us at 8,192 copies, the columns 39 us)
+        self._columns = [np.ascontiguousarray(self.cum_prob[:, :, j]).ravel() for j in range(width)]
+        self._n_actions, self._width = n_actions, width
 
     def sample(self, states: np.ndarray, actions: np.ndarray, u: np.ndarray):
-        """(B,) states, actions, uniforms -> (next_state, reward, terminated), (B,) each."""
-        k = (self.cum_prob[states, actions] > u[:, None]).argmax(axis=1)
+        """(B,) states, actions, uniforms -> (next_state, reward, terminated), (B,) each.
+        The outcome is the first k whose cumulative probability exceeds u, 0 if none does
+        (`(cum_prob[s, a] > u).argmax()`, gymnasium's `categorical_sample`): the columns
+        from the last to the first, each one that exceeds u overwriting k."""
+        pair = states * self._n_actions + actions
+        k = np.zeros(len(pair), dtype=np.intp)
+        for j in range(self._width - 1, -1, -1):
+            np.copyto(k, j, where=np.take(self._columns[j], pair) > u)
+        outcome = pair * self._width + k  # flat index of (s, a, k): one take per array
         return (
-            self.next_state[states, actions, k],
-            self.reward[states, actions, k],
-            self.terminal[states, actions, k].copy(),
+            np.take(self.next_state.ravel(), outcome),
+            np.take(self.reward.ravel(), outcome),
+            np.take(self.terminal.ravel(), outcome),
         )
 
 

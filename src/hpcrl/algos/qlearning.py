@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hpcrl.algos.tabular import row_max, sum_by_pair
+from hpcrl.algos.tabular import row_max, sum_by_pair, table_rows
 from hpcrl.contracts import Algorithm
 from hpcrl.errors import ConfigError
 from hpcrl.schedules import linear_schedule
@@ -98,7 +98,7 @@ def q_learning_update(
         alpha: step size α in (0, 1].
         gamma: discount γ in [0, 1].
     """
-    targets = td_targets(rewards, q_table[next_obs], terminated, gamma)
+    targets = td_targets(rewards, table_rows(q_table, next_obs), terminated, gamma)
     update_towards(q_table, obs, actions, targets, alpha)
 
 
@@ -264,8 +264,8 @@ class QLearningPolicy:
         """
         value = self.exploration_value(progress)
         if self.cfg.exploration == "boltzmann":
-            return boltzmann(q_table[obs], value, self.rng)
-        return epsilon_greedy(q_table[obs], value, self.rng)
+            return boltzmann(table_rows(q_table, obs), value, self.rng)
+        return epsilon_greedy(table_rows(q_table, obs), value, self.rng)
 
 
 class QLearningLearner:

@@ -44,7 +44,7 @@ import numpy as np
 from mpi4py import MPI
 
 from hpcrl.algos import make_learner
-from hpcrl.algos.tabular import row_max
+from hpcrl.algos.tabular import row_max, table_rows
 from hpcrl.comm.waits import wait_all
 from hpcrl.contracts import LoopResult
 from hpcrl.errors import ConfigError
@@ -166,7 +166,7 @@ class _Rollout:
         rows = self.rows
         self.rows = 0
         next_obs = self.next_obs[:rows]
-        next_values = row_max(learner.q_table[next_obs.ravel()]).reshape(next_obs.shape)
+        next_values = row_max(table_rows(learner.q_table, next_obs.ravel())).reshape(next_obs.shape)
         # Watkins's cut: a return does not run through an exploratory action; it
         # bootstraps with max_a Q(s, a) at the state that action was taken in.
         cut = self.truncated[:rows].copy()

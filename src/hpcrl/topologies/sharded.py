@@ -73,7 +73,7 @@ from mpi4py import MPI
 
 from hpcrl import preemption
 from hpcrl.algos import make_learner
-from hpcrl.algos.tabular import sum_by_pair
+from hpcrl.algos.tabular import sum_by_pair, table_rows
 from hpcrl.comm.waits import allreduce_sum, wait_all
 from hpcrl.contracts import LoopResult
 from hpcrl.envs import discrete_sizes
@@ -480,7 +480,7 @@ def _run(ctx: RunContext) -> tuple[np.ndarray, bool]:
             rows = state["rows"]
     if rows is None:
         distinct, inverse = exchange.round(*pending, 0.0, stepper.obs)
-        rows = distinct[inverse]
+        rows = table_rows(distinct, inverse)
     votes = vote_buffer()
     recorder = TrajectoryRecorder(ctx)
     episodes = EpisodeRows()
@@ -508,10 +508,10 @@ def _run(ctx: RunContext) -> tuple[np.ndarray, bool]:
             distinct, inverse = exchange.complete(
                 progress, np.concatenate([batch.next_obs[:n], stepper.obs])
             )
-            next_rows = distinct[inverse[:n]]
+            next_rows = table_rows(distinct, inverse[:n])
             targets = learner.targets(batch.rewards[:n], next_rows, batch.terminated[:n])
             pending = (batch.obs[:n], batch.actions[:n], targets)
-            rows = distinct[inverse[n:]]
+            rows = table_rows(distinct, inverse[n:])
             recorder.record(batch, n)
             env_steps += n
             episodes.add_finished(batch, n, global_steps_after(t), ctx.elapsed_s(), ctx.rank)
