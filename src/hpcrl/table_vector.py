@@ -193,12 +193,20 @@ class TableVectorEnv(VectorEnv):
         self.next_uniform[c] = 0
 
     def _draw(self, copies: np.ndarray) -> np.ndarray:
-        """The next uniform of each copy in `copies` (indices, in order), (k,) float64."""
-        if copies.size and self.next_uniform[copies].max() >= BLOCK:
-            for c in copies[self.next_uniform[copies] >= BLOCK]:
+        """The next uniform of each copy in `copies` (indices, in order), (k,) float64.
+        Every copy (`copies` is `self._rows`, each step) reads `next_uniform` as it is
+        and takes from the flat blocks, with no fancy indexing."""
+        every = copies is self._rows
+        index = self.next_uniform if every else self.next_uniform[copies]
+        if copies.size and index.max() >= BLOCK:
+            for c in copies[index >= BLOCK]:
                 self._refill(int(c))
-        out = self.uniforms[copies, self.next_uniform[copies]]
-        self.next_uniform[copies] += 1
+            index = self.next_uniform if every else self.next_uniform[copies]
+        out = np.take(self.uniforms.reshape(-1), copies * BLOCK + index)
+        if every:
+            self.next_uniform += 1
+        else:
+            self.next_uniform[copies] += 1
         return out
 
     def _initial_states(self, copies: np.ndarray) -> np.ndarray:
