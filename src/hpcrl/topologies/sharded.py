@@ -166,6 +166,7 @@ class ShardExchange:
             self._width = 2 * n_states * self.n_actions + len(Vote)
             self._send = np.zeros(self._width)
             self._received = np.zeros((self.size, self._width)) if self.size > 1 else None
+            self._total = np.zeros(self._width)  # the received rows' sum
             # the whole table: on one rank the shard itself, else gathered at the first round
             self._table = learner.q_table if self.size == 1 else None
             self._mine = shards.states(comm.Get_rank())
@@ -189,9 +190,12 @@ class ShardExchange:
             requests: (R,) int64 states whose rows are wanted.
 
         Returns:
-            (rows, inverse): (D, n_actions) float64 rows Q(s, .) of the D distinct states
-            asked for and (R,) int64 indices into them, so `rows[inverse[i]]` is the row of
-            `requests[i]`; read after every rank's updates of this round were applied.
+            (rows, inverse): (D, n_actions) float64 rows and (R,) int64 indices into them,
+            so `rows[inverse[i]]` is the row Q(requests[i], .), read after every rank's
+            updates of this round were applied. A sparse round fetches each distinct state
+            asked for once (D of them); a dense round returns the whole table this rank
+            holds, read-only and valid until the next round, with `requests` as the
+            indices (no search for the distinct states).
         """
         self.post(obs, actions, targets)
         return self.complete(progress, requests)
@@ -230,9 +234,9 @@ class ShardExchange:
     def complete(self, progress: float, requests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The second half of a round (`progress`, `requests` and the result as `round`'s)."""
         size, n_actions, n_states = self.size, self.n_actions, self.shards.n_states
-        unique, inverse = _distinct(requests, n_states)
         if self.dense:
-            return self._complete_dense(progress, unique), inverse
+            return self._complete_dense(progress), requests
+        unique, inverse = _distinct(requests, n_states)
         obs, actions, sums, counts = self._posted
         if size == 1:
             self.learner.update_towards(obs, actions, sums, counts, progress)
@@ -276,20 +280,23 @@ class ShardExchange:
         by_state[np.argsort(unique % size, kind="stable")] = rows
         return by_state, inverse
 
-    def _complete_dense(self, progress: float, unique: np.ndarray) -> np.ndarray:
+    def _complete_dense(self, progress: float) -> np.ndarray:
         """A small table's round: every rank's (2, S, A) sums and counts came to every
         rank in one `Iallgather` (`post`); each rank adds them in rank order, as an owner
         adds the partial sums of a sparse round, and steps its copy of the whole table,
         so every copy and every shard keeps the floats of the sparse round
         (`tests/test_sharded_mpi.py`; on one rank, the shard is the table and nothing
-        moves). Returns the rows of `unique`."""
+        moves). Returns that table, read-only."""
         if self.size == 1:
             total = self._send
         else:
             self._wait(self._request, "the shard exchange")
             self._request = None
-            # numpy adds along the first axis row by row, in rank order; + 0.0 is exact
-            total = self._received.sum(axis=0)
+            # in rank order, one rank's row at a time (+ 0.0 is exact), into one buffer
+            total = self._total
+            np.add(self._received[0], self._received[1], out=total)
+            for row in self._received[2:]:
+                total += row
         size = self.shards.n_states * self.n_actions
         if self._carries_votes:
             self.votes[:] = total[2 * size :]
@@ -297,8 +304,10 @@ class ShardExchange:
         sums, counts = total[:size].reshape(shape), total[size : 2 * size].reshape(shape)
         self.learner.update_towards_dense(sums, counts, progress, self._table)
         if self.size > 1:  # this rank's shard is those rows of its copy
-            self.learner.q_table[:] = self._table[self._mine]
-        return self._table[unique]
+            np.take(self._table, self._mine, axis=0, out=self.learner.q_table)
+        table = self._table.view()
+        table.flags.writeable = False
+        return table
 
     def _gather_table(self) -> np.ndarray:
         """Collective: the whole (S, A) table from every rank's shard (`Allgatherv`)."""
