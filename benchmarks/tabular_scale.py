@@ -6,7 +6,8 @@ gymnasium loop of the same env on the same machine, in one run, as ratios (issue
         [--steps 24000000] [--num-envs 8192] [--ranks 1 2 4] [--repeats 2] [--json OUT]
         [--set KEY=VALUE ...]
 
-Every run is the real CLI (`mpiexec -n K python -m hpcrl train`) with the table-stepped
+Every run is the real CLI (`mpiexec [-bind-to core] -n K python -m hpcrl train`, each rank
+pinned to a core where there are cores enough) with the table-stepped
 envs (`vector_env: auto` picks `table` for FrozenLake), `num_envs` copies per acting rank,
 trajectory recording off (and, once per layout at one rank, on), no final evaluation.
 
@@ -58,8 +59,13 @@ def run(
     env_id, steps, layout, ranks, num_envs, record, workdir: Path, env_kwargs=None, extra=()
 ) -> dict:
     run_dir = workdir / f"{layout}-{ranks}-{int(record)}-{len(json.dumps(env_kwargs))}"
+    # Each rank pinned to a core, as a cluster launch pins them (`srun --cpu-bind`), where
+    # the cores suffice: unpinned, 2 ranks here were 3% slower and varied more
+    # (`benchmarks/RESULTS.md`). More ranks than cores run unpinned.
+    bind = ["-bind-to", "core"] if ranks <= (os.cpu_count() or 1) else []
     cmd = [
         str(BIN / "mpiexec"),
+        *bind,
         "-n",
         str(ranks),
         sys.executable,
