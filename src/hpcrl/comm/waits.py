@@ -109,23 +109,30 @@ def bcast(comm: MPI.Comm, buffer: np.ndarray, root: int, watchdog_s: float) -> N
 
 
 def gather_rows(
-    comm: MPI.Comm, rows: np.ndarray, root: int, watchdog_s: float
+    comm: MPI.Comm, rows: np.ndarray | list[np.ndarray], root: int, watchdog_s: float
 ) -> np.ndarray | None:
     """Concatenate every rank's 1-D `rows` (any count, same dtype) on `root`, in rank order.
+    `rows` may also be a non-empty list of 1-D chunks, concatenated in order; the root
+    copies its own straight into their place in the result (`MPI.IN_PLACE`), one pass.
 
     Returns:
-        The concatenation on `root` (on one rank, `rows` itself, not a copy), None elsewhere.
+        The concatenation on `root` (on one rank, a single array itself, not a copy), None
+        elsewhere.
     """
-    rows = np.ascontiguousarray(rows)
+    chunks = rows if isinstance(rows, list) else [np.ascontiguousarray(rows)]
     if comm.Get_size() == 1:
-        return rows
+        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+    mine = sum(chunk.size for chunk in chunks)
     counts = np.zeros(comm.Get_size(), dtype=np.int64)
-    counts[comm.Get_rank()] = rows.size
+    counts[comm.Get_rank()] = mine
     allreduce_sum(comm, counts, watchdog_s)
-    out = None
-    recvbuf = None
-    if comm.Get_rank() == root:
-        out = np.empty(int(counts.sum()), dtype=rows.dtype)
-        recvbuf = [out, counts]
-    wait_all([comm.Igatherv(rows, recvbuf, root=root)], comm, "Gatherv", watchdog_s)
+    if comm.Get_rank() != root:
+        send = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+        wait_all([comm.Igatherv(send, None, root=root)], comm, "Gatherv", watchdog_s)
+        return None
+    out = np.empty(int(counts.sum()), dtype=chunks[0].dtype)
+    start = int(counts[:root].sum())
+    np.concatenate(chunks, out=out[start : start + mine])
+    request = comm.Igatherv(MPI.IN_PLACE, [out, counts], root=root)
+    wait_all([request], comm, "Gatherv", watchdog_s)
     return out

@@ -9,11 +9,10 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 import numpy as np
-from mpi4py import MPI
 
 from hpcrl.analysis.stats import SOLVED_WINDOW, threshold_crossing
 from hpcrl.comm.protocol import ActorHeader
-from hpcrl.comm.waits import allreduce_sum, wait_all
+from hpcrl.comm.waits import gather_rows
 from hpcrl.envs import StepBatch
 from hpcrl.progress import Progress
 from hpcrl.storage.runfile import EPISODE_FIELDS
@@ -87,28 +86,13 @@ class EpisodeRows:
 
     def gather(self, comm, root: int, watchdog_s: float) -> np.ndarray | None:
         """Collective: every rank's pending rows, concatenated in rank order on `root`
-        ((n, 5) float64; None elsewhere), and forget them. The root's own chunks are
-        copied straight into their place in the result (`MPI.IN_PLACE`), one pass over
-        them instead of two (`hpcrl.comm.waits.gather_rows`)."""
-        if comm.Get_size() == 1:
-            return self.take()
+        ((n, 5) float64; None elsewhere), and forget them. The chunks go to `gather_rows`
+        as they are, so the root copies its own once, into their place in the result."""
         width = len(EPISODE_COLUMNS)
-        mine = sum(len(chunk) for chunk in self.chunks)
-        counts = np.zeros(comm.Get_size(), dtype=np.int64)
-        counts[comm.Get_rank()] = mine * width
-        allreduce_sum(comm, counts, watchdog_s)
-        if comm.Get_rank() != root:
-            rows = self.take().reshape(-1)
-            wait_all([comm.Igatherv(rows, None, root=root)], comm, "Gatherv", watchdog_s)
-            return None
-        out = np.empty((int(counts.sum()) // width, width), dtype=np.float64)
-        start = int(counts[:root].sum()) // width
-        if self.chunks:
-            np.concatenate(self.chunks, out=out[start : start + mine])
+        chunks = [chunk.reshape(-1) for chunk in self.chunks] or [np.zeros(0)]
         self.chunks = []
-        request = comm.Igatherv(MPI.IN_PLACE, [out.reshape(-1), counts], root=root)
-        wait_all([request], comm, "Gatherv", watchdog_s)
-        return out
+        rows = gather_rows(comm, chunks, root, watchdog_s)
+        return None if rows is None else rows.reshape(-1, width)
 
 
 def gather_and_log(
