@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 from gymnasium import error
@@ -39,3 +41,17 @@ def test_none_gives_an_unseeded_generator_and_bad_seeds_are_refused_as_gymnasium
         np_random_generators([1, -1])
     with pytest.raises(error.Error, match="python integer"):
         np_random_generators([1.5])
+
+
+def test_the_cyclic_collector_is_left_as_it_was():
+    """The generators are made with the collector paused; it is on again after (and stays
+    off for a caller that had turned it off)."""
+    assert gc.isenabled()
+    np_random_generators(range(100))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        np_random_generators(range(100))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
