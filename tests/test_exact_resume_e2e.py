@@ -196,3 +196,44 @@ def test_async_resumed_at_a_checkpoint_matches_every_later_checkpoint(tmp_path, 
     assert len(later) >= 10 and set(later) <= set(ref)
     differ = [name for name in later if ref[name].tobytes() != got[name].tobytes()]
     assert not differ, differ
+
+
+def test_a_run_killed_after_its_last_checkpoint_resumes_exactly_without_a_step(tmp_path, cli_env):
+    """A run's last checkpoint holds no env copy's state (`BUDGET_SPENT` on every rank:
+    nothing is left to step). A job killed after writing it, before its status said so
+    (`running`), resumes from it, says so, takes no step and ends with the same table."""
+    from hpcrl.envs import BUDGET_SPENT
+
+    args = [
+        *("--seed", "11", "--total-env-steps", "300000", "--set", "layout=sharded"),
+        *("--set", "eval_episodes=0"),
+    ]
+    run_dir = tmp_path / "run"
+    done = _train(2, run_dir, args, cli_env)
+    assert done.returncode == 0, done.stderr
+    before = _contents(run_dir)
+    latest = (run_dir / "checkpoints" / "latest.h5").resolve()
+    with h5py.File(latest, "r") as f:
+        assert json.loads(f.attrs["meta"])["env_steps"] == 300_000
+        flags = [int(f[f"ranks/{k}/env_captured"][0]) for k in range(2)]
+        assert flags == [BUDGET_SPENT, BUDGET_SPENT]
+        assert f["ranks/0/env_rng"].shape[1] == 0
+    with h5py.File(run_dir / "run.h5", "r+") as f:
+        f.attrs["status"] = "running"  # what a kill -9 at that moment leaves
+
+    resumed = subprocess.run(
+        hpcrl_command(2, "train", "--resume", str(run_dir)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=cli_env,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "nothing is left to step" in resumed.stdout, resumed.stdout
+    after = _contents(run_dir)
+    assert after[0] == "completed" and after[3] == 1
+    for name in COMPARED:
+        assert np.array_equal(before[1][name], after[1][name]), f"/episodes/{name} differs"
+    for name in before[2]:
+        assert np.array_equal(before[2][name], after[2][name]), f"/trajectories/{name} differs"
+    assert before[4].tobytes() == after[4].tobytes(), "final q_table differs"

@@ -116,6 +116,25 @@ def test_uncaptured_state_resets_with_the_fallback_seed():
     assert np.all(stepper.lengths == 0) and np.all(stepper.returns == 0)
 
 
+@pytest.mark.parametrize("backend", ["sync", "table"])
+def test_a_spent_budgets_state_holds_no_env_copy_and_loads_as_a_reset(backend):
+    """`state_dict(envs=False)` (a run's last checkpoint): the episode counters but no env
+    copy's state, flagged `BUDGET_SPENT`; loading it resets the copies (nothing was left
+    to step, so nothing is lost)."""
+    from hpcrl.envs import BUDGET_SPENT
+
+    envs = make_vector_env("FrozenLake-v1", {}, 3, vector_env=backend)
+    stepper = EnvStepper(envs, seed=1)
+    stepper.step(np.array([1, 2, 1]))
+    state = stepper.state_dict(envs=False)
+    assert int(state["env_captured"][0]) == BUDGET_SPENT
+    assert state["env_rng"].shape == (3, 0) and state["env_state"].shape == (3, 0)
+    np.testing.assert_array_equal(state["episode_length"], stepper.lengths)
+    assert stepper.state_dict()["env_rng"].shape == (3, 6)  # the default captures
+    assert not stepper.load_state_dict(state, fallback_seed=5)
+    assert np.all(stepper.lengths == 0) and np.all(stepper.returns == 0)
+
+
 def test_segment_progress_and_budgets():
     from hpcrl.topologies.segments import Segment
 
@@ -305,7 +324,7 @@ def test_resume_line_names_the_true_reason_it_is_not_bit_exact(tmp_path):
     """Issue 18, case 5: an IMPALA resume on the same world size said "was 4 ranks, now 4";
     the line now names the reason: an asynchronous layout, another world size or device,
     or env copies whose state was not captured."""
-    from hpcrl.envs import COPIES_CAPTURED, NOT_CAPTURED
+    from hpcrl.envs import BUDGET_SPENT, COPIES_CAPTURED, NOT_CAPTURED
     from hpcrl.runner import resume_how
 
     cfg = build_config({"algo": "qlearning", "env_id": "FrozenLake-v1", "layout": "allreduce"})
@@ -322,3 +341,5 @@ def test_resume_line_names_the_true_reason_it_is_not_bit_exact(tmp_path):
     lost = _resume_point(tmp_path / "c", {0: COPIES_CAPTURED, 1: NOT_CAPTURED, 3: NOT_CAPTURED})
     how = resume_how(lost, cfg, 4)
     assert "could not be captured on rank 1, 3" in how and "not bit-exact" in how
+    spent = _resume_point(tmp_path / "d", {k: BUDGET_SPENT for k in range(4)})
+    assert "nothing is left to step" in resume_how(spent, cfg, 4)

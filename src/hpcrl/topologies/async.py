@@ -260,7 +260,11 @@ def _run(ctx: RunContext) -> tuple[np.ndarray, bool]:
             )
         if checkpoint:
             recorder.flush()
-            state = rank_state(rng, stepper, env_steps, learner.learner_updates, recorder.rows)
+            # at the last step the budget is spent: no env copy's state (16 ms for
+            # 8,192 table-stepped copies), nothing is left to step
+            state = rank_state(
+                rng, stepper, env_steps, learner.learner_updates, recorder.rows, not last
+            )
             # The rank's own table, not ΔQ: Q_base + (Q_local - Q_base) need not round back
             # to Q_local (exact only when the two are within a factor of 2, Sterbenz), and a
             # resume that differed in the last bit ended with another table (CI, once).

@@ -8,8 +8,9 @@ Checkpoint layout (every layout):
     ranks/<k>/<name>             rank k's own state when the checkpoint was collective:
                                  policy_rng (6,) uint64, counters (3,) int64 [env_steps,
                                  learner_updates, traj_rows], torch_rng (n,) uint8 (when the
-                                 rank imported torch), the `EnvStepper.state_dict()` and the
-                                 learner's `rank_arrays()`
+                                 rank imported torch), the `EnvStepper.state_dict()` (with
+                                 no env copy's state in a run's last checkpoint: its budget
+                                 is spent) and the learner's `rank_arrays()`
     meta (JSON attribute)        identity (algo, env_id, layout, world_size, config),
                                  counters (env_steps, learner_updates, policy_version,
                                  vector_step, syncs), the segment, the rows of run.h5 and of
@@ -39,9 +40,12 @@ def rank_state(
     env_steps: int,
     learner_updates: int,
     traj_rows: int,
+    envs: bool = True,
 ) -> dict[str, np.ndarray]:
-    """What one acting rank needs to continue exactly (see the module doc for the names)."""
-    state = stepper.state_dict()
+    """What one acting rank needs to continue exactly (see the module doc for the names);
+    `envs` False at the end of the rank's budget: no env copy's state
+    (`EnvStepper.state_dict`)."""
+    state = stepper.state_dict(envs)
     state["policy_rng"] = generator_state(policy_rng)
     state["counters"] = np.array([env_steps, learner_updates, traj_rows], dtype=np.int64)
     torch_state = torch_rng_state()

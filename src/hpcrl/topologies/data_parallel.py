@@ -229,7 +229,7 @@ def _run(ctx: RunContext) -> tuple[DataParallelLearner, bool]:
         ctx.run_file.set_attrs(parameter_digests=digests)
     if not interrupted:
         _report(ctx, reporter, loop.episodes, global_steps, {}, learner)
-        _checkpoint(ctx, learner, rng, loop, global_steps)
+        _checkpoint(ctx, learner, rng, loop, global_steps, envs=False)  # budget spent
     loop.stepper.close()
     link_trajectories(ctx, loop.recorder.close())
     if reporter is not None:
@@ -280,11 +280,12 @@ def _report(ctx, reporter, episodes, global_steps, metrics, learner) -> None:
     gather_and_log(ctx, reporter, episodes, global_steps, extra)
 
 
-def _checkpoint(ctx, learner, rng, loop: _Loop, global_steps: int) -> None:
-    """Collective: every rank's state to rank 0, which writes one checkpoint."""
+def _checkpoint(ctx, learner, rng, loop: _Loop, global_steps: int, envs: bool = True) -> None:
+    """Collective: every rank's state to rank 0, which writes one checkpoint (without the
+    env copies' states when `envs` is False: the budget is spent)."""
     loop.recorder.flush()
     state = rank_state(
-        rng, loop.stepper, loop.env_steps, learner.learner_updates, loop.recorder.rows
+        rng, loop.stepper, loop.env_steps, learner.learner_updates, loop.recorder.rows, envs
     )
     state |= learner.rank_arrays()
     states = gather_rank_states(ctx, state)

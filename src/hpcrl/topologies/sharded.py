@@ -558,7 +558,11 @@ def _run(ctx: RunContext) -> tuple[np.ndarray, bool]:
                 {"q_shard": shard},
                 {"world_size": ctx.world_size, "n_states": ctx.n_states},
             )
-            state = rank_state(rng, stepper, env_steps, learner.learner_updates, recorder.rows)
+            # at the last step the budget is spent: no env copy's state (16 ms for
+            # 8,192 table-stepped copies), nothing is left to step
+            state = rank_state(
+                rng, stepper, env_steps, learner.learner_updates, recorder.rows, not last
+            )
             state.update(
                 pending_obs=pending[0],
                 pending_actions=pending[1],
