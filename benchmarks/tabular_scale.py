@@ -9,7 +9,8 @@ gymnasium loop of the same env on the same machine, in one run, as ratios (issue
 Every run is the real CLI (`mpiexec [-bind-to core] -n K python -m hpcrl train`, each rank
 pinned to a core where there are cores enough) with the table-stepped
 envs (`vector_env: auto` picks `table` for FrozenLake), `num_envs` copies per acting rank,
-trajectory recording off (and, once per layout at one rank, on), no final evaluation.
+trajectory recording off (and, once per layout at one rank, on, for at most `RECORD_STEPS`
+env steps: every transition is written, about 40 bytes each), no final evaluation.
 
 - env steps/s: the budget over the run's own wall time (`wall_time_s` in run.h5: from
   the shared start barrier to the end of training, so interpreter start-up is not in it).
@@ -46,6 +47,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from throughput import raw_rate  # noqa: E402
 
 BIN = Path(sys.executable).parent
+# The recording-on runs' budget at most: 24M transitions make a 1 GB traj/ file; the GPU
+# machine's command (`benchmarks/device_check.sh`, 4 x 10^8 steps a run) would fill its disk.
+RECORD_STEPS = 24_000_000
 # `python -m hpcrl`, then this rank's peak resident set (KiB on Linux) on stderr.
 WRAPPER = (
     "import atexit, resource, runpy, sys; "
@@ -163,7 +167,7 @@ def main() -> None:
             for layout, ranks, record in cases:
                 figures = run(
                     args.env,
-                    args.steps,
+                    min(args.steps, RECORD_STEPS) if record else args.steps,
                     layout,
                     ranks,
                     args.num_envs,
