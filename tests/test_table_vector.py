@@ -182,3 +182,17 @@ def test_generated_maps_are_gymnasiums(size, p):
     for seed in range(4):
         assert _generate(size, p, seed) == generate_random_map(size, p, seed), seed
     assert generated_map(size, p, 1) == generate_random_map(size, p, 1)
+
+
+def test_map_cells_is_numpys_char_array_of_the_map():
+    """`map_cells` (one pass over rows of str) gives what `np.asarray(desc, dtype="c")`
+    gives, for a list, a tuple and an array, and falls back to it for anything else."""
+    from hpcrl.frozen_lake import generated_map, map_cells
+
+    for desc in (["SFFF", "FHFH", "FFFH", "HFFG"], generated_map(60, 0.8, 3)):
+        for form in (desc, tuple(desc), np.asarray(desc, dtype="c")):
+            cells = map_cells(form)
+            assert cells.dtype == np.dtype("S1") and cells.flags.writeable
+            np.testing.assert_array_equal(cells, np.asarray(desc, dtype="c"))
+    with pytest.raises(ValueError):
+        map_cells(["SF", "FFG"])  # rows of unequal length, as numpy refuses them
