@@ -50,3 +50,51 @@ def test_gather_with_rows_on_rank_0_only():
     if comm.Get_rank() == 0:
         np.testing.assert_array_equal(rows[:, 0], np.arange(5.0))
         np.testing.assert_array_equal(rows[:, 2], [7, 7, 7, 8, 8])
+
+
+@pytest.mark.parametrize("layout", ["allreduce", "sharded", "async"])
+def test_episodes_sent_in_pieces_make_the_same_run_file(layout, mpi_tmp_path, monkeypatch):
+    """Ranks holding `EPISODE_FLUSH_ROWS` episodes together send them to rank 0 at the next
+    sync point (`flush_episodes`) instead of at the next log: with the limit at 64 rows
+    they go in dozens of pieces, and `/episodes` and `/metrics` are what one piece at
+    the end gives."""
+    from mpi4py import MPI
+
+    from hpcrl import runner
+    from hpcrl.topologies import reporting
+
+    comm = MPI.COMM_WORLD
+    values = {
+        "env_id": "FrozenLake-v1",
+        "total_env_steps": 40_000,
+        "layout": layout,
+        "num_envs": 16,
+        "sync_interval": 4,
+        "eval_episodes": 0,
+        "record_trajectories": False,
+        "log_interval_s": 1000.0,
+        "seed": 3,
+    }
+    runner.train(comm, values, str(mpi_tmp_path / "whole"), overwrite=True)
+    gathers = []
+    gather_episodes = reporting.gather_episodes
+    monkeypatch.setattr(reporting, "EPISODE_FLUSH_ROWS", 64)
+    monkeypatch.setattr(
+        reporting, "gather_episodes", lambda *a: (gathers.append(1), gather_episodes(*a))
+    )
+    runner.train(comm, values, str(mpi_tmp_path / "pieces"), overwrite=True)
+    assert len(gathers) > 20, len(gathers)  # one at the end alone, before
+    if comm.Get_rank() != 0:
+        return
+    import h5py
+
+    with (
+        h5py.File(mpi_tmp_path / "whole" / "run.h5", "r") as whole,
+        h5py.File(mpi_tmp_path / "pieces" / "run.h5", "r") as pieces,
+    ):
+        assert len(whole["episodes/return"]) > 64 * 20
+        for name in ("return", "length", "env_steps", "rank"):
+            np.testing.assert_array_equal(
+                whole["episodes"][name][()], pieces["episodes"][name][()], err_msg=name
+            )
+        assert len(whole["metrics/env_steps"]) == len(pieces["metrics/env_steps"])

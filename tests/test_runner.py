@@ -139,3 +139,17 @@ def test_stop_at_return_ends_training_early_as_a_completed_run(tmp_path):
     assert steps < 200_000
     assert np.convolve(returns, np.ones(20) / 20, mode="valid").max() >= 40.0
     assert not (tmp_path / "run" / space.RESERVE_NAME).exists()  # freed at the end
+
+
+def test_episode_rows_count_what_they_hold():
+    """`EpisodeRows.pending` (each rank's vote, `Vote.EPISODES`) counts the rows added
+    either way and is back to 0 once they are taken."""
+    from hpcrl.topologies.reporting import EpisodeRows
+
+    episodes = EpisodeRows()
+    episodes.add(np.arange(3.0), np.ones(3), 100, 0.5, 0)
+    episodes.add(np.zeros(0), np.zeros(0), 200, 0.5, 0)  # no episode ended
+    episodes.add_rows(np.zeros((4, 5)))
+    assert episodes.pending == 7 and len(episodes.chunks) == 2
+    assert episodes.take().shape == (7, 5)
+    assert episodes.pending == 0 and episodes.chunks == []

@@ -119,10 +119,11 @@ def test_a_dense_round_carries_the_votes_summed_over_the_ranks():
     votes[Vote.LOG] = 1.0 if rank == 0 else 0.0
     votes[Vote.STOP] = 1.0 if rank == size - 1 else 0.0
     votes[Vote.CHECKPOINT] = rank
+    votes[Vote.EPISODES] = 10 * rank + 1
     obs, actions, targets, requests = _batch(0, rank, n_states, n_actions)
     exchange.post(obs, actions, targets, votes)
     exchange.complete(0.0, requests)
-    expected = [1.0, size * (size - 1) / 2, 1.0]
+    expected = [1.0, size * (size - 1) / 2, 1.0, 5 * size * (size - 1) + size]
     np.testing.assert_array_equal(exchange.votes, expected)
     exchange.round(obs, actions, targets, 0.0, requests)  # no votes: the sums stand
     np.testing.assert_array_equal(exchange.votes, expected)

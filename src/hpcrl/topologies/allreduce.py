@@ -46,7 +46,7 @@ from hpcrl.topologies.checkpointing import (
 )
 from hpcrl.topologies.collective_eval import TableGreedy
 from hpcrl.topologies.recording import TrajectoryRecorder, link_trajectories
-from hpcrl.topologies.reporting import EpisodeRows, Reporter, gather_and_log
+from hpcrl.topologies.reporting import EpisodeRows, Reporter, flush_episodes, gather_and_log
 from hpcrl.topologies.run_context import RunContext
 from hpcrl.topologies.segments import Lockstep
 from hpcrl.topologies.sync_points import Vote
@@ -157,7 +157,7 @@ def _run(ctx: RunContext) -> tuple[np.ndarray, bool]:
             q_table[:] = stepper.table()
             visited[:] = stepper.take_visited()
         np.subtract(q_table, q_sync, out=delta)
-        ctx.vote(votes, reporter)
+        ctx.vote(votes, reporter, episodes.pending)
         allreduce_sum(comm, sync_buffer, watchdog)
         q_sync += delta / np.maximum(visited, 1.0)
         q_table[:] = q_sync
@@ -174,6 +174,8 @@ def _run(ctx: RunContext) -> tuple[np.ndarray, bool]:
             gather_and_log(
                 ctx, reporter, episodes, global_steps, {"syncs": syncs, "exploration": exploration}
             )
+        else:
+            flush_episodes(ctx, reporter, episodes, votes)
         if checkpoint:
             recorder.flush()
             # at the last step the budget is spent: no env copy's state (16 ms for

@@ -57,7 +57,7 @@ from hpcrl.topologies.checkpointing import (
 )
 from hpcrl.topologies.collective_eval import TableGreedy
 from hpcrl.topologies.recording import TrajectoryRecorder, link_trajectories
-from hpcrl.topologies.reporting import EpisodeRows, Reporter, gather_and_log
+from hpcrl.topologies.reporting import EpisodeRows, Reporter, flush_episodes, gather_and_log
 from hpcrl.topologies.run_context import RunContext
 from hpcrl.topologies.segments import Lockstep
 from hpcrl.topologies.sync_points import Vote
@@ -246,7 +246,7 @@ def _run(ctx: RunContext) -> tuple[np.ndarray, bool]:
         # --- sync point: apply the merge in flight, decide, start the next ---
         carried = merges.finish()
         if last:  # one more merge, waited for: every table ends the same
-            merges.start(ctx.vote(votes, reporter))
+            merges.start(ctx.vote(votes, reporter, episodes.pending))
             carried = merges.finish()
         syncs += 1
         global_steps = global_steps_after(t)
@@ -258,6 +258,8 @@ def _run(ctx: RunContext) -> tuple[np.ndarray, bool]:
             gather_and_log(
                 ctx, reporter, episodes, global_steps, {"syncs": syncs, "exploration": exploration}
             )
+        else:
+            flush_episodes(ctx, reporter, episodes, carried)
         if checkpoint:
             recorder.flush()
             # at the last step the budget is spent: no env copy's state (16 ms for
@@ -284,7 +286,7 @@ def _run(ctx: RunContext) -> tuple[np.ndarray, bool]:
             ctx.clock.written(global_steps)
         if interrupted or last:
             break
-        merges.start(ctx.vote(votes, reporter))
+        merges.start(ctx.vote(votes, reporter, episodes.pending))
 
     stepper.close()
     link_trajectories(ctx, recorder.close())

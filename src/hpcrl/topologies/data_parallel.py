@@ -48,7 +48,7 @@ from hpcrl.topologies.checkpointing import (
 from hpcrl.topologies.collective_eval import LearnerGreedy
 from hpcrl.topologies.deep import DeepTopology
 from hpcrl.topologies.recording import TrajectoryRecorder, link_trajectories
-from hpcrl.topologies.reporting import EpisodeRows, Reporter, gather_and_log
+from hpcrl.topologies.reporting import EpisodeRows, Reporter, flush_episodes, gather_and_log
 from hpcrl.topologies.run_context import RunContext
 from hpcrl.topologies.segments import split_budget
 from hpcrl.topologies.sync_points import Vote, vote_buffer
@@ -191,7 +191,7 @@ def _run(ctx: RunContext) -> tuple[DataParallelLearner, bool]:
         metrics = learner.update(dp, min(1.0, global_steps / total))
         if check_every and learner.learner_updates % check_every == 0:
             _check_in_sync(comm, learner, watchdog)
-        allreduce_sum(comm, ctx.vote(votes, reporter), watchdog)
+        allreduce_sum(comm, ctx.vote(votes, reporter, loop.episodes.pending), watchdog)
         last_update = global_steps + update_env_steps > total
         interrupted = votes[Vote.STOP] > 0 and not last_update
         by_steps = ctx.clock.due_by_env_steps(global_steps)
@@ -201,6 +201,8 @@ def _run(ctx: RunContext) -> tuple[DataParallelLearner, bool]:
                 metrics["cut_rollouts"] = cut_rollouts
                 cut_rollouts = 0
             _report(ctx, reporter, loop.episodes, global_steps, metrics, learner)
+        else:
+            flush_episodes(ctx, reporter, loop.episodes, votes)
         if checkpoint:
             _checkpoint(ctx, learner, rng, loop, global_steps)
         if interrupted:

@@ -697,7 +697,7 @@ class LearnerStats:
         if e:
             rows = reply["episodes"][:e].copy()
             rows[:, 2] = env_steps
-            self.episodes.chunks.append(rows)
+            self.episodes.add_rows(rows)
         for row in reply["actors"][: int(header[ReplyHeader.ACTORS])]:
             self.actor_rows[(i, int(row[0]))] = row.copy()
         version_sum, k = reply["inserted"]

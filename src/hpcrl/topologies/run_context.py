@@ -128,14 +128,16 @@ class RunContext:
         training episodes reached `stop_at_return` (`Reporter.solved`)."""
         return self.signal_requested() or (self.reporter is not None and self.reporter.solved)
 
-    def vote(self, votes: np.ndarray, reporter) -> np.ndarray:
+    def vote(self, votes: np.ndarray, reporter, episodes: int = 0) -> np.ndarray:
         """Fill `votes` (a `Vote`-indexed buffer, to be summed over the ranks) with this
         rank's votes: rank 0 alone keeps the log and wall-time checkpoint clocks; any rank
         that received a preemption signal votes stop, and so does rank 0 once the run
-        reached `stop_at_return`."""
+        reached `stop_at_return`; `episodes` is how many finished episodes this rank holds
+        (`EpisodeRows.pending`)."""
         votes[Vote.LOG] = 1.0 if reporter is not None and reporter.due() else 0.0
         votes[Vote.CHECKPOINT] = 1.0 if self.rank == 0 and self.clock.due_by_time() else 0.0
         votes[Vote.STOP] = 1.0 if self.stop_requested() else 0.0
+        votes[Vote.EPISODES] = float(episodes)
         return votes
 
     def make_stepper(self) -> EnvStepper:

@@ -88,7 +88,7 @@ from hpcrl.topologies.checkpointing import (
 )
 from hpcrl.topologies.collective_eval import TableGreedy, return_stats
 from hpcrl.topologies.recording import TrajectoryRecorder, link_trajectories
-from hpcrl.topologies.reporting import EpisodeRows, Reporter, gather_and_log
+from hpcrl.topologies.reporting import EpisodeRows, Reporter, flush_episodes, gather_and_log
 from hpcrl.topologies.run_context import RunContext
 from hpcrl.topologies.segments import Lockstep
 from hpcrl.topologies.sync_points import Vote, vote_buffer
@@ -508,7 +508,7 @@ def _run(ctx: RunContext) -> tuple[np.ndarray, bool]:
         # own (a rank ahead by less than an env step does not wait).
         voting = votes if exchange.dense and sync else None
         if voting is not None:
-            ctx.vote(votes, reporter)
+            ctx.vote(votes, reporter, episodes.pending)
         if n > 0:
             actions = policy.select_actions(rows, acting, progress)
             exchange.post(*pending, voting)  # a dense round's updates travel while envs step
@@ -537,7 +537,7 @@ def _run(ctx: RunContext) -> tuple[np.ndarray, bool]:
         if voting is not None:
             votes[:] = exchange.votes
         else:  # a sparse round: one Allreduce of its own
-            ctx.vote(votes, reporter)
+            ctx.vote(votes, reporter, episodes.pending)
             allreduce_sum(comm, votes, ctx.watchdog_s)
         syncs += 1
         global_steps = global_steps_after(t)
@@ -549,6 +549,8 @@ def _run(ctx: RunContext) -> tuple[np.ndarray, bool]:
             gather_and_log(
                 ctx, reporter, episodes, global_steps, {"syncs": syncs, "exploration": exploration}
             )
+        else:
+            flush_episodes(ctx, reporter, episodes, votes)
         if checkpoint:
             recorder.flush()
             write_shard(

@@ -1,10 +1,12 @@
-"""What the ranks decide together at a sync point: the vote buffer (log, checkpoint, stop)
-and when a checkpoint is due by env steps.
+"""What the ranks decide together at a sync point: the vote buffer (log, checkpoint, stop,
+episodes held) and when a checkpoint is due by env steps.
 
 Every layout's loop reaches sync points (an `Allreduce` of the tabular tables, a gradient
 update, a learner-group round, a parameter-server tick). There each rank votes with a
 `Vote`-indexed float64 buffer summed over the ranks: rank 0 alone keeps the log and
-wall-time checkpoint clocks; any rank that received a preemption signal votes stop.
+wall-time checkpoint clocks; any rank that received a preemption signal votes stop; and
+each rank adds the finished episodes it holds, so that the ranks send them to rank 0
+before they pile up (`reporting.flush_episodes`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class Vote(IntEnum):
     LOG = 0
     CHECKPOINT = 1
     STOP = 2
+    EPISODES = 3  # finished episodes held, not yet sent to rank 0 (summed: every rank's)
 
 
 def vote_buffer() -> np.ndarray:
