@@ -129,9 +129,9 @@ def gather_episodes(ctx: RunContext, reporter: Reporter | None, episodes: Episod
 # Finished episodes the ranks may hold together between two logs: 2^18 rows, about 10 MiB
 # of float64 rows and 9 MiB of columns on rank 0. From there on they go to rank 0 at the
 # sync point (`flush_episodes`), in pieces that reuse memory already touched. All at the
-# final log, 440,000 episodes (FrozenLake 8x8, 24M env steps) took rank 0 30-50 ms and 4M
-# (a 1000 x 1000 map, 40M steps) 0.44 s, much of it first touches of fresh pages (1.5 us
-# a 4 KiB page on the 2-core VM), while the other ranks waited: 0.01 s now for the 4M.
+# final log, 440,000 episodes (FrozenLake 8x8, 24M env steps) took rank 0 30-50 ms and
+# 5.7M (a 1000 x 1000 map, 40M steps) 0.44 s, much of it first touches of fresh pages (1.5
+# us a 4 KiB page on the 2-core VM), while the other ranks waited; in 22 pieces, 0.24 s.
 # And a long log interval held them all in memory.
 EPISODE_FLUSH_ROWS = 1 << 18
 
