@@ -153,3 +153,20 @@ def test_episode_rows_count_what_they_hold():
     assert episodes.pending == 7 and len(episodes.chunks) == 2
     assert episodes.take().shape == (7, 5)
     assert episodes.pending == 0 and episodes.chunks == []
+
+
+def test_warm_env_leaves_the_generated_map_made_and_errors_to_rank_0():
+    """`_warm_env` (a rank other than 0, while rank 0 probes the env) makes the env once,
+    so a generated map is in this process's cache when training starts; an env that
+    cannot be made raises nothing there (rank 0's probe says why)."""
+    from hpcrl import frozen_lake
+    from hpcrl.config import build_config
+    from hpcrl.runner import _warm_env
+
+    kwargs = {"size": 12, "p": 0.8, "map_seed": 123457}
+    frozen_lake._seeded_map.cache_clear()
+    _warm_env(
+        build_config({"algo": "qlearning", "env_id": frozen_lake.ENV_ID, "env_kwargs": kwargs})
+    )
+    assert frozen_lake._seeded_map.cache_info().currsize == 1
+    _warm_env(build_config({"algo": "qlearning", "env_id": "NoSuchEnv-v9"}))
