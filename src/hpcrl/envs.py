@@ -373,39 +373,32 @@ class EnvStepper:
             and, for emulators (ALE) and wrappers that keep frames, "env_blob": (B, L) uint8
             with "env_blob_len": (B,) int64 (each copy's bytes, zero-padded to the longest).
         """
+        episodes = {
+            "obs": np.asarray(self.obs).copy(),
+            "episode_return": self.returns.copy(),
+            "episode_length": self.lengths.copy(),
+        }
         if not envs:
-            return {
-                "obs": np.asarray(self.obs).copy(),
-                "episode_return": self.returns.copy(),
-                "episode_length": self.lengths.copy(),
-                "env_captured": np.array([BUDGET_SPENT], dtype=np.int8),
-                "env_rng": np.zeros((self.num_envs, 0), dtype=np.uint64),
-                "env_state": np.zeros((self.num_envs, 0)),
-            }
+            none = np.zeros((self.num_envs, 0), dtype=np.uint64)
+            return episodes | _env_arrays(BUDGET_SPENT, none, np.zeros((self.num_envs, 0)))
         if hasattr(self.envs, "capture_state"):  # a native vector env: one shared state
-            return self._native_state_dict()
+            return episodes | self._native_env_arrays()
         copies = getattr(self.envs, "envs", None)  # None for AsyncVectorEnv (subprocesses)
         captured = [capture_env_state(env) for env in copies] if copies else [None]
-        ok = all(c is not None for c in captured)
+        if not all(c is not None for c in captured):
+            none = np.zeros((self.num_envs, 6), np.uint64)
+            return episodes | _env_arrays(NOT_CAPTURED, none, np.zeros((self.num_envs, 0)))
         blobs = {}
-        if ok and captured[0][2] is not None:
+        if captured[0][2] is not None:
             lengths = np.array([len(c[2]) for c in captured], dtype=np.int64)
             blob = np.zeros((self.num_envs, int(lengths.max())), dtype=np.uint8)
             for i, c in enumerate(captured):
                 blob[i, : lengths[i]] = np.frombuffer(c[2], dtype=np.uint8)
             blobs = {"env_blob": blob, "env_blob_len": lengths}
-        return blobs | {
-            "obs": np.asarray(self.obs).copy(),
-            "episode_return": self.returns.copy(),
-            "episode_length": self.lengths.copy(),
-            "env_captured": np.array([COPIES_CAPTURED if ok else NOT_CAPTURED], dtype=np.int8),
-            "env_rng": np.stack([c[0] for c in captured])
-            if ok
-            else np.zeros((self.num_envs, 6), np.uint64),
-            "env_state": np.stack([c[1] for c in captured]) if ok else np.zeros((self.num_envs, 0)),
-        }
+        rng, state = np.stack([c[0] for c in captured]), np.stack([c[1] for c in captured])
+        return blobs | episodes | _env_arrays(COPIES_CAPTURED, rng, state)
 
-    def _native_state_dict(self) -> dict[str, np.ndarray]:
+    def _native_env_arrays(self) -> dict[str, np.ndarray]:
         # A shared generator goes in row 0 of env_rng (the other rows are zero); a vector
         # env with a generator per copy (`rng_per_copy`, hpcrl.table_vector) fills them all.
         rng, values = self.envs.capture_state()
@@ -414,14 +407,7 @@ class EnvStepper:
             env_rng[:] = rng
         else:
             env_rng[0] = rng
-        return {
-            "obs": np.asarray(self.obs).copy(),
-            "episode_return": self.returns.copy(),
-            "episode_length": self.lengths.copy(),
-            "env_captured": np.array([NATIVE_CAPTURED], dtype=np.int8),
-            "env_rng": env_rng,
-            "env_state": values,
-        }
+        return _env_arrays(NATIVE_CAPTURED, env_rng, values)
 
     def load_state_dict(self, state: dict[str, np.ndarray], fallback_seed: int) -> bool:
         """Continue from `state_dict()` output. When the env state was not captured (or this
@@ -458,6 +444,12 @@ class EnvStepper:
 
     def close(self) -> None:
         self.envs.close()
+
+
+def _env_arrays(flag: int, rng: np.ndarray, state: np.ndarray) -> dict[str, np.ndarray]:
+    """The env copies' part of `EnvStepper.state_dict`: how they were captured, and their
+    generator states and values."""
+    return {"env_captured": np.array([flag], dtype=np.int8), "env_rng": rng, "env_state": state}
 
 
 def check_state_copies(state: dict[str, np.ndarray], num_envs: int) -> None:
