@@ -1,10 +1,10 @@
 """The `sharded` layout through the real CLI: a run interrupted on 4 ranks and resumed on
 2 (the shards redistributed) completes its exact budget; the memory cap refuses a table
-that does not fit one rank in one line and lets four ranks run it; `evaluate` and
-`hpcrl.load_policy` assemble the table from the shard files; `n_step` where it cannot run
-(a one-step layout, an `async` merge inside a rollout) is one line. (Bit-exact resume on
-the same world size, `sharded` and `async`: `tests/test_exact_resume_e2e.py`; optimality:
-`tests/test_policies.py`.)"""
+that does not fit one rank in one line and lets four ranks run it; `evaluate` (1 and 2
+ranks) and `hpcrl.load_policy` read the greedy actions from the shard files; `n_step`
+where it cannot run (a one-step layout, an `async` merge inside a rollout) is one line.
+(Bit-exact resume on the same world size, `sharded` and `async`:
+`tests/test_exact_resume_e2e.py`; optimality: `tests/test_policies.py`.)"""
 
 from __future__ import annotations
 
@@ -65,10 +65,15 @@ def test_interrupted_on_4_ranks_resumed_on_2_completes_the_budget(tmp_path, cli_
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["mean_return"] >= 0.7  # the optimum is about 0.87
 
-    # evaluate and load_policy read the table from the two shard files
-    evaluated = run_hpcrl(cli_env, 1, "evaluate", str(run_dir), "--episodes", "200")
-    assert evaluated.returncode == 0, evaluated.stderr
-    assert json.loads(evaluated.stdout)["mean_return"] >= 0.7
+    # evaluate and load_policy read the greedy actions from the two shard files; on 2
+    # ranks rank 0 broadcasts them, and the episodes are the same
+    results = []
+    for ranks in (1, 2):
+        evaluated = run_hpcrl(cli_env, ranks, "evaluate", str(run_dir), "--episodes", "200")
+        assert evaluated.returncode == 0, evaluated.stderr
+        results.append(json.loads(evaluated.stdout))
+    assert results[0] == results[1]
+    assert results[0]["mean_return"] >= 0.7
     from hpcrl import load_policy
 
     policy = load_policy(run_dir)
@@ -77,6 +82,10 @@ def test_interrupted_on_4_ranks_resumed_on_2_completes_the_budget(tmp_path, cli_
         with h5py.File(run_dir / "checkpoints" / names[k], "r") as f:
             table[k::2] = f["q_shard"][()]
     assert np.array_equal(policy.act(np.arange(64)), table.argmax(axis=1))
+    assert policy.act(np.arange(64)).dtype == np.int64
+    # no process holds the table: the policy is (S,) int32 actions
+    assert not hasattr(policy._greedy, "q_table")
+    assert policy._greedy.actions.dtype == np.int32
 
 
 def test_the_cap_refuses_one_rank_in_one_line_and_four_ranks_run(tmp_path, cli_env):

@@ -33,7 +33,7 @@ class Policy:
         self.algo, self.env_id = config.run.algo, config.run.env_id
         self.observation_space, self.action_space = observation_space, action_space
         self.checkpoint = checkpoint
-        self._greedy = greedy  # TableGreedy or LearnerGreedy
+        self._greedy = greedy  # TableGreedy, ActionsGreedy (`sharded`) or LearnerGreedy
 
     def act(self, obs, deterministic: bool = True) -> np.ndarray:
         """Actions for one observation or a batch.
@@ -42,7 +42,7 @@ class Policy:
             obs: one observation, shaped as `observation_space` (an int for Discrete), or a
                 batch (B, *observation_space.shape).
             deterministic: the greedy action (what `evaluate` takes; a Q-table's ties go
-                to the lowest action, where `evaluate` breaks them at random); False
+                to the lowest action, as in `evaluate`); False
                 samples from the policy (actor-critic algorithms only: PPO, A2C, IMPALA,
                 A3C).
 
@@ -69,11 +69,15 @@ class Policy:
 
     def _actions(self, batch: np.ndarray, deterministic: bool) -> np.ndarray:
         learner = getattr(self._greedy, "learner", None)
-        if learner is None:  # a Q-table
+        if learner is None:  # a Q-table, or (`sharded`) its greedy actions
             if not deterministic:
                 raise UserError(f"{self.algo}: a Q-table has no stochastic policy")
-            # argmax, ties to the lowest action (evaluate breaks them at random)
-            return np.argmax(self._greedy.q_table[batch.astype(np.int64).reshape(-1)], axis=1)
+            states = batch.astype(np.int64).reshape(-1)
+            actions = getattr(self._greedy, "actions", None)
+            if actions is not None:
+                return actions[states].astype(np.int64)
+            # argmax, ties to the lowest action (as evaluate)
+            return np.argmax(self._greedy.q_table[states], axis=1)
         if deterministic:
             return np.asarray(learner.greedy_actions(batch))
         sample = getattr(learner, "sample_actions", None)

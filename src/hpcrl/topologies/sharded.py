@@ -59,8 +59,8 @@ writes `step-<N>.h5` with every rank's RNG, env and counter state and its pendin
 (targets not yet sent, the rows it acts from next), so a resume on the same world size
 continues bit-exactly. A resume on another world size reads each old shard in turn and
 keeps the rows this rank now owns (one old shard in memory at a time); its envs restart.
-`hpcrl evaluate` and `hpcrl.load_policy` assemble the whole table in one process from the
-shards.
+`hpcrl evaluate` and `hpcrl.load_policy` read the shards one at a time in one process and
+keep only every state's greedy action, (S,) int32 (`Sharded.checkpoint_policy`).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ from mpi4py import MPI
 from hpcrl import preemption
 from hpcrl.algos import make_learner
 from hpcrl.algos.tabular import sum_by_pair, table_rows
-from hpcrl.comm.waits import allreduce_sum, wait_all
+from hpcrl.comm.waits import allreduce_sum, bcast, wait_all
 from hpcrl.contracts import LoopResult
 from hpcrl.envs import discrete_sizes
 from hpcrl.errors import ConfigError, UserError
@@ -87,7 +87,7 @@ from hpcrl.topologies.checkpointing import (
     restore_rank_state,
     save_checkpoint,
 )
-from hpcrl.topologies.collective_eval import TableGreedy, return_stats
+from hpcrl.topologies.collective_eval import return_stats
 from hpcrl.topologies.recording import TrajectoryRecorder, link_trajectories
 from hpcrl.topologies.reporting import EpisodeRows, Reporter, flush_episodes, gather_and_log
 from hpcrl.topologies.run_context import RunContext
@@ -350,13 +350,17 @@ def _distinct(states: np.ndarray, n_states: int) -> tuple[np.ndarray, np.ndarray
 
 
 class ActionsGreedy:
-    """A greedy policy given as one action per state (`GreedyPolicy`): every rank holds
-    the same (S,) int32 actions, so no table is broadcast."""
+    """A greedy policy given as one action per state (`GreedyPolicy`), (S,) int32
+    argmax_a Q(s, a), ties to the lowest action: 1 / (2A) of the table's bytes, so no
+    table is broadcast. After training every rank holds the same actions; read from a
+    checkpoint (`root_only`), rank 0 holds them and `evaluate` broadcasts them."""
 
-    def __init__(self, actions: np.ndarray):
-        self.actions = actions
+    def __init__(self, actions: np.ndarray, root_only: bool = False):
+        self.actions, self.root_only = actions, root_only
 
     def evaluate(self, comm, env_id, env_kwargs, env_options, episodes, seed, watchdog_s):
+        if self.root_only:
+            bcast(comm, self.actions, 0, watchdog_s)
         ids = np.array_split(np.arange(episodes, dtype=np.int64), comm.Get_size())
         actions = self.actions
         returns = actions_episode_returns(
@@ -399,17 +403,18 @@ class Sharded(TabularTopology):
                 f"{shard / _MIB:,.1f} MiB per rank on {world_size} ranks; {more}raise the cap"
             )
 
-    def checkpoint_policy(self, path, meta: dict, shapes: dict, arrays: dict) -> TableGreedy:
-        """The whole table, assembled from the shards in this one process (rank 0, which
-        `load_checkpoint` gave the arrays; the evaluation broadcasts rank 0's table)."""
-        n_states, n_actions = (int(x) for x in shapes["q_table"])
-        table = np.zeros((n_states, n_actions), dtype=np.float64)
+    def checkpoint_policy(self, path, meta: dict, shapes: dict, arrays: dict) -> ActionsGreedy:
+        """Every state's greedy action, (S,) int32, read from the shards one at a time in
+        this one process (rank 0, which `load_checkpoint` gave the arrays; the evaluation
+        broadcasts them): no process holds the whole table, here as in training."""
+        n_states = int(shapes["q_table"][0])
+        actions = np.zeros(n_states, dtype=np.int32)
         if arrays:
             old = ShardMap(n_states, int(meta["shards"]))
             for shard in range(old.world_size):
                 with h5py.File(shard_path(path, shard), "r") as f:
-                    table[old.states(shard)] = f["q_shard"][()]
-        return TableGreedy(table)
+                    actions[old.states(shard)] = np.argmax(f["q_shard"][()], axis=1)
+        return ActionsGreedy(actions, root_only=True)
 
     def run(self, ctx: RunContext) -> LoopResult:
         actions, interrupted = _run(ctx)
