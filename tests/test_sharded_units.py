@@ -270,3 +270,28 @@ def test_async_rollout_returns_are_cut_at_exploratory_actions():
 
     assert run([True, True, True]).tolist() == [1 + 1 + 1 + 1.25, 2 + 2 + 2.5, 4 + 5]
     assert run([True, False, True]).tolist() == [1 + 5, 2 + 2 + 2.5, 4 + 5]
+
+
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("n", [50, 37])  # every copy counted; the last step's partial one
+def test_a_steps_requests_give_every_copy_its_bootstrap_and_acting_state(dense, n):
+    """`_requests`: requests[:n] are the counted copies' s', and requests[acting] every
+    copy's next acting state, where a sparse round asks again only for the copies whose
+    episode ended or that were not counted."""
+    from types import SimpleNamespace
+
+    from hpcrl.topologies.sharded import _requests
+
+    rng = np.random.default_rng(3)
+    copies = 50
+    next_obs = rng.integers(0, 1000, copies)
+    done_envs = np.flatnonzero(rng.random(copies) < 0.2)
+    obs = next_obs.copy()  # where an episode goes on, it acts from s'
+    obs[done_envs] = rng.integers(0, 3, len(done_envs))  # reset states
+    obs[n:] = rng.integers(0, 1000, copies - n)  # not counted: any state
+    batch = SimpleNamespace(next_obs=next_obs, done_envs=done_envs)
+    requests, acting = _requests(batch, n, obs, dense)
+    assert np.array_equal(requests[:n], next_obs[:n])
+    assert np.array_equal(requests[acting], obs)
+    again = len(done_envs[done_envs < n]) + copies - n
+    assert len(requests) == (n + copies if dense else n + again)
