@@ -461,7 +461,7 @@ def _requests(batch, n: int, obs: np.ndarray, dense: bool) -> tuple[np.ndarray, 
     the states `obs` ((B,) int64) all B copies act from next; and where in them each
     copy's acting state is ((B,) int64 indices, or a slice). A copy acts from its s'
     unless its episode ended (`batch.done_envs`) or it is not counted (past `n`), so a
-    sparse round asks only for those again: on a 10^6-state map, 8,192 + ~600 states
+    sparse round asks only for those again: on a 10^6-state map, 8,192 + ~1,200 states
     to sort for the distinct ones instead of 16,384. A dense round asks for all 2B (its
     requests index the whole table: nothing is sorted)."""
     if dense:
