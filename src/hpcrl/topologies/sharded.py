@@ -13,7 +13,8 @@ Every vector step is one exchange round (`ShardExchange.round`), collective over
     4. Alltoallv    the rows Q(s, .) back to whoever asked, in the order asked
 
 A rank asks for the rows of its next states s' (the final state where an episode ended)
-and of the states it acts from next; it acts ε-greedily on those rows and computes its
+and of the states it acts from next (in a sparse round only where they differ: the copies
+whose episode ended, `_requests`); it acts ε-greedily on those rows and computes its
 targets r + γ (1 - terminated) max_a' Q(s', a') from them (`td_targets`), which it sends
 to the owners in the next round. A target is therefore computed from the table as it was
 after the previous round, and applied one round later. Within one round an owner adds up
