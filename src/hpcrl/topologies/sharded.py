@@ -24,6 +24,13 @@ TD error of `update_towards`, with the targets summed first), so the outcome doe
 depend on the order of any batch, and the whole run is deterministic for a fixed seed
 and world size. After the last step one more round sends the last targets.
 
+Why collectives and not one-sided RMA (passive-target `Accumulate` of the updates into the
+owners' windows, `Get` of the rows): measured side by side (`benchmarks/shard_exchange.py`),
+a round by RMA took 3.4x as long on 2 ranks and 2.3x on 4 (10^6 states, 8,192 copies a
+rank: scattered single elements, one indexed datatype per owner per round, and a barrier
+on each side of the owners' step), and `Accumulate`'s order over the ranks is not
+specified, so its sums are not reproducible to the last bit where these are.
+
 Dense rounds, for a table small next to the round's records (N * 2 * S * A float64 <= 4
 float64 per env copy; FrozenLake 8x8 on 2 ranks from 256 copies a rank): steps 1-4 give
 way to one `Allgather` of every rank's (2, S, A) target sums and counts, zeros where the
