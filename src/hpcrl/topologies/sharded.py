@@ -36,14 +36,12 @@ float64 per env copy; FrozenLake 8x8 on 2 ranks from 256 copies a rank): steps 1
 way to one `Allgather` of every rank's (2, S, A) target sums and counts, zeros where the
 rank has none (two `bincount`s of its batch), posted before the rank steps its envs and
 notes their finished episodes, so that it travels, and a slower rank catches up,
-meanwhile (`ShardExchange.post`). Every
-rank then adds them in rank order, as an owner does, and steps its own copy of the whole
-table, gathered once at the first round, in one masked step over the pairs with a count
-(`QLearningLearner.update_towards_dense`); its shard is that copy's rows. On one rank
-the shard is the table, and a round is those two steps with nothing sent. One meeting
-per vector step instead of three,
-overlapped with the env step, no sort and no counts, and the same floats as the sparse
-round (the zeros add exactly; `tests/test_sharded_mpi.py` compares them bit for bit). On
+meanwhile (`ShardExchange.post`). Every rank then adds them in rank order, as an owner
+does, and steps its own copy of the whole table, gathered once at the first round, in
+one masked step over the pairs with a count (`QLearningLearner.update_towards_dense`);
+its shard is that copy's rows. On one rank the shard is the table, and a round is those
+two steps with nothing sent. One meeting per vector step instead of three, overlapped
+with the env step, no sort and no counts, and the same floats as the sparse round (the zeros add exactly; `tests/test_sharded_mpi.py` compares them bit for bit). On
 2 ranks of FrozenLake 8x8 with 8,192 copies a rank it about halved the time a rank waits
 for the other; the 2-rank rate stayed within this machine's noise of the earlier dense
 round's (`benchmarks/RESULTS.md`). Such a table is no larger than the round buffers
