@@ -41,9 +41,10 @@ does, and steps its own copy of the whole table, gathered once at the first roun
 one masked step over the pairs with a count (`QLearningLearner.update_towards_dense`);
 its shard is that copy's rows. On one rank the shard is the table, and a round is those
 two steps with nothing sent. One meeting per vector step instead of three, overlapped
-with the env step, no sort and no counts, and the same floats as the sparse round (the zeros add exactly; `tests/test_sharded_mpi.py` compares them bit for bit). On
-2 ranks of FrozenLake 8x8 with 8,192 copies a rank it about halved the time a rank waits
-for the other; the 2-rank rate stayed within this machine's noise of the earlier dense
+with the env step, no sort and no counts, and the same floats as the sparse round (the
+zeros add exactly; `tests/test_sharded_mpi.py` compares them bit for bit). On 2 ranks of
+FrozenLake 8x8 with 8,192 copies a rank it about halved the time a rank waits for the
+other; the 2-rank rate stayed within this machine's noise of the earlier dense
 round's (`benchmarks/RESULTS.md`). Such a table is no larger than the round buffers
 every rank holds anyway, so the rule that no rank holds the whole table applies to the
 tables it matters for.
