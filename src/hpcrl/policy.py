@@ -72,12 +72,7 @@ class Policy:
         if learner is None:  # a Q-table, or (`sharded`) its greedy actions
             if not deterministic:
                 raise UserError(f"{self.algo}: a Q-table has no stochastic policy")
-            states = batch.astype(np.int64).reshape(-1)
-            actions = getattr(self._greedy, "actions", None)
-            if actions is not None:
-                return actions[states].astype(np.int64)
-            # argmax, ties to the lowest action (as evaluate)
-            return np.argmax(self._greedy.q_table[states], axis=1)
+            return self._greedy.greedy_actions(batch.astype(np.int64).reshape(-1))
         if deterministic:
             return np.asarray(learner.greedy_actions(batch))
         sample = getattr(learner, "sample_actions", None)

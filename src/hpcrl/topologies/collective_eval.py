@@ -98,6 +98,11 @@ class TableGreedy:
     def __init__(self, q_table: np.ndarray):
         self.q_table = q_table  # (n_states, n_actions) float64; rank 0's values count
 
+    def greedy_actions(self, states: np.ndarray) -> np.ndarray:
+        """(B,) int64 argmax_a Q(s, a) of (B,) int64 states, ties to the lowest action (as
+        `evaluate`)."""
+        return np.argmax(self.q_table[states], axis=1)
+
     def evaluate(self, comm, env_id, env_kwargs, env_options, episodes, seed, watchdog_s):
         return evaluate_greedy(comm, env_id, env_kwargs, self.q_table, episodes, seed, watchdog_s)
 

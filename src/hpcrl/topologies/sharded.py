@@ -365,6 +365,10 @@ class ActionsGreedy:
     def __init__(self, actions: np.ndarray, root_only: bool = False):
         self.actions, self.root_only = actions, root_only
 
+    def greedy_actions(self, states: np.ndarray) -> np.ndarray:
+        """(B,) int64 actions of (B,) int64 states, as `TableGreedy.greedy_actions`."""
+        return self.actions[states].astype(np.int64)
+
     def evaluate(self, comm, env_id, env_kwargs, env_options, episodes, seed, watchdog_s):
         if self.root_only:
             bcast(comm, self.actions, 0, watchdog_s)
